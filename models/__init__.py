@@ -1,0 +1,5 @@
+"""Networks only: they map (x, t, y) to a velocity and know nothing of the objective or the solver."""
+
+from models.dit import DiT, DiT_models, count_params, forward_flops, forward_macs
+
+__all__ = ["DiT", "DiT_models", "count_params", "forward_flops", "forward_macs"]

@@ -1,0 +1,443 @@
+"""DiT: a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
+
+Architecture after Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023): patch
+embedding, fixed 2-D sin-cos position embedding, adaLN-Zero blocks, a final adaLN layer and
+unpatchify. Additions: register tokens (Darcet et al., "Vision Transformers Need Registers", 2024),
+qk-norm (RMSNorm on queries and keys per head) and attention through
+``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels run on GPU.
+
+Time convention (the project's one, shared with torchcfm and defined in ``utils/flow.py``):
+t = 0 is pure noise, t = 1 is data, and the network predicts the velocity dx/dt of the path.
+The network knows nothing else about the objective or the solver: it maps (x, t, y) to a velocity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x (N, T, D) by per-sample shift and scale (N, D)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#                     Embedding layers for time and class labels                #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Embeds continuous times t in [0, 1] into vectors through sinusoids and an MLP."""
+
+    # t in [0, 1] is scaled to [0, 1000] so the sinusoid frequencies span the same range as in DiT,
+    # whose timesteps are integers in [0, 1000).
+    time_scale = 1000.0
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """Sinusoidal embedding (N, dim) of scalar times t (N,)."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t.float()[:, None] * freqs[None]  # (N, half)
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t * self.time_scale, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Embeds class labels; index num_classes is the learned null class used for guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels: torch.Tensor, drop: bool) -> torch.Tensor:
+        if drop and self.dropout_prob > 0:
+            # Label dropout teaches the null class that classifier-free guidance needs.
+            dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)  # (N, D)
+
+
+#################################################################################
+#                                 Core DiT model                                #
+#################################################################################
+
+
+class PatchEmbed(nn.Module):
+    """Splits an image (N, C, H, W) into p x p patches and projects each to a token (N, T, D)."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (N, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional qk-norm, computed by scaled_dot_product_attention."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        # qk-norm keeps attention logits bounded, which stabilises training at high learning rates.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU, as in DiT."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nn.Module):
+    """The final adaLN layer that maps each patch token to p * p * C output values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        x = modulate(self.norm_final(x), shift, scale)
+        return self.linear(x)  # (N, T, p * p * C)
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 3,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 10,
+        class_dropout_prob: float = 0.1,
+        num_registers: int = 4,
+        qk_norm: bool = True,
+    ):
+        super().__init__()
+        # Every constructor argument, so a checkpoint can rebuild the same network: DiT(**model.config).
+        self.config = dict(
+            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
+            class_dropout_prob=class_dropout_prob, num_registers=num_registers, qk_norm=qk_norm,
+        )  # fmt: skip
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if num_classes < 0 or num_registers < 0 or depth < 1 or in_channels < 1:
+            raise ValueError("num_classes and num_registers must be >= 0; depth and in_channels >= 1")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.num_registers = num_registers
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
+        pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
+        self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
+        # Register tokens (Darcet et al. 2024): extra learned tokens that attention can use as scratch space.
+        self.registers = nn.Parameter(torch.zeros(1, num_registers, hidden_size))
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Xavier-uniform for every linear layer, zero biases (as in ViT / DiT).
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+
+        # Patch embedding initialised like a linear layer on the flattened patch.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+
+        # Label, time and register embeddings on the same small scale (std 0.02).
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.registers, std=0.02)
+
+        # Zero-init adaLN modulation so each block starts as the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+
+        # Zero-init the output layers so the untrained network predicts exactly zero velocity.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (N, T, p * p * C) back to images (N, C, H, W)."""
+        n, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid_size
+        x = x.reshape(n, g, g, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(n, c, g * p, g * p)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        expected = (self.in_channels, self.input_size, self.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected x of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+
+    def _broadcast_t(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(n)
+        elif t.shape != (n,):
+            raise ValueError(f"expected t of shape ({n},) or a scalar, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            t = t.float()
+        return t
+
+    def _check_y(self, y: torch.Tensor | None, n: int) -> None:
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes=0): call it without labels y")
+            return
+        if y is None:
+            raise ValueError(f"this model is class-conditional: pass labels y of shape ({n},)")
+        if y.shape != (n,) or y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"expected integer labels y of shape ({n},), got {tuple(y.shape)} {y.dtype}")
+        if torch.compiler.is_compiling():
+            return
+        if y.device.type == "cpu":
+            if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+                raise ValueError(f"labels must lie in [0, {self.num_classes}), got min {int(y.min())} max {int(y.max())}")
+        else:
+            # A device-side assert avoids a host synchronisation on every training step.
+            torch._assert_async(((y >= 0) & (y < self.num_classes)).all(), "labels out of range")
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, drop_labels: bool
+    ) -> torch.Tensor:
+        """Forward without input checks; y may contain the null class index num_classes."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        if self.num_registers:
+            x = torch.cat([self.registers.expand(x.shape[0], -1, -1), x], dim=1)  # (N, R + T, D)
+        c = self.t_embedder(t)  # (N, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, drop=drop_labels)
+        for block in self.blocks:
+            x = block(x, c)
+        x = x[:, self.num_registers :]  # registers never reach the output: (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p * p * C)
+        return self.unpatchify(x)  # (N, C, H, W)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,).
+
+        In train mode labels are replaced by the null class with probability class_dropout_prob.
+        """
+        self._check_x(x)
+        t = self._broadcast_t(t, x)
+        self._check_y(y, x.shape[0])
+        return self._forward(x, t, y, drop_labels=self.training)
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, cfg_scale: float
+    ) -> torch.Tensor:
+        """Classifier-free guided velocity v_u + cfg_scale * (v_c - v_u) on all channels.
+
+        Runs one batched pass of 2N (conditional and null labels); at cfg_scale == 1 it runs the
+        conditional pass alone. Label dropout is not applied here.
+        """
+        if self.y_embedder is None:
+            raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
+        self._check_x(x)
+        t = self._broadcast_t(t, x)
+        self._check_y(y, x.shape[0])
+        if cfg_scale == 1.0:
+            return self._forward(x, t, y, drop_labels=False)
+        null = torch.full_like(y, self.num_classes)
+        out = self._forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), drop_labels=False)  # (2N, ...)
+        v_cond, v_uncond = out.chunk(2, dim=0)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+#################################################################################
+#                          Sine/cosine position embedding                       #
+#################################################################################
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding of shape (grid_size * grid_size, embed_dim)."""
+    grid_h = np.arange(grid_size, dtype=np.float64)
+    grid_w = np.arange(grid_size, dtype=np.float64)
+    grid = np.meshgrid(grid_w, grid_h)  # w goes first, as in MAE / DiT
+    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+    emb_h = _get_1d_sincos_pos_embed(embed_dim // 2, grid[0])
+    emb_w = _get_1d_sincos_pos_embed(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)  # (G * G, D)
+
+
+def _get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
+
+
+#################################################################################
+#                              Size and cost helpers                            #
+#################################################################################
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of a model."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def forward_macs(model: DiT) -> int:
+    """Multiply-accumulates of one forward pass for one image, counted as in the DiT paper (Table 4).
+
+    Counts every matrix multiplication (patch embedding, attention projections, attention scores and
+    values, MLP, adaLN, final layer and the conditioning MLPs); element-wise work is left out.
+    """
+    d, p, c = model.hidden_size, model.patch_size, model.in_channels
+    tokens = model.num_patches + model.num_registers
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    freq = model.t_embedder.frequency_embedding_size
+    per_block = (
+        tokens * d * 3 * d  # qkv projection
+        + 2 * tokens * tokens * d  # q k^T and attention-weighted values
+        + tokens * d * d  # output projection
+        + 2 * tokens * d * mlp_hidden  # MLP
+        + d * 6 * d  # adaLN modulation
+    )
+    embed = model.num_patches * c * p * p * d + freq * d + d * d  # patches, time MLP
+    final = model.num_patches * d * p * p * model.out_channels + d * 2 * d
+    return len(model.blocks) * per_block + embed + final
+
+
+def forward_flops(model: DiT) -> int:
+    """Forward FLOPs per image (2 per multiply-accumulate); a training step costs about 3x this."""
+    return 2 * forward_macs(model)
+
+
+#################################################################################
+#                                   DiT configs                                 #
+#################################################################################
+
+# name -> (hidden_size, depth, num_heads). S/B/L/XL from the DiT paper; XS and T for CPU runs and tests.
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "XL": (1152, 28, 16),
+    "L": (1024, 24, 16),
+    "B": (768, 12, 12),
+    "S": (384, 12, 6),
+    "T": (192, 12, 3),
+    "XS": (128, 4, 4),
+}
+
+
+def _make_config(size: str, patch_size: int) -> Callable[..., DiT]:
+    hidden_size, depth, num_heads = DIT_SIZES[size]
+
+    def build(**kwargs) -> DiT:
+        arch = dict(patch_size=patch_size, hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+        arch.update(kwargs)  # explicit keywords override the named size; DiT rejects unknown ones
+        return DiT(**arch)
+
+    build.__name__ = f"DiT_{size}_{patch_size}"
+    build.__doc__ = f"DiT-{size}/{patch_size}: hidden {hidden_size}, depth {depth}, {num_heads} heads."
+    return build
+
+
+DiT_models: dict[str, Callable[..., DiT]] = {
+    f"DiT-{size}/{patch}": _make_config(size, patch) for size in DIT_SIZES for patch in (2, 4, 8)
+}

@@ -14,7 +14,7 @@ The network knows nothing else about the objective or the solver: it maps (x, t,
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -52,9 +52,7 @@ class TimestepEmbedder(nn.Module):
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         """Sinusoidal embedding (N, dim) of scalar times t (N,)."""
         half = dim // 2
-        freqs = torch.exp(
-            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
-        )
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # (N, half)
         embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
         if dim % 2:
@@ -296,16 +294,16 @@ class DiT(nn.Module):
             return
         if y.device.type == "cpu":
             if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got min {int(y.min())} max {int(y.max())}")
+                raise ValueError(
+                    f"labels must lie in [0, {self.num_classes}), got min {int(y.min())} max {int(y.max())}"
+                )
         else:
             # A device-side assert avoids a host synchronisation on every training step.
             torch._assert_async(((y >= 0) & (y < self.num_classes)).all(), "labels out of range")
 
     # ------------------------------------------------------------------ forward passes
 
-    def _forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, drop_labels: bool
-    ) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, drop_labels: bool) -> torch.Tensor:
         """Forward without input checks; y may contain the null class index num_classes."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if self.num_registers:

@@ -1,0 +1,204 @@
+"""The DiT network: shapes, zero init, parameter and FLOP counts, CFG, registers and input checks."""
+
+import pytest
+import torch
+
+from models.dit import DiT, DiT_models, count_params, forward_macs, get_2d_sincos_pos_embed, modulate
+
+
+def tiny(**kwargs) -> DiT:
+    args = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+    args.update(kwargs)
+    return DiT(**args)
+
+
+def randomize(model: DiT, seed: int = 0) -> DiT:
+    """Give every parameter non-zero values so outputs depend on all inputs (init zeroes the output)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def inputs(n=4, c=3, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(n, c, size, size, generator=g),
+        torch.rand(n, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(DiT_models))
+def test_every_registry_entry_builds_and_outputs_zero_at_init(name):
+    # Shrink depth and width so the XL entries stay cheap; the patch size comes from the name.
+    model = DiT_models[name](input_size=16, in_channels=3, num_classes=10, depth=1, hidden_size=64, num_heads=4)
+    x, t, y = inputs(size=16)
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    assert torch.equal(out, torch.zeros_like(out))  # adaLN-Zero: the untrained network is exactly 0
+
+
+def test_full_size_model_outputs_exactly_zero_at_init():
+    model = DiT_models["DiT-S/2"](input_size=32, in_channels=3, num_classes=10)
+    out = model(torch.randn(2, 3, 32, 32), torch.rand(2), torch.tensor([1, 7]))
+    assert out.shape == (2, 3, 32, 32) and torch.count_nonzero(out) == 0
+
+
+def test_dit_s2_parameter_count_matches_paper():
+    model = DiT_models["DiT-S/2"](input_size=32, in_channels=3, num_classes=10)
+    assert abs(count_params(model) - 33e6) < 1e6
+
+
+@pytest.mark.parametrize(
+    "name, gmacs", [("DiT-S/2", 6.06), ("DiT-S/8", 0.36), ("DiT-B/4", 5.56), ("DiT-L/2", 80.71), ("DiT-XL/2", 118.64)]
+)
+def test_forward_macs_match_dit_paper_table(name, gmacs):
+    # Table 4 of the DiT paper: 256 tokens of a 32x32x4 latent, no registers (printed to 2 decimals).
+    with torch.device("meta"):  # no memory for the weights: only the shapes matter
+        model = DiT_models[name](input_size=32, in_channels=4, num_classes=1000, num_registers=0)
+    assert forward_macs(model) / 1e9 == pytest.approx(gmacs, rel=0.005, abs=0.005)
+
+
+def test_modulate_is_shift_plus_scaled_input():
+    x, shift, scale = torch.randn(2, 5, 3), torch.randn(2, 3), torch.randn(2, 3)
+    expected = x * (1 + scale[:, None]) + shift[:, None]
+    assert torch.allclose(modulate(x, shift, scale), expected)
+
+
+def test_final_layer_applies_shift_and_scale_in_the_right_order():
+    model = randomize(tiny(num_registers=0, depth=1))
+    final = model.final_layer
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
+    normed = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
+    expected = final.linear(normed * (1 + scale[:, None]) + shift[:, None])
+    assert torch.allclose(final(x, c), expected, atol=1e-6)
+
+
+def test_pos_embed_is_fixed_sincos():
+    emb = get_2d_sincos_pos_embed(8, 4)
+    assert emb.shape == (16, 8)
+    assert emb[0, 0] == 0.0 and emb[0, 2] == 1.0  # sin(0) and cos(0) at the origin
+    model = tiny()
+    assert "pos_embed" not in model.state_dict() and not model.pos_embed.requires_grad
+
+
+def test_cfg_scale_one_equals_conditional_forward():
+    model = randomize(tiny())
+    x, t, y = inputs()
+    assert torch.allclose(model.forward_with_cfg(x, t, y, 1.0), model(x, t, y))
+
+
+def test_cfg_scale_zero_ignores_labels():
+    model = randomize(tiny())
+    x, t, y = inputs()
+    a = model.forward_with_cfg(x, t, y, 0.0)
+    b = model.forward_with_cfg(x, t, (y + 3) % 10, 0.0)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(model(x, t, y), model(x, t, (y + 3) % 10))
+
+
+def test_cfg_matches_formula_from_two_separate_passes():
+    model = randomize(tiny())
+    x, t, y = inputs()
+    v_cond = model(x, t, y)
+    v_uncond = model._forward(x, t, torch.full_like(y, model.num_classes), drop_labels=False)
+    for w in (0.5, 2.5, 4.0):
+        expected = v_uncond + w * (v_cond - v_uncond)
+        assert torch.allclose(model.forward_with_cfg(x, t, y, w), expected, atol=1e-5)
+
+
+def test_batched_and_scalar_t_agree():
+    model = randomize(tiny())
+    x, _, y = inputs()
+    for scalar in (0.3, torch.tensor(0.3)):
+        assert torch.allclose(model(x, scalar, y), model(x, torch.full((4,), 0.3), y))
+        assert torch.allclose(
+            model.forward_with_cfg(x, scalar, y, 2.0), model.forward_with_cfg(x, torch.full((4,), 0.3), y, 2.0)
+        )
+
+
+def test_registers_are_used_and_never_in_output():
+    model = randomize(tiny(num_registers=4))
+    x, t, y = inputs()
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    with torch.no_grad():
+        model.registers.add_(1.0)
+    assert not torch.allclose(model(x, t, y), out)
+
+
+def test_zero_registers():
+    model = randomize(tiny(num_registers=0))
+    assert model.registers.numel() == 0
+    x, t, y = inputs()
+    assert model(x, t, y).shape == x.shape
+
+
+def test_unconditional_model():
+    model = randomize(tiny(num_classes=0))
+    assert model.y_embedder is None
+    x, t, _ = inputs()
+    assert model(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="unconditional"):
+        model(x, t, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="class-conditional"):
+        model.forward_with_cfg(x, t, torch.zeros(4, dtype=torch.long), 2.0)
+
+
+def test_label_dropout_only_in_train_mode():
+    model = randomize(tiny(class_dropout_prob=0.5))
+    x, t, y = inputs(n=64)
+    x, t = x[:1].expand(64, -1, -1, -1), t[:1].expand(64)
+    y = torch.full((64,), 3)
+    eval_out = model(x, t, y)
+    assert torch.allclose(eval_out, eval_out[:1].expand_as(eval_out))  # same input, same output
+    model.train()
+    torch.manual_seed(0)
+    train_out = model(x, t, y)
+    null_out = model._forward(x[:1], t[:1], torch.tensor([10]), drop_labels=False)
+    dropped = torch.isclose(train_out, null_out.expand_as(train_out), atol=1e-6).flatten(1).all(1)
+    kept = torch.isclose(train_out, eval_out, atol=1e-6).flatten(1).all(1)
+    assert (dropped | kept).all() and 10 < dropped.sum() < 54  # about half replaced by the null class
+    model.eval()
+    assert torch.allclose(model.forward_with_cfg(x, t, y, 1.0), eval_out)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m(torch.randn(2, 1, 8, 8), torch.rand(2), torch.zeros(2, dtype=torch.long)), "shape"),
+        (lambda m: m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.zeros(2, dtype=torch.long)), "shape"),
+        (lambda m: m(torch.randn(2, 3, 8), torch.rand(2), torch.zeros(2, dtype=torch.long)), "shape"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(3), torch.zeros(2, dtype=torch.long)), "t of shape"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(2, 1), torch.zeros(2, dtype=torch.long)), "t of shape"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 10])), r"\[0, 10\)"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([-1, 0])), r"\[0, 10\)"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(3, dtype=torch.long)), "labels"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(2)), "integer labels"),
+        (lambda m: m(torch.randn(2, 3, 8, 8), torch.rand(2)), "class-conditional"),
+        (lambda m: m.forward_with_cfg(torch.randn(2, 3, 8, 8), 0.5, torch.tensor([0, 10]), 2.0), r"\[0, 10\)"),
+    ],
+)
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny())
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny(input_size=9)
+    with pytest.raises(ValueError, match="num_heads"):
+        tiny(hidden_size=30, num_heads=4)
+    with pytest.raises(TypeError):
+        DiT_models["DiT-S/2"](input_sise=32)  # a misspelled keyword is rejected, not swallowed
+
+
+def test_config_rebuilds_the_same_network():
+    model = randomize(tiny())
+    clone = DiT(**model.config)
+    clone.load_state_dict(model.state_dict())
+    x, t, y = inputs()
+    assert torch.equal(clone.eval()(x, t, y), model(x, t, y))

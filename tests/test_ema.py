@@ -1,0 +1,84 @@
+"""EMA: known answers for the decay warm-up, masked (skipped) updates, state round trip."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from utils.ema import EMA
+
+
+def _model(value: float) -> nn.Module:
+    m = nn.Linear(2, 1)
+    with torch.no_grad():
+        m.weight.fill_(value)
+        m.bias.fill_(value)
+    return m
+
+
+def test_warmup_decay_known_answers():
+    model = _model(0.0)
+    ema = EMA(model, decay=0.5, warmup=True)
+    # n=0: decay min(0.5, 1/10) = 0.1 -> ema = 0.1 * 0 + 0.9 * 1 = 0.9
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 0.9))
+    # n=1: decay min(0.5, 2/11) = 2/11 -> ema = 2/11 * 0.9 + 9/11 * 3
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 2 / 11 * 0.9 + 9 / 11 * 3))
+    # n large: decay capped at 0.5
+    ema._num_updates.fill_(1000)
+    before = ema.model.weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, 0.5 * before + 0.5 * 3.0)
+    assert ema.num_updates == 1001
+
+
+def test_without_warmup_the_decay_is_constant():
+    model = _model(0.0)
+    ema = EMA(model, decay=0.75, warmup=False)
+    with torch.no_grad():
+        model.weight.fill_(4.0)
+    ema.update(model)
+    ema.update(model)
+    # 0 -> 1 -> 1.75
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 1.75))
+
+
+def test_masked_update_is_skipped_exactly_and_not_counted():
+    model = _model(1.0)
+    ema = EMA(model, decay=0.9)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    ema.update(model, mask=torch.tensor(False))
+    assert torch.equal(ema.model.weight, before)  # bit-identical: ema + 0 * (p - ema) = ema
+    assert ema.num_updates == 0
+    ema.update(model, mask=torch.tensor(True))
+    # the skipped update did not advance the warm-up: decay is still min(0.9, 1/10) = 0.1
+    torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 0.1 * 1.0 + 0.9 * 2.0))
+    assert ema.num_updates == 1
+
+
+def test_ema_is_a_frozen_copy_and_state_round_trips():
+    model = _model(1.0)
+    ema = EMA(model, decay=0.99)
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    ema.update(model)
+    state = ema.state_dict()
+    other = EMA(_model(0.0), decay=0.99)
+    other.load_state_dict(state)
+    assert other.num_updates == 1
+    assert torch.equal(other.model.weight, ema.model.weight)
+    ema.update(model)
+    other.update(model)
+    assert torch.equal(other.model.weight, ema.model.weight)
+
+
+def test_bad_decay_is_rejected():
+    with pytest.raises(ValueError, match="decay"):
+        EMA(_model(0.0), decay=1.0)

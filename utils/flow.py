@@ -1,0 +1,115 @@
+"""The flow-matching objective, and the project's one statement of its time convention.
+
+Time convention (every other module refers here):
+    t = 0 is pure noise x0 ~ N(0, I), t = 1 is data x1.
+    The path is linear (rectified flow, Liu et al. 2023; conditional flow matching, Lipman et al. 2023 and
+    Tong et al. 2024) with optional Gaussian width sigma:
+        x_t = t * x1 + (1 - t) * x0 + sigma * eps,        eps ~ N(0, I)
+        u_t = x1 - x0                                     (the regression target, dx_t/dt)
+    The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 (noise) to t = 1 (data).
+This is torchcfm's convention, so its ConditionalFlowMatcher builds x_t and u_t here; this module draws
+x0 and t itself (from torch's global RNG, which train.py checkpoints, so a resumed run is exact).
+
+Timesteps are drawn uniformly or from a logit-normal distribution (Esser et al. 2024, "Scaling Rectified
+Flow Transformers", SD3, section 3.1): t = sigmoid(m + s * n), n ~ N(0, 1), which puts more training
+signal on the middle of the path, where the velocity is hardest to predict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
+
+T_SAMPLERS = ("logit-normal", "uniform")
+
+
+def sample_t(
+    n: int,
+    sampler: str = "logit-normal",
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Training times t (n,) in (0, 1): logit-normal (SD3: sigmoid(mean + std * N(0, 1))) or uniform."""
+    if sampler == "logit-normal":
+        if std <= 0:
+            raise ValueError(f"logit-normal std must be > 0, got {std}")
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    if sampler == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    raise ValueError(f"unknown t sampler {sampler!r}; choose from {', '.join(T_SAMPLERS)}")
+
+
+class FlowMatching:
+    """Conditional flow-matching loss on torchcfm's linear path (t = 0 noise, t = 1 data).
+
+    sigma: width of the Gaussian path (0 gives the deterministic straight line of rectified flow).
+    t_sampler, t_mean, t_std: how training times are drawn (see ``sample_t``).
+    ot: pair noise and images by exact minibatch optimal transport (OT-CFM, Tong et al. 2024); each
+        image keeps its label. The plan is solved on the CPU with POT and resampled with numpy's global RNG.
+    """
+
+    def __init__(
+        self,
+        sigma: float = 0.0,
+        t_sampler: str = "logit-normal",
+        t_mean: float = 0.0,
+        t_std: float = 1.0,
+        ot: bool = False,
+    ):
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if t_sampler not in T_SAMPLERS:
+            raise ValueError(f"unknown t sampler {t_sampler!r}; choose from {', '.join(T_SAMPLERS)}")
+        if t_sampler == "logit-normal" and t_std <= 0:
+            raise ValueError(f"logit-normal std must be > 0, got {t_std}")
+        self.sigma = float(sigma)
+        self.t_sampler = t_sampler
+        self.t_mean = float(t_mean)
+        self.t_std = float(t_std)
+        self.ot = ot
+        matcher_cls = ExactOptimalTransportConditionalFlowMatcher if ot else ConditionalFlowMatcher
+        self.matcher = matcher_cls(sigma=self.sigma)
+
+    def sample_t(self, n: int, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Training times t (n,) from this objective's distribution."""
+        return sample_t(n, self.t_sampler, self.t_mean, self.t_std, device=device)
+
+    def sample_path(
+        self,
+        x1: torch.Tensor,
+        y: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Points on the path and their targets for data x1 (N, C, H, W) with labels y (N,).
+
+        x0 (noise, default N(0, I)) and t (N,) (default from the t sampler) may be given.
+        Returns t (N,), x_t (N, C, H, W), u_t (N, C, H, W) and the labels (N,) of the data each row came
+        from (reordered with the rows under OT pairing; y itself otherwise).
+        """
+        if x0 is None:
+            x0 = torch.randn_like(x1)
+        if t is None:
+            t = self.sample_t(x1.shape[0], device=x1.device)
+        if self.ot:
+            # y0=None: the noise has no label; y1 follows its image through the OT resampling.
+            t, xt, ut, _, y = self.matcher.guided_sample_location_and_conditional_flow(x0, x1, y0=None, y1=y, t=t)
+        else:
+            t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1, t=t)
+        return t, xt, ut, y
+
+    def loss(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        x1: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean squared error (scalar, float32) between model(x_t, t, y) and the target velocity u_t."""
+        t, xt, ut, y = self.sample_path(x1, y)
+        v = model(xt, t, y)
+        return F.mse_loss(v.float(), ut.float())

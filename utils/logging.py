@@ -1,0 +1,157 @@
+"""Run logging: a wandb wrapper that never prompts and never stops training, plus a local metrics file.
+
+Scalars always go to OUT/metrics.jsonl (one JSON object per line), whatever the wandb mode. Images and
+GIFs are logged from files that the caller has already written under OUT/samples/, so they survive
+without wandb. Every wandb call is guarded: the first failure of each kind prints one warning and
+training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _has_wandb_credentials() -> bool:
+    """Whether wandb could log in without asking anyone (environment, settings or .netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import wandb
+
+    try:
+        # prompt=False and verify=False: look for stored credentials only, never ask, never go online.
+        return bool(wandb.login(prompt=False, verify=False))
+    except TypeError:  # wandb < 0.19 has no prompt= argument; fall back to the .netrc file
+        import netrc
+
+        try:
+            return netrc.netrc().authenticators("api.wandb.ai") is not None
+        except (OSError, netrc.NetrcParseError):
+            return False
+    except Exception:
+        return False
+
+
+class RunLogger:
+    """Logs scalars, images and videos of one run to wandb (online, offline or disabled) and OUT/metrics.jsonl.
+
+    out_dir: the run folder; wandb writes under out_dir/wandb unless WANDB_DIR is set.
+    mode: 'online' falls back to 'offline' (with a note on how to sync) when no credentials are found.
+    enabled: False on non-zero ranks, which then log nothing at all.
+    run_id: pass the id of an earlier run (``self.run_id``) to continue its wandb history on resume.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        mode: str = "online",
+        project: str = "dit-flow-matching",
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        enabled: bool = True,
+    ):
+        if mode not in WANDB_MODES:
+            raise ValueError(f"unknown wandb mode {mode!r}; choose from {', '.join(WANDB_MODES)}")
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.mode = mode
+        self.run = None
+        self.run_id = run_id
+        self._warned: set[str] = set()
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_path = self.out_dir / "metrics.jsonl"
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            if mode == "online" and not _has_wandb_credentials():
+                self.mode = mode = "offline"
+                _warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead.")
+            wandb_dir = Path(os.environ.get("WANDB_DIR") or self.out_dir)
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            self.run = wandb.init(
+                project=project,
+                name=name,
+                config=config,
+                dir=str(wandb_dir),
+                mode=mode,
+                id=run_id,
+                resume="allow" if run_id else None,
+                # tqdm's carriage returns make captured console logs unreadable; metrics are logged explicitly.
+                settings=wandb.Settings(console="off"),
+            )
+            self.run_id = self.run.id
+            if mode == "offline":
+                print(f"wandb: offline run in {Path(self.run.dir).parent}; upload it later with:", flush=True)
+                print(f"wandb:   wandb sync {Path(self.run.dir).parent}", flush=True)
+        except Exception as e:
+            self.run = None
+            _warn(f"wandb could not start ({type(e).__name__}: {e}); logging to {self.out_dir / 'metrics.jsonl'} only")
+
+    @property
+    def wandb_dir(self) -> Path | None:
+        """The wandb run folder (holding files/media/...), or None without wandb."""
+        return Path(self.run.dir).parent if self.run is not None else None
+
+    def _guard(self, kind: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:
+            if kind not in self._warned:
+                self._warned.add(kind)
+                _warn(f"logging {kind} failed ({type(e).__name__}: {e}); training continues")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Scalars at a training step, to metrics.jsonl and wandb."""
+        if not self.enabled:
+            return
+
+        def write() -> None:
+            row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
+            with open(self._metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+        self._guard("metrics file", write)
+        if self.run is not None:
+            self._guard("wandb scalars", lambda: self.run.log(dict(metrics), step=step))
+
+    def log_images(self, images: dict[str, str | os.PathLike], step: int) -> None:
+        """Images already saved as files (e.g. PNG grids), keyed by wandb name."""
+        if self.run is None:
+            return
+        import wandb
+
+        self._guard(
+            "wandb images", lambda: self.run.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+        )
+
+    def log_videos(self, videos: dict[str, str | os.PathLike], step: int) -> None:
+        """Animations already saved as GIF files, keyed by wandb name."""
+        if self.run is None:
+            return
+        import wandb
+
+        self._guard(
+            "wandb videos",
+            lambda: self.run.log({k: wandb.Video(str(p), format="gif") for k, p in videos.items()}, step=step),
+        )
+
+    def finish(self) -> None:
+        """Close the wandb run (flushes offline files)."""
+        if self.run is not None:
+            self._guard("wandb finish", self.run.finish)
+            self.run = None

@@ -1,0 +1,201 @@
+"""BatchStream: the endless, resumable, rank-sharded stream of augmented training batches.
+
+The stream is a pure function of (seed, epoch, position). For epoch e one generator seeded from
+(seed, e) draws the permutation of the whole dataset and one flip bit per image; both are the same on
+every rank. As in DistributedSampler (drop_last), the permutation is cut to a multiple of world_size
+and rank r takes every world_size-th entry from r, so ranks see disjoint images and the same number
+of batches; an incomplete last batch is dropped. The state is just {"epoch", "index"} (batches
+consumed in the epoch), so resuming at step k reproduces the uninterrupted stream bit for bit.
+
+Two ways to fetch the images give identical batches:
+- on_device=False: a DataLoader (workers, pinned memory on CUDA, persistent workers) whose batch
+  sampler is handed the epoch's remaining batches; resuming mid-epoch slices that list.
+- on_device=True: the whole set is loaded once as uint8 onto ``device`` (CIFAR-10 is 150 MB) and
+  batches are gathered there, so loading never limits throughput.
+Flip and scaling to [-1, 1] are tensor ops applied to the uint8 batch on ``device`` in both cases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data.datasets import DataError
+
+
+class _BatchList(Sampler[list[int]]):
+    """A batch sampler that yields the batches it is handed; set ``batches`` before each iter(loader)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _worker_error(e: DataError) -> DataError:
+    """The one-line message of a DataError raised inside a DataLoader worker.
+
+    DataLoader re-raises a worker's exception with the worker's traceback as the message; the last
+    line is "module.DataError: <message>", which is what the user needs to read.
+    """
+    text = str(e)
+    if not text.startswith("Caught "):
+        return e
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return DataError(last.partition("DataError: ")[2] or last)
+
+
+class BatchStream:
+    """Endless, resumable stream of training batches (x float32 in [-1,1] [B,C,H,W] on device, y int64 [B] on device).
+
+    ``dataset`` items are (uint8 (C, H, W), int label). ``batch_size`` is per rank. ``flip`` enables random
+    horizontal flips. ``on_device`` holds the whole dataset on ``device``; otherwise a DataLoader with
+    ``num_workers`` workers feeds it. ``steps_per_epoch`` is the number of batches per epoch on each rank.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        flip: bool = True,
+        on_device: bool = False,
+        num_workers: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1; got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0; got {num_workers}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.flip = flip
+        self.on_device = on_device
+        self.num_samples = len(dataset)  # type: ignore[arg-type]
+        self.per_rank = self.num_samples // world_size
+        self.steps_per_epoch = self.per_rank // batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the dataset has {self.num_samples} images, too few for one batch of {batch_size} "
+                f"on each of {world_size} rank(s)"
+            )
+        self._epoch = 0
+        self._index = 0
+        self._plan_epoch: int | None = None
+        self._order = torch.empty(0, dtype=torch.long)  # this rank's dataset indices for the epoch
+        self._flips = torch.empty(0, dtype=torch.bool)  # flip bit per dataset index for the epoch
+        self._iter: Iterator | None = None
+        if on_device:
+            images, labels = _materialize(dataset, num_workers)
+            self._images = images.to(self.device)
+            self._labels = labels.to(self.device)
+        else:
+            self._sampler = _BatchList()
+            self._loader = DataLoader(
+                dataset,
+                batch_sampler=self._sampler,
+                num_workers=num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=num_workers > 0,  # workers survive epoch ends and resumes
+            )
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch (before a pending roll-over)."""
+        return self._epoch
+
+    def _plan(self, epoch: int) -> None:
+        """Draw epoch's permutation and flips (rank-independent), keep this rank's slice."""
+        if self._plan_epoch == epoch:
+            return
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+        perm = torch.randperm(self.num_samples, generator=g)
+        flips = torch.rand(self.num_samples, generator=g) < 0.5
+        order = perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
+        self._order = order[: self.steps_per_epoch * self.batch_size]
+        self._flips = flips if self.flip else torch.zeros_like(flips)
+        if self.on_device:
+            self._order_dev = self._order.to(self.device)
+            self._flips_dev = self._flips.to(self.device)
+        self._plan_epoch = epoch
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._index >= self.steps_per_epoch:
+            self._epoch += 1
+            self._index = 0
+            self._iter = None
+        self._plan(self._epoch)
+        lo, hi = self._index * self.batch_size, (self._index + 1) * self.batch_size
+        if self.on_device:
+            idx = self._order_dev[lo:hi]
+            x, y = self._images[idx], self._labels[idx]
+            flip = self._flips_dev[idx]
+        else:
+            if self._iter is None:
+                rest = self._order[lo:]
+                self._sampler.batches = rest.view(-1, self.batch_size).tolist()
+                self._iter = iter(self._loader)
+            try:
+                x, y = next(self._iter)
+            except DataError as e:
+                raise _worker_error(e) from None
+            non_blocking = self.device.type == "cuda"
+            x = x.to(self.device, non_blocking=non_blocking)
+            y = y.to(self.device, non_blocking=non_blocking)
+            flip = self._flips[self._order[lo:hi]].to(self.device, non_blocking=non_blocking)
+        if x.dtype != torch.uint8:
+            raise DataError(f"dataset images must be uint8 (C, H, W) in 0..255; got {x.dtype}")
+        self._index += 1
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        x = x.float().div_(127.5).sub_(1.0)  # 0..255 -> [-1, 1]
+        return x, y.long()
+
+    def state_dict(self) -> dict:
+        """{"epoch": int, "index": int (batches consumed in this epoch)}."""
+        return {"epoch": self._epoch, "index": self._index}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict(); the next batch is the one that followed it."""
+        if set(state) != {"epoch", "index"}:
+            raise DataError(f"data state must have keys epoch and index; got {sorted(state)}")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
+            raise DataError(
+                f"data state epoch={epoch} index={index} does not fit {self.steps_per_epoch} steps per epoch"
+            )
+        self._epoch, self._index = epoch, index
+        self._iter = None  # the next batch restarts the loader at the new position
+
+
+def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images uint8 (N, C, H, W) and labels int64 (N,), in dataset order."""
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)):
+        xs, ys = [], []
+        try:
+            for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers):
+                xs.append(x)
+                ys.append(torch.as_tensor(y))
+        except DataError as e:
+            raise _worker_error(e) from None
+        images, labels = torch.cat(xs), torch.cat(ys)
+    if images.dtype != torch.uint8:
+        raise DataError(f"dataset images must be uint8 (C, H, W) in 0..255; got {images.dtype}")
+    return images, labels.long()

@@ -47,3 +47,57 @@ def build_model(
         qk_norm=qk_norm,
         **overrides,
     )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that control the ODE sampler (sampler.py, evaluate.py); defaults match ``sampler.Sampler``."""
+    # Imported here: sampler.py imports this module, and the solver and grid names live in sampler.py.
+    from sampler import GRIDS, SOLVERS
+
+    def positive_int(s: str) -> int:
+        v = int(s)
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        return v
+
+    def seed_int(s: str) -> int:
+        v = int(s)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+        return v
+
+    g = parser.add_argument_group("sampling")
+    g.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale; 1 disables it (default %(default)s)",
+    )
+    g.add_argument(
+        "--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
+        help="apply guidance only for t in [T_LO, T_HI] (Kynkäänniemi et al. 2024); t=0 noise, t=1 data (default 0 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--steps", type=positive_int, default=50, help="solver steps on the time grid (not dopri5; default %(default)s)"
+    )
+    g.add_argument(
+        "--method", default="heun", choices=SOLVERS, help="ODE solver; dopri5 is adaptive (default %(default)s)"
+    )
+    g.add_argument(
+        "--grid", default="uniform", choices=GRIDS, help="time grid of the fixed-step solvers (default %(default)s)"
+    )
+    g.add_argument(
+        "--grid-shift",
+        type=float,
+        default=3.0,
+        help="shift s of --grid shifted; s > 1 refines near data (default %(default)s)",
+    )
+    g.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (default %(default)s)")
+    g.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (default %(default)s)")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        help="samples per forward batch (bounds memory; default %(default)s)",
+    )
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and random labels (default %(default)s)")

@@ -1,0 +1,658 @@
+"""Sample images from a trained DiT by integrating the flow ODE dx/dt = v(x, t, y).
+
+Time convention (owned by ``utils/flow.py``): t = 0 is pure noise, t = 1 is data, and the network
+predicts the velocity dx/dt. The sampler starts from Gaussian noise at t = 0 and integrates to t = 1.
+
+Library use::
+
+    from sampler import Sampler
+    sampler = Sampler(model)                      # a trained DiT (or Sampler.from_checkpoint(path))
+    images = sampler.sample(10, cfg_scale=2.5)    # (10, C, H, W) in [0, 1]
+
+Command line::
+
+    python sampler.py --ckpt runs/x/ckpt.pt --n 64 --cfg-scale 2.5 --steps 20 --method heun --seed 0 \
+        --out grid.png --gif traj.gif --npz samples.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, unwrap_model
+from utils.cli import add_sampling_args
+
+SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun", "dopri5")
+GRIDS: tuple[str, ...] = ("uniform", "shifted", "edm")
+FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun")
+
+# EDM noise levels (Karras et al. 2022): sigma from 80 down to 0.002 with rho = 7.
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
+
+
+#################################################################################
+#                                   Time grids                                  #
+#################################################################################
+
+
+def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
+    """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
+
+    - "uniform": equal steps.
+    - "shifted": t -> s t / (1 + (s - 1) t). This is the time shift of SD3 (Esser et al. 2024) applied to
+      the noise level 1 - t with factor 1 / s; s > 1 puts smaller steps near the data end (t = 1).
+    - "edm": the EDM noise levels (Karras et al. 2022, rho = 7, sigma in [0.002, 80]) mapped to the linear
+      path by t = 1 / (1 + sigma), with the first point moved to t = 0 so the run starts from pure noise.
+      Steps are fine at both ends and finest near the data.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if grid == "uniform":
+        return u
+    if grid == "shifted":
+        if not shift > 0:
+            raise ValueError(f"grid shift must be > 0, got {shift}")
+        t = shift * u / (1 + (shift - 1) * u)
+    else:
+        i = torch.arange(steps, dtype=torch.float64)
+        lo, hi = EDM_SIGMA_MIN ** (1 / EDM_RHO), EDM_SIGMA_MAX ** (1 / EDM_RHO)
+        sigma = (hi + i / max(steps - 1, 1) * (lo - hi)) ** EDM_RHO  # (steps,) from sigma_max down
+        t = torch.cat([1 / (1 + sigma), torch.ones(1, dtype=torch.float64)])
+    t[0], t[-1] = 0.0, 1.0  # exact end points whatever the rounding
+    return t
+
+
+#################################################################################
+#                                    Sampler                                    #
+#################################################################################
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _frame_indices(steps: int, max_frames: int) -> list[int]:
+    """Up to max_frames state indices in [0, steps], evenly spread, always holding 0 and steps."""
+    k = min(steps + 1, max_frames)
+    return sorted({round(i * steps / (k - 1)) for i in range(k)})
+
+
+def _seeded_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise (stop - start, *shape) float32 on CPU; sample i depends only on (seed, i).
+
+    One generator per sample keeps a sample's noise independent of n and of the batch size; the spawn
+    key keeps the streams of different (seed, i) apart (torch's CPU generator keeps only 32 seed bits).
+    """
+    out = np.empty((stop - start, *shape), dtype=np.float32)
+    for j, i in enumerate(range(start, stop)):
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, i)))
+        out[j] = rng.standard_normal(shape, dtype=np.float32)
+    return torch.from_numpy(out)
+
+
+def _seeded_labels(seed: int, n: int, num_classes: int) -> torch.Tensor:
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    return torch.from_numpy(rng.integers(0, num_classes, size=n, dtype=np.int64))
+
+
+class Sampler:
+    """ODE sampler for a DiT velocity model: CFG with a guidance interval, fixed-grid and adaptive solvers.
+
+    The constructor arguments are defaults that every ``sample`` call may override.
+
+    NFE convention: ``last_nfe`` counts evaluations of the velocity field per sample path, i.e. per step
+    one call on the whole batch counts once, and a classifier-free guided call (one pass of 2N) also
+    counts once. Euler uses ``steps`` NFE, midpoint and heun ``2 * steps``; dopri5 chooses its own.
+    When a call is split into chunks of ``batch_size``, ``last_nfe`` is the largest count among the
+    chunks (the same for every chunk on a fixed grid) and ``last_nfe_per_chunk`` lists them all.
+
+    The model is used unwrapped (no DDP / torch.compile wrapper) and in eval mode during sampling; its
+    train/eval mode is restored afterwards.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        steps: int = 50,
+        method: str = "heun",
+        grid: str = "uniform",
+        cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        batch_size: int = 256,
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        max_frames: int = 50,
+        grid_shift: float = 3.0,
+    ):
+        self.model = unwrap_model(model)
+        for attr in ("input_size", "in_channels"):
+            if not hasattr(self.model, attr):
+                raise ValueError(f"the model needs an attribute {attr!r} (a DiT has one)")
+        self.input_size = int(self.model.input_size)
+        self.in_channels = int(self.model.in_channels)
+        self.num_classes = int(getattr(self.model, "num_classes", 0))
+        self.device, self.model_dtype = _model_device_dtype(self.model)
+        # The ODE state stays in float32 (float64 for a float64 model) even when the network runs in bf16.
+        self.state_dtype = torch.float64 if self.model_dtype == torch.float64 else torch.float32
+
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(max_frames, int) or max_frames < 2:
+            raise ValueError(f"max_frames must be an integer >= 2 (first and last state), got {max_frames!r}")
+        if not (rtol > 0 and atol > 0):
+            raise ValueError(f"rtol and atol must be > 0, got {rtol}, {atol}")
+        self.batch_size = batch_size
+        self.max_frames = max_frames
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.grid_shift = float(grid_shift)
+        self.steps, self.method, self.grid, self.cfg_scale, self.guidance_interval = self._resolve(
+            steps, method, grid, cfg_scale, guidance_interval
+        )
+        if not self.grid_shift > 0:
+            raise ValueError(f"grid_shift must be > 0, got {grid_shift}")
+
+        self.last_nfe: int = 0
+        self.last_nfe_per_chunk: list[int] = []
+        self.last_labels: torch.Tensor | None = None  # (n,) int64 on CPU, None for an unconditional model
+        self.last_seed: int | None = None
+        self._nfe = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, ema: bool = True, device: str | torch.device | None = None, **sampler_kwargs: Any
+    ) -> Sampler:
+        """A Sampler for the DiT stored in a training checkpoint, with its EMA (default) or raw weights.
+
+        The checkpoint is read onto the CPU whatever device saved it, then the model moves to ``device``
+        (default: CUDA when available, else CPU). ``sampler_kwargs`` go to the constructor.
+        """
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = model_from_checkpoint(load_checkpoint(path), ema=ema, device=device)
+        return cls(model, **sampler_kwargs)
+
+    # ------------------------------------------------------------------ argument checks
+
+    def _resolve(
+        self,
+        steps: int | None,
+        method: str | None,
+        grid: str | None,
+        cfg_scale: float | None,
+        guidance_interval: Sequence[float] | None,
+    ) -> tuple[int, str, str, float, tuple[float, float]]:
+        steps = getattr(self, "steps", None) if steps is None else steps
+        method = getattr(self, "method", None) if method is None else method
+        grid = getattr(self, "grid", None) if grid is None else grid
+        cfg_scale = getattr(self, "cfg_scale", None) if cfg_scale is None else cfg_scale
+        interval = getattr(self, "guidance_interval", None) if guidance_interval is None else guidance_interval
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if method not in SOLVERS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(SOLVERS)}")
+        if grid not in GRIDS:
+            raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
+        cfg_scale = float(cfg_scale)
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
+        if cfg_scale != 1.0 and self.num_classes == 0:
+            raise ValueError(
+                f"cfg_scale={cfg_scale} needs a class-conditional model; this one is unconditional (use 1.0)"
+            )
+        try:
+            lo, hi = (float(v) for v in interval)
+        except (TypeError, ValueError):
+            raise ValueError(f"guidance_interval must be two numbers (t_lo, t_hi), got {interval!r}") from None
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got ({lo}, {hi})")
+        return steps, method, grid, cfg_scale, (lo, hi)
+
+    def _check_labels(self, y: torch.Tensor | Sequence[int] | int | None, n: int) -> torch.Tensor | None:
+        """Labels (n,) int64 on CPU, checked here so a bad label fails before any work, on any device."""
+        if self.num_classes == 0:
+            if y is not None:
+                raise ValueError("this model is unconditional (num_classes=0): sample without labels y")
+            return None
+        if y is None:
+            return None
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.int64)
+        y = torch.as_tensor(y).detach().cpu()
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"labels y must be integers, got dtype {y.dtype}")
+        if y.shape != (n,):
+            raise ValueError(f"expected {n} labels y of shape ({n},), got shape {tuple(y.shape)}")
+        y = y.long()
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got min {int(y.min())} max {int(y.max())}")
+        return y
+
+    def _check_noise(self, noise: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        if noise is None:
+            return None
+        expected = (n, self.in_channels, self.input_size, self.input_size)
+        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected or not noise.is_floating_point():
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a float tensor of shape {expected}, got {got}")
+        return noise
+
+    # ------------------------------------------------------------------ velocity
+
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: float | torch.Tensor,
+        y: torch.Tensor | None = None,
+        cfg_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+    ) -> torch.Tensor:
+        """Guided velocity (N, C, H, W) at states x (N, C, H, W) and one time t, in the state's dtype.
+
+        Classifier-free guidance v_u + s (v_c - v_u) goes through the model's ``forward_with_cfg`` only for
+        t inside [t_lo, t_hi] (guidance interval, Kynkäänniemi et al. 2024); elsewhere, and whenever the
+        scale is 1, a single conditional pass of N runs. Each call counts as one network evaluation.
+        """
+        t = float(t)
+        lo, hi = guidance_interval
+        scale = cfg_scale if lo <= t <= hi else 1.0
+        # t stays in the state's precision even for a bf16 network: bf16 would round 0.998 to 1.0.
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
+        xin = x.to(self.model_dtype)
+        # bf16 autocast only on CUDA; elsewhere the network runs in its own dtype.
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            if self.num_classes == 0:
+                v = self.model(xin, tt)
+            else:
+                v = self.model.forward_with_cfg(xin, tt, y, scale)
+        self._nfe += 1
+        return v.to(x.dtype)
+
+    # ------------------------------------------------------------------ solvers
+
+    def _solve_fixed(
+        self, f: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, ts: list[float], method: str,
+        frames: list[int],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """Integrate on the grid ts; keep the states whose step index is in frames (on CPU, float32)."""
+        keep = set(frames)
+        kept = [x.float().cpu()] if 0 in keep else []
+        for i in range(len(ts) - 1):
+            t0, t1 = ts[i], ts[i + 1]
+            h = t1 - t0
+            if method == "euler":
+                x = x + h * f(x, t0)
+            elif method == "midpoint":
+                x = x + h * f(x + 0.5 * h * f(x, t0), t0 + 0.5 * h)
+            else:  # heun: explicit trapezoid, second order (Karras et al. 2022, Alg. 1 without the noise)
+                d0 = f(x, t0)
+                x_pred = x + h * d0
+                x = x + 0.5 * h * (d0 + f(x_pred, t1))
+            if i + 1 in keep:
+                kept.append(x.float().cpu())
+        return x, kept
+
+    def _solve_dopri5(
+        self, f: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, n_frames: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Adaptive Dormand-Prince through torchdiffeq; n_frames states at evenly spaced times (dense output,
+        so the frames add no solver steps); n_frames = 0 keeps none."""
+        from torchdiffeq import odeint
+
+        times = torch.linspace(0.0, 1.0, max(n_frames, 2), device=x.device, dtype=x.dtype)
+        states = odeint(lambda t, s: f(s, t), x, times, rtol=self.rtol, atol=self.atol, method="dopri5")
+        return states[-1], [s.float().cpu() for s in states] if n_frames else []
+
+    # ------------------------------------------------------------------ sampling
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        n: int,
+        y: torch.Tensor | Sequence[int] | int | None = None,
+        *,
+        cfg_scale: float | None = None,
+        steps: int | None = None,
+        method: str | None = None,
+        grid: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Generate n images (n, C, H, W) in [0, 1], float32 on the model's device.
+
+        y: labels (n,), or one int for every sample; None draws uniform random classes for a conditional
+        model (they are kept in ``last_labels``). noise: the state x at t = 0, (n, C, H, W); with noise,
+        seed only draws the random labels. seed: makes the call repeatable; sample i's noise depends only
+        on (seed, i), so results do not depend on n or batch_size. Without noise and seed, a seed is drawn
+        from torch's global generator (kept in ``last_seed``). The other keywords override the
+        constructor's defaults for this call.
+
+        With return_trajectory=True returns (images, trajectory): raw states (K, n, C, H, W), float32 on
+        CPU, K <= max_frames, the first frame the noise and the last the final state. On a fixed grid the
+        frames are evenly spread over the steps; with dopri5 over time.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        steps, method, grid, cfg_scale, interval = self._resolve(steps, method, grid, cfg_scale, guidance_interval)
+        y = self._check_labels(y, n)
+        noise = self._check_noise(noise, n)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if seed is None and noise is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        if self.num_classes > 0 and y is None:
+            y = _seeded_labels(seed if seed is not None else int(torch.randint(0, 2**62, (1,))), n, self.num_classes)
+        self.last_seed, self.last_labels = seed, y
+
+        ts = time_grid(steps, grid, self.grid_shift).tolist()
+        if method == "dopri5":
+            frames = list(range(self.max_frames)) if return_trajectory else []
+        else:
+            frames = _frame_indices(steps, self.max_frames) if return_trajectory else []
+        shape = (self.in_channels, self.input_size, self.input_size)
+
+        def f(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+            return self.velocity(x, t, yb, cfg_scale, interval)
+
+        images, trajectory, nfes = [], [], []
+        chunks = range(0, n, self.batch_size)
+        if progress:
+            from tqdm import tqdm
+
+            chunks = tqdm(chunks, desc="sampling", unit="batch", total=math.ceil(n / self.batch_size))
+        with self._eval_mode():
+            for start in chunks:
+                stop = min(start + self.batch_size, n)
+                x = noise[start:stop] if noise is not None else _seeded_noise(seed, start, stop, shape)
+                x = x.to(self.device, self.state_dtype)
+                yb = y[start:stop].to(self.device) if y is not None else None
+                self._nfe = 0
+                if method == "dopri5":
+                    x, kept = self._solve_dopri5(f, x, len(frames))
+                else:
+                    x, kept = self._solve_fixed(f, x, ts, method, frames)
+                nfes.append(self._nfe)
+                images.append(((x.float() + 1) / 2).clamp_(0, 1))
+                if return_trajectory:
+                    trajectory.append(torch.stack(kept))  # (K, b, C, H, W)
+        self.last_nfe_per_chunk = nfes
+        self.last_nfe = max(nfes)
+        out = torch.cat(images)
+        if return_trajectory:
+            return out, torch.cat(trajectory, dim=1)
+        return out
+
+    def sample_each_class(
+        self,
+        n_per_class: int,
+        *,
+        cfg_scale: float | None = None,
+        steps: int | None = None,
+        method: str | None = None,
+        grid: str | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """n_per_class samples of every class, (n_per_class * num_classes, C, H, W), as ``sample`` returns.
+
+        Labels are arange(num_classes).repeat(n_per_class): a grid with nrow=num_classes shows one class
+        per column and one sample of every class per row.
+        """
+        if self.num_classes == 0:
+            raise ValueError("sample_each_class needs a class-conditional model; this one is unconditional")
+        if not isinstance(n_per_class, int) or isinstance(n_per_class, bool) or n_per_class < 1:
+            raise ValueError(f"n_per_class must be an integer >= 1, got {n_per_class!r}")
+        y = torch.arange(self.num_classes).repeat(n_per_class)
+        return self.sample(
+            len(y), y, cfg_scale=cfg_scale, steps=steps, method=method, grid=grid,
+            guidance_interval=guidance_interval, noise=noise, seed=seed, return_trajectory=return_trajectory,
+            progress=progress,
+        )  # fmt: skip
+
+
+#################################################################################
+#                                Writing images                                 #
+#################################################################################
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] to uint8 (N, H, W, C), clipped first and rounded."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _grid_uint8(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """One image grid (H', W', 3) uint8 from images (N, C, H, W) in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2)  # (3, H', W')
+    return to_uint8(grid.unsqueeze(0))[0]
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
+    """Write images (N, C, H, W) in [0, 1] as one PNG grid with nrow images per row."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_grid_uint8(images, nrow)).save(path)
+
+
+def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8) -> None:
+    """Write a trajectory (K, N, C, H, W) of states in [-1, 1] as a K-frame GIF of image grids.
+
+    States are clipped to [-1, 1] before they are mapped to [0, 255]. The GIF encoder merges identical
+    consecutive frames into one longer frame.
+    """
+    from moviepy import VideoClip
+
+    if trajectory.ndim != 5:
+        raise ValueError(f"expected a trajectory of shape (K, N, C, H, W), got {tuple(trajectory.shape)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    frames = [_grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow) for frame in trajectory]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # moviepy samples a clip at t = i / fps for i < int(duration * fps). ImageSequenceClip looks frames up by
+    # comparing t with summed float durations, which drops or repeats frames (0.3 < 0.1 + 0.1 + 0.1), so
+    # the frame index is rounded here, and the extra half frame makes int(duration * fps) exactly K.
+    k = len(frames)
+    clip = VideoClip(frame_function=lambda t: frames[min(round(t * fps), k - 1)], duration=(k + 0.5) / fps)
+    clip.write_gif(str(path), fps=fps, logger=None)
+
+
+def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:
+    """Write images (N, C, H, W) in [0, 1] as uint8 (N, H, W, C) under "images" and labels (N,) int64 under
+    "labels" (-1 for an unconditional model)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if labels is None:
+        labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    np.savez(path, images=to_uint8(images), labels=labels.cpu().numpy().astype(np.int64))
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+
+@dataclass
+class SampleConfig:
+    """Everything the sampler CLI needs; defaults match ``Sampler``'s."""
+
+    ckpt: str
+    n: int = 64
+    out: str = "samples.png"
+    gif: str | None = None
+    npz: str | None = None
+    class_label: int | None = None
+    each_class: bool = False
+    ema: bool = True
+    device: str | None = None
+    nrow: int | None = None
+    fps: int = 10
+    max_frames: int = 50
+    overwrite: bool = False
+    # Sampling flags shared with evaluate.py (utils.cli.add_sampling_args).
+    cfg_scale: float = 1.0
+    steps: int = 50
+    method: str = "heun"
+    grid: str = "uniform"
+    grid_shift: float = 3.0
+    guidance_interval: tuple[float, float] = field(default=(0.0, 1.0))
+    batch_size: int = 256
+    seed: int = 0
+    rtol: float = 1e-5
+    atol: float = 1e-5
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Sampler`` / ``Sampler.from_checkpoint``."""
+        return dict(
+            steps=self.steps, method=self.method, grid=self.grid, cfg_scale=self.cfg_scale,
+            guidance_interval=tuple(self.guidance_interval), batch_size=self.batch_size, rtol=self.rtol,
+            atol=self.atol, max_frames=self.max_frames, grid_shift=self.grid_shift,
+        )  # fmt: skip
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sampler.py",
+        description="Sample images from a trained DiT checkpoint by integrating the flow ODE (t=0 noise, t=1 data).",
+    )
+    g = p.add_argument_group("input and output")
+    g.add_argument("--ckpt", required=True, help="training checkpoint (.pt) written by train.py")
+    g.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--n",
+        type=_positive_int,
+        default=64,
+        help="number of samples, per class with --each-class (default %(default)s)",
+    )
+    g.add_argument("--class-label", type=int, default=None, help="sample only this class (default: random classes)")
+    g.add_argument("--each-class", action="store_true", help="--n samples of every class, one class per column")
+    g.add_argument("--out", default="samples.png", help="PNG grid of the samples (default %(default)s)")
+    g.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default: about sqrt(n))")
+    g.add_argument("--gif", default=None, help="also write the sampling trajectory as a GIF here")
+    g.add_argument("--fps", type=_positive_int, default=10, help="GIF frames per second (default %(default)s)")
+    g.add_argument(
+        "--max-frames",
+        type=int,
+        default=50,
+        help="at most this many trajectory frames in the GIF (default %(default)s)",
+    )
+    g.add_argument("--npz", default=None, help="also write uint8 HWC images and labels to this .npz")
+    g.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    add_sampling_args(p)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
+    """Parse command-line flags into a SampleConfig."""
+    args = build_parser().parse_args(argv)
+    args.guidance_interval = tuple(args.guidance_interval)
+    return SampleConfig(**vars(args))
+
+
+def _check_outputs(cfg: SampleConfig) -> list[Path]:
+    outputs = [(cfg.out, (".png", ".jpg", ".jpeg")), (cfg.gif, (".gif",)), (cfg.npz, (".npz",))]
+    paths = []
+    for path, suffixes in outputs:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.suffix.lower() not in suffixes:
+            raise ValueError(f"{path} must end in {' or '.join(suffixes)}")
+        if path.exists() and not cfg.overwrite:
+            raise ValueError(f"{path} already exists; pass --overwrite to replace it")
+        paths.append(path)
+    return paths
+
+
+def main(cfg: SampleConfig) -> dict[str, Any]:
+    """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on CPU,
+    labels (N,) or None, and the NFE."""
+    _check_outputs(cfg)  # before any work, so a run never ends by failing to write
+    if cfg.class_label is not None and cfg.each_class:
+        raise ValueError("--class-label and --each-class exclude each other")
+    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, **cfg.sampler_kwargs())
+    want_traj = cfg.gif is not None
+    if cfg.each_class:
+        result = sampler.sample_each_class(cfg.n, seed=cfg.seed, return_trajectory=want_traj, progress=True)
+        nrow = cfg.nrow or sampler.num_classes
+    else:
+        result = sampler.sample(cfg.n, cfg.class_label, seed=cfg.seed, return_trajectory=want_traj, progress=True)
+        nrow = cfg.nrow or math.ceil(math.sqrt(cfg.n))
+    images, trajectory = result if want_traj else (result, None)
+    images = images.cpu()
+    save_grid(images, cfg.out, nrow=nrow)
+    written = [cfg.out]
+    if trajectory is not None:
+        to_gif(trajectory, cfg.gif, fps=cfg.fps, nrow=nrow)
+        written.append(cfg.gif)
+    if cfg.npz is not None:
+        save_npz(images, sampler.last_labels, cfg.npz)
+        written.append(cfg.npz)
+    solver = "dopri5" if sampler.method == "dopri5" else f"{sampler.method} on a {sampler.grid} grid"
+    how = f"{solver}, NFE {sampler.last_nfe}"
+    print(f"{len(images)} samples, {how}: {', '.join(written)}")
+    return {"images": images, "labels": sampler.last_labels, "nfe": sampler.last_nfe, "config": asdict(cfg)}
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """Entry point: known errors become one line on stderr and a non-zero exit."""
+    cfg = parse_args(argv)
+    try:
+        main(cfg)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,445 @@
+"""Tests of sampler.py: solver orders on closed-form flows, CFG and its interval, seeds, chunks, outputs, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import sampler as sampler_mod
+from models.dit import DiT
+from sampler import GRIDS, SOLVERS, Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
+from utils.checkpoint import CheckpointError, save_checkpoint
+from utils.cli import add_sampling_args
+
+# ----------------------------------------------------------------------------- stand-in models
+
+
+class GaussianFlow(nn.Module):
+    """Exact marginal velocity of the linear path from N(0, I) (t=0) to data N(mu, s^2 I) (t=1).
+
+    x_t = t x1 + (1 - t) x0 has marginal N(t mu, sigma_t^2 I), sigma_t = sqrt((1-t)^2 + t^2 s^2), so
+    v(x, t) = mu + (sigma_t' / sigma_t) (x - t mu), and the flow maps noise z to mu + s z.
+    """
+
+    input_size, in_channels, num_classes = 4, 2, 0
+
+    def __init__(self, mu: torch.Tensor, s: float):
+        super().__init__()
+        self.register_buffer("mu", mu.double())  # a float64 model: the sampler keeps a float64 state
+        self.s = s
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        assert y is None and t.shape == (x.shape[0],)
+        self.calls += 1
+        t = t.view(-1, 1, 1, 1).to(x.dtype)
+        sigma = torch.sqrt((1 - t) ** 2 + t**2 * self.s**2)
+        dsigma = (-(1 - t) + t * self.s**2) / sigma
+        return self.mu + dsigma / sigma * (x - t * self.mu)
+
+
+class Exponential(nn.Module):
+    """v(x, t) = x: the flow maps z to e * z; every RK method shows exactly its textbook order here."""
+
+    input_size, in_channels, num_classes = 2, 1, 0
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("dummy", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return x
+
+
+def tiny_dit(num_classes: int = 3, seed: int = 0) -> DiT:
+    """A small DiT with random (non-zero) weights, so its velocity depends on x, t and y."""
+    torch.manual_seed(seed)
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                num_classes=num_classes, num_registers=2)  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def gaussian_problem(s: float = 0.5):
+    g = torch.Generator().manual_seed(0)
+    mu = 0.5 * torch.randn(2, 4, 4, generator=g)
+    z = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    return GaussianFlow(mu, s), z, (mu.double() + s * z)
+
+
+def final_state(sampler: Sampler, n: int, **kw) -> torch.Tensor:
+    """The raw final ODE state (last trajectory frame), float64."""
+    _, traj = sampler.sample(n, return_trajectory=True, **kw)
+    return traj[-1].double()
+
+
+# ----------------------------------------------------------------------------- time grids
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+@pytest.mark.parametrize("steps", [1, 2, 7, 50])
+def test_time_grid_runs_from_noise_to_data(grid, steps):
+    t = time_grid(steps, grid)
+    assert t.shape == (steps + 1,) and t.dtype == torch.float64
+    assert t[0] == 0.0 and t[-1] == 1.0
+    assert (t.diff() > 0).all()
+
+
+def test_time_grids_refine_near_data():
+    assert torch.allclose(time_grid(10, "uniform"), torch.linspace(0, 1, 11, dtype=torch.float64))
+    for grid in ("shifted", "edm"):
+        h = time_grid(20, grid).diff()
+        assert h[-1] < h.mean() / 2, grid  # the last step, at the data end, is finer than average
+    # The shifted grid is SD3's shift with factor 1/s on the noise level 1 - t.
+    u, s = torch.linspace(0, 1, 11, dtype=torch.float64), 3.0
+    noise_level = 1 - time_grid(10, "shifted", shift=s)
+    assert torch.allclose(noise_level, (1 / s) * (1 - u) / (1 + (1 / s - 1) * (1 - u)))
+    # EDM interior points: t = 1 / (1 + sigma) for the rho = 7 noise levels.
+    sigma = (80 ** (1 / 7) + torch.arange(5, dtype=torch.float64) / 4 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert torch.allclose(time_grid(5, "edm")[1:-1], 1 / (1 + sigma[1:]))
+
+
+# ----------------------------------------------------------------------------- exact solutions and orders
+
+
+def test_exact_gaussian_flow_orders_and_time_direction():
+    model, z, exact = gaussian_problem()
+    sampler = Sampler(model)
+    errors = {}
+    for method in ("euler", "midpoint", "heun"):
+        errors[method] = []
+        for steps in (16, 32, 64):
+            model.calls = 0
+            x = final_state(sampler, len(z), noise=z, steps=steps, method=method, grid="uniform")
+            errors[method].append((x - exact).abs().max().item())
+            expected_nfe = steps if method == "euler" else 2 * steps
+            assert sampler.last_nfe == expected_nfe == model.calls
+    for method, errs in errors.items():
+        ratios = [errs[i] / errs[i + 1] for i in range(len(errs) - 1)]
+        if method == "euler":
+            assert all(1.8 < r < 2.2 for r in ratios), (method, errs)
+        elif method == "heun":
+            assert all(3.4 < r < 4.6 for r in ratios), (method, errs)
+        else:
+            # On this flow the h^2 term of midpoint's global error vanishes (sigma_t^2 is quadratic in t), so
+            # it converges even faster; test_exponential_flow_orders pins its order at exactly two.
+            assert all(r > 3.4 for r in ratios), (method, errs)
+    assert errors["heun"][-1] < 1e-3
+    # Integrating in the wrong direction (data to noise) would not land on mu + s z at all.
+    assert errors["euler"][-1] < 0.05
+
+
+def test_exponential_flow_orders():
+    model = Exponential()
+    z = torch.linspace(-1, 1, 8, dtype=torch.float64).view(2, 1, 2, 2)
+    exact = np.e * z
+    expected_ratio = {"euler": 2.0, "midpoint": 4.0, "heun": 4.0}
+    sampler = Sampler(model)
+    for method, ratio in expected_ratio.items():
+        errs = [(final_state(sampler, 2, noise=z, steps=s, method=method) - exact).abs().max().item() for s in (32, 64)]
+        assert abs(errs[0] / errs[1] - ratio) < 0.1 * ratio, (method, errs)
+
+
+@pytest.mark.parametrize("grid", ["shifted", "edm"])
+def test_refined_grids_converge(grid):
+    model, z, exact = gaussian_problem()
+    sampler = Sampler(model, method="heun", grid=grid)
+    errs = [(final_state(sampler, len(z), noise=z, steps=s) - exact).abs().max().item() for s in (16, 64)]
+    assert errs[1] < errs[0] / 10 and errs[1] < 2e-3, errs
+
+
+def test_dopri5_within_tolerance_and_counts_nfe():
+    model, z, exact = gaussian_problem()
+    errs = []
+    for tol in (1e-5, 1e-7):
+        sampler = Sampler(model, method="dopri5", rtol=tol, atol=tol)
+        model.calls = 0
+        x = final_state(sampler, len(z), noise=z)
+        errs.append((x - exact).abs().max().item())
+        assert sampler.last_nfe == model.calls > 0  # counted by wrapping the velocity function
+        assert errs[-1] < 10 * (tol + tol * exact.abs().max().item())
+    assert errs[1] < errs[0] / 10
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def test_cfg_matches_formula_and_interval():
+    model = tiny_dit()
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+    null = torch.full_like(y, model.num_classes)
+    sampler = Sampler(model, method="euler")
+
+    def v(x, t, labels):
+        return model._forward(x, torch.full((len(x),), t), labels, drop_labels=False)
+
+    def guided(x, t, scale):
+        v_u = v(x, t, null)
+        return v_u + scale * (v(x, t, y) - v_u)
+
+    with torch.no_grad():
+        # One Euler step from t=0 to t=1: x1 = z + v_u + s (v_c - v_u), on every channel.
+        x = final_state(sampler, 4, y=y, noise=z, steps=1, cfg_scale=2.5)
+        assert torch.allclose(x, (z + guided(z, 0.0, 2.5)).double(), atol=1e-5)
+        assert sampler.last_nfe == 1  # a guided pass of 2N counts as one evaluation
+
+        # Guidance interval [0.5, 1]: the first of two steps (t=0) is unguided, the second (t=0.5) guided.
+        x = final_state(sampler, 4, y=y, noise=z, steps=2, cfg_scale=2.5, guidance_interval=(0.5, 1.0))
+        x_half = z + 0.5 * v(z, 0.0, y)
+        assert torch.allclose(x, (x_half + 0.5 * guided(x_half, 0.5, 2.5)).double(), atol=1e-5)
+
+        # An interval that holds no grid time equals no guidance at all.
+        outside = final_state(sampler, 4, y=y, noise=z, steps=2, cfg_scale=2.5, guidance_interval=(0.6, 0.9))
+        plain = final_state(sampler, 4, y=y, noise=z, steps=2, cfg_scale=1.0)
+        assert torch.equal(outside, plain)
+
+
+def test_scale_one_runs_a_single_pass():
+    model = tiny_dit()
+    batches: list[int] = []
+    model.x_embedder.register_forward_hook(lambda mod, inp, out: batches.append(inp[0].shape[0]))
+    sampler = Sampler(model, method="euler", steps=3)
+    sampler.sample(5, cfg_scale=1.0, seed=0)
+    assert batches == [5, 5, 5]
+    batches.clear()
+    sampler.sample(5, cfg_scale=3.0, seed=0, guidance_interval=(0.3, 1.0))  # grid 0, 1/3, 2/3
+    assert batches == [5, 10, 10]
+    assert sampler.last_nfe == 3
+
+
+def test_train_mode_model_samples_like_eval_and_keeps_its_mode():
+    model = tiny_dit()
+    model.y_embedder.dropout_prob = 0.9  # label dropout must not act while sampling
+    ref = Sampler(model, steps=4).sample(6, seed=0)
+    model.train()
+    out = Sampler(model, steps=4).sample(6, seed=0)
+    assert model.training
+    assert torch.equal(out, ref)
+
+
+# ----------------------------------------------------------------------------- seeds, chunks, labels
+
+
+def test_seed_repeatable_and_chunking_invariant():
+    model = tiny_dit()
+    sampler = Sampler(model, steps=3, method="midpoint", batch_size=64)
+    a = sampler.sample(7, seed=3, cfg_scale=2.0)
+    labels = sampler.last_labels
+    assert labels.shape == (7,) and labels.dtype == torch.int64
+    b = sampler.sample(7, seed=3, cfg_scale=2.0)
+    assert torch.equal(a, b) and torch.equal(sampler.last_labels, labels)
+    assert not torch.allclose(a, sampler.sample(7, seed=4, cfg_scale=2.0))
+    assert a.shape == (7, 3, 8, 8) and a.min() >= 0 and a.max() <= 1
+
+    chunked = Sampler(model, steps=3, method="midpoint", batch_size=3)
+    c = chunked.sample(7, seed=3, cfg_scale=2.0)
+    assert torch.equal(chunked.last_labels, labels)
+    assert torch.allclose(c, a, atol=1e-5)
+    assert chunked.last_nfe_per_chunk == [6, 6, 6] and chunked.last_nfe == 6
+
+    # Sample i depends only on (seed, i): a shorter run is a prefix of a longer one.
+    y = torch.tensor([2, 0, 1, 1, 0])
+    assert torch.allclose(sampler.sample(5, y, seed=9)[:3], sampler.sample(3, y[:3], seed=9), atol=1e-5)
+
+    # Given noise: chunked equals one batch too, and a global torch seed repeats an unseeded call.
+    z = torch.randn(7, 3, 8, 8)
+    assert torch.allclose(chunked.sample(7, y=labels, noise=z), sampler.sample(7, y=labels, noise=z), atol=1e-5)
+    torch.manual_seed(5)
+    d = sampler.sample(4)
+    torch.manual_seed(5)
+    assert torch.equal(d, sampler.sample(4))
+
+
+def test_int_label_and_each_class_order():
+    model = tiny_dit()
+    sampler = Sampler(model, steps=2, method="euler")
+    sampler.sample(4, 2, seed=0)
+    assert sampler.last_labels.tolist() == [2, 2, 2, 2]
+    out = sampler.sample_each_class(2, seed=0, cfg_scale=1.5)
+    assert out.shape == (6, 3, 8, 8)
+    assert sampler.last_labels.tolist() == [0, 1, 2, 0, 1, 2]  # grid nrow=3: one class per column
+    assert torch.allclose(out, sampler.sample(6, torch.tensor([0, 1, 2, 0, 1, 2]), seed=0, cfg_scale=1.5))
+
+
+# ----------------------------------------------------------------------------- trajectories and files
+
+
+def test_trajectory_frames_bounded_and_ends_right():
+    model, z, _ = gaussian_problem()
+    sampler = Sampler(model, method="euler", max_frames=10)
+    images, traj = sampler.sample(len(z), noise=z, steps=100, return_trajectory=True)
+    assert traj.shape == (10, *z.shape) and traj.dtype == torch.float32 and traj.device.type == "cpu"
+    assert torch.equal(traj[0], z.float())
+    assert torch.allclose(images, ((traj[-1] + 1) / 2).clamp(0, 1))
+    _, traj = sampler.sample(len(z), noise=z, steps=3, return_trajectory=True)
+    assert traj.shape[0] == 4  # fewer steps than max_frames: every state
+    _, traj = sampler.sample(len(z), noise=z, method="dopri5", return_trajectory=True)
+    assert traj.shape[0] == 10 and torch.equal(traj[0], z.float())
+
+
+def test_gif_frames_size_and_clipping(tmp_path):
+    k, n, nrow = 7, 5, 3
+    # One constant value per frame; neighbours differ after clipping (the encoder merges identical frames).
+    values = torch.tensor([-2.0, 0.0, 0.5, 3.0, -0.5, 1.0, -1.0])
+    traj = values.view(k, 1, 1, 1, 1).expand(k, n, 1, 8, 8)
+    path = tmp_path / "sub" / "traj.gif"
+    to_gif(traj, path, fps=5, nrow=nrow)
+    gif = Image.open(path)
+    assert gif.n_frames == k
+    assert gif.size == (nrow * 10 + 2, 2 * 10 + 2)  # make_grid: padding 2 around 8x8 tiles, 2 rows
+    expected = [0, 128, 191, 255, 64, 255, 0]  # clipped to [-1, 1], then mapped to [0, 255]
+    for i in range(k):
+        gif.seek(i)
+        assert np.asarray(gif.convert("RGB"))[5, 5].tolist() == [expected[i]] * 3
+
+
+def test_save_grid_and_npz_round_trip(tmp_path):
+    images = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_grid(images, tmp_path / "g.png", nrow=2)
+    grid = np.asarray(Image.open(tmp_path / "g.png"))
+    assert grid.shape == (3 * 10 + 2, 2 * 10 + 2, 3)
+    assert np.array_equal(grid[2:10, 2:10], to_uint8(images[:1])[0])
+    labels = torch.tensor([1, 0, 2, 2, 1])
+    save_npz(images, labels, tmp_path / "s.npz")
+    data = np.load(tmp_path / "s.npz")
+    assert data["images"].dtype == np.uint8 and data["images"].shape == (5, 8, 8, 3)
+    assert np.array_equal(data["images"], (images.permute(0, 2, 3, 1) * 255).round().byte().numpy())
+    assert data["labels"].tolist() == [1, 0, 2, 2, 1]
+
+
+# ----------------------------------------------------------------------------- checkpoints and CLI
+
+
+def write_checkpoint(path, model: DiT) -> dict:
+    ema = {k: v + 0.01 for k, v in model.state_dict().items()}
+    save_checkpoint({"model_config": model.config, "model": model.state_dict(), "ema": ema, "step": 3,
+                     "config": {}}, path)  # fmt: skip
+    return ema
+
+
+def test_from_checkpoint_loads_ema_or_raw(tmp_path):
+    model = tiny_dit()
+    ema = write_checkpoint(tmp_path / "ckpt.pt", model)
+    s_ema = Sampler.from_checkpoint(tmp_path / "ckpt.pt", device="cpu", steps=2)
+    s_raw = Sampler.from_checkpoint(tmp_path / "ckpt.pt", ema=False, device="cpu", steps=2)
+    assert s_ema.steps == 2 and s_ema.num_classes == 3
+    for k, v in s_ema.model.state_dict().items():
+        assert torch.equal(v, ema[k])
+    ref = Sampler(model, steps=2)
+    assert torch.equal(s_raw.sample(3, seed=1), ref.sample(3, seed=1))
+    with pytest.raises(TypeError):
+        Sampler.from_checkpoint(tmp_path / "ckpt.pt", device="cpu", stepz=2)
+    with pytest.raises(CheckpointError, match="not found"):
+        Sampler.from_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        Sampler.from_checkpoint(tmp_path / "bad.pt")
+
+
+def test_cli_writes_grid_gif_npz(tmp_path, capsys):
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_dit())
+    out, gif, npz = tmp_path / "grid.png", tmp_path / "traj.gif", tmp_path / "s.npz"
+    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "5", "--cfg-scale", "2.5", "--steps", "4", "--method", "heun",
+            "--seed", "0", "--out", str(out), "--gif", str(gif), "--npz", str(npz), "--class-label", "1",
+            "--device", "cpu", "--nrow", "5"]  # fmt: skip
+    cfg = sampler_mod.parse_args(argv)
+    assert cfg.cfg_scale == 2.5 and cfg.steps == 4 and cfg.class_label == 1
+    result = sampler_mod.main(cfg)
+    assert "NFE 8" in capsys.readouterr().out
+    data = np.load(npz)
+    assert np.array_equal(data["images"], to_uint8(result["images"]))
+    assert data["labels"].tolist() == [1] * 5
+    assert Image.open(out).size == (5 * 10 + 2, 10 + 2)
+    assert Image.open(gif).n_frames == 5  # every state of 4 steps
+    # The same flags again: nothing is overwritten without --overwrite, with one clear error line.
+    with pytest.raises(SystemExit) as e:
+        sampler_mod.cli(argv)
+    assert str(e.value).startswith("error:") and "already exists" in str(e.value) and "\n" not in str(e.value)
+    sampler_mod.cli([*argv, "--overwrite"])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_dit())
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    cases = [
+        (["--ckpt", str(tmp_path / "missing.pt")], "not found"),
+        (["--ckpt", str(tmp_path / "bad.pt")], "cannot read checkpoint"),
+        (["--ckpt", str(tmp_path / "ckpt.pt"), "--class-label", "3"], "labels must lie in [0, 3)"),
+        (["--ckpt", str(tmp_path / "ckpt.pt"), "--guidance-interval", "0.8", "0.2"], "guidance_interval"),
+        (["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x.txt")], "must end in"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sampler_mod.cli([*argv, "--out", str(tmp_path / "o.png")] if "--out" not in argv else argv)
+        text = str(e.value)
+        assert text.startswith("error:") and message in text and "\n" not in text, text
+    with pytest.raises(SystemExit) as e:
+        sampler_mod.parse_args(["--ckpt", "x", "--steps", "0"])
+    assert e.value.code == 2
+
+
+def test_help_documents_every_flag_and_defaults_match(capsys):
+    parser = sampler_mod.build_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+    with pytest.raises(SystemExit):
+        sampler_mod.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--ckpt", "--n", "--cfg-scale", "--steps", "--method", "--seed", "--out", "--gif", "--npz",
+                 "--class-label", "--guidance-interval", "--grid", "--batch-size"):  # fmt: skip
+        assert flag in text
+    # The shared sampling flags default to the Sampler's own defaults.
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    args = vars(p.parse_args([]))
+    defaults = {k: v.default for k, v in inspect.signature(Sampler.__init__).parameters.items() if k != "self"}
+    for key in ("steps", "method", "grid", "cfg_scale", "batch_size", "rtol", "atol", "grid_shift"):
+        assert args[key] == defaults[key], key
+    assert tuple(args["guidance_interval"]) == defaults["guidance_interval"]
+    assert {a.dest: a.choices for a in p._actions}["method"] == SOLVERS
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_clear_value_errors():
+    model = tiny_dit()
+    sampler = Sampler(model, steps=2)
+    cases = [
+        (dict(n=3, y=torch.tensor([0, 1])), "expected 3 labels"),
+        (dict(n=2, y=torch.tensor([0, 3])), r"labels must lie in \[0, 3\)"),
+        (dict(n=2, y=torch.tensor([-1, 0])), r"labels must lie in \[0, 3\)"),
+        (dict(n=2, y=torch.tensor([0.0, 1.0])), "must be integers"),
+        (dict(n=2, steps=0), "steps must be an integer >= 1"),
+        (dict(n=2, method="rk4"), "unknown method 'rk4'"),
+        (dict(n=2, grid="cosine"), "unknown grid"),
+        (dict(n=2, noise=torch.randn(2, 3, 4, 4)), r"noise must be a float tensor of shape \(2, 3, 8, 8\)"),
+        (dict(n=2, guidance_interval=(0.7, 0.2)), "guidance_interval"),
+        (dict(n=0), "n must be an integer >= 1"),
+        (dict(n=2, seed=-1), "seed must be"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sampler.sample(**kwargs)
+    with pytest.raises(ValueError, match="unknown method"):
+        Sampler(model, method="adams")
+    with pytest.raises(ValueError, match="batch_size"):
+        Sampler(model, batch_size=0)
+
+    uncond = Sampler(tiny_dit(num_classes=0), steps=2)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.sample(2, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.sample(2, y=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.sample_each_class(1)
+    assert uncond.sample(2, seed=0).shape == (2, 3, 8, 8) and uncond.last_labels is None

@@ -1,0 +1,503 @@
+"""Fréchet Inception Distance (Heusel et al. 2017) of generated samples against a real image set.
+
+Protocol (the published, "legacy" one, so numbers compare with papers): 2048-d pool features of
+torch-fidelity's Inception-v3 (the TensorFlow 2015-12-05 weights) through torchmetrics'
+``FrechetInceptionDistance`` feature extractor, fed uint8 RGB images (N, 3, H, W) and resized to 299
+the TensorFlow-1 way, i.e. with ``antialias=False`` (torchmetrics >= 1.8 antialiases by default, which
+departs from the original). Grayscale images are repeated to 3 channels. Generated images in [0, 1]
+are rounded to uint8 like saved PNGs. The distance itself is computed here in float64 with scipy.
+
+Real statistics (mean and covariance, float64) are computed from the un-augmented dataset of
+``data.build_dataset`` -- never from the training stream -- and cached on disk as npz, keyed by
+dataset, split, resolution, channels, the data's content, the feature extractor and the image count,
+so a change to any of them recomputes them.
+
+Typical use, from train.py with an in-memory EMA model::
+
+    extractor = load_inception(device)
+    real = real_statistics("cifar10", "./datasets", 32, 3, extractor=extractor)
+    fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)
+
+Any ``nn.Module`` mapping uint8 (N, 3, H, W) to features (N, D) can replace Inception (tests inject
+small ones); nothing here downloads except ``load_inception``, and that only when the weight file is
+not already in torch.hub's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+# torch-fidelity's Inception-v3 weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3);
+# torch.hub.load_state_dict_from_url keeps them as <torch.hub.get_dir()>/checkpoints/<file name>.
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FEATURES = 2048
+# Bump when the way statistics are computed changes, so old cache files are not reused.
+STATS_VERSION = 1
+
+
+class FIDError(ValueError):
+    """FID cannot be computed: weights unavailable, too few images, or settings that do not fit."""
+
+
+def default_cache_dir() -> Path:
+    """Where real statistics are cached unless told otherwise: $XDG_CACHE_HOME/dit/fid_stats (~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dit" / "fid_stats"
+
+
+def inception_weights_path() -> Path:
+    """The file torch.hub reads the Inception weights from (and downloads them to)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+
+
+#################################################################################
+#                               The distance                                    #
+#################################################################################
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
+    mu: (D,), sigma: (D, D). Near-singular covariances (fewer samples than dimensions) get ``eps`` added
+    to their diagonals when the matrix square root fails; imaginary parts left by round-off are dropped.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"frechet_distance needs means (D,) and covariances (D, D) of one D; got {mu1.shape}, "
+            f"{sigma1.shape}, {mu2.shape}, {sigma2.shape}"
+        )
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise ValueError("frechet_distance got non-finite statistics (NaN or inf features?)")
+    diff = mu1 - mu2
+
+    covmean = _sqrtm_product(sigma1, sigma2)
+    if covmean is None:
+        # Singular product (e.g. fewer samples than feature dimensions): regularise as pytorch-fid does.
+        offset = np.eye(d) * eps
+        covmean = _sqrtm_product(sigma1 + offset, sigma2 + offset)
+        if covmean is None:
+            raise ValueError(
+                "frechet_distance: the covariance product has no usable square root even with eps on the "
+                "diagonal; use more samples than feature dimensions"
+            )
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray | None:
+    """Real part of sqrtm(sigma1 @ sigma2), or None when it is not finite or truly complex."""
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        return None
+    if np.iscomplexobj(covmean):
+        # The product of two PSD matrices has real, non-negative eigenvalues; imaginary parts are round-off
+        # unless they are large relative to the matrix.
+        scale = max(1.0, float(np.abs(covmean.real).max()))
+        if np.abs(np.diagonal(covmean).imag).max() > 1e-3 * scale:
+            return None
+        covmean = covmean.real
+    return covmean
+
+
+class FeatureStats:
+    """Running float64 mean and covariance of features (N, D), added a batch at a time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum: torch.Tensor | None = None  # (D,)
+        self.outer: torch.Tensor | None = None  # (D, D), sum of x x^T
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add features (N, D) (any float dtype or device)."""
+        if features.dim() != 2:
+            raise ValueError(f"features must be (N, D); got shape {tuple(features.shape)}")
+        x = features.detach().to(device="cpu", dtype=torch.float64)
+        if self.sum is None:
+            self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        elif x.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"feature size changed from {self.sum.shape[0]} to {x.shape[1]}")
+        if not torch.isfinite(x).all():
+            raise FIDError("the feature extractor returned NaN or inf")
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+        self.count += x.shape[0]
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (D,) and unbiased covariance (D, D), float64 (np.cov's N - 1 normalisation, as torchmetrics)."""
+        if self.count < 2:
+            raise FIDError(f"FID needs at least 2 images per set; got {self.count}")
+        mu = self.sum / self.count
+        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+        return mu.numpy(), sigma.numpy()
+
+
+#################################################################################
+#                            Feature extraction                                 #
+#################################################################################
+
+
+def load_inception(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """torchmetrics' FID Inception-v3 (2048-d pool features, torch-fidelity weights), legacy resize, on device.
+
+    The module maps uint8 (N, 3, H, W) to float32 (N, 2048). Weights come from ``weights_path`` or torch.hub's
+    cache, downloaded there on first use; when that is impossible a FIDError says where to put the file.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if weights_path is not None:
+        weights_path = Path(weights_path).expanduser()
+        if not weights_path.is_file():
+            raise FIDError(f"Inception weights not found: {weights_path} (expected {INCEPTION_FILENAME})")
+    kwargs: dict[str, Any] = {"feature": INCEPTION_FEATURES, "normalize": False}
+    params = inspect.signature(FrechetInceptionDistance.__init__).parameters
+    if "antialias" in params:  # torchmetrics >= 1.8; older versions always resize the legacy way
+        kwargs["antialias"] = False
+    if weights_path is not None:
+        if "feature_extractor_weights_path" not in params:
+            raise FIDError("this torchmetrics version cannot load Inception weights from a path; upgrade it")
+        kwargs["feature_extractor_weights_path"] = str(weights_path)
+    try:
+        metric = FrechetInceptionDistance(**kwargs)
+    except (ModuleNotFoundError, ImportError) as e:
+        raise FIDError(f"FID needs torch-fidelity: pip install torch-fidelity ({e})") from None
+    except Exception as e:  # urllib, http and hub errors all mean: the weights could not be fetched
+        if weights_path is not None:
+            raise FIDError(f"cannot load Inception weights from {weights_path}: {type(e).__name__}: {e}") from None
+        target = inception_weights_path()
+        raise FIDError(
+            f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "
+            f"and put it in {target.parent}/ as {target.name} (or pass its path with --inception-weights)"
+        ) from None
+    inception = metric.inception
+    inception.num_features = INCEPTION_FEATURES
+    return inception.to(device).eval()
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W), C in {1, 3}, float in [0, 1] or uint8 -> uint8 (N, 3, H, W), gray repeated."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 1 or 3, H, W); got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"images must be uint8 or float in [0, 1]; got {images.dtype}")
+        images = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)  # like saving a PNG
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.contiguous()
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter or buffer (CPU for a module with neither)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Features (N, D) of images (N, C, H, W) (uint8, or float in [0, 1]) on the extractor's device."""
+    feats = extractor(to_uint8_rgb(images).to(module_device(extractor)))
+    if feats.dim() == 1:
+        feats = feats.unsqueeze(0)
+    if feats.dim() != 2 or feats.shape[0] != images.shape[0]:
+        raise FIDError(f"feature extractor must return (N, D) for N={images.shape[0]}; got {tuple(feats.shape)}")
+    return feats
+
+
+def extractor_id(extractor: nn.Module) -> str:
+    """Identity of a feature extractor for the stats cache: class, protocol options and a state_dict hash."""
+    h = hashlib.sha256()
+    for name, t in sorted(extractor.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    parts = [type(extractor).__module__ + "." + type(extractor).__qualname__]
+    for attr in ("features_list", "use_antialias", "INPUT_IMAGE_SIZE"):  # torchmetrics' Inception options
+        if hasattr(extractor, attr):
+            parts.append(f"{attr}={getattr(extractor, attr)}")
+    parts.append(h.hexdigest()[:16])
+    return ",".join(parts)
+
+
+#################################################################################
+#                               Real statistics                                 #
+#################################################################################
+
+
+def dataset_fingerprint(dataset: Any) -> str:
+    """A hash of a dataset's content: its image tensor when held in memory, else its files' names, sizes, times."""
+    h = hashlib.sha256(f"len={len(dataset)}".encode())
+    if isinstance(getattr(dataset, "images", None), torch.Tensor):
+        images = dataset.images.detach().cpu().contiguous()
+        h.update(f"{images.dtype}:{tuple(images.shape)}".encode())
+        h.update(images.reshape(-1).view(torch.uint8).numpy())
+    elif hasattr(dataset, "samples"):  # an image folder: (path, label) pairs
+        for path, label in dataset.samples:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    else:
+        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache")
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def dataset_statistics(
+    dataset: Any,
+    extractor: nn.Module,
+    *,
+    batch_size: int = 250,
+    num_images: int | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items.
+
+    ``num_images`` < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut
+    to its first classes.
+    """
+    n_total = len(dataset)
+    n = n_total if num_images is None else int(num_images)
+    if not 2 <= n <= n_total:
+        raise FIDError(f"real statistics need 2..{n_total} images (the dataset's size); got {n}")
+    indices = None if n == n_total else torch.randperm(n_total, generator=torch.Generator().manual_seed(0))[:n]
+    extractor.eval()
+    stats = FeatureStats()
+    bar = tqdm(total=n, desc="FID real images", unit="img", disable=not progress, dynamic_ncols=True)
+    images_attr = getattr(dataset, "images", None)
+    if isinstance(images_attr, torch.Tensor):  # in memory: slice the tensor instead of item-by-item loading
+        order = torch.arange(n_total) if indices is None else indices
+        for idx in order.split(batch_size):
+            stats.update(extract_features(extractor, images_attr[idx]))
+            bar.update(len(idx))
+    else:
+        subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        for images, _ in loader:
+            stats.update(extract_features(extractor, images))
+            bar.update(images.shape[0])
+    bar.close()
+    return stats.mean_cov()
+
+
+def real_statistics(
+    dataset_name: str,
+    root: str | os.PathLike,
+    image_size: int,
+    channels: int,
+    *,
+    extractor: nn.Module,
+    split: str = "train",
+    batch_size: int = 250,
+    num_images: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    num_workers: int = 0,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+    dataset: Any | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set, cached on disk.
+
+    The dataset comes from ``data.build_dataset`` (a fresh one: the training stream is never touched).
+    The cache file in ``cache_dir`` (default ``default_cache_dir()``) is reused only when dataset name, split,
+    image size, channels, data content, extractor (``extractor_id``) and image count all match; otherwise the
+    statistics are recomputed and written. Images go to the extractor's device. ``info``, when given, is
+    filled with the cache path, whether it was a hit, the image count and the extractor id. ``dataset``: the
+    dataset these arguments build, when the caller already has it (it is fingerprinted all the same).
+    """
+    from data import build_dataset
+
+    if split not in ("train", "test"):
+        raise FIDError(f"split must be 'train' or 'test'; got {split!r}")
+    if dataset is None:
+        dataset = build_dataset(
+            dataset_name, root=root, image_size=image_size, channels=channels, train=split == "train",
+            download=download,
+        )  # fmt: skip
+    n = len(dataset) if num_images is None else int(num_images)
+    key = {
+        "version": STATS_VERSION,
+        "dataset": dataset_name,
+        "split": split,
+        "image_size": int(image_size),
+        "channels": int(channels),
+        "data": dataset_fingerprint(dataset),
+        "extractor": extractor_id(extractor),
+        "num_images": n,
+    }
+    key_json = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    path = cache_dir / f"{dataset_name}-{split}-{image_size}px-{channels}ch-{n}img-{digest}.npz"
+    if info is not None:
+        info.update(cache_path=str(path), cache_hit=False, num_images=n, extractor=key["extractor"])
+
+    cached = _load_stats(path, key_json)
+    if cached is not None:
+        if info is not None:
+            info["cache_hit"] = True
+        return cached
+    start = time.perf_counter()
+    mu, sigma = dataset_statistics(
+        dataset, extractor, batch_size=batch_size, num_images=n, num_workers=num_workers, progress=progress
+    )
+    _save_stats(path, mu, sigma, key_json)
+    if info is not None:
+        info["seconds"] = time.perf_counter() - start
+    return mu, sigma
+
+
+def _load_stats(path: Path, key_json: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (mu, sigma) when the file exists, reads and was written for exactly this key; else None."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) != key_json:
+                return None
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, ValueError, KeyError, EOFError):  # a damaged file is recomputed and replaced
+        return None
+    return mu, sigma
+
+
+def _save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, key_json: str) -> None:
+    """Write the statistics atomically (temporary file, then rename), so a killed run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+#################################################################################
+#                          Generated statistics and FID                         #
+#################################################################################
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
+    """Class-balanced labels arange(n) % num_classes (N,), or None for an unconditional model."""
+    return torch.arange(num_samples) % num_classes if num_classes > 0 else None
+
+
+@torch.no_grad()
+def generated_statistics(
+    sampler: Any,
+    num_samples: int,
+    *,
+    extractor: nn.Module,
+    batch_size: int | None = None,
+    cfg_scale: float | None = None,
+    steps: int | None = None,
+    method: str | None = None,
+    grid: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    seed: int = 0,
+    num_classes: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
+
+    Labels are class-balanced (``balanced_labels``) for a conditional model (``num_classes`` defaults to the
+    sampler's). Sample i starts from the noise ``python sampler.py --seed SEED`` gives sample i, whatever the
+    batch size. Sampling settings left None use the sampler's own; ``batch_size`` defaults to the sampler's.
+    NFE is ``sampler.last_nfe`` averaged over batches and rounded (the same for every batch on a fixed grid).
+    """
+    from sampler import _seeded_noise  # the sampler owns the per-sample noise scheme
+
+    if num_classes is None:
+        num_classes = int(sampler.num_classes)
+    if num_samples < 2:
+        raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
+    batch_size = int(batch_size or sampler.batch_size)
+    if batch_size < 1:
+        raise FIDError(f"batch size must be >= 1; got {batch_size}")
+    overrides = dict(cfg_scale=cfg_scale, steps=steps, method=method, grid=grid, guidance_interval=guidance_interval)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
+    labels = balanced_labels(num_samples, num_classes)
+    extractor.eval()
+    stats = FeatureStats()
+    nfes = []
+    bar = tqdm(total=num_samples, desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for start in range(0, num_samples, batch_size):
+            stop = min(start + batch_size, num_samples)
+            noise = _seeded_noise(seed, start, stop, shape)  # (b, C, H, W)
+            y = None if labels is None else labels[start:stop]
+            images = sampler.sample(stop - start, y, noise=noise, **overrides)  # (b, C, H, W) in [0, 1]
+            nfes.append(int(sampler.last_nfe))
+            stats.update(extract_features(extractor, images))
+            bar.update(stop - start)
+    finally:
+        bar.close()
+    mu, sigma = stats.mean_cov()
+    return mu, sigma, int(round(sum(nfes) / len(nfes)))
+
+
+def compute_fid(
+    sampler: Any,
+    real_stats: tuple[np.ndarray, np.ndarray],
+    num_samples: int,
+    *,
+    extractor: nn.Module,
+    batch_size: int | None = None,
+    cfg_scale: float | None = None,
+    steps: int | None = None,
+    method: str | None = None,
+    grid: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    seed: int = 0,
+    num_classes: int | None = None,
+    progress: bool = True,
+) -> tuple[float, int]:
+    """FID of ``num_samples`` samples from ``sampler`` against real (mu (D,), sigma (D, D)); returns (fid, nfe).
+
+    ``sampler`` is a ``sampler.Sampler`` (e.g. around an in-memory EMA model); the other arguments are
+    those of ``generated_statistics``. ``extractor`` must be the one that produced ``real_stats``.
+    """
+    mu, sigma, nfe = generated_statistics(
+        sampler,
+        num_samples,
+        extractor=extractor,
+        batch_size=batch_size,
+        cfg_scale=cfg_scale,
+        steps=steps,
+        method=method,
+        grid=grid,
+        guidance_interval=guidance_interval,
+        seed=seed,
+        num_classes=num_classes,
+        progress=progress,
+    )
+    if mu.shape != np.shape(real_stats[0]):
+        raise FIDError(f"real statistics have {np.shape(real_stats[0])} features, the extractor gives {mu.shape}")
+    return frechet_distance(real_stats[0], real_stats[1], mu, sigma), nfe

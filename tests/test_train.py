@@ -1,0 +1,389 @@
+"""train.py on CPU: learning on digits, bit-exact resume (after --steps and after SIGKILL), non-finite
+losses, wandb offline files, presets and flags, and every kind of bad input."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from train import ConfigError, NonFiniteLossError, TrainConfig, parse_args
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.flow import FlowMatching
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # One thread: bit-exact comparisons across processes need the same reduction order, and one thread is
+    # also the fastest for these tiny models on a shared 2-core machine.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny(out: Path, **overrides) -> TrainConfig:
+    """A seconds-long digits run: 8x8 gray images, a one-block DiT."""
+    cfg = TrainConfig(
+        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=32, depth=1,
+        num_heads=2, num_registers=2, steps=12, batch_size=32, lr=1e-3, warmup=3, ema_decay=0.9,
+        sample_every=0, ckpt_every=4, log_every=2, out=str(out), wandb="disabled", num_workers=0, seed=0,
+        samples_per_class=1, sample_steps=2, cfg_scales=(1.0, 3.0),
+    )  # fmt: skip
+    return dataclasses.replace(cfg, **overrides)
+
+
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """The command line that parse_args turns into cfg."""
+    args = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if v is None or f.name == "preset":
+            continue
+        if isinstance(v, bool):
+            if f.name == "resume":
+                args += [flag] if v else []
+            elif f.name == "qk_norm":
+                args += [] if v else ["--no-qk-norm"]
+            else:
+                args.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, tuple):
+            args += [flag, *map(str, v)]
+        else:
+            args += [flag, str(v)]
+    return args
+
+
+def weights(ckpt_path: Path) -> dict:
+    state = load_checkpoint(ckpt_path)
+    return {"model": state["model"], "ema": state["ema"], "optimizer": state["optimizer"]["state"]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
+    for i, sa in a["optimizer"].items():
+        for k, v in sa.items():
+            assert torch.equal(v, b["optimizer"][i][k]), f"optimizer state {i}.{k} differs"
+
+
+def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+def test_digits_run_learns_loss_falls_and_samples_classify_as_their_labels(tmp_path):
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from sampler import Sampler
+
+    cfg = tiny(tmp_path / "run", hidden_size=64, depth=2, num_heads=4, steps=300, batch_size=128, lr=2e-3,
+               warmup=50, ema_decay=0.995, ckpt_every=0, log_every=25)  # fmt: skip
+    result = train.main(cfg)
+    losses = [loss for _, loss in result["losses"]]
+    assert result["step"] == 300 and len(losses) == 12
+    assert losses[-1] < 0.6 * losses[0], losses
+
+    digits = load_digits()
+    clf = LogisticRegression(max_iter=2000).fit(digits.data / 16.0, digits.target)  # pixels in [0, 1]
+    ema = model_from_checkpoint(result["checkpoint"])  # the saved EMA, as a user would load it
+    y = torch.arange(10).repeat_interleave(20)
+    images = Sampler(ema, steps=20).sample(200, y, cfg_scale=2.5, seed=1)  # (200, 1, 8, 8) in [0, 1]
+    accuracy = (clf.predict(images.reshape(200, -1).numpy()) == y.numpy()).mean()
+    assert accuracy > 0.6, accuracy  # chance is 0.1
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("variant", ["loader", "on-device+ot"])
+def test_resume_after_stopping_at_k_is_bit_identical(tmp_path, variant):
+    extra = (
+        dict(data_on_device=False) if variant == "loader" else dict(data_on_device=True, ot=True, t_sampler="uniform")
+    )
+    # Samples every 4 steps: drawing them must not disturb the training randomness.
+    full = train.main(tiny(tmp_path / "full", sample_every=4, **extra))
+    stopped = train.main(tiny(tmp_path / "split", sample_every=4, steps=6, **extra))
+    assert stopped["step"] == 6 and load_checkpoint(tmp_path / "split/checkpoints/last.pt")["step"] == 6
+    resumed = train.main(tiny(tmp_path / "split", sample_every=4, resume=True, **extra))
+    assert full["step"] == resumed["step"] == 12
+    assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "split/checkpoints/last.pt"))
+    # Numbered checkpoints every 4 steps plus the stop and the end; last.pt is the newest.
+    names = sorted(p.name for p in (tmp_path / "split/checkpoints").glob("*.pt"))
+    assert names == ["0000004.pt", "0000006.pt", "0000008.pt", "0000012.pt", "last.pt"]
+    # Samples at steps 4, 8, 12 (and at the stop, 6), each a PNG grid and a GIF per CFG scale.
+    pngs = lambda run: sorted(p.name for p in (tmp_path / run / "samples").glob("*.png"))
+    assert pngs("full") == [f"step{s:07d}_cfg{c}.png" for s in (4, 8, 12) for c in (1, 3)]
+    assert pngs("split") == [f"step{s:07d}_cfg{c}.png" for s in (4, 6, 8, 12) for c in (1, 3)]
+    assert len(list((tmp_path / "full/samples").glob("*.gif"))) == 6
+
+
+def test_sigkill_right_after_a_checkpoint_then_resume_is_bit_identical(tmp_path):
+    full = train.main(tiny(tmp_path / "full"))
+    args = cli_args(tiny(tmp_path / "killed"))
+    killed = run_subprocess(args, {train.KILL_AFTER_CHECKPOINT_ENV: "8"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpts = tmp_path / "killed/checkpoints"
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 8 and not (ckpts / "0000012.pt").exists()
+    # A kill during a later write would leave a temporary file behind: it must not disturb the resume.
+    (ckpts / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    resumed = run_subprocess(args + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert full["step"] == 12
+    assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(ckpts / "last.pt"))
+
+
+def test_config_is_saved_as_json_and_in_every_checkpoint(tmp_path):
+    train.main(tiny(tmp_path / "run", steps=4))
+    saved = json.loads((tmp_path / "run/config.json").read_text())
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/0000004.pt")
+    assert saved == json.loads(json.dumps(ckpt["config"]))
+    assert saved["steps"] == 4 and saved["precision"] == "fp32" and saved["out"] == str(tmp_path / "run")
+    assert {"model", "ema", "optimizer", "step", "rng", "data_state", "model_config"} <= ckpt.keys()
+    assert ckpt["data_state"] == {"epoch": 0, "index": 4}
+
+
+def test_resume_refuses_a_changed_model_or_batch(tmp_path):
+    train.main(tiny(tmp_path / "run", steps=4))
+    with pytest.raises(ConfigError, match="batch-size"):
+        train.main(tiny(tmp_path / "run", steps=8, batch_size=16, resume=True))
+    with pytest.raises(ConfigError, match="model"):
+        train.main(tiny(tmp_path / "run", steps=8, hidden_size=64, resume=True))
+
+
+# ------------------------------------------------------------------------------------- non-finite losses
+
+
+def inject_nonfinite(monkeypatch, bad_calls: set[int] | None = None, from_call: int | None = None, value=float("nan")):
+    """Make FlowMatching.loss return a non-finite loss on the given (1-based) calls."""
+    real = FlowMatching.loss
+    calls = {"n": 0}
+
+    def loss(self, model, x1, y=None):
+        calls["n"] += 1
+        out = real(self, model, x1, y)
+        if (bad_calls and calls["n"] in bad_calls) or (from_call and calls["n"] >= from_call):
+            return out + value  # the gradient stays finite for +inf and becomes NaN for NaN
+        return out
+
+    monkeypatch.setattr(FlowMatching, "loss", loss)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_nonfinite_loss_skips_its_update_exactly_and_is_counted(tmp_path, monkeypatch, value):
+    reference = train.main(tiny(tmp_path / "ref", steps=2, ckpt_every=0))
+    inject_nonfinite(monkeypatch, bad_calls={3}, value=value)
+    result = train.main(tiny(tmp_path / "bad", steps=3, ckpt_every=0, log_every=1))
+    assert result["skipped_steps"] == 1
+    # The skipped third step leaves weights, EMA and optimizer moments exactly as after two steps.
+    assert_same(weights(tmp_path / "ref/checkpoints/last.pt"), weights(tmp_path / "bad/checkpoints/last.pt"))
+    assert reference["step"] == 2 and result["step"] == 3
+    assert load_checkpoint(tmp_path / "bad/checkpoints/last.pt")["skipped_steps"] == 1
+    logged = [json.loads(line) for line in (tmp_path / "bad/metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["train/skipped_steps"] == 1 and logged[-1]["train/loss"] == "nan"
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    inject_nonfinite(monkeypatch, from_call=6)
+    cfg = tiny(tmp_path / "run", steps=40, ckpt_every=4, log_every=2, nan_patience=3)
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row") as info:
+        train.main(cfg)
+    ckpts = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["0000004.pt", "last.pt"]
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 4
+    assert str(ckpts / "last.pt") in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+
+def test_wandb_offline_run_folder_holds_the_images_and_gifs(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no user settings or credentials
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    result = train.main(tiny(tmp_path / "run", steps=4, sample_every=2, wandb="offline"))
+    assert result["step"] == 4
+    runs = list((tmp_path / "wandb_dir/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files/media"
+    assert len(list(media.glob("images/**/*.png"))) == 4  # steps 2 and 4, CFG 1 and 3
+    assert len(list(media.glob("videos/**/*.gif"))) == 4
+    samples = tmp_path / "run/samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        f"step{s:07d}_cfg{c}.{ext}" for s in (2, 4) for c in (1, 3) for ext in ("gif", "png")
+    ]
+
+
+def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    from utils.logging import RunLogger
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    logger = RunLogger(tmp_path / "run", mode="online")
+    try:
+        assert logger.mode == "offline" and logger.run is not None
+        out = capsys.readouterr()
+        assert "wandb sync" in out.out and "offline" in out.err
+    finally:
+        logger.finish()
+
+
+def test_a_logging_failure_never_stops_training(tmp_path, capsys):
+    from utils.logging import RunLogger
+
+    class Broken:
+        def log(self, *args, **kwargs):
+            raise ConnectionError("network down")
+
+        def finish(self):
+            raise ConnectionError("network down")
+
+    logger = RunLogger(tmp_path, mode="disabled")
+    logger.run = Broken()
+    for step in range(3):
+        logger.log({"train/loss": 1.0}, step)
+    logger.log_images({"samples": tmp_path / "missing.png"}, 3)
+    logger.finish()
+    err = capsys.readouterr().err
+    assert err.count("wandb scalars failed") == 1  # warned once, not at every step
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def test_defaults_reproduce_the_cifar10_run_and_every_flag_has_help():
+    cfg = parse_args([])
+    assert (cfg.dataset, cfg.model, cfg.num_registers, cfg.batch_size, cfg.lr, cfg.ema_decay) == (
+        "cifar10", "DiT-S/2", 4, 128, 1e-4, 0.9999,
+    )  # fmt: skip
+    assert cfg.cfg_scales == (1.0, 2.5, 5.0) and cfg.t_sampler == "logit-normal" and cfg.sigma == 0.0
+    for action in train.build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_preset_sets_defaults_that_explicit_flags_override():
+    cfg = parse_args(["--preset", "digits-quick", "--steps", "7", "--lr", "0.01"])
+    assert (cfg.dataset, cfg.image_size, cfg.channels, cfg.steps, cfg.lr) == ("digits", 8, 1, 7, 0.01)
+    assert cfg.batch_size == train.PRESETS["digits-quick"]["batch_size"]
+
+
+def test_cli_args_round_trip():
+    cfg = tiny(Path("/tmp/x"), resume=True, ot=True, qk_norm=False)
+    assert parse_args(cli_args(cfg)) == cfg
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()  # drop output of earlier calls
+    code = train.cli(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:"), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def folder_args(tmp_path: Path, data: Path) -> list[str]:
+    return cli_args(tiny(tmp_path / "out", dataset="folder", data_path=str(data), data_on_device=None))
+
+
+def test_missing_data_path(tmp_path, capsys):
+    code, err = run_cli(folder_args(tmp_path, tmp_path / "nowhere"), capsys)
+    assert_one_error_line(code, err, "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    code, err = run_cli(folder_args(tmp_path, tmp_path / "data"), capsys)
+    assert_one_error_line(code, err, "no class sub-folders")
+    (tmp_path / "data/cat").mkdir()
+    code, err = run_cli(folder_args(tmp_path, tmp_path / "data"), capsys)
+    assert_one_error_line(code, err, "no images")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_images(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "data/cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "data/cat/good.png")
+    (tmp_path / "data/cat/broken.png").write_bytes(b"not a png at all")
+    code, err = run_cli(folder_args(tmp_path, tmp_path / "data"), capsys)
+    assert_one_error_line(code, err, "broken.png")
+    assert not (tmp_path / "out").exists()
+
+
+def test_image_size_that_the_patch_size_does_not_divide(tmp_path, capsys):
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", image_size=9)), capsys)
+    assert_one_error_line(code, err, "--image-size 9", "divisible")
+    assert not (tmp_path / "out").exists()
+
+
+def test_channels_that_do_not_match_the_data(tmp_path, capsys):
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", dataset="cifar10", data_path=str(tmp_path))), capsys)
+    assert_one_error_line(code, err, "3 channels")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_without_a_checkpoint(tmp_path, capsys):
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", resume=True)), capsys)
+    assert_one_error_line(code, err, "no checkpoint", "last.pt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_from_a_corrupt_checkpoint_leaves_it_untouched(tmp_path, capsys):
+    last = tmp_path / "out/checkpoints/last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x80\x02garbage")
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", resume=True)), capsys)
+    assert_one_error_line(code, err, "cannot read checkpoint")
+    assert last.read_bytes() == b"\x80\x02garbage"
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["checkpoints", "last.pt"]
+
+
+def test_fresh_run_into_a_folder_with_checkpoints_refuses_to_overwrite(tmp_path, capsys):
+    train.main(tiny(tmp_path / "out", steps=4))
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", steps=8)), capsys)
+    assert_one_error_line(code, err, "already holds checkpoints", "--resume")
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+
+
+def test_impossible_flags_are_one_line(tmp_path, capsys):
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", batch_size=0)), capsys)
+    assert_one_error_line(code, err, "--batch-size")
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", t_std=0.0)), capsys)
+    assert_one_error_line(code, err, "std")

@@ -1,0 +1,509 @@
+"""Train a class-conditional DiT with flow matching: logit-normal t, EMA, wandb, GIFs, exact resume, DDP.
+
+    python train.py                                       # DiT-S/2 on CIFAR-10, the reference run
+    python train.py --preset digits-quick                 # CPU quick start on the embedded 8x8 digits
+    python train.py --out runs/cifar10 --resume           # continue from runs/cifar10/checkpoints/last.pt
+    torchrun --nproc_per_node 8 train.py --batch-size 1024   # DDP; --batch-size is the global batch
+
+The objective and the time convention (t = 0 noise, t = 1 data, target x1 - x0) live in utils/flow.py.
+OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and numbered
+files) and wandb/. Randomness comes from torch's, numpy's and python's global generators plus the data
+stream's position; all are stored in every checkpoint, so a resumed CPU run is bit-identical to an
+uninterrupted one.
+
+Non-finite losses: the update is skipped on the device, without a host sync, through fused AdamW's
+``found_inf`` (the mechanism GradScaler uses); the EMA update is masked the same way. Counters stay on
+the device and are read back with the loss at --log-every steps and before each checkpoint, where
+--nan-patience non-finite steps in a row stop the run without writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from data import DATASETS, BatchStream, DataError, build_dataset
+from sampler import Sampler, save_grid, to_gif
+from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from utils.cli import add_model_args, build_model
+from utils.distributed import DistInfo, all_gather_object, all_reduce_, barrier, cleanup, init_distributed
+from utils.ema import EMA
+from utils.flow import T_SAMPLERS, FlowMatching
+from utils.logging import WANDB_MODES, RunLogger
+from utils.rng import rng_state, seed_everything, set_rng_state
+
+# Test hook: tests/test_train.py sets this to a step number to SIGKILL the run right after that checkpoint.
+KILL_AFTER_CHECKPOINT_ENV = "DIT_TRAIN_SIGKILL_AFTER_CKPT"
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Recognisable digits within a few minutes on a 2-core laptop CPU (see README).
+    "digits-quick": dict(
+        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=64, depth=3,
+        num_heads=4, steps=2000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, sample_every=500,
+        ckpt_every=500, log_every=50, sample_steps=20, num_workers=0, out="runs/digits-quick",
+    ),
+}  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """Flags that cannot work together or with the run folder."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; the resolved copy is saved in OUT/config.json and every checkpoint."""
+
+    # data
+    dataset: str = "cifar10"
+    data_path: str = "./datasets"
+    image_size: int = 32
+    channels: int = 3
+    flip: bool = True
+    num_workers: int = 4
+    data_on_device: bool | None = None
+    # model (utils.cli.add_model_args)
+    model: str = "DiT-S/2"
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    num_registers: int = 4
+    class_dropout: float = 0.1
+    qk_norm: bool = True
+    # objective (utils/flow.py)
+    t_sampler: str = "logit-normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    sigma: float = 0.0
+    ot: bool = False
+    # optimisation
+    steps: int = 200_000
+    batch_size: int = 128
+    lr: float = 1e-4
+    warmup: int = 1000
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    nan_patience: int = 5
+    # samples
+    cfg_scales: tuple[float, ...] = (1.0, 2.5, 5.0)
+    sample_every: int = 5000
+    samples_per_class: int = 8
+    sample_steps: int = 50
+    # bookkeeping
+    ckpt_every: int = 10_000
+    log_every: int = 100
+    out: str | None = None
+    seed: int = 0
+    resume: bool = False
+    wandb: str = "online"
+    wandb_project: str = "dit-flow-matching"
+    compile: bool = False
+    precision: str = "auto"
+    device: str = "auto"
+    preset: str | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named settings; explicit flags override them")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, help="training set (default %(default)s)")
+    g.add_argument("--data-path", help="CIFAR-10 download folder, or the folder of class sub-folders for 'folder'")
+    g.add_argument("--image-size", type=int, help="image side in pixels; the patch size must divide it")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="image channels (1 gray, 3 RGB)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips")
+    g.add_argument("--num-workers", type=int, help="data loader processes (unused with --data-on-device)")
+    g.add_argument(
+        "--data-on-device",
+        action=argparse.BooleanOptionalAction,
+        help="hold the whole set on the device (default: not for folder)",
+    )
+    add_model_args(p)
+    g = p.add_argument_group("objective")
+    g.add_argument("--t-sampler", choices=T_SAMPLERS, help="training time distribution (default %(default)s)")
+    g.add_argument("--t-mean", type=float, help="logit-normal location m in t = sigmoid(m + s n) (SD3)")
+    g.add_argument("--t-std", type=float, help="logit-normal scale s in t = sigmoid(m + s n) (SD3)")
+    g.add_argument("--sigma", type=float, help="Gaussian width of the probability path (0: straight lines)")
+    g.add_argument("--ot", action=argparse.BooleanOptionalAction, help="exact minibatch OT pairing (OT-CFM)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="total optimizer steps (default %(default)s)")
+    g.add_argument("--batch-size", type=int, help="global batch size, split over DDP processes")
+    g.add_argument("--lr", type=float, help="AdamW learning rate, constant after warm-up")
+    g.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0: no clipping)")
+    g.add_argument("--ema-decay", type=float, help="EMA decay (warmed up as min(decay, (1+n)/(10+n)))")
+    g.add_argument("--nan-patience", type=int, help="stop after this many non-finite losses in a row")
+    g = p.add_argument_group("samples")
+    g.add_argument("--cfg-scales", type=float, nargs="+", help="guidance scales of the periodic EMA samples")
+    g.add_argument("--sample-every", type=int, help="steps between EMA samples (0: never)")
+    g.add_argument("--samples-per-class", type=int, help="samples per class (one row per class)")
+    g.add_argument("--sample-steps", type=int, help="Heun steps of the periodic samples")
+    g = p.add_argument_group("run")
+    g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
+    g.add_argument("--log-every", type=int, help="steps between loss read-backs and logs")
+    g.add_argument("--out", help="run folder (default runs/<dataset>)")
+    g.add_argument("--seed", type=int, help="global seed (process r uses seed + r)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    g.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode; online without credentials logs offline")
+    g.add_argument("--wandb-project", help="wandb project name")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda:LOCAL_RANK when available")
+    p.set_defaults(**dataclasses.asdict(d))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags -> TrainConfig; a --preset sets defaults that explicit flags override."""
+    parser = build_parser()
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**PRESETS[known.preset])
+    args = vars(parser.parse_args(argv))
+    args["cfg_scales"] = tuple(args["cfg_scales"])
+    return TrainConfig(**args)
+
+
+def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
+    """Check the settings and fill in what depends on the machine (output folder, precision)."""
+    checks = [
+        (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
+        (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
+        (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"), (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
+        (cfg.log_every >= 1, "--log-every must be >= 1"), (cfg.nan_patience >= 1, "--nan-patience must be >= 1"),
+        (cfg.sample_every >= 0 and cfg.ckpt_every >= 0, "--sample-every and --ckpt-every must be >= 0"),
+        (cfg.samples_per_class >= 1 and cfg.sample_steps >= 1, "--samples-per-class, --sample-steps must be >= 1"),
+        (len(cfg.cfg_scales) > 0, "--cfg-scales needs at least one scale"), (cfg.image_size >= 1, "bad --image-size"),
+        (cfg.num_workers >= 0, "--num-workers must be >= 0"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    try:
+        FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    elif precision == "bf16" and device.type != "cuda":
+        warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on this device", stacklevel=2)
+        precision = "fp32"
+    return dataclasses.replace(
+        cfg, out=cfg.out or f"runs/{cfg.dataset}", precision=precision, device=device.type,
+        # cifar10 and digits sit in memory anyway: index them directly; image folders go through loader workers.
+        data_on_device=cfg.dataset != "folder" if cfg.data_on_device is None else cfg.data_on_device,
+    )  # fmt: skip
+
+
+# Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
+RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed")
+
+
+def check_resume(state: dict[str, Any], cfg: TrainConfig, model_config: dict[str, Any]) -> None:
+    """ConfigError unless the checkpoint fits these settings; other changed settings are reported."""
+    old = state.get("config", {})
+    if state["model_config"] != model_config:
+        raise ConfigError(f"--resume: the checkpoint's model {state['model_config']} differs from {model_config}")
+    bad = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]  # fmt: skip
+    if bad:
+        raise ConfigError(f"--resume: these settings differ from the checkpoint's: {'; '.join(bad)}")
+    skip = set(RESUME_MUST_MATCH) | {"resume"}
+    changed = [k for k in dataclasses.asdict(cfg) if k not in skip and k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        print(f"resume: using the new values of {', '.join(changed)}", flush=True)
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def link_last(numbered: Path, last: Path, state: dict[str, Any]) -> None:
+    """Point last.pt at the newest numbered checkpoint: a hard link renamed into place (atomic, no copy)."""
+    tmp = last.with_name(f".{last.name}.{os.getpid()}.link")
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(numbered, tmp)
+        os.replace(tmp, last)
+    except OSError:  # a file system without hard links: write a second copy, atomically as well
+        save_checkpoint(state, last)
+
+
+def sample_and_log(ema: EMA, cfg: TrainConfig, step: int, out: Path, logger: RunLogger) -> None:
+    """EMA samples, one row per class, at every CFG scale: PNG grids and trajectory GIFs, to OUT and wandb."""
+    model = ema.model
+    k, n_classes = cfg.samples_per_class, max(model.num_classes, 1)
+    y = torch.arange(n_classes).repeat_interleave(k) if model.num_classes else None  # row c holds class c
+    sampler = Sampler(model, steps=cfg.sample_steps, method="heun")
+    images, videos = {}, {}
+    device = next(model.parameters()).device
+    # Fixed noise (seed) makes samples comparable across steps; fork_rng keeps training randomness untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for scale in cfg.cfg_scales:
+            imgs, traj = sampler.sample(k * n_classes, y, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
+            stem = out / "samples" / f"step{step:07d}_cfg{scale:g}"
+            save_grid(imgs, f"{stem}.png", nrow=k)
+            to_gif(traj, f"{stem}.gif", nrow=k)
+            images[f"samples/cfg{scale:g}"] = f"{stem}.png"
+            videos[f"trajectory/cfg{scale:g}"] = f"{stem}.gif"
+    logger.log_images(images, step)
+    logger.log_videos(videos, step)
+
+
+def main(cfg: TrainConfig) -> dict[str, Any]:
+    """Train as cfg says. Returns the final step, the logged (step, loss) pairs, skipped steps, OUT, the models."""
+    info = init_distributed(cfg.device)
+    try:
+        return _train(resolve_config(cfg, info.device), info)
+    finally:
+        cleanup()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    device, out = info.device, Path(cfg.out)
+    ckpt_dir, last = out / "checkpoints", out / "checkpoints" / "last.pt"
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {info.world_size} processes")
+
+    # ---- everything that can fail on bad input happens before anything is written
+    state = None
+    if cfg.resume:
+        if not last.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {last}")
+        state = load_checkpoint(last)
+        if not {"optimizer", "step", "rng", "data_state"} <= state.keys():
+            raise CheckpointError(f"--resume: {last} holds weights only, not a training state")
+    elif ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or choose another --out")
+    for turn in (True, False):  # rank 0 first, so that only one process downloads
+        if info.is_main == turn:
+            dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
+        barrier()
+    shape = tuple(dataset[0][0].shape)
+    if shape != (cfg.channels, cfg.image_size, cfg.image_size):
+        raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    try:
+        model = build_model(
+            cfg.model, cfg.image_size, cfg.channels, dataset.num_classes, cfg.hidden_size, cfg.depth,
+            cfg.num_heads, cfg.num_registers, cfg.class_dropout, cfg.qk_norm,
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
+    if state is not None:
+        check_resume(state, cfg, model.config)
+
+    # ---- model, EMA, optimizer, data, objective
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model.to(device)
+    ema = EMA(model, cfg.ema_decay)
+    try:  # fused AdamW can skip a step on the device (found_inf); torch has it on CUDA and CPU
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = bool(opt.defaults.get("fused"))
+    stream = BatchStream(
+        dataset, cfg.batch_size // info.world_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+        device=device, flip=cfg.flip, on_device=cfg.data_on_device, num_workers=cfg.num_workers,
+    )  # fmt: skip
+    flow = FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
+    step, skipped_before = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict({"weights": state["ema"], "num_updates": state["ema_num_updates"]})
+        opt.load_state_dict(state["optimizer"])
+        step, skipped_before = state["step"], state.get("skipped_steps", 0)
+        data_state = state["data_state"]
+        if state.get("world_size", 1) != info.world_size:  # the epoch's split over processes changed
+            print(f"resume: {state.get('world_size', 1)} processes before, {info.world_size} now; new data epoch")
+            data_state = {"epoch": data_state["epoch"] + 1, "index": 0}
+        stream.load_state_dict(data_state)
+    net = model
+    if info.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)  # fmt: skip
+    use_bf16 = cfg.precision == "bf16"
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    if cfg.compile:
+        net = _compile(net, stream.batch_size, model, device, autocast)
+
+    # ---- the run folder (rank 0 writes; everything else only reads)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(dataclasses.asdict(cfg), out / "config.json")
+    logger = RunLogger(
+        out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
+        run_id=state.get("wandb_id") if state else None, enabled=info.is_main,
+    )  # fmt: skip
+
+    # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
+    if state is not None and len(state["rng"]) == info.world_size:
+        set_rng_state(state["rng"][info.rank], device, cfg.seed + info.rank + 1_000_003 * step)
+    else:
+        if state is not None:
+            print(f"resume: {len(state['rng'])} processes saved RNG states, now {info.world_size}; reseeding")
+        seed_everything(cfg.seed + info.rank + 1_000_003 * step)
+
+    def save(step: int) -> None:
+        rng = all_gather_object(rng_state(device))  # a collective: every process takes part
+        if not info.is_main:
+            return
+        ckpt = {
+            "model_config": model.config, "model": model.state_dict(), "ema": ema.model.state_dict(),
+            "ema_num_updates": ema.num_updates, "optimizer": opt.state_dict(), "step": step,
+            "config": dataclasses.asdict(cfg), "rng": rng, "data_state": stream.state_dict(),
+            "world_size": info.world_size, "skipped_steps": skipped_before + int(skipped.item()),
+            "wandb_id": logger.run_id,
+        }  # fmt: skip
+        numbered = ckpt_dir / f"{step:07d}.pt"
+        save_checkpoint(ckpt, numbered)
+        link_last(numbered, last, ckpt)
+        if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---- training loop: no host sync per step; statistics accumulate on the device
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)
+    loss_sum, gnorm_sum, n_ok, skipped, streak, worst_streak = (zero() for _ in range(6))
+    history: list[tuple[int, float]] = []
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    if step >= cfg.steps:
+        print(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train")
+    t_last, step_last = time.perf_counter(), step
+    model.train()
+    while step < cfg.steps:
+        # The data loader draws a seed from the global CPU generator at each epoch start; fork_rng keeps that
+        # draw out of the training randomness, whose position would otherwise depend on where a run resumed.
+        with torch.random.fork_rng(devices=[]):
+            x, y = next(stream)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast():
+            loss = flow.loss(net, x, y)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if info.distributed:  # every process must take (or skip) the same update
+            ok = all_reduce_(ok.to(torch.int32), "min").bool()
+        if fused:
+            opt.found_inf = (~ok).float()  # the fused kernel leaves weights and moments untouched if set
+            opt.step()
+        elif ok.item():  # without fused AdamW: one host sync per step
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.update(model, mask=ok)
+        okf = ok.double()
+        loss_sum += torch.where(ok, loss.detach().double(), 0.0)
+        gnorm_sum += torch.where(ok, grad_norm.detach().double(), 0.0)
+        n_ok += okf
+        skipped += 1 - okf
+        streak.mul_(1 - okf).add_(1 - okf)
+        torch.maximum(worst_streak, streak, out=worst_streak)
+        step += 1
+        bar.update(1)
+
+        is_last = step == cfg.steps
+        do_ckpt = is_last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+        if step % cfg.log_every == 0 or do_ckpt:
+            # The one host sync: sums over the interval (and over processes), streak and skip counters.
+            loss_total, gnorm_total, n_good, worst, n_skipped = torch.cat(
+                [all_reduce_(torch.stack([loss_sum, gnorm_sum, n_ok])), torch.stack([worst_streak, skipped])]
+            ).tolist()
+            if worst >= cfg.nan_patience:
+                raise NonFiniteLossError(
+                    f"{int(worst)} non-finite losses in a row by step {step}; stopped without saving. "
+                    f"Last good checkpoint: {last if last.exists() else 'none'}"
+                )
+            now = time.perf_counter()
+            steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+            loss_mean = loss_total / n_good if n_good else math.nan
+            if n_good:
+                history.append((step, loss_mean))
+            logger.log(
+                {
+                    "train/loss": loss_mean, "train/grad_norm": gnorm_total / max(n_good, 1), "train/lr": lr,
+                    "train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * cfg.batch_size,
+                    "train/skipped_steps": skipped_before + n_skipped, "train/epoch": stream.epoch,
+                },
+                step,
+            )  # fmt: skip
+            bar.set_postfix(loss=f"{loss_mean:.4f}", it_s=f"{steps_per_s:.2f}", img_s=f"{steps_per_s * cfg.batch_size:.0f}")  # fmt: skip
+            loss_sum.zero_(), gnorm_sum.zero_(), n_ok.zero_()
+            t_last, step_last = now, step
+        t_pause = time.perf_counter()
+        if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or is_last):
+            try:
+                sample_and_log(ema, cfg, step, out, logger)
+            except Exception as e:  # samples are diagnostics: a failure here must not end a days-long run
+                print(f"warning: sampling at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if do_ckpt:
+            save(step)
+        t_last += time.perf_counter() - t_pause  # sampling and checkpoints do not count against throughput
+    bar.close()
+    logger.finish()
+    return {
+        "step": step, "losses": history, "skipped_steps": skipped_before + int(skipped.item()), "out": out,
+        "model": model, "ema": ema.model, "checkpoint": last,
+    }  # fmt: skip
+
+
+def _compile(net, batch: int, model, device: torch.device, autocast):
+    """torch.compile(net), probed with one forward and backward; the eager net if compiling fails."""
+    try:
+        compiled = torch.compile(net)
+        x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
+            compiled(x, torch.full((batch,), 0.5, device=device), y).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return compiled
+    except Exception as e:
+        model.zero_grad(set_to_none=True)
+        warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2)
+        return net
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry: bad input and stopped runs end with one line on stderr and a non-zero status."""
+    try:
+        main(parse_args(argv))
+    except (ConfigError, DataError, CheckpointError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

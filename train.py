@@ -43,6 +43,7 @@ from utils.distributed import DistInfo, all_gather_object, all_reduce_, barrier,
 from utils.ema import EMA
 from utils.flow import T_SAMPLERS, FlowMatching
 from utils.logging import WANDB_MODES, RunLogger
+from utils.optim import StepStats, build_adamw, guarded_step
 from utils.rng import rng_state, seed_everything, set_rng_state
 
 # Test hook: tests/test_train.py sets this to a step number to SIGKILL the run right after that checkpoint.
@@ -163,12 +164,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="run folder (default runs/<dataset>)")
     g.add_argument("--seed", type=int, help="global seed (process r uses seed + r)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
-    g.add_argument("--wandb", choices=WANDB_MODES, help="wandb mode; online without credentials logs offline")
+    g.add_argument(
+        "--wandb",
+        choices=WANDB_MODES,
+        help="online (falls back to offline without credentials), offline, disabled; default $WANDB_MODE or online",
+    )
     g.add_argument("--wandb-project", help="wandb project name")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda:LOCAL_RANK when available")
     p.set_defaults(**dataclasses.asdict(d))
+    if os.environ.get("WANDB_MODE") in WANDB_MODES:
+        p.set_defaults(wandb=os.environ["WANDB_MODE"])
     return p
 
 
@@ -253,16 +260,15 @@ def link_last(numbered: Path, last: Path, state: dict[str, Any]) -> None:
 
 def sample_and_log(ema: EMA, cfg: TrainConfig, step: int, out: Path, logger: RunLogger) -> None:
     """EMA samples, one row per class, at every CFG scale: PNG grids and trajectory GIFs, to OUT and wandb."""
-    model = ema.model
-    k, n_classes = cfg.samples_per_class, max(model.num_classes, 1)
-    y = torch.arange(n_classes).repeat_interleave(k) if model.num_classes else None  # row c holds class c
+    model, k = ema.model, cfg.samples_per_class
+    y = torch.arange(model.num_classes).repeat_interleave(k)  # row c holds class c
     sampler = Sampler(model, steps=cfg.sample_steps, method="heun")
     images, videos = {}, {}
     device = next(model.parameters()).device
     # Fixed noise (seed) makes samples comparable across steps; fork_rng keeps training randomness untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for scale in cfg.cfg_scales:
-            imgs, traj = sampler.sample(k * n_classes, y, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
+            imgs, traj = sampler.sample(len(y), y, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
             stem = out / "samples" / f"step{step:07d}_cfg{scale:g}"
             save_grid(imgs, f"{stem}.png", nrow=k)
             to_gif(traj, f"{stem}.gif", nrow=k)
@@ -281,20 +287,18 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         cleanup()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
-    device, out = info.device, Path(cfg.out)
-    ckpt_dir, last = out / "checkpoints", out / "checkpoints" / "last.pt"
+def _prepare(cfg: TrainConfig, info: DistInfo) -> tuple[dict[str, Any] | None, Any, torch.nn.Module]:
+    """Everything that can fail on bad input, before anything is written: resume state, data, model."""
+    ckpt_dir = Path(cfg.out) / "checkpoints"
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {info.world_size} processes")
-
-    # ---- everything that can fail on bad input happens before anything is written
     state = None
     if cfg.resume:
-        if not last.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {last}")
-        state = load_checkpoint(last)
+        if not (ckpt_dir / "last.pt").is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {ckpt_dir / 'last.pt'}")
+        state = load_checkpoint(ckpt_dir / "last.pt")
         if not {"optimizer", "step", "rng", "data_state"} <= state.keys():
-            raise CheckpointError(f"--resume: {last} holds weights only, not a training state")
+            raise CheckpointError(f"--resume: {ckpt_dir / 'last.pt'} holds weights only, not a training state")
     elif ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
         raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or choose another --out")
     for turn in (True, False):  # rank 0 first, so that only one process downloads
@@ -314,18 +318,19 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
     if state is not None:
         check_resume(state, cfg, model.config)
+    return state, dataset, model
 
-    # ---- model, EMA, optimizer, data, objective
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+    state, dataset, model = _prepare(cfg, info)
+    device, out = info.device, Path(cfg.out)
+    last = out / "checkpoints" / "last.pt"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model.to(device)
     ema = EMA(model, cfg.ema_decay)
-    try:  # fused AdamW can skip a step on the device (found_inf); torch has it on CUDA and CPU
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fused = bool(opt.defaults.get("fused"))
+    opt = build_adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     stream = BatchStream(
         dataset, cfg.batch_size // info.world_size, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
         device=device, flip=cfg.flip, on_device=cfg.data_on_device, num_workers=cfg.num_workers,
@@ -338,59 +343,56 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         opt.load_state_dict(state["optimizer"])
         step, skipped_before = state["step"], state.get("skipped_steps", 0)
         data_state = state["data_state"]
-        if state.get("world_size", 1) != info.world_size:  # the epoch's split over processes changed
+        if state.get("world_size", 1) != info.world_size:  # the split of an epoch over processes changed
             print(f"resume: {state.get('world_size', 1)} processes before, {info.world_size} now; new data epoch")
             data_state = {"epoch": data_state["epoch"] + 1, "index": 0}
         stream.load_state_dict(data_state)
-    net = model
+    net, agree, reduce = model, None, None
     if info.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None else None)  # fmt: skip
-    use_bf16 = cfg.precision == "bf16"
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
+        for p in model.parameters():  # e.g. registers with --num-registers 0: DDP would wait for their gradient
+            p.requires_grad_(p.requires_grad and p.numel() > 0)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)  # fmt: skip
+        agree = lambda ok: all_reduce_(ok.to(torch.int32), "min").bool()  # every process takes or skips the step
+        reduce = all_reduce_
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     if cfg.compile:
-        net = _compile(net, stream.batch_size, model, device, autocast)
+        net = compile_or_eager(net, model, stream.batch_size, device, autocast)
 
-    # ---- the run folder (rank 0 writes; everything else only reads)
-    if info.is_main:
+    if info.is_main:  # the run folder: rank 0 alone writes
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(dataclasses.asdict(cfg), out / "config.json")
     logger = RunLogger(
         out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
         run_id=state.get("wandb_id") if state else None, enabled=info.is_main,
     )  # fmt: skip
-
     # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
+    seed = cfg.seed + info.rank + 1_000_003 * step
     if state is not None and len(state["rng"]) == info.world_size:
-        set_rng_state(state["rng"][info.rank], device, cfg.seed + info.rank + 1_000_003 * step)
+        set_rng_state(state["rng"][info.rank], device, cuda_seed=seed)
     else:
         if state is not None:
             print(f"resume: {len(state['rng'])} processes saved RNG states, now {info.world_size}; reseeding")
-        seed_everything(cfg.seed + info.rank + 1_000_003 * step)
+        seed_everything(seed)
 
     def save(step: int) -> None:
         rng = all_gather_object(rng_state(device))  # a collective: every process takes part
-        if not info.is_main:
-            return
-        ckpt = {
-            "model_config": model.config, "model": model.state_dict(), "ema": ema.model.state_dict(),
-            "ema_num_updates": ema.num_updates, "optimizer": opt.state_dict(), "step": step,
-            "config": dataclasses.asdict(cfg), "rng": rng, "data_state": stream.state_dict(),
-            "world_size": info.world_size, "skipped_steps": skipped_before + int(skipped.item()),
-            "wandb_id": logger.run_id,
-        }  # fmt: skip
-        numbered = ckpt_dir / f"{step:07d}.pt"
-        save_checkpoint(ckpt, numbered)
-        link_last(numbered, last, ckpt)
-        if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        if info.is_main:
+            ckpt = {
+                "model_config": model.config, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                "ema_num_updates": ema.num_updates, "optimizer": opt.state_dict(), "step": step,
+                "config": dataclasses.asdict(cfg), "rng": rng, "data_state": stream.state_dict(),
+                "world_size": info.world_size, "skipped_steps": skipped_before + int(stats.skipped.item()),
+                "wandb_id": logger.run_id,
+            }  # fmt: skip
+            numbered = last.with_name(f"{step:07d}.pt")
+            save_checkpoint(ckpt, numbered)
+            link_last(numbered, last, ckpt)
+            if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
 
-    # ---- training loop: no host sync per step; statistics accumulate on the device
-    zero = lambda: torch.zeros((), dtype=torch.float64, device=device)
-    loss_sum, gnorm_sum, n_ok, skipped, streak, worst_streak = (zero() for _ in range(6))
-    history: list[tuple[int, float]] = []
+    # ---- the loop: no host sync per step; the loss is read back at --log-every steps and checkpoints
+    stats, history = StepStats(device), []
+    params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     if step >= cfg.steps:
         print(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
@@ -408,86 +410,67 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         with autocast():
             loss = flow.loss(net, x, y)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if info.distributed:  # every process must take (or skip) the same update
-            ok = all_reduce_(ok.to(torch.int32), "min").bool()
-        if fused:
-            opt.found_inf = (~ok).float()  # the fused kernel leaves weights and moments untouched if set
-            opt.step()
-        elif ok.item():  # without fused AdamW: one host sync per step
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        ok, grad_norm = guarded_step(opt, params, loss, max_norm, agree)
         ema.update(model, mask=ok)
-        okf = ok.double()
-        loss_sum += torch.where(ok, loss.detach().double(), 0.0)
-        gnorm_sum += torch.where(ok, grad_norm.detach().double(), 0.0)
-        n_ok += okf
-        skipped += 1 - okf
-        streak.mul_(1 - okf).add_(1 - okf)
-        torch.maximum(worst_streak, streak, out=worst_streak)
+        stats.update(ok, loss, grad_norm)
         step += 1
         bar.update(1)
 
         is_last = step == cfg.steps
         do_ckpt = is_last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
         if step % cfg.log_every == 0 or do_ckpt:
-            # The one host sync: sums over the interval (and over processes), streak and skip counters.
-            loss_total, gnorm_total, n_good, worst, n_skipped = torch.cat(
-                [all_reduce_(torch.stack([loss_sum, gnorm_sum, n_ok])), torch.stack([worst_streak, skipped])]
-            ).tolist()
-            if worst >= cfg.nan_patience:
+            s = stats.read(reduce)
+            if s["worst_streak"] >= cfg.nan_patience:
                 raise NonFiniteLossError(
-                    f"{int(worst)} non-finite losses in a row by step {step}; stopped without saving. "
+                    f"{int(s['worst_streak'])} non-finite losses in a row by step {step}; stopped without saving. "
                     f"Last good checkpoint: {last if last.exists() else 'none'}"
                 )
             now = time.perf_counter()
             steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
-            loss_mean = loss_total / n_good if n_good else math.nan
-            if n_good:
-                history.append((step, loss_mean))
+            t_last, step_last = now, step
+            if s["good_steps"]:
+                history.append((step, s["loss"]))
             logger.log(
                 {
-                    "train/loss": loss_mean, "train/grad_norm": gnorm_total / max(n_good, 1), "train/lr": lr,
+                    "train/loss": s["loss"], "train/grad_norm": s["grad_norm"], "train/lr": lr,
                     "train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * cfg.batch_size,
-                    "train/skipped_steps": skipped_before + n_skipped, "train/epoch": stream.epoch,
+                    "train/skipped_steps": skipped_before + s["skipped"], "train/epoch": stream.epoch,
                 },
                 step,
             )  # fmt: skip
-            bar.set_postfix(loss=f"{loss_mean:.4f}", it_s=f"{steps_per_s:.2f}", img_s=f"{steps_per_s * cfg.batch_size:.0f}")  # fmt: skip
-            loss_sum.zero_(), gnorm_sum.zero_(), n_ok.zero_()
-            t_last, step_last = now, step
+            bar.set_postfix(loss=f"{s['loss']:.4f}", steps_s=f"{steps_per_s:.2f}", img_s=f"{steps_per_s * cfg.batch_size:.0f}")  # fmt: skip
         t_pause = time.perf_counter()
         if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or is_last):
             try:
                 sample_and_log(ema, cfg, step, out, logger)
             except Exception as e:  # samples are diagnostics: a failure here must not end a days-long run
                 print(f"warning: sampling at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        # Evaluation (FID) belongs here, beside the samples, on the EMA model.
         if do_ckpt:
             save(step)
         t_last += time.perf_counter() - t_pause  # sampling and checkpoints do not count against throughput
     bar.close()
     logger.finish()
     return {
-        "step": step, "losses": history, "skipped_steps": skipped_before + int(skipped.item()), "out": out,
+        "step": step, "losses": history, "skipped_steps": skipped_before + int(stats.skipped.item()), "out": out,
         "model": model, "ema": ema.model, "checkpoint": last,
     }  # fmt: skip
 
 
-def _compile(net, batch: int, model, device: torch.device, autocast):
-    """torch.compile(net), probed with one forward and backward; the eager net if compiling fails."""
+def compile_or_eager(net: torch.nn.Module, model: torch.nn.Module, batch: int, device: torch.device, autocast):
+    """torch.compile(net), probed with one forward and backward pass; the eager net if compiling fails."""
     try:
         compiled = torch.compile(net)
         x = torch.zeros(batch, model.in_channels, model.input_size, model.input_size, device=device)
         y = torch.zeros(batch, dtype=torch.long, device=device)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             compiled(x, torch.full((batch,), 0.5, device=device), y).float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
         return compiled
     except Exception as e:
-        model.zero_grad(set_to_none=True)
         warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2)
         return net
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def cli(argv: list[str] | None = None) -> int:

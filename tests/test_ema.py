@@ -82,3 +82,22 @@ def test_ema_is_a_frozen_copy_and_state_round_trips():
 def test_bad_decay_is_rejected():
     with pytest.raises(ValueError, match="decay"):
         EMA(_model(0.0), decay=1.0)
+
+
+def test_update_makes_no_host_sync():
+    # A Python-scalar weight would be read back with .item() (aten._local_scalar_dense): a GPU sync per step.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = _model(1.0)
+    ema = EMA(model, decay=0.9)
+    with Record():
+        ema.update(model, mask=torch.tensor(True))
+        ema.update(model)
+    assert seen and not any("_local_scalar_dense" in name for name in seen), seen

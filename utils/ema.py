@@ -52,8 +52,11 @@ class EMA:
             self._num_updates += mask
         else:
             self._num_updates += 1
-        # lerp: ema + w * (p - ema); the 0-d weight tensor keeps the skip decision on the device.
-        torch._foreach_lerp_(ema_params, params, weight.to(ema_params[0].dtype))
+        # ema + w * (p - ema) with w a 0-d device tensor: _foreach_mul_'s Tensor overload keeps the skip
+        # decision on the device (_foreach_lerp_ would turn w into a Python scalar, a host sync per step).
+        diff = torch._foreach_sub(params, ema_params)
+        torch._foreach_mul_(diff, weight.to(ema_params[0].dtype))
+        torch._foreach_add_(ema_params, diff)
         for ema_b, b in zip(self.model.buffers(), unwrap_model(model).buffers(), strict=True):
             ema_b.copy_(b)
 

@@ -5,7 +5,7 @@ torch-fidelity's Inception-v3 (the TensorFlow 2015-12-05 weights) through torchm
 ``FrechetInceptionDistance`` feature extractor, fed uint8 RGB images (N, 3, H, W) and resized to 299
 the TensorFlow-1 way, i.e. with ``antialias=False`` (torchmetrics >= 1.8 antialiases by default, which
 departs from the original). Grayscale images are repeated to 3 channels. Generated images in [0, 1]
-are rounded to uint8 like saved PNGs. The distance itself is computed here in float64 with scipy.
+are rounded to uint8 like saved PNGs. The distance itself is computed here in float64 with numpy.
 
 Real statistics (mean and covariance, float64) are computed from the un-augmented dataset of
 ``data.build_dataset`` -- never from the training stream -- and cached on disk as npz, keyed by
@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 from tqdm import tqdm
@@ -70,14 +69,17 @@ def inception_weights_path() -> Path:
 #################################################################################
 
 
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
-    mu: (D,), sigma: (D, D). Near-singular covariances (fewer samples than dimensions) get ``eps`` added
-    to their diagonals when the matrix square root fails; imaginary parts left by round-off are dropped.
+    mu: (D,), sigma: (D, D), both covariances symmetric positive semi-definite.
+
+    The trace of the root is computed without a general matrix square root: with A = sigma1^(1/2),
+    sigma1 sigma2 is similar to the symmetric PSD matrix A sigma2 A, so tr (sigma1 sigma2)^(1/2) is the sum
+    of the square roots of its eigenvalues. Two symmetric eigendecompositions are exact up to round-off,
+    need no eps for singular covariances (fewer samples than dimensions), and take seconds at D = 2048
+    where scipy.linalg.sqrtm takes about a minute.
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
@@ -90,33 +92,17 @@ def frechet_distance(
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("frechet_distance got non-finite statistics (NaN or inf features?)")
     diff = mu1 - mu2
-
-    covmean = _sqrtm_product(sigma1, sigma2)
-    if covmean is None:
-        # Singular product (e.g. fewer samples than feature dimensions): regularise as pytorch-fid does.
-        offset = np.eye(d) * eps
-        covmean = _sqrtm_product(sigma1 + offset, sigma2 + offset)
-        if covmean is None:
-            raise ValueError(
-                "frechet_distance: the covariance product has no usable square root even with eps on the "
-                "diagonal; use more samples than feature dimensions"
-            )
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
-def _sqrtm_product(sigma1: np.ndarray, sigma2: np.ndarray) -> np.ndarray | None:
-    """Real part of sqrtm(sigma1 @ sigma2), or None when it is not finite or truly complex."""
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        return None
-    if np.iscomplexobj(covmean):
-        # The product of two PSD matrices has real, non-negative eigenvalues; imaginary parts are round-off
-        # unless they are large relative to the matrix.
-        scale = max(1.0, float(np.abs(covmean.real).max()))
-        if np.abs(np.diagonal(covmean).imag).max() > 1e-3 * scale:
-            return None
-        covmean = covmean.real
-    return covmean
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr (sigma1 sigma2)^(1/2) for symmetric PSD (D, D) matrices, through symmetric eigendecompositions."""
+    # Symmetrise first: covariances accumulated in float64 are symmetric only up to round-off.
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # sigma1^(1/2)
+    inner = root1 @ sigma2 @ root1
+    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())  # negative eigenvalues are round-off
 
 
 class FeatureStats:

@@ -94,7 +94,7 @@ def _frame_indices(steps: int, max_frames: int) -> list[int]:
     return sorted({round(i * steps / (k - 1)) for i in range(k)})
 
 
-def _seeded_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
+def seeded_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Noise (stop - start, *shape) float32 on CPU; sample i depends only on (seed, i).
 
     One generator per sample keeps a sample's noise independent of n and of the batch size; the spawn
@@ -393,7 +393,7 @@ class Sampler:
         with self._eval_mode():
             for start in chunks:
                 stop = min(start + self.batch_size, n)
-                x = noise[start:stop] if noise is not None else _seeded_noise(seed, start, stop, shape)
+                x = noise[start:stop] if noise is not None else seeded_noise(seed, start, stop, shape)
                 x = x.to(self.device, self.state_dtype)
                 yb = y[start:stop].to(self.device) if y is not None else None
                 self._nfe = 0

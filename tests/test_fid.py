@@ -352,10 +352,10 @@ def test_compute_fid_on_an_in_memory_model_and_unconditional_labels():
     fid, nfe = compute_fid(sampler, real, 20, extractor=ext, progress=False)
     assert nfe == 1 and fid > 0 and model.training
     # untrained DiT: zero velocity, so the samples are the clipped noise mapped to [0, 1]
-    from sampler import _seeded_noise
+    from sampler import seeded_noise
 
     fs = FeatureStats()
-    fs.update(extract_features(ext, ((_seeded_noise(0, 0, 20, (3, 8, 8)) + 1) / 2).clamp(0, 1)))
+    fs.update(extract_features(ext, ((seeded_noise(0, 0, 20, (3, 8, 8)) + 1) / 2).clamp(0, 1)))
     assert fid == pytest.approx(frechet_distance(*real, *fs.mean_cov()), rel=1e-6)
 
 

@@ -417,7 +417,7 @@ def generated_statistics(
     batch size. Sampling settings left None use the sampler's own; ``batch_size`` defaults to the sampler's.
     NFE is ``sampler.last_nfe`` averaged over batches and rounded (the same for every batch on a fixed grid).
     """
-    from sampler import _seeded_noise  # the sampler owns the per-sample noise scheme
+    from sampler import seeded_noise  # the sampler owns the per-sample noise scheme
 
     if num_classes is None:
         num_classes = int(sampler.num_classes)
@@ -437,7 +437,7 @@ def generated_statistics(
     try:
         for start in range(0, num_samples, batch_size):
             stop = min(start + batch_size, num_samples)
-            noise = _seeded_noise(seed, start, stop, shape)  # (b, C, H, W)
+            noise = seeded_noise(seed, start, stop, shape)  # (b, C, H, W)
             y = None if labels is None else labels[start:stop]
             images = sampler.sample(stop - start, y, noise=noise, **overrides)  # (b, C, H, W) in [0, 1]
             nfes.append(int(sampler.last_nfe))

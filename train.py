@@ -231,7 +231,8 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig, model_config: dict[str
     old = state.get("config", {})
     if state["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint's model {state['model_config']} differs from {model_config}")
-    bad = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != getattr(cfg, k)]  # fmt: skip
+    bad = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_MUST_MATCH]
+    bad = [b for k, b in zip(RESUME_MUST_MATCH, bad, strict=True) if old.get(k) != getattr(cfg, k)]
     if bad:
         raise ConfigError(f"--resume: these settings differ from the checkpoint's: {'; '.join(bad)}")
     skip = set(RESUME_MUST_MATCH) | {"resume"}
@@ -280,7 +281,10 @@ def sample_and_log(ema: EMA, cfg: TrainConfig, step: int, out: Path, logger: Run
 
 def main(cfg: TrainConfig) -> dict[str, Any]:
     """Train as cfg says. Returns the final step, the logged (step, loss) pairs, skipped steps, OUT, the models."""
-    info = init_distributed(cfg.device)
+    try:
+        info = init_distributed(cfg.device)
+    except ValueError as e:  # e.g. --device cuda on a machine without one
+        raise ConfigError(str(e)) from None
     try:
         return _train(resolve_config(cfg, info.device), info)
     finally:
@@ -351,7 +355,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     if info.distributed:
         for p in model.parameters():  # e.g. registers with --num-registers 0: DDP would wait for their gradient
             p.requires_grad_(p.requires_grad and p.numel() > 0)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)  # fmt: skip
+        device_ids = [device.index] if device.type == "cuda" else None  # LOCAL_RANK's GPU (utils/distributed.py)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         agree = lambda ok: all_reduce_(ok.to(torch.int32), "min").bool()  # every process takes or skips the step
         reduce = all_reduce_
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -396,61 +401,67 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     if step >= cfg.steps:
         print(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
-    bar = tqdm(total=cfg.steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=cfg.steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train",
+        mininterval=0.5 if sys.stderr.isatty() else 60,  # a redirected log gets a line a minute, not a flood
+    )  # fmt: skip
     t_last, step_last = time.perf_counter(), step
     model.train()
-    while step < cfg.steps:
-        # The data loader draws a seed from the global CPU generator at each epoch start; fork_rng keeps that
-        # draw out of the training randomness, whose position would otherwise depend on where a run resumed.
-        with torch.random.fork_rng(devices=[]):
-            x, y = next(stream)
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast():
-            loss = flow.loss(net, x, y)
-        loss.backward()
-        ok, grad_norm = guarded_step(opt, params, loss, max_norm, agree)
-        ema.update(model, mask=ok)
-        stats.update(ok, loss, grad_norm)
-        step += 1
-        bar.update(1)
+    try:
+        while step < cfg.steps:
+            # The data loader draws a seed from the global CPU generator at each epoch start; fork_rng keeps that
+            # draw out of the training randomness, whose position would otherwise depend on where a run resumed.
+            with torch.random.fork_rng(devices=[]):
+                x, y = next(stream)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with autocast():
+                loss = flow.loss(net, x, y)
+            loss.backward()
+            ok, grad_norm = guarded_step(opt, params, loss, max_norm, agree)
+            ema.update(model, mask=ok)
+            stats.update(ok, loss, grad_norm)
+            step += 1
+            bar.update(1)
 
-        is_last = step == cfg.steps
-        do_ckpt = is_last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-        if step % cfg.log_every == 0 or do_ckpt:
-            s = stats.read(reduce)
-            if s["worst_streak"] >= cfg.nan_patience:
-                raise NonFiniteLossError(
-                    f"{int(s['worst_streak'])} non-finite losses in a row by step {step}; stopped without saving. "
-                    f"Last good checkpoint: {last if last.exists() else 'none'}"
-                )
-            now = time.perf_counter()
-            steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, step
-            if s["good_steps"]:
-                history.append((step, s["loss"]))
-            logger.log(
-                {
-                    "train/loss": s["loss"], "train/grad_norm": s["grad_norm"], "train/lr": lr,
-                    "train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * cfg.batch_size,
-                    "train/skipped_steps": skipped_before + s["skipped"], "train/epoch": stream.epoch,
-                },
-                step,
-            )  # fmt: skip
-            bar.set_postfix(loss=f"{s['loss']:.4f}", steps_s=f"{steps_per_s:.2f}", img_s=f"{steps_per_s * cfg.batch_size:.0f}")  # fmt: skip
-        t_pause = time.perf_counter()
-        if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or is_last):
-            try:
-                sample_and_log(ema, cfg, step, out, logger)
-            except Exception as e:  # samples are diagnostics: a failure here must not end a days-long run
-                print(f"warning: sampling at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
-        # Evaluation (FID) belongs here, beside the samples, on the EMA model.
-        if do_ckpt:
-            save(step)
-        t_last += time.perf_counter() - t_pause  # sampling and checkpoints do not count against throughput
-    bar.close()
-    logger.finish()
+            is_last = step == cfg.steps
+            do_ckpt = is_last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            if step % cfg.log_every == 0 or do_ckpt:
+                s = stats.read(reduce)
+                if s["worst_streak"] >= cfg.nan_patience:
+                    raise NonFiniteLossError(
+                        f"{int(s['worst_streak'])} non-finite losses in a row by step {step}; stopped without saving. "
+                        f"Last good checkpoint: {last if last.exists() else 'none'}"
+                    )
+                now = time.perf_counter()
+                steps_per_s = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                if s["good_steps"]:
+                    history.append((step, s["loss"]))
+                logger.log(
+                    {
+                        "train/loss": s["loss"], "train/grad_norm": s["grad_norm"], "train/lr": lr,
+                        "train/steps_per_s": steps_per_s, "train/img_per_s": steps_per_s * cfg.batch_size,
+                        "train/skipped_steps": skipped_before + s["skipped"], "train/epoch": stream.epoch,
+                    },
+                    step,
+                )  # fmt: skip
+                img_s = steps_per_s * cfg.batch_size
+                bar.set_postfix(loss=f"{s['loss']:.4f}", steps_s=f"{steps_per_s:.2f}", img_s=f"{img_s:.0f}")
+            t_pause = time.perf_counter()
+            if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or is_last):
+                try:
+                    sample_and_log(ema, cfg, step, out, logger)
+                except Exception as e:  # samples are diagnostics: a failure here must not end a days-long run
+                    print(f"warning: sampling at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            # Evaluation (FID) belongs here, beside the samples, on the EMA model.
+            if do_ckpt:
+                save(step)
+            t_last += time.perf_counter() - t_pause  # sampling and checkpoints do not count against throughput
+    finally:  # also when stopped by non-finite losses: flush wandb's files
+        bar.close()
+        logger.finish()
     return {
         "step": step, "losses": history, "skipped_steps": skipped_before + int(stats.skipped.item()), "out": out,
         "model": model, "ema": ema.model, "checkpoint": last,

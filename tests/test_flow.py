@@ -125,3 +125,20 @@ def test_ot_pairing_with_random_noise_still_keeps_labels():
     t = torch.ones(n)
     _, xt, _, y_out = fm.sample_path(x1, y, t=t)
     assert torch.equal(xt[:, 0, 0, 0].round().long() % 10, y_out)
+
+
+def test_loss_makes_no_host_sync():
+    # On a GPU a host sync per step stalls the pipeline; the objective must not read anything back.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x1 = torch.randn(8, 1, 4, 4)
+    with Record():
+        FlowMatching().loss(lambda x, t, y: x * t.view(-1, 1, 1, 1), x1, torch.zeros(8, dtype=torch.long))
+    assert ops and not any("_local_scalar_dense" in op for op in ops), ops

@@ -387,3 +387,10 @@ def test_impossible_flags_are_one_line(tmp_path, capsys):
     assert_one_error_line(code, err, "--batch-size")
     code, err = run_cli(cli_args(tiny(tmp_path / "out", t_std=0.0)), capsys)
     assert_one_error_line(code, err, "std")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_one_is_one_line(tmp_path, capsys):
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", device="cuda")), capsys)
+    assert_one_error_line(code, err, "no CUDA device")
+    assert not (tmp_path / "out").exists()

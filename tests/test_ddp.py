@@ -53,3 +53,29 @@ def test_two_process_gloo_run_and_its_resume(tmp_path):
     for part in ("model", "ema"):
         for k, v in state[part].items():
             assert torch.equal(v, again[part][k]), f"{part}.{k} differs after a DDP resume"
+
+
+def test_a_plain_process_is_world_size_one(monkeypatch):
+    from utils.distributed import all_gather_object, all_reduce_, init_distributed
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = init_distributed("cpu")
+    assert (info.rank, info.local_rank, info.world_size, info.is_main, info.distributed) == (0, 0, 1, True, False)
+    assert info.device == torch.device("cpu")
+    t = torch.tensor([1.0, 2.0])
+    assert all_reduce_(t) is t and torch.equal(t, torch.tensor([1.0, 2.0]))
+    assert all_gather_object({"a": 1}) == [{"a": 1}]
+
+
+def test_device_choice(monkeypatch):
+    from utils.distributed import resolve_device
+
+    assert resolve_device("cpu", local_rank=3) == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    # Multi-node: the GPU index is LOCAL_RANK (this node's process index), never the global RANK.
+    assert resolve_device("auto", local_rank=2) == torch.device("cuda", 2)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)

@@ -273,6 +273,23 @@ def test_a_logging_failure_never_stops_training(tmp_path, capsys):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_wandb_that_cannot_start_leaves_the_metrics_file(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    from utils.logging import RunLogger
+
+    def refuse(**kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    logger = RunLogger(tmp_path, mode="offline")
+    logger.log({"train/loss": 0.5}, 1)
+    logger.log_videos({"trajectory": tmp_path / "x.gif"}, 1)
+    logger.finish()
+    assert logger.run is None and "could not start" in capsys.readouterr().err
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 0.5}
+
+
 # -------------------------------------------------------------------------------------------------- CLI
 
 

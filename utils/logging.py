@@ -77,30 +77,32 @@ class RunLogger:
             return
         try:
             import wandb
-
-            if mode == "online" and not _has_wandb_credentials():
-                self.mode = mode = "offline"
-                _warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead.")
-            wandb_dir = Path(os.environ.get("WANDB_DIR") or self.out_dir)
-            wandb_dir.mkdir(parents=True, exist_ok=True)
-            self.run = wandb.init(
-                project=project,
-                name=name,
-                config=config,
-                dir=str(wandb_dir),
-                mode=mode,
-                id=run_id,
-                resume="allow" if run_id else None,
-                # tqdm's carriage returns make captured console logs unreadable; metrics are logged explicitly.
-                settings=wandb.Settings(console="off"),
-            )
-            self.run_id = self.run.id
-            if mode == "offline":
-                print(f"wandb: offline run in {Path(self.run.dir).parent}; upload it later with:", flush=True)
-                print(f"wandb:   wandb sync {Path(self.run.dir).parent}", flush=True)
-        except Exception as e:
-            self.run = None
-            _warn(f"wandb could not start ({type(e).__name__}: {e}); logging to {self.out_dir / 'metrics.jsonl'} only")
+        except ImportError as e:
+            _warn(f"wandb is not installed ({e}); logging to {self._metrics_path} only")
+            return
+        if mode == "online" and not _has_wandb_credentials():
+            mode = "offline"
+            _warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")
+        wandb_dir = Path(os.environ.get("WANDB_DIR") or self.out_dir)
+        for attempt in ("online", "offline") if mode == "online" else (mode,):
+            try:
+                wandb_dir.mkdir(parents=True, exist_ok=True)
+                self.run = wandb.init(
+                    project=project, name=name, config=config, dir=str(wandb_dir), mode=attempt, id=run_id,
+                    resume="allow" if run_id else None,
+                    # tqdm's carriage returns make captured console logs unreadable; metrics are logged explicitly.
+                    settings=wandb.Settings(console="off"),
+                )  # fmt: skip
+                break
+            except Exception as e:  # e.g. no network: an online run falls back to an offline one
+                _warn(f"wandb could not start {attempt} ({type(e).__name__}: {e})")
+        if self.run is None:
+            _warn(f"logging to {self._metrics_path} only")
+            return
+        self.mode, self.run_id = attempt, self.run.id
+        if self.mode == "offline":
+            print(f"wandb: offline run in {self.wandb_dir}; upload it later with:", flush=True)
+            print(f"wandb:   wandb sync {self.wandb_dir}", flush=True)
 
     @property
     def wandb_dir(self) -> Path | None:

@@ -96,11 +96,11 @@ def test_digits_run_learns_loss_falls_and_samples_classify_as_their_labels(tmp_p
 
     from sampler import Sampler
 
-    cfg = tiny(tmp_path / "run", hidden_size=64, depth=2, num_heads=4, steps=300, batch_size=128, lr=2e-3,
-               warmup=50, ema_decay=0.995, ckpt_every=0, log_every=25)  # fmt: skip
+    cfg = tiny(tmp_path / "run", hidden_size=64, depth=2, num_heads=4, steps=400, batch_size=128, lr=2e-3,
+               warmup=50, ema_decay=0.98, ckpt_every=0, log_every=25)  # fmt: skip
     result = train.main(cfg)
     losses = [loss for _, loss in result["losses"]]
-    assert result["step"] == 300 and len(losses) == 12
+    assert result["step"] == 400 and len(losses) == 16
     assert losses[-1] < 0.6 * losses[0], losses
 
     digits = load_digits()
@@ -109,7 +109,8 @@ def test_digits_run_learns_loss_falls_and_samples_classify_as_their_labels(tmp_p
     y = torch.arange(10).repeat_interleave(20)
     images = Sampler(ema, steps=20).sample(200, y, cfg_scale=2.5, seed=1)  # (200, 1, 8, 8) in [0, 1]
     accuracy = (clf.predict(images.reshape(200, -1).numpy()) == y.numpy()).mean()
-    assert accuracy > 0.6, accuracy  # chance is 0.1
+    print(f"EMA sample accuracy {accuracy:.3f}, losses {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert accuracy > 0.7, accuracy  # chance is 0.1
 
 
 # ------------------------------------------------------------------------------------------------ resume

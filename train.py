@@ -353,8 +353,6 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
         stream.load_state_dict(data_state)
     net, agree, reduce = model, None, None
     if info.distributed:
-        for p in model.parameters():  # e.g. registers with --num-registers 0: DDP would wait for their gradient
-            p.requires_grad_(p.requires_grad and p.numel() > 0)
         device_ids = [device.index] if device.type == "cuda" else None  # LOCAL_RANK's GPU (utils/distributed.py)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         agree = lambda ok: all_reduce_(ok.to(torch.int32), "min").bool()  # every process takes or skips the step
@@ -409,10 +407,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
     model.train()
     try:
         while step < cfg.steps:
-            # The data loader draws a seed from the global CPU generator at each epoch start; fork_rng keeps that
-            # draw out of the training randomness, whose position would otherwise depend on where a run resumed.
-            with torch.random.fork_rng(devices=[]):
-                x, y = next(stream)
+            x, y = next(stream)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
             for group in opt.param_groups:
                 group["lr"] = lr

@@ -111,6 +111,9 @@ class BatchStream:
                 num_workers=num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=num_workers > 0,  # workers survive epoch ends and resumes
+                # Worker seeds come from a private generator, so the stream never draws from (and shifts) the
+                # global RNG that training randomness uses; exact resume depends on that.
+                generator=torch.Generator().manual_seed(seed),
             )
 
     @property

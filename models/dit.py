@@ -216,7 +216,7 @@ class DiT(nn.Module):
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
         # Register tokens (Darcet et al. 2024): extra learned tokens that attention can use as scratch space.
-        self.registers = nn.Parameter(torch.zeros(1, num_registers, hidden_size))
+        self.registers = nn.Parameter(torch.zeros(1, num_registers, hidden_size)) if num_registers else None
         self.blocks = nn.ModuleList(
             [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
         )
@@ -243,7 +243,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.registers, std=0.02)
+        if self.registers is not None:
+            nn.init.normal_(self.registers, std=0.02)
 
         # Zero-init adaLN modulation so each block starts as the identity.
         for block in self.blocks:
@@ -306,7 +307,7 @@ class DiT(nn.Module):
     def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, drop_labels: bool) -> torch.Tensor:
         """Forward without input checks; y may contain the null class index num_classes."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        if self.num_registers:
+        if self.registers is not None:
             x = torch.cat([self.registers.expand(x.shape[0], -1, -1), x], dim=1)  # (N, R + T, D)
         c = self.t_embedder(t)  # (N, D)
         if self.y_embedder is not None:

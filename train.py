@@ -36,13 +36,13 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS, BatchStream, DataError, build_dataset
-from sampler import Sampler, save_grid, to_gif
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_model_args, build_model
 from utils.distributed import DistInfo, all_gather_object, all_reduce_, barrier, cleanup, init_distributed
 from utils.ema import EMA
 from utils.flow import T_SAMPLERS, FlowMatching
 from utils.logging import WANDB_MODES, RunLogger
+from utils.monitor import FIDMonitor, sample_and_log
 from utils.optim import StepStats, build_adamw, guarded_step
 from utils.rng import rng_state, seed_everything, set_rng_state
 
@@ -54,7 +54,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits-quick": dict(
         dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=64, depth=3,
         num_heads=4, steps=2000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, sample_every=500,
-        ckpt_every=500, log_every=50, sample_steps=20, num_workers=0, out="runs/digits-quick",
+        ckpt_every=500, log_every=50, sample_steps=20, fid_every=0, num_workers=0, out="runs/digits-quick",
     ),
 }  # fmt: skip
 
@@ -107,6 +107,10 @@ class TrainConfig:
     sample_every: int = 5000
     samples_per_class: int = 8
     sample_steps: int = 50
+    # FID of EMA samples against the training set (utils/fid.py)
+    fid_every: int = 20_000
+    fid_samples: int = 10_000
+    fid_cfg_scale: float = 1.0
     # bookkeeping
     ckpt_every: int = 10_000
     log_every: int = 100
@@ -157,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scales", type=float, nargs="+", help="guidance scales of the periodic EMA samples")
     g.add_argument("--sample-every", type=int, help="steps between EMA samples (0: never)")
     g.add_argument("--samples-per-class", type=int, help="samples per class (one row per class)")
-    g.add_argument("--sample-steps", type=int, help="Heun steps of the periodic samples")
+    g.add_argument("--sample-steps", type=int, help="Heun steps of the periodic samples and of FID")
+    g.add_argument("--fid-every", type=int, help="steps between FID evaluations of the EMA model (0: never)")
+    g.add_argument("--fid-samples", type=int, help="generated images per FID evaluation (report this n)")
+    g.add_argument("--fid-cfg-scale", type=float, help="guidance scale of the FID samples")
     g = p.add_argument_group("run")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--log-every", type=int, help="steps between loss read-backs and logs")
@@ -198,6 +205,7 @@ def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         (0 <= cfg.ema_decay < 1, "--ema-decay must be in [0, 1)"), (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
         (cfg.log_every >= 1, "--log-every must be >= 1"), (cfg.nan_patience >= 1, "--nan-patience must be >= 1"),
         (cfg.sample_every >= 0 and cfg.ckpt_every >= 0, "--sample-every and --ckpt-every must be >= 0"),
+        (cfg.fid_every >= 0, "--fid-every must be >= 0"), (cfg.fid_samples >= 2, "--fid-samples must be >= 2"),
         (cfg.samples_per_class >= 1 and cfg.sample_steps >= 1, "--samples-per-class, --sample-steps must be >= 1"),
         (len(cfg.cfg_scales) > 0, "--cfg-scales needs at least one scale"), (cfg.image_size >= 1, "bad --image-size"),
         (cfg.num_workers >= 0, "--num-workers must be >= 0"),
@@ -259,34 +267,17 @@ def link_last(numbered: Path, last: Path, state: dict[str, Any]) -> None:
         save_checkpoint(state, last)
 
 
-def sample_and_log(ema: EMA, cfg: TrainConfig, step: int, out: Path, logger: RunLogger) -> None:
-    """EMA samples, one row per class, at every CFG scale: PNG grids and trajectory GIFs, to OUT and wandb."""
-    model, k = ema.model, cfg.samples_per_class
-    y = torch.arange(model.num_classes).repeat_interleave(k)  # row c holds class c
-    sampler = Sampler(model, steps=cfg.sample_steps, method="heun")
-    images, videos = {}, {}
-    device = next(model.parameters()).device
-    # Fixed noise (seed) makes samples comparable across steps; fork_rng keeps training randomness untouched.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for scale in cfg.cfg_scales:
-            imgs, traj = sampler.sample(len(y), y, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
-            stem = out / "samples" / f"step{step:07d}_cfg{scale:g}"
-            save_grid(imgs, f"{stem}.png", nrow=k)
-            to_gif(traj, f"{stem}.gif", nrow=k)
-            images[f"samples/cfg{scale:g}"] = f"{stem}.png"
-            videos[f"trajectory/cfg{scale:g}"] = f"{stem}.gif"
-    logger.log_images(images, step)
-    logger.log_videos(videos, step)
+def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Train as cfg says. Returns the final step, the logged (step, loss) pairs, skipped steps, OUT, the models.
 
-
-def main(cfg: TrainConfig) -> dict[str, Any]:
-    """Train as cfg says. Returns the final step, the logged (step, loss) pairs, skipped steps, OUT, the models."""
+    fid_extractor replaces Inception for FID (tests inject a small one; None loads Inception when needed).
+    """
     try:
         info = init_distributed(cfg.device)
     except ValueError as e:  # e.g. --device cuda on a machine without one
         raise ConfigError(str(e)) from None
     try:
-        return _train(resolve_config(cfg, info.device), info)
+        return _train(resolve_config(cfg, info.device), info, fid_extractor)
     finally:
         cleanup()
 
@@ -325,7 +316,7 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> tuple[dict[str, Any] | None, A
     return state, dataset, model
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | None) -> dict[str, Any]:
     state, dataset, model = _prepare(cfg, info)
     device, out = info.device, Path(cfg.out)
     last = out / "checkpoints" / "last.pt"
@@ -393,6 +384,12 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    fid = FIDMonitor(
+        cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, num_samples=cfg.fid_samples,
+        steps=cfg.sample_steps, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed, num_workers=cfg.num_workers,
+        extractor=fid_extractor,
+    )  # fmt: skip
+
     # ---- the loop: no host sync per step; the loss is read back at --log-every steps and checkpoints
     stats, history = StepStats(device), []
     params = [p for p in model.parameters() if p.requires_grad]
@@ -447,10 +444,17 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict[str, Any]:
             t_pause = time.perf_counter()
             if info.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or is_last):
                 try:
-                    sample_and_log(ema, cfg, step, out, logger)
+                    sample_and_log(
+                        ema.model, step, out, logger, samples_per_class=cfg.samples_per_class,
+                        cfg_scales=cfg.cfg_scales, steps=cfg.sample_steps, seed=cfg.seed,
+                    )  # fmt: skip
                 except Exception as e:  # samples are diagnostics: a failure here must not end a days-long run
                     print(f"warning: sampling at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            # Evaluation (FID) belongs here, beside the samples, on the EMA model.
+            if info.is_main and cfg.fid_every and (step % cfg.fid_every == 0 or is_last):
+                try:
+                    fid(ema.model, step, logger)
+                except Exception as e:  # like the samples: report and train on
+                    print(f"warning: FID at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
             if do_ckpt:
                 save(step)
             t_last += time.perf_counter() - t_pause  # sampling and checkpoints do not count against throughput

@@ -37,7 +37,7 @@ def tiny(out: Path, **overrides) -> TrainConfig:
         dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=32, depth=1,
         num_heads=2, num_registers=2, steps=12, batch_size=32, lr=1e-3, warmup=3, ema_decay=0.9,
         sample_every=0, ckpt_every=4, log_every=2, out=str(out), wandb="disabled", num_workers=0, seed=0,
-        samples_per_class=1, sample_steps=2, cfg_scales=(1.0, 3.0),
+        samples_per_class=1, sample_steps=2, cfg_scales=(1.0, 3.0), fid_every=0,
     )  # fmt: skip
     return dataclasses.replace(cfg, **overrides)
 
@@ -233,6 +233,58 @@ def test_wandb_offline_run_folder_holds_the_images_and_gifs(tmp_path, monkeypatc
     assert sorted(p.name for p in samples.iterdir()) == [
         f"step{s:07d}_cfg{c}.{ext}" for s in (2, 4) for c in (1, 3) for ext in ("gif", "png")
     ]
+
+
+class PooledFeatures(torch.nn.Module):
+    """A small fixed feature extractor standing in for Inception: uint8 (N, 3, H, W) -> (N, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = torch.nn.Conv2d(3, 12, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255).relu().mean((2, 3))
+
+
+def test_fid_during_training_is_logged_and_matches_a_direct_computation(tmp_path, monkeypatch):
+    from sampler import Sampler
+    from utils.fid import compute_fid, real_statistics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real statistics cache
+    extractor = PooledFeatures()
+    result = train.main(tiny(tmp_path / "run", steps=4, fid_every=2, fid_samples=40), fid_extractor=extractor)
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    fids = {m["step"]: m["eval/fid"] for m in logged if "eval/fid" in m}
+    assert sorted(fids) == [2, 4] and all(np.isfinite(v) and v > 0 for v in fids.values())
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 1  # real statistics computed once, then cached
+    real = real_statistics("digits", "./datasets", 8, 1, extractor=extractor, progress=False)
+    sampler = Sampler(result["ema"], steps=2, method="heun")
+    fid, _ = compute_fid(sampler, real, 40, extractor=extractor, cfg_scale=1.0, seed=0, progress=False)
+    assert fid == pytest.approx(fids[4], rel=1e-9)
+
+
+def test_fid_keeps_resume_bit_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    extractor = PooledFeatures()
+    train.main(tiny(tmp_path / "full", steps=8, fid_every=2, fid_samples=20), fid_extractor=extractor)
+    train.main(tiny(tmp_path / "part", steps=4, fid_every=2, fid_samples=20), fid_extractor=extractor)
+    train.main(tiny(tmp_path / "part", steps=8, fid_every=2, fid_samples=20, resume=True), fid_extractor=extractor)
+    assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "part/checkpoints/last.pt"))
+
+
+def test_fid_without_inception_weights_switches_off_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    import utils.monitor
+    from utils.fid import FIDError
+
+    def offline(device):
+        raise FIDError("cannot download the Inception weights; put the file at /somewhere")
+
+    monkeypatch.setattr(utils.monitor, "load_inception", offline)
+    result = train.main(tiny(tmp_path / "run", steps=4, fid_every=2))
+    assert result["step"] == 4
+    err = capsys.readouterr().err
+    assert err.count("FID switched off") == 1 and "/somewhere" in err
 
 
 def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkeypatch, capsys):

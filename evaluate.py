@@ -1,13 +1,16 @@
 """FID of a trained DiT checkpoint against its real training set (the standard, comparable number).
 
-    python evaluate.py --ckpt runs/x/ckpt.pt --num-samples 50000 --cfg-scale 1.5 --steps 35 --method heun
+    python evaluate.py --ckpt runs/cifar10/checkpoints/last.pt --num-samples 50000 --cfg-scale 1.5 --steps 35
+
+(train.py writes OUT/checkpoints/last.pt, OUT defaulting to runs/DATASET.)
 
 Samples ``--num-samples`` images with class-balanced labels from the EMA weights (``--no-ema`` for the
 raw ones), computes their Inception features and compares them with the cached statistics of the
 un-augmented real set (``utils/fid.py`` has the protocol). The dataset, its path, image size and
 channels default to those stored in the checkpoint. Prints the FID and writes a JSON with every
-setting, the NFE, the sample count and the wall time beside the checkpoint (``--out-json`` elsewhere);
-an existing file is never replaced without ``--overwrite``.
+setting, the resolved network precision (``--precision auto`` is bf16 autocast on CUDA, fp32 elsewhere),
+the NFE, the sample count and the wall time beside the checkpoint (``--out-json`` elsewhere); an existing
+file is never replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -15,29 +18,31 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from sampler import Sampler, resolve_precision
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.cli import add_sampling_args
+from utils.cli import SamplingConfig, add_sampling_args, non_negative_int, parse_device, positive_int
 from utils.fid import FIDError, compute_fid, load_inception, real_statistics
+from utils.io import write_json_atomic
 
 DEFAULT_DATASET = "cifar10"
 DEFAULT_DATA_PATH = "./datasets"
 
 
-@dataclass
-class EvalConfig:
-    """Everything evaluate.py needs; None means "from the checkpoint" (dataset) or "automatic"."""
+@dataclass(kw_only=True)
+class EvalConfig(SamplingConfig):
+    """Everything evaluate.py needs: the shared sampling flags (``SamplingConfig``) plus the FID settings.
+
+    None means "from the checkpoint" (dataset, data_path) or "automatic"."""
 
     ckpt: str
     num_samples: int = 50_000
@@ -50,35 +55,9 @@ class EvalConfig:
     inception_weights: str | None = None
     out_json: str | None = None
     overwrite: bool = False
-    device: str | None = None
+    device: str = "auto"
     num_workers: int = 0
     progress: bool = True
-    # Sampling flags shared with sampler.py (utils.cli.add_sampling_args).
-    cfg_scale: float = 1.0
-    steps: int = 50
-    method: str = "heun"
-    grid: str = "uniform"
-    grid_shift: float = 3.0
-    guidance_interval: tuple[float, float] = field(default=(0.0, 1.0))
-    batch_size: int = 256
-    seed: int = 0
-    rtol: float = 1e-5
-    atol: float = 1e-5
-
-    def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``sampler.Sampler``."""
-        return dict(
-            steps=self.steps, method=self.method, grid=self.grid, cfg_scale=self.cfg_scale,
-            guidance_interval=tuple(self.guidance_interval), batch_size=self.batch_size, rtol=self.rtol,
-            atol=self.atol, grid_shift=self.grid_shift,
-        )  # fmt: skip
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,61 +67,48 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("model and output")
-    g.add_argument("--ckpt", required=True, help="training checkpoint (.pt) written by train.py")
+    g.add_argument(
+        "--ckpt", required=True, help="training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt"
+    )
     g.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights")
     g.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
-    g.add_argument("--num-samples", type=_positive_int, default=50_000, help="generated images (50000 in papers)")
+    g.add_argument("--num-samples", type=positive_int, default=50_000, help="generated images (50000 in papers)")
     g.add_argument("--out-json", default=None, help="result file (default: beside the checkpoint, named by settings)")
     g.add_argument("--overwrite", action="store_true", help="replace the result file if it exists")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
     g = p.add_argument_group("real statistics")
     g.add_argument("--dataset", default=None, help="real set: cifar10, folder or digits (default: the checkpoint's)")
     g.add_argument("--data-path", default=None, help="dataset root or image folder (default: the checkpoint's)")
     g.add_argument("--split", default="train", choices=("train", "test"), help="real split (CIFAR-10 only)")
-    g.add_argument("--real-images", type=_positive_int, default=None, help="real images to use (default: all)")
+    g.add_argument("--real-images", type=positive_int, default=None, help="real images to use (default: all)")
     g.add_argument("--stats-dir", default=None, help="cache of real statistics (default: ~/.cache/dit/fid_stats)")
     g.add_argument("--inception-weights", default=None, help="local copy of torch-fidelity's Inception weights")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader workers for image folders")
+    g.add_argument("--num-workers", type=non_negative_int, default=0, help="data loader workers for image folders")
     add_sampling_args(p)
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     """Parse command-line flags into an EvalConfig."""
-    args = build_parser().parse_args(argv)
-    args.guidance_interval = tuple(args.guidance_interval)
-    return EvalConfig(**vars(args))
+    return EvalConfig(**vars(build_parser().parse_args(argv)))
 
 
-def settings_name(cfg: EvalConfig, dataset: str, data_path: str) -> str:
-    """Result file name: the checkpoint's stem, the main settings, and a hash of all that change the number."""
+def settings_name(cfg: EvalConfig, dataset: str, data_path: str, precision: str) -> str:
+    """Result file name: the checkpoint's stem, the main settings, and a hash of all that change the number.
+
+    precision is the resolved one ("bf16" or "fp32"): "auto" means different things on different machines.
+    """
     keys = {k: v for k, v in asdict(cfg).items() if k not in ("out_json", "overwrite", "device", "num_workers",
                                                                "progress", "stats_dir")}  # fmt: skip
-    keys.update(dataset=dataset, data_path=str(Path(data_path).expanduser().resolve()))
+    keys.update(dataset=dataset, data_path=str(Path(data_path).expanduser().resolve()), precision=precision)
     digest = hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:8]
     steps = "" if cfg.method == "dopri5" else str(cfg.steps)
     weights = "ema" if cfg.ema else "raw"
     return (
-        f"{Path(cfg.ckpt).stem}.fid{cfg.num_samples}-{cfg.method}{steps}-cfg{cfg.cfg_scale:g}-{weights}-{digest}.json"
+        f"{Path(cfg.ckpt).stem}.fid{cfg.num_samples}-{cfg.method}{steps}-cfg{cfg.cfg_scale:g}-{weights}-{precision}-"
+        f"{digest}.json"
     )
-
-
-def _write_json(path: Path, data: dict[str, Any], overwrite: bool) -> None:
-    """Write JSON atomically; refuse to replace an existing file unless overwrite."""
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _versions() -> dict[str, str]:
@@ -167,16 +133,19 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None) -> dict[str, An
     ``extractor`` replaces Inception-v3 (any module mapping uint8 (N, 3, H, W) to (N, D)); tests use it.
     """
     t_start = time.perf_counter()
-    from sampler import Sampler  # sampler.py imports utils.cli, which imports sampler lazily: keep it local
-
     if cfg.num_samples < 2:
         raise FIDError(f"--num-samples must be >= 2; got {cfg.num_samples}")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     state = load_checkpoint(cfg.ckpt)
     run_cfg = state.get("config") or {}
     dataset = cfg.dataset or run_cfg.get("dataset") or DEFAULT_DATASET
     data_path = cfg.data_path or run_cfg.get("data_path") or DEFAULT_DATA_PATH
-    out_json = Path(cfg.out_json) if cfg.out_json else Path(cfg.ckpt).parent / settings_name(cfg, dataset, data_path)
+    out_json = (
+        Path(cfg.out_json)
+        if cfg.out_json
+        else Path(cfg.ckpt).parent / settings_name(cfg, dataset, data_path, precision)
+    )
     if out_json.exists() and not cfg.overwrite:  # fail before the work, not after it
         raise ValueError(f"{out_json} already exists; pass --overwrite to replace it (or choose --out-json)")
 
@@ -243,13 +212,16 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None) -> dict[str, An
             "atol": sampler.atol,
         },  # fmt: skip
         "device": str(device),
+        "precision": precision,
         "versions": _versions(),
         "config": asdict(cfg),
     }
-    _write_json(out_json, result, cfg.overwrite)
+    if out_json.exists() and not cfg.overwrite:  # written meanwhile by another run
+        raise ValueError(f"{out_json} already exists; pass --overwrite to replace it (or choose --out-json)")
+    write_json_atomic(result, out_json)
     print(
         f"FID {fid:.4f} ({cfg.num_samples} samples vs {info['num_images']} real {dataset} {cfg.split} images, "
-        f"{sampler.method} NFE {nfe}, cfg {sampler.cfg_scale:g}, {'EMA' if cfg.ema else 'raw'} weights, "
+        f"{sampler.method} NFE {nfe}, cfg {sampler.cfg_scale:g}, {precision}, {'EMA' if cfg.ema else 'raw'} weights, "
         f"{t_end - t_start:.1f}s) -> {out_json}"
     )
     return result

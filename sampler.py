@@ -2,6 +2,8 @@
 
 Time convention (owned by ``utils/flow.py``): t = 0 is pure noise, t = 1 is data, and the network
 predicts the velocity dx/dt. The sampler starts from Gaussian noise at t = 0 and integrates to t = 1.
+Time grids and integrators live in ``utils/solvers.py``, image writers in ``utils/images.py`` (re-exported
+here: ``from sampler import Sampler, save_grid, to_gif`` works).
 
 Library use::
 
@@ -9,10 +11,10 @@ Library use::
     sampler = Sampler(model)                      # a trained DiT (or Sampler.from_checkpoint(path))
     images = sampler.sample(10, cfg_scale=2.5)    # (10, C, H, W) in [0, 1]
 
-Command line::
+Command line (train.py writes OUT/checkpoints/last.pt, OUT defaulting to runs/DATASET)::
 
-    python sampler.py --ckpt runs/x/ckpt.pt --n 64 --cfg-scale 2.5 --steps 20 --method heun --seed 0 \
-        --out grid.png --gif traj.gif --npz samples.npz
+    python sampler.py --ckpt runs/cifar10/checkpoints/last.pt --n 64 --cfg-scale 2.5 --steps 20 --method heun \
+        --seed 0 --out grid.png --gif traj.gif --npz samples.npz
 """
 
 from __future__ import annotations
@@ -20,78 +22,30 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, unwrap_model
-from utils.cli import add_sampling_args
+from utils.cli import SamplingConfig, add_sampling_args, parse_device, positive_int
+from utils.images import grid_uint8, save_grid, save_npz, to_gif, to_uint8
+from utils.solvers import GRIDS, PRECISIONS, SOLVERS, frame_indices, solve_dopri5, solve_fixed, time_grid
 
-SOLVERS: tuple[str, ...] = ("euler", "midpoint", "heun", "dopri5")
-GRIDS: tuple[str, ...] = ("uniform", "shifted", "edm")
-FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun")
-
-# EDM noise levels (Karras et al. 2022): sigma from 80 down to 0.002 with rho = 7.
-EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
-
-
-#################################################################################
-#                                   Time grids                                  #
-#################################################################################
-
-
-def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
-    """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
-
-    - "uniform": equal steps.
-    - "shifted": t -> s t / (1 + (s - 1) t). This is the time shift of SD3 (Esser et al. 2024) applied to
-      the noise level 1 - t with factor 1 / s; s > 1 puts smaller steps near the data end (t = 1).
-    - "edm": the EDM noise levels (Karras et al. 2022, rho = 7, sigma in [0.002, 80]) mapped to the linear
-      path by t = 1 / (1 + sigma), with the first point moved to t = 0 so the run starts from pure noise.
-      Steps are fine at both ends and finest near the data.
-    """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if grid not in GRIDS:
-        raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
-    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    if grid == "uniform":
-        return u
-    if grid == "shifted":
-        if not shift > 0:
-            raise ValueError(f"grid shift must be > 0, got {shift}")
-        t = shift * u / (1 + (shift - 1) * u)
-    else:
-        i = torch.arange(steps, dtype=torch.float64)
-        lo, hi = EDM_SIGMA_MIN ** (1 / EDM_RHO), EDM_SIGMA_MAX ** (1 / EDM_RHO)
-        sigma = (hi + i / max(steps - 1, 1) * (lo - hi)) ** EDM_RHO  # (steps,) from sigma_max down
-        t = torch.cat([1 / (1 + sigma), torch.ones(1, dtype=torch.float64)])
-    t[0], t[-1] = 0.0, 1.0  # exact end points whatever the rounding
-    return t
+__all__ = [
+    "GRIDS", "PRECISIONS", "SOLVERS", "SampleConfig", "Sampler", "grid_uint8", "resolve_precision", "save_grid",
+    "save_npz", "seeded_noise", "time_grid", "to_gif", "to_uint8",
+]  # fmt: skip
 
 
 #################################################################################
-#                                    Sampler                                    #
+#                            Noise, labels, precision                           #
 #################################################################################
-
-
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    for tensor in (*model.parameters(), *model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return torch.device("cpu"), torch.float32
-
-
-def _frame_indices(steps: int, max_frames: int) -> list[int]:
-    """Up to max_frames state indices in [0, steps], evenly spread, always holding 0 and steps."""
-    k = min(steps + 1, max_frames)
-    return sorted({round(i * steps / (k - 1)) for i in range(k)})
 
 
 def seeded_noise(seed: int, start: int, stop: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -112,6 +66,42 @@ def _seeded_labels(seed: int, n: int, num_classes: int) -> torch.Tensor:
     return torch.from_numpy(rng.integers(0, num_classes, size=n, dtype=np.int64))
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What a precision setting means on device: "bf16" (bf16 autocast) or "fp32" (no autocast).
+
+    "auto" is bf16 on a CUDA device that supports it and fp32 elsewhere; "bf16" on the CPU runs CPU bf16
+    autocast. "fp32" runs the network in its own parameter dtype (float32, or float64 for a float64 model).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return torch.device("cpu"), torch.float32
+
+
+#################################################################################
+#                                    Sampler                                    #
+#################################################################################
+
+
+class _Settings(NamedTuple):
+    """One call's checked sampling settings."""
+
+    steps: int
+    method: str
+    grid: str
+    cfg_scale: float
+    guidance_interval: tuple[float, float]
+    precision: str  # as asked: auto, bf16 or fp32
+
+
 class Sampler:
     """ODE sampler for a DiT velocity model: CFG with a guidance interval, fixed-grid and adaptive solvers.
 
@@ -119,9 +109,14 @@ class Sampler:
 
     NFE convention: ``last_nfe`` counts evaluations of the velocity field per sample path, i.e. per step
     one call on the whole batch counts once, and a classifier-free guided call (one pass of 2N) also
-    counts once. Euler uses ``steps`` NFE, midpoint and heun ``2 * steps``; dopri5 chooses its own.
+    counts once. Euler uses ``steps`` NFE, midpoint and heun ``2 * steps`` (heun corrects its last step
+    too, on every grid: EDM's sampler takes a plain Euler last step, 2 * steps - 1); dopri5 chooses its own.
     When a call is split into chunks of ``batch_size``, ``last_nfe`` is the largest count among the
     chunks (the same for every chunk on a fixed grid) and ``last_nfe_per_chunk`` lists them all.
+
+    Precision: "auto" (bf16 autocast on CUDA, fp32 elsewhere), "bf16" or "fp32"; ``last_precision`` holds
+    what the last call resolved it to. The ODE state, the times and the velocity handed to the solver stay
+    float32 (float64 for a float64 model) whatever the network runs in.
 
     The model is used unwrapped (no DDP / torch.compile wrapper) and in eval mode during sampling; its
     train/eval mode is restored afterwards.
@@ -140,6 +135,7 @@ class Sampler:
         atol: float = 1e-5,
         max_frames: int = 50,
         grid_shift: float = 3.0,
+        precision: str = "auto",
     ):
         self.model = unwrap_model(model)
         for attr in ("input_size", "in_channels"):
@@ -158,20 +154,20 @@ class Sampler:
             raise ValueError(f"max_frames must be an integer >= 2 (first and last state), got {max_frames!r}")
         if not (rtol > 0 and atol > 0):
             raise ValueError(f"rtol and atol must be > 0, got {rtol}, {atol}")
+        if not grid_shift > 0:
+            raise ValueError(f"grid_shift must be > 0, got {grid_shift}")
         self.batch_size = batch_size
         self.max_frames = max_frames
         self.rtol, self.atol = float(rtol), float(atol)
         self.grid_shift = float(grid_shift)
-        self.steps, self.method, self.grid, self.cfg_scale, self.guidance_interval = self._resolve(
-            steps, method, grid, cfg_scale, guidance_interval
-        )
-        if not self.grid_shift > 0:
-            raise ValueError(f"grid_shift must be > 0, got {grid_shift}")
+        s = self._resolve(steps, method, grid, cfg_scale, guidance_interval, precision)
+        self.steps, self.method, self.grid, self.cfg_scale, self.guidance_interval, self.precision = s
 
         self.last_nfe: int = 0
         self.last_nfe_per_chunk: list[int] = []
         self.last_labels: torch.Tensor | None = None  # (n,) int64 on CPU, None for an unconditional model
         self.last_seed: int | None = None
+        self.last_precision: str | None = None  # "bf16" or "fp32", resolved by the last call
         self._nfe = 0
 
     # ------------------------------------------------------------------ construction
@@ -182,15 +178,19 @@ class Sampler:
     ) -> Sampler:
         """A Sampler for the DiT stored in a training checkpoint, with its EMA (default) or raw weights.
 
-        The checkpoint is read onto the CPU whatever device saved it, then the model moves to ``device``
-        (default: CUDA when available, else CPU). ``sampler_kwargs`` go to the constructor.
+        The checkpoint is read onto the CPU whatever device saved it, then the model moves to ``device``:
+        "auto" or None (CUDA when available, else CPU), "cpu", "cuda", "cuda:N" or "mps"; a device this machine
+        lacks is a ValueError. ``sampler_kwargs`` go to the constructor.
         """
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = parse_device(device)
         model = model_from_checkpoint(load_checkpoint(path), ema=ema, device=device)
         return cls(model, **sampler_kwargs)
 
     # ------------------------------------------------------------------ argument checks
+
+    def resolved_precision(self, precision: str | None = None) -> str:
+        """What precision (default: this sampler's) means on the model's device: "bf16" or "fp32"."""
+        return resolve_precision(self.precision if precision is None else precision, self.device)
 
     def _resolve(
         self,
@@ -199,18 +199,22 @@ class Sampler:
         grid: str | None,
         cfg_scale: float | None,
         guidance_interval: Sequence[float] | None,
-    ) -> tuple[int, str, str, float, tuple[float, float]]:
+        precision: str | None,
+    ) -> _Settings:
         steps = getattr(self, "steps", None) if steps is None else steps
         method = getattr(self, "method", None) if method is None else method
         grid = getattr(self, "grid", None) if grid is None else grid
         cfg_scale = getattr(self, "cfg_scale", None) if cfg_scale is None else cfg_scale
         interval = getattr(self, "guidance_interval", None) if guidance_interval is None else guidance_interval
+        precision = getattr(self, "precision", None) if precision is None else precision
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
         if method not in SOLVERS:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(SOLVERS)}")
         if grid not in GRIDS:
             raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         cfg_scale = float(cfg_scale)
         if not math.isfinite(cfg_scale):
             raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
@@ -224,7 +228,7 @@ class Sampler:
             raise ValueError(f"guidance_interval must be two numbers (t_lo, t_hi), got {interval!r}") from None
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guidance_interval must satisfy 0 <= t_lo <= t_hi <= 1, got ({lo}, {hi})")
-        return steps, method, grid, cfg_scale, (lo, hi)
+        return _Settings(steps, method, grid, cfg_scale, (lo, hi), precision)
 
     def _check_labels(self, y: torch.Tensor | Sequence[int] | int | None, n: int) -> torch.Tensor | None:
         """Labels (n,) int64 on CPU, checked here so a bad label fails before any work, on any device."""
@@ -264,62 +268,31 @@ class Sampler:
         y: torch.Tensor | None = None,
         cfg_scale: float = 1.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
+        precision: str | None = None,
     ) -> torch.Tensor:
         """Guided velocity (N, C, H, W) at states x (N, C, H, W) and one time t, in the state's dtype.
 
         Classifier-free guidance v_u + s (v_c - v_u) goes through the model's ``forward_with_cfg`` only for
         t inside [t_lo, t_hi] (guidance interval, Kynkäänniemi et al. 2024); elsewhere, and whenever the
         scale is 1, a single conditional pass of N runs. Each call counts as one network evaluation.
+        precision: "auto", "bf16" or "fp32" (default: the sampler's); only the network runs in it.
         """
         t = float(t)
         lo, hi = guidance_interval
         scale = cfg_scale if lo <= t <= hi else 1.0
+        bf16 = self.resolved_precision(precision) == "bf16"
         # t stays in the state's precision even for a bf16 network: bf16 would round 0.998 to 1.0.
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
         xin = x.to(self.model_dtype)
-        # bf16 autocast only on CUDA; elsewhere the network runs in its own dtype.
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
             if self.num_classes == 0:
                 v = self.model(xin, tt)
             else:
                 v = self.model.forward_with_cfg(xin, tt, y, scale)
         self._nfe += 1
+        # Under autocast the network (and forward_with_cfg's guidance sum) returns bf16: the velocity goes
+        # back to the state's float32 (float64) here, so the ODE state itself never drops to bf16.
         return v.to(x.dtype)
-
-    # ------------------------------------------------------------------ solvers
-
-    def _solve_fixed(
-        self, f: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, ts: list[float], method: str,
-        frames: list[int],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-        """Integrate on the grid ts; keep the states whose step index is in frames (on CPU, float32)."""
-        keep = set(frames)
-        kept = [x.float().cpu()] if 0 in keep else []
-        for i in range(len(ts) - 1):
-            t0, t1 = ts[i], ts[i + 1]
-            h = t1 - t0
-            if method == "euler":
-                x = x + h * f(x, t0)
-            elif method == "midpoint":
-                x = x + h * f(x + 0.5 * h * f(x, t0), t0 + 0.5 * h)
-            else:  # heun: explicit trapezoid, second order (Karras et al. 2022, Alg. 1 without the noise)
-                d0 = f(x, t0)
-                x_pred = x + h * d0
-                x = x + 0.5 * h * (d0 + f(x_pred, t1))
-            if i + 1 in keep:
-                kept.append(x.float().cpu())
-        return x, kept
-
-    def _solve_dopri5(
-        self, f: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, n_frames: int
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Adaptive Dormand-Prince through torchdiffeq; n_frames states at evenly spaced times (dense output,
-        so the frames add no solver steps); n_frames = 0 keeps none."""
-        from torchdiffeq import odeint
-
-        times = torch.linspace(0.0, 1.0, max(n_frames, 2), device=x.device, dtype=x.dtype)
-        states = odeint(lambda t, s: f(s, t), x, times, rtol=self.rtol, atol=self.atol, method="dopri5")
-        return states[-1], [s.float().cpu() for s in states] if n_frames else []
 
     # ------------------------------------------------------------------ sampling
 
@@ -343,6 +316,7 @@ class Sampler:
         method: str | None = None,
         grid: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        precision: str | None = None,
         noise: torch.Tensor | None = None,
         seed: int | None = None,
         return_trajectory: bool = False,
@@ -363,7 +337,9 @@ class Sampler:
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        steps, method, grid, cfg_scale, interval = self._resolve(steps, method, grid, cfg_scale, guidance_interval)
+        steps, method, grid, cfg_scale, interval, precision = self._resolve(
+            steps, method, grid, cfg_scale, guidance_interval, precision
+        )
         y = self._check_labels(y, n)
         noise = self._check_noise(noise, n)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
@@ -373,16 +349,17 @@ class Sampler:
         if self.num_classes > 0 and y is None:
             y = _seeded_labels(seed if seed is not None else int(torch.randint(0, 2**62, (1,))), n, self.num_classes)
         self.last_seed, self.last_labels = seed, y
+        precision = self.last_precision = resolve_precision(precision, self.device)
 
         ts = time_grid(steps, grid, self.grid_shift).tolist()
         if method == "dopri5":
             frames = list(range(self.max_frames)) if return_trajectory else []
         else:
-            frames = _frame_indices(steps, self.max_frames) if return_trajectory else []
+            frames = frame_indices(steps, self.max_frames) if return_trajectory else []
         shape = (self.in_channels, self.input_size, self.input_size)
 
         def f(x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-            return self.velocity(x, t, yb, cfg_scale, interval)
+            return self.velocity(x, t, yb, cfg_scale, interval, precision)
 
         images, trajectory, nfes = [], [], []
         chunks = range(0, n, self.batch_size)
@@ -398,9 +375,9 @@ class Sampler:
                 yb = y[start:stop].to(self.device) if y is not None else None
                 self._nfe = 0
                 if method == "dopri5":
-                    x, kept = self._solve_dopri5(f, x, len(frames))
+                    x, kept = solve_dopri5(f, x, len(frames), self.rtol, self.atol)
                 else:
-                    x, kept = self._solve_fixed(f, x, ts, method, frames)
+                    x, kept = solve_fixed(f, x, ts, method, frames)
                 nfes.append(self._nfe)
                 images.append(((x.float() + 1) / 2).clamp_(0, 1))
                 if return_trajectory:
@@ -421,6 +398,7 @@ class Sampler:
         method: str | None = None,
         grid: str | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        precision: str | None = None,
         noise: torch.Tensor | None = None,
         seed: int | None = None,
         return_trajectory: bool = False,
@@ -438,76 +416,9 @@ class Sampler:
         y = torch.arange(self.num_classes).repeat(n_per_class)
         return self.sample(
             len(y), y, cfg_scale=cfg_scale, steps=steps, method=method, grid=grid,
-            guidance_interval=guidance_interval, noise=noise, seed=seed, return_trajectory=return_trajectory,
-            progress=progress,
+            guidance_interval=guidance_interval, precision=precision, noise=noise, seed=seed,
+            return_trajectory=return_trajectory, progress=progress,
         )  # fmt: skip
-
-
-#################################################################################
-#                                Writing images                                 #
-#################################################################################
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images (N, C, H, W) in [0, 1] to uint8 (N, H, W, C), clipped first and rounded."""
-    if images.ndim != 4:
-        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _grid_uint8(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """One image grid (H', W', 3) uint8 from images (N, C, H, W) in [0, 1]."""
-    from torchvision.utils import make_grid
-
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
-    if nrow < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2)  # (3, H', W')
-    return to_uint8(grid.unsqueeze(0))[0]
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid with nrow images per row."""
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_grid_uint8(images, nrow)).save(path)
-
-
-def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8) -> None:
-    """Write a trajectory (K, N, C, H, W) of states in [-1, 1] as a K-frame GIF of image grids.
-
-    States are clipped to [-1, 1] before they are mapped to [0, 255]. The GIF encoder merges identical
-    consecutive frames into one longer frame.
-    """
-    from moviepy import VideoClip
-
-    if trajectory.ndim != 5:
-        raise ValueError(f"expected a trajectory of shape (K, N, C, H, W), got {tuple(trajectory.shape)}")
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    frames = [_grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow) for frame in trajectory]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # moviepy samples a clip at t = i / fps for i < int(duration * fps). ImageSequenceClip looks frames up by
-    # comparing t with summed float durations, which drops or repeats frames (0.3 < 0.1 + 0.1 + 0.1), so
-    # the frame index is rounded here, and the extra half frame makes int(duration * fps) exactly K.
-    k = len(frames)
-    clip = VideoClip(frame_function=lambda t: frames[min(round(t * fps), k - 1)], duration=(k + 0.5) / fps)
-    clip.write_gif(str(path), fps=fps, logger=None)
-
-
-def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:
-    """Write images (N, C, H, W) in [0, 1] as uint8 (N, H, W, C) under "images" and labels (N,) int64 under
-    "labels" (-1 for an unconditional model)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if labels is None:
-        labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
-    np.savez(path, images=to_uint8(images), labels=labels.cpu().numpy().astype(np.int64))
 
 
 #################################################################################
@@ -515,9 +426,9 @@ def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path
 #################################################################################
 
 
-@dataclass
-class SampleConfig:
-    """Everything the sampler CLI needs; defaults match ``Sampler``'s."""
+@dataclass(kw_only=True)
+class SampleConfig(SamplingConfig):
+    """Everything the sampler CLI needs: the shared sampling flags (``SamplingConfig``) plus input and output."""
 
     ckpt: str
     n: int = 64
@@ -527,37 +438,11 @@ class SampleConfig:
     class_label: int | None = None
     each_class: bool = False
     ema: bool = True
-    device: str | None = None
+    device: str = "auto"
     nrow: int | None = None
     fps: int = 10
     max_frames: int = 50
     overwrite: bool = False
-    # Sampling flags shared with evaluate.py (utils.cli.add_sampling_args).
-    cfg_scale: float = 1.0
-    steps: int = 50
-    method: str = "heun"
-    grid: str = "uniform"
-    grid_shift: float = 3.0
-    guidance_interval: tuple[float, float] = field(default=(0.0, 1.0))
-    batch_size: int = 256
-    seed: int = 0
-    rtol: float = 1e-5
-    atol: float = 1e-5
-
-    def sampler_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``Sampler`` / ``Sampler.from_checkpoint``."""
-        return dict(
-            steps=self.steps, method=self.method, grid=self.grid, cfg_scale=self.cfg_scale,
-            guidance_interval=tuple(self.guidance_interval), batch_size=self.batch_size, rtol=self.rtol,
-            atol=self.atol, max_frames=self.max_frames, grid_shift=self.grid_shift,
-        )  # fmt: skip
-
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -566,21 +451,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample images from a trained DiT checkpoint by integrating the flow ODE (t=0 noise, t=1 data).",
     )
     g = p.add_argument_group("input and output")
-    g.add_argument("--ckpt", required=True, help="training checkpoint (.pt) written by train.py")
+    g.add_argument(
+        "--ckpt", required=True, help="training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt"
+    )
     g.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights instead of the EMA")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps (default %(default)s)",
+    )
     g.add_argument(
         "--n",
-        type=_positive_int,
+        type=positive_int,
         default=64,
         help="number of samples, per class with --each-class (default %(default)s)",
     )
     g.add_argument("--class-label", type=int, default=None, help="sample only this class (default: random classes)")
     g.add_argument("--each-class", action="store_true", help="--n samples of every class, one class per column")
     g.add_argument("--out", default="samples.png", help="PNG grid of the samples (default %(default)s)")
-    g.add_argument("--nrow", type=_positive_int, default=None, help="images per grid row (default: about sqrt(n))")
+    g.add_argument("--nrow", type=positive_int, default=None, help="images per grid row (default: about sqrt(n))")
     g.add_argument("--gif", default=None, help="also write the sampling trajectory as a GIF here")
-    g.add_argument("--fps", type=_positive_int, default=10, help="GIF frames per second (default %(default)s)")
+    g.add_argument("--fps", type=positive_int, default=10, help="GIF frames per second (default %(default)s)")
     g.add_argument(
         "--max-frames",
         type=int,
@@ -595,9 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     """Parse command-line flags into a SampleConfig."""
-    args = build_parser().parse_args(argv)
-    args.guidance_interval = tuple(args.guidance_interval)
-    return SampleConfig(**vars(args))
+    return SampleConfig(**vars(build_parser().parse_args(argv)))
 
 
 def _check_outputs(cfg: SampleConfig) -> list[Path]:
@@ -617,11 +506,14 @@ def _check_outputs(cfg: SampleConfig) -> list[Path]:
 
 def main(cfg: SampleConfig) -> dict[str, Any]:
     """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on CPU,
-    labels (N,) or None, and the NFE."""
+    labels (N,) or None, the NFE, the resolved precision and the config."""
     _check_outputs(cfg)  # before any work, so a run never ends by failing to write
     if cfg.class_label is not None and cfg.each_class:
         raise ValueError("--class-label and --each-class exclude each other")
-    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, **cfg.sampler_kwargs())
+    device = parse_device(cfg.device)  # a bad --device fails before the checkpoint is read
+    sampler = Sampler.from_checkpoint(
+        cfg.ckpt, ema=cfg.ema, device=device, max_frames=cfg.max_frames, **cfg.sampler_kwargs()
+    )
     want_traj = cfg.gif is not None
     if cfg.each_class:
         result = sampler.sample_each_class(cfg.n, seed=cfg.seed, return_trajectory=want_traj, progress=True)
@@ -640,9 +532,12 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
         save_npz(images, sampler.last_labels, cfg.npz)
         written.append(cfg.npz)
     solver = "dopri5" if sampler.method == "dopri5" else f"{sampler.method} on a {sampler.grid} grid"
-    how = f"{solver}, NFE {sampler.last_nfe}"
+    how = f"{solver}, NFE {sampler.last_nfe}, {sampler.last_precision} on {device}"
     print(f"{len(images)} samples, {how}: {', '.join(written)}")
-    return {"images": images, "labels": sampler.last_labels, "nfe": sampler.last_nfe, "config": asdict(cfg)}
+    return {
+        "images": images, "labels": sampler.last_labels, "nfe": sampler.last_nfe,
+        "precision": sampler.last_precision, "config": asdict(cfg),
+    }  # fmt: skip
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -1,9 +1,13 @@
-"""Tests of sampler.py: solver orders on closed-form flows, CFG and its interval, seeds, chunks, outputs, CLI."""
+"""Tests of sampler.py: solver orders on closed-form flows, CFG and its interval, seeds, chunks, precision, outputs,
+devices, CLI."""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import inspect
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +16,12 @@ import torch.nn as nn
 from PIL import Image
 
 import sampler as sampler_mod
+import utils.images
+import utils.solvers
 from models.dit import DiT
-from sampler import GRIDS, SOLVERS, Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
+from sampler import GRIDS, SOLVERS, Sampler, resolve_precision, save_grid, save_npz, time_grid, to_gif, to_uint8
 from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.cli import add_sampling_args
+from utils.cli import SamplingConfig, add_sampling_args, parse_device
 
 # ----------------------------------------------------------------------------- stand-in models
 
@@ -443,3 +449,167 @@ def test_bad_input_raises_clear_value_errors():
     with pytest.raises(ValueError, match="unconditional"):
         uncond.sample_each_class(1)
     assert uncond.sample(2, seed=0).shape == (2, 3, 8, 8) and uncond.last_labels is None
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+class BF16Velocity(nn.Module):
+    """A constant velocity 1/3 returned in bf16 (as a network under autocast returns it); records what it sees."""
+
+    input_size, in_channels, num_classes = 2, 1, 0
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("dummy", torch.zeros(()))
+        self.seen: list[tuple[torch.dtype, torch.dtype, bool]] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self.seen.append((x.dtype, t.dtype, torch.is_autocast_enabled("cpu")))
+        return torch.full_like(x, 1 / 3, dtype=torch.bfloat16)
+
+
+def test_bf16_velocity_goes_back_to_a_float32_state():
+    model = BF16Velocity()
+    sampler = Sampler(model, method="euler", grid="edm", steps=5, precision="bf16")
+    z = torch.linspace(-1, 1, 8).view(2, 1, 2, 2)
+    _, traj = sampler.sample(2, noise=z, return_trajectory=True)
+    assert sampler.last_precision == "bf16"
+    assert model.seen == [(torch.float32, torch.float32, True)] * 5  # autocast on; state and times float32
+    # The same Euler steps in float32 with the bf16-rounded velocity (0.333984375): a bf16 state would round
+    # every step's sum to 8 bits of mantissa and miss this bit-for-bit.
+    v = torch.tensor(1 / 3, dtype=torch.bfloat16).float()
+    x = z.clone()
+    for h in time_grid(5, "edm").diff().tolist():
+        x = x + h * v
+    assert torch.equal(traj[-1], x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sampler.velocity(z, 0.5).dtype == torch.float32
+
+
+# CPU bf16 autocast hands RMSNorm (qk-norm) a bf16 input with float32 weights: torch warns it is not fused.
+bf16_on_cpu = pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
+
+
+@bf16_on_cpu
+def test_precision_auto_on_cpu_is_fp32_and_bf16_is_close():
+    model = tiny_dit()
+    sampler = Sampler(model, steps=3, method="heun")
+    kw = dict(seed=0, cfg_scale=2.0)
+    auto = sampler.sample(6, **kw)
+    assert sampler.precision == "auto" and sampler.last_precision == "fp32"
+    fp32 = sampler.sample(6, precision="fp32", **kw)
+    assert torch.equal(auto, fp32)  # auto on the CPU is fp32, bit for bit
+    bf16 = sampler.sample(6, precision="bf16", **kw)
+    assert sampler.last_precision == "bf16" and bf16.dtype == torch.float32
+    assert not torch.equal(bf16, fp32)  # the network really ran in bf16 ...
+    assert (bf16 - fp32).abs().max() < 0.1 and (bf16 - fp32).abs().mean() < 0.01  # ... and lands close to fp32
+    assert torch.equal(Sampler(model, steps=3, precision="bf16").sample(6, **kw), bf16)  # constructor == per call
+    assert torch.equal(Sampler(model, steps=3, precision="bf16").sample(6, precision="fp32", **kw), fp32)
+
+
+def test_resolve_precision(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cuda) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # pre-Ampere GPUs
+    assert resolve_precision("auto", cuda) == "fp32"
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown precision"):
+        Sampler(tiny_dit(), precision="half")
+    with pytest.raises(ValueError, match="unknown precision"):
+        Sampler(tiny_dit(), steps=1).sample(1, precision="half")
+
+
+# ----------------------------------------------------------------------------- devices, shared flags, layout
+
+
+def test_parse_device():
+    assert parse_device("cpu") == torch.device("cpu") and parse_device(torch.device("cpu")).type == "cpu"
+    assert parse_device("auto") == parse_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for name in ("foo", "cuda:x", "meta", ""):
+        with pytest.raises(ValueError, match="unknown device"):
+            parse_device(name)
+    with pytest.raises(ValueError, match="CUDA devices|no CUDA device"):
+        parse_device("cuda:99")
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(ValueError, match="no CUDA device is available"):
+                parse_device(name)
+
+
+def test_cli_bad_device_is_one_line(tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_dit())
+    cases = [("foo", "unknown device 'foo'")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device is available"))
+    for device, message in cases:
+        with pytest.raises(SystemExit) as e:
+            sampler_mod.cli(["--ckpt", str(tmp_path / "ckpt.pt"), "--device", device, "--out", str(tmp_path / "o.png")])
+        text = str(e.value)
+        assert text.startswith("error:") and message in text and "\n" not in text, text
+    assert not (tmp_path / "o.png").exists()
+
+
+@bf16_on_cpu
+def test_cli_precision_flag(tmp_path, capsys):
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_dit())
+    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--steps", "2", "--method", "euler", "--device", "cpu"]
+    fp32 = sampler_mod.main(sampler_mod.parse_args([*argv, "--out", str(tmp_path / "a.png")]))
+    cfg = sampler_mod.parse_args([*argv, "--precision", "bf16", "--out", str(tmp_path / "b.png")])
+    assert cfg.precision == "bf16" and cfg.sampler_kwargs()["precision"] == "bf16"
+    bf16 = sampler_mod.main(cfg)
+    assert fp32["precision"] == "fp32" and fp32["config"]["precision"] == "auto"
+    assert bf16["precision"] == "bf16" and "bf16 on cpu" in capsys.readouterr().out
+    assert not torch.equal(fp32["images"], bf16["images"])
+    with pytest.raises(SystemExit) as e:
+        sampler_mod.parse_args([*argv, "--precision", "fp16"])
+    assert e.value.code == 2
+
+
+def test_sampling_config_matches_flags_and_sampler_defaults():
+    p = argparse.ArgumentParser()
+    add_sampling_args(p)
+    args = vars(p.parse_args([]))
+    cfg = SamplingConfig(**args)  # every flag is a field (an unknown key would raise)
+    assert {f.name for f in dataclasses.fields(SamplingConfig)} == set(args)
+    assert cfg == SamplingConfig() and isinstance(cfg.guidance_interval, tuple)
+    defaults = {k: v.default for k, v in inspect.signature(Sampler.__init__).parameters.items()}
+    kwargs = cfg.sampler_kwargs()
+    assert set(kwargs) == set(args) - {"seed"}
+    for key, value in kwargs.items():
+        assert value == defaults[key], key
+    assert {a.dest: a.choices for a in p._actions}["precision"] == utils.solvers.PRECISIONS
+    # sampler.py's and evaluate.py's configs are SamplingConfigs; nothing else defines the sampling fields.
+    import evaluate
+
+    for config in (sampler_mod.SampleConfig, evaluate.EvalConfig):
+        assert issubclass(config, SamplingConfig)
+        own = set(config.__annotations__)
+        assert not own & {f.name for f in dataclasses.fields(SamplingConfig)}, config
+
+
+def test_layout_reexports_and_no_import_cycle():
+    # `from sampler import Sampler, save_grid, to_gif` keeps working: the writers live in utils/images.py.
+    for name in ("to_uint8", "save_grid", "to_gif", "save_npz"):
+        assert getattr(sampler_mod, name) is getattr(utils.images, name)
+    assert sampler_mod.time_grid is utils.solvers.time_grid and sampler_mod.SOLVERS is utils.solvers.SOLVERS
+    # utils/cli.py and utils/solvers.py do not import sampler.py (no lazy import to break the cycle).
+    root = Path(__file__).resolve().parents[1]
+    for module in ("utils/cli.py", "utils/solvers.py", "utils/images.py"):
+        tree = ast.parse((root / module).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "sampler" not in names, module
+
+
+def test_heun_corrects_the_last_step_on_every_grid():
+    model, z, _ = gaussian_problem()
+    sampler = Sampler(model, method="heun", steps=5)
+    for grid in GRIDS:
+        model.calls = 0
+        sampler.sample(len(z), noise=z, grid=grid)
+        assert sampler.last_nfe == model.calls == 10, grid  # 2 * steps (EDM's own sampler: 2 * steps - 1)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+
 from models.dit import DiT, DiT_models
+from utils.distributed import resolve_device
+from utils.solvers import GRIDS, PRECISIONS, SOLVERS
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -49,23 +54,75 @@ def build_model(
     )
 
 
+def positive_int(s: str) -> int:
+    """argparse type: an integer >= 1."""
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def non_negative_int(s: str) -> int:
+    """argparse type: an integer >= 0."""
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def parse_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The torch device a --device flag names: auto (or None), cpu, cuda, cuda:N or mps; ValueError otherwise.
+
+    "auto" and "cuda" follow ``utils.distributed.resolve_device`` (auto: the GPU when there is one, else the
+    CPU). An unknown name, or a device this machine does not have, is a one-line ValueError.
+    """
+    name = "auto" if name is None else str(name)
+    if name in ("auto", "cpu", "cuda"):
+        return resolve_device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name} was asked for but no MPS device is available")
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but no CUDA device is available")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name} was asked for but this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """The sampling flags of ``add_sampling_args``; sampler.py's and evaluate.py's configs extend it."""
+
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    steps: int = 50
+    method: str = "heun"
+    grid: str = "uniform"
+    grid_shift: float = 3.0
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    precision: str = "auto"
+    batch_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.guidance_interval = tuple(self.guidance_interval)  # argparse's nargs=2 gives a list
+
+    def sampler_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``sampler.Sampler`` / ``Sampler.from_checkpoint`` (all fields but seed)."""
+        return {f.name: getattr(self, f.name) for f in fields(SamplingConfig) if f.name != "seed"}
+
+
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    """Flags that control the ODE sampler (sampler.py, evaluate.py); defaults match ``sampler.Sampler``."""
-    # Imported here: sampler.py imports this module, and the solver and grid names live in sampler.py.
-    from sampler import GRIDS, SOLVERS
-
-    def positive_int(s: str) -> int:
-        v = int(s)
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-        return v
-
-    def seed_int(s: str) -> int:
-        v = int(s)
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-        return v
-
+    """Flags that control the ODE sampler (sampler.py, evaluate.py), the fields of ``SamplingConfig``; defaults
+    match ``sampler.Sampler``."""
     g = parser.add_argument_group("sampling")
     g.add_argument(
         "--cfg-scale",
@@ -81,7 +138,11 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, default=50, help="solver steps on the time grid (not dopri5; default %(default)s)"
     )
     g.add_argument(
-        "--method", default="heun", choices=SOLVERS, help="ODE solver; dopri5 is adaptive (default %(default)s)"
+        "--method",
+        default="heun",
+        choices=SOLVERS,
+        help="ODE solver; NFE: euler steps, midpoint and heun 2*steps (heun corrects its last step too); "
+        "dopri5 is adaptive (default %(default)s)",
     )
     g.add_argument(
         "--grid", default="uniform", choices=GRIDS, help="time grid of the fixed-step solvers (default %(default)s)"
@@ -90,14 +151,25 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
         "--grid-shift",
         type=float,
         default=3.0,
-        help="shift s of --grid shifted; s > 1 refines near data (default %(default)s)",
+        help="shift s of --grid shifted: s > 1 puts more steps near the data (t=1). This is the opposite "
+        "direction of SD3/Flux's shift (there shift > 1 puts steps near the noise): s here is their 1/shift "
+        "(default %(default)s)",
     )
     g.add_argument("--rtol", type=float, default=1e-5, help="dopri5 relative tolerance (default %(default)s)")
     g.add_argument("--atol", type=float, default=1e-5, help="dopri5 absolute tolerance (default %(default)s)")
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="network precision: auto is bf16 autocast on CUDA, fp32 elsewhere; the ODE state stays float32 "
+        "(default %(default)s)",
+    )
     g.add_argument(
         "--batch-size",
         type=positive_int,
         default=256,
         help="samples per forward batch (bounds memory; default %(default)s)",
     )
-    g.add_argument("--seed", type=seed_int, default=0, help="seed of the noise and random labels (default %(default)s)")
+    g.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the noise and random labels (default %(default)s)"
+    )

@@ -1,0 +1,74 @@
+"""Writing images: uint8 conversion, PNG grids, trajectory GIFs and .npz archives of samples.
+
+Images are float (N, C, H, W) in [0, 1], as ``sampler.Sampler.sample`` returns them; trajectories are raw
+ODE states (K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] to uint8 (N, H, W, C), clipped first and rounded."""
+    if images.ndim != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid_uint8(images: torch.Tensor, nrow: int) -> np.ndarray:
+    """One image grid (H', W', 3) uint8 from images (N, C, H, W) in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2)  # (3, H', W')
+    return to_uint8(grid.unsqueeze(0))[0]
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
+    """Write images (N, C, H, W) in [0, 1] as one PNG grid with nrow images per row."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_uint8(images, nrow)).save(path)
+
+
+def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8) -> None:
+    """Write a trajectory (K, N, C, H, W) of states in [-1, 1] as a K-frame GIF of image grids.
+
+    States are clipped to [-1, 1] before they are mapped to [0, 255]. The GIF encoder merges identical
+    consecutive frames into one longer frame.
+    """
+    from moviepy import VideoClip
+
+    if trajectory.ndim != 5:
+        raise ValueError(f"expected a trajectory of shape (K, N, C, H, W), got {tuple(trajectory.shape)}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    frames = [grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow) for frame in trajectory]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # moviepy samples a clip at t = i / fps for i < int(duration * fps). ImageSequenceClip looks frames up by
+    # comparing t with summed float durations, which drops or repeats frames (0.3 < 0.1 + 0.1 + 0.1), so
+    # the frame index is rounded here, and the extra half frame makes int(duration * fps) exactly K.
+    k = len(frames)
+    clip = VideoClip(frame_function=lambda t: frames[min(round(t * fps), k - 1)], duration=(k + 0.5) / fps)
+    clip.write_gif(str(path), fps=fps, logger=None)
+
+
+def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:
+    """Write images (N, C, H, W) in [0, 1] as uint8 (N, H, W, C) under "images" and labels (N,) int64 under
+    "labels" (-1 for an unconditional model)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if labels is None:
+        labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    np.savez(path, images=to_uint8(images), labels=labels.cpu().numpy().astype(np.int64))

@@ -370,3 +370,34 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch):
         evaluate.cli(["--ckpt", str(ckpt), "--dataset", "cifar10", "--data-path", str(tmp_path / "none"),
                       "--stats-dir", str(tmp_path), "--device", "cpu", "--no-progress"])  # fmt: skip
     assert str(e.value).startswith("error:") and "3 channels" in str(e.value)
+
+
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # CPU bf16 RMSNorm is not fused
+def test_evaluate_records_the_resolved_precision(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: pytest.fail("Inception must not be loaded"))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    tiny_checkpoint(ckpt, tmp_path / "data")
+    argv = ["--ckpt", str(ckpt), "--num-samples", "20", "--steps", "1", "--method", "euler", "--batch-size", "20",
+            "--stats-dir", str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    auto = evaluate.main(evaluate.parse_args(argv), extractor=TinyExtractor())
+    bf16 = evaluate.main(evaluate.parse_args([*argv, "--precision", "bf16"]), extractor=TinyExtractor())
+    # auto is fp32 on the CPU; the JSON keeps both what was asked and what ran, and bf16 gets its own file
+    assert auto["precision"] == "fp32" and auto["config"]["precision"] == "auto" and auto["device"] == "cpu"
+    assert bf16["precision"] == "bf16" and bf16["config"]["precision"] == "bf16"
+    files = sorted(f.name for f in (tmp_path / "run").glob("*.json"))
+    assert len(files) == 2 and any("-ema-fp32-" in f for f in files) and any("-ema-bf16-" in f for f in files)
+    assert bf16["fid"] != auto["fid"] and bf16["fid"] == pytest.approx(auto["fid"], rel=0.5)
+    for f in files:
+        data = json.loads((tmp_path / "run" / f).read_text())
+        assert data["precision"] in f
+
+
+def test_evaluate_bad_device_is_one_line_before_any_work(tmp_path):
+    cases = [("foo", "unknown device 'foo'")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device is available"))
+    for device, message in cases:
+        with pytest.raises(SystemExit) as e:  # the device is checked before the (missing) checkpoint is read
+            evaluate.cli(["--ckpt", str(tmp_path / "missing.pt"), "--device", device, "--stats-dir", str(tmp_path)])
+        text = str(e.value)
+        assert text.startswith("error:") and message in text and "\n" not in text, text

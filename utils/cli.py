@@ -132,7 +132,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--guidance-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("T_LO", "T_HI"),
-        help="apply guidance only for t in [T_LO, T_HI] (Kynkäänniemi et al. 2024); t=0 noise, t=1 data (default 0 1)",
+        help="apply guidance only for t in [T_LO, T_HI] (Kynkäänniemi et al. 2024); t=0 noise, t=1 data (default %(default)s)",
     )  # fmt: skip
     g.add_argument(
         "--steps", type=positive_int, default=50, help="solver steps on the time grid (not dopri5; default %(default)s)"

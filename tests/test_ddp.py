@@ -79,3 +79,15 @@ def test_device_choice(monkeypatch):
     # Multi-node: the GPU index is LOCAL_RANK (this node's process index), never the global RANK.
     assert resolve_device("auto", local_rank=2) == torch.device("cuda", 2)
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+
+
+def test_more_processes_than_gpus_is_an_error(monkeypatch):
+    from utils.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    for name in ("auto", "cuda"):  # not local_rank % 2 == 0: two processes on one GPU
+        with pytest.raises(ValueError, match="LOCAL_RANK 2 has no GPU of its own.*2 CUDA device"):
+            resolve_device(name, local_rank=2)
+

@@ -1,7 +1,14 @@
 """Process-group helpers for torchrun launches (single or multi-node); a plain run is world size 1.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. The device index is LOCAL_RANK (the GPU on this node),
-never RANK, which counts across nodes. NCCL is used on GPUs and gloo on CPUs.
+never RANK, which counts across nodes; more processes on a node than it has GPUs is an error, not a
+silent doubling up. NCCL is used on GPUs and gloo on CPUs.
+
+Timeout: a collective that waits longer than the process group's timeout (``init_distributed``'s
+``timeout_minutes``, train.py's --dist-timeout, default 30) ends the run. Everything train.py does
+between two collectives has to fit in it on every process: a step, a checkpoint written by rank 0, the
+sample grids drawn by rank 0, and the first FID evaluation, where rank 0 alone computes the real
+statistics of the training set (minutes on a GPU for CIFAR-10, cached on disk after that).
 """
 
 from __future__ import annotations
@@ -42,12 +49,23 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if not 0 <= local_rank < count:  # local_rank % count would put two processes on one GPU
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} has no GPU of its own: this node shows {count} CUDA device(s); launch at "
+                f"most {count} processes per node (torchrun --nproc_per_node {count}) or set CUDA_VISIBLE_DEVICES"
+            )
+        return torch.device("cuda", local_rank)
     raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the torchrun process group if launched by torchrun, else describe a single process."""
+    """Join the torchrun process group if launched by torchrun, else describe a single process.
+
+    timeout_minutes: how long any collective may wait for the slowest process before the run fails.
+    """
+    if not timeout_minutes > 0:
+        raise ValueError(f"the process-group timeout must be > 0 minutes; got {timeout_minutes}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -66,6 +84,31 @@ def cleanup() -> None:
     """Leave the process group, if any."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    """Whether this process is in a process group (False in a plain single-process run)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for a collective must live: this process's GPU under NCCL, else the CPU (gloo)."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class PeerError(RuntimeError):
+    """A step that every process takes together failed on another process (that process reports why)."""
+
+
+def all_ok(ok: bool) -> bool:
+    """True when ok is True on every process (a collective: every process must call it); ok itself alone."""
+    if not is_initialized():
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -401,3 +401,45 @@ def test_evaluate_bad_device_is_one_line_before_any_work(tmp_path):
             evaluate.cli(["--ckpt", str(tmp_path / "missing.pt"), "--device", device, "--stats-dir", str(tmp_path)])
         text = str(e.value)
         assert text.startswith("error:") and message in text and "\n" not in text, text
+
+
+def test_feature_stats_of_disjoint_shares_merge_to_the_whole():
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
+    whole, a, b, empty = FeatureStats(), FeatureStats(), FeatureStats(), FeatureStats()
+    whole.update(x)
+    a.update(x[0::2])
+    b.update(x[1::2])
+    merged = FeatureStats().merge_(a).merge_(empty).merge_(b)  # a process with no samples adds nothing
+    assert merged.count == 50
+    for got, want in zip(merged.mean_cov(), whole.mean_cov(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(merged.mean_cov()[1], np.cov(x.numpy(), rowvar=False), rtol=1e-10)
+
+
+def test_generated_statistics_split_over_ranks_merge_to_the_single_process_ones(monkeypatch):
+    """Rank r of w samples the indices r::w with their own noise and labels: the summed shares are the whole."""
+    from utils.fid import generated_statistics
+
+    torch.manual_seed(2)
+    model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    with torch.no_grad():  # not the zero-output initialisation: samples depend on their noise and label
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    sampler = Sampler(model, steps=2, method="euler", batch_size=3)
+    ext = TinyExtractor()
+    mu, sigma, nfe = generated_statistics(sampler, 11, extractor=ext, seed=3, progress=False)
+    # Without a process group the all-reduce would be a no-op: capture each rank's sums instead.
+    shares = []
+    monkeypatch.setattr(FeatureStats, "all_reduce_", lambda self: shares.append(self) or self)
+    for rank in range(3):
+        *_, rank_nfe = generated_statistics(sampler, 11, extractor=ext, seed=3, progress=False, rank=rank, world_size=3)
+        assert rank_nfe == nfe == 2
+    assert [s.count for s in shares] == [4, 4, 3]
+    merged = FeatureStats()
+    for s in shares:
+        merged.merge_(s)
+    m_mu, m_sigma = merged.mean_cov()
+    np.testing.assert_allclose(m_mu, mu, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(m_sigma, sigma, rtol=1e-6, atol=1e-9)
+    with pytest.raises(FIDError, match="rank"):
+        generated_statistics(sampler, 11, extractor=ext, rank=3, world_size=3, progress=False)

@@ -29,7 +29,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from tqdm import tqdm
+
+from utils.io import atomic_write
 
 # torch-fidelity's Inception-v3 weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3);
 # torch.hub.load_state_dict_from_url keeps them as <torch.hub.get_dir()>/checkpoints/<file name>.
@@ -106,7 +107,11 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 class FeatureStats:
-    """Running float64 mean and covariance of features (N, D), added a batch at a time."""
+    """Running float64 mean and covariance of features (N, D), added a batch at a time.
+
+    It keeps sums (count, sum of x, sum of x x^T), so statistics of disjoint sample sets combine by adding
+    them: ``merge_`` in one process, ``all_reduce_`` across the processes of a DDP run.
+    """
 
     def __init__(self) -> None:
         self.count = 0
@@ -128,6 +133,47 @@ class FeatureStats:
         self.sum += x.sum(0)
         self.outer += x.T @ x
         self.count += x.shape[0]
+
+    def merge_(self, other: FeatureStats) -> FeatureStats:
+        """Add other's sums to these (in place; returns self): the statistics of both sample sets together."""
+        if other.sum is None:
+            return self
+        if self.sum is None:
+            self.sum, self.outer = other.sum.clone(), other.outer.clone()
+        elif other.sum.shape != self.sum.shape:
+            raise ValueError(f"cannot merge statistics of {other.sum.shape[0]} and {self.sum.shape[0]} features")
+        else:
+            self.sum += other.sum
+            self.outer += other.outer
+        self.count += other.count
+        return self
+
+    def all_reduce_(self) -> FeatureStats:
+        """Sum count, sum and outer-product sum over every process, in float64 (in place; returns self).
+
+        A collective: every process must call it, also one that saw no features. A no-op in one process.
+        """
+        from utils.distributed import all_reduce_, collective_device, is_initialized
+
+        if not is_initialized():
+            return self
+        device = collective_device()
+        dim = torch.tensor([0 if self.sum is None else self.sum.shape[0]], device=device)
+        all_reduce_(dim, "max")  # a process with no samples learns D from the others
+        d = int(dim.item())
+        if d == 0:
+            return self
+        if self.sum is None:
+            self.sum = torch.zeros(d, dtype=torch.float64)
+            self.outer = torch.zeros(d, d, dtype=torch.float64)
+        count = torch.tensor([float(self.count)], dtype=torch.float64)  # exact up to 2**53 samples
+        packed = torch.cat([count, self.sum, self.outer.reshape(-1)]).to(device)
+        all_reduce_(packed, "sum")
+        packed = packed.cpu()
+        self.count = int(packed[0].item())
+        self.sum = packed[1 : d + 1].clone()
+        self.outer = packed[d + 1 :].reshape(d, d).clone()
+        return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean (D,) and unbiased covariance (D, D), float64 (np.cov's N - 1 normalisation, as torchmetrics)."""
@@ -371,17 +417,8 @@ def _load_stats(path: Path, key_json: str) -> tuple[np.ndarray, np.ndarray] | No
 
 
 def _save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, key_json: str) -> None:
-    """Write the statistics atomically (temporary file, then rename), so a killed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write the statistics atomically (``utils.io.atomic_write``), so a killed run leaves no half file."""
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json)))
 
 
 #################################################################################
@@ -409,6 +446,8 @@ def generated_statistics(
     seed: int = 0,
     num_classes: int | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
 
@@ -416,9 +455,13 @@ def generated_statistics(
     sampler's). Sample i starts from the noise ``python sampler.py --seed SEED`` gives sample i, whatever the
     batch size. Sampling settings left None use the sampler's own; ``batch_size`` defaults to the sampler's.
     NFE is ``sampler.last_nfe`` averaged over batches and rounded (the same for every batch on a fixed grid).
-    """
-    from sampler import seeded_noise  # the sampler owns the per-sample noise scheme
 
+    In a DDP run every process calls this with its ``rank`` and the ``world_size``: process r draws the
+    samples i = r, r + world_size, ... (each with sample i's noise and label), and the feature sums are
+    all-reduced in float64, so every process returns the statistics of the same num_samples images as a
+    single process would (equal up to float64 round-off from the order of the sums). When sampling fails
+    on any process, all of them raise: the failing one its own error, the others ``PeerError``.
+    """
     if num_classes is None:
         num_classes = int(sampler.num_classes)
     if num_samples < 2:
@@ -429,24 +472,55 @@ def generated_statistics(
     overrides = dict(cfg_scale=cfg_scale, steps=steps, method=method, grid=grid, guidance_interval=guidance_interval)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
+    if not 0 <= rank < world_size:
+        raise FIDError(f"rank must be in [0, world_size); got rank {rank} of {world_size}")
     labels = balanced_labels(num_samples, num_classes)
+    indices = torch.arange(num_samples)[rank::world_size]  # this process's share (empty if num_samples <= rank)
     extractor.eval()
     stats = FeatureStats()
     nfes = []
-    bar = tqdm(total=num_samples, desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
+    error: Exception | None = None
+    bar = tqdm(total=len(indices), desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for start in range(0, num_samples, batch_size):
-            stop = min(start + batch_size, num_samples)
-            noise = seeded_noise(seed, start, stop, shape)  # (b, C, H, W)
-            y = None if labels is None else labels[start:stop]
-            images = sampler.sample(stop - start, y, noise=noise, **overrides)  # (b, C, H, W) in [0, 1]
+        for idx in indices.split(batch_size) if len(indices) else ():
+            noise = _noise_of(seed, idx, shape)  # (b, C, H, W)
+            y = None if labels is None else labels[idx]
+            images = sampler.sample(len(idx), y, noise=noise, **overrides)  # (b, C, H, W) in [0, 1]
             nfes.append(int(sampler.last_nfe))
             stats.update(extract_features(extractor, images))
-            bar.update(stop - start)
+            bar.update(len(idx))
+    except Exception as e:
+        if world_size == 1:
+            raise
+        error = e  # raised below, after the others have heard of it: none may wait in a collective alone
     finally:
         bar.close()
+    if world_size > 1:
+        from utils.distributed import PeerError, all_reduce_, collective_device
+
+        # One collective for the failure flag and the NFE sums, then the feature sums.
+        totals = torch.tensor([float(error is not None), sum(nfes), len(nfes)], dtype=torch.float64)
+        totals = all_reduce_(totals.to(collective_device()), "sum").cpu()
+        if error is not None:
+            raise error
+        if totals[0] > 0:
+            raise PeerError("sampling for FID failed on another process")
+        stats.all_reduce_()
+        nfe_sum, batches = float(totals[1]), float(totals[2])
+    else:
+        nfe_sum, batches = sum(nfes), len(nfes)
     mu, sigma = stats.mean_cov()
-    return mu, sigma, int(round(sum(nfes) / len(nfes)))
+    return mu, sigma, int(round(nfe_sum / batches))
+
+
+def _noise_of(seed: int, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``sampler.seeded_noise`` of the sample indices idx (b,): (b, *shape); one call for a contiguous run."""
+    from sampler import seeded_noise
+
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 == len(idx):
+        return seeded_noise(seed, first, last + 1, shape)
+    return torch.cat([seeded_noise(seed, int(i), int(i) + 1, shape) for i in idx])
 
 
 def compute_fid(
@@ -464,11 +538,14 @@ def compute_fid(
     seed: int = 0,
     num_classes: int | None = None,
     progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[float, int]:
     """FID of ``num_samples`` samples from ``sampler`` against real (mu (D,), sigma (D, D)); returns (fid, nfe).
 
     ``sampler`` is a ``sampler.Sampler`` (e.g. around an in-memory EMA model); the other arguments are
     those of ``generated_statistics``. ``extractor`` must be the one that produced ``real_stats``.
+    In a DDP run every process calls it with its rank (see ``generated_statistics``) and gets the same FID.
     """
     mu, sigma, nfe = generated_statistics(
         sampler,
@@ -483,6 +560,8 @@ def compute_fid(
         seed=seed,
         num_classes=num_classes,
         progress=progress,
+        rank=rank,
+        world_size=world_size,
     )
     if mu.shape != np.shape(real_stats[0]):
         raise FIDError(f"real statistics have {np.shape(real_stats[0])} features, the extractor gives {mu.shape}")

@@ -4,14 +4,24 @@ A training checkpoint is a dict with at least:
     "model_config": the DiT constructor arguments (``model.config``),
     "model": the raw weights, "ema": the EMA weights (optional),
     "step": the number of optimizer steps taken, "config": the resolved run config (a dict).
-train.py adds "optimizer", "rng" and "data_state" for exact resume. This module is the one place that
-writes and reads that format; train.py, sampler.py, evaluate.py and the tests all go through it.
+train.py adds "optimizer", "rng", "data_state" and "ema_num_updates" (``utils.ema.EMA.state_dict`` owns
+the "ema" / "ema_num_updates" pair) for exact resume. This module is the one place that writes and reads
+that format; train.py, sampler.py, evaluate.py and the tests all go through it.
+
+Loading is safe: ``torch.load(weights_only=True)`` everywhere, so a file that holds pickled python objects
+(which could run code when unpickled) is refused with a CheckpointError. Checkpoints therefore hold only
+tensors and plain python values; ``utils/rng.py`` stores the generator states that way.
+
+Format versions (``"format_version"`` in every file; a file newer than this code is refused):
+    1: RNG states pickled as numpy arrays and tuples (refused by the safe loader).
+    2: RNG states as tensors and lists; loadable with weights_only=True.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from models.dit import DiT
+from utils.io import atomic_write
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 REQUIRED_KEYS = ("model_config", "model")
 
 
@@ -40,39 +51,50 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write state to path atomically: a temporary file in the same folder, then a rename.
+    """Write state to path atomically (``utils.io.atomic_write``), with this code's format version.
 
     A process killed while writing leaves the previous file at path intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU, whatever device saved it; CheckpointError if it is not one."""
+    """Load a checkpoint onto the CPU, whatever device saved it; CheckpointError if it is not one.
+
+    weights_only=True: a file holding pickled python objects is refused, never unpickled.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # weights_only=False: checkpoints hold numpy RNG states and plain config dicts as well.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # a well-formed pickle with objects the safe loader will not build
+            raise CheckpointError(
+                f"refusing to load {path}: it holds a pickled python object ({found.group(1)}) that could run code "
+                "when loaded; checkpoints of this project hold only tensors and plain values"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))  # skip torch's advice to unpickle
+        detail = detail.group(1) if detail else _first_line(e)
+        raise CheckpointError(f"cannot read checkpoint {path}: not a valid checkpoint file ({detail})") from None
     except Exception as e:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project (needs keys {', '.join(REQUIRED_KEYS)})")
+    version = state.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {version!r}, newer than this code reads ({FORMAT_VERSION}); "
+            "update the code"
+        )
     return state
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def model_from_checkpoint(

@@ -3,6 +3,10 @@
 A training step draws its noise, times and label dropout from torch's global generators (CPU, and the
 current CUDA device), OT pairing from numpy's and anything else from python's. Checkpointing all four
 (plus the data stream's position) makes a resumed run bit-identical to an uninterrupted one.
+
+The captured state holds only tensors and plain python values (dict, list, int, float, str, None), so a
+checkpoint that stores it loads with ``torch.load(weights_only=True)``: numpy's MT19937 key becomes an
+int64 tensor and python's state tuple a list; ``set_rng_state`` converts them back.
 """
 
 from __future__ import annotations
@@ -21,10 +25,47 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def _numpy_state() -> dict[str, Any]:
+    s = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
+    return {
+        "bit_generator": str(s["bit_generator"]),
+        "key": torch.from_numpy(np.asarray(s["state"]["key"], dtype=np.int64)),  # (624,) uint32 values
+        "pos": int(s["state"]["pos"]),
+        "has_gauss": int(s["has_gauss"]),
+        "gauss": float(s["gauss"]),
+    }
+
+
+def _set_numpy_state(s: dict[str, Any]) -> None:
+    key = np.asarray(s["key"].numpy() if isinstance(s["key"], torch.Tensor) else s["key"]).astype(np.uint32)
+    np.random.set_state(
+        {
+            "bit_generator": s["bit_generator"],
+            "state": {"key": key, "pos": int(s["pos"])},
+            "has_gauss": int(s["has_gauss"]),
+            "gauss": float(s["gauss"]),
+        }
+    )
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss_next = random.getstate()  # (3, 625 ints, None or float)
+    return [version, list(internal), gauss_next]
+
+
+def _set_python_state(s: list[Any]) -> None:
+    version, internal, gauss_next = s
+    random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
+
+
 def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """This process's generator states: torch CPU, numpy, python, and CUDA when device is a GPU."""
+    """This process's generator states as tensors and plain python values (safe for weights_only loading).
+
+    Keys: "torch" (uint8 tensor), "numpy" (dict, key an int64 tensor (624,)), "python" (list), and "cuda"
+    (uint8 tensor) when device is a GPU.
+    """
     device = torch.device(device)
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -34,8 +75,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu", cud
     """Restore ``rng_state()``; a CUDA generator the state lacks (saved by a CPU run) is seeded with cuda_seed."""
     device = torch.device(device)
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    _set_numpy_state(state["numpy"])
+    _set_python_state(state["python"])
     if device.type == "cuda":
         if "cuda" in state:
             torch.cuda.set_rng_state(state["cuda"], device)

@@ -6,24 +6,30 @@
     torchrun --nproc_per_node 8 train.py --batch-size 1024   # DDP; --batch-size is the global batch
 
 The objective and the time convention (t = 0 noise, t = 1 data, target x1 - x0) live in utils/flow.py.
-OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and numbered
-files) and wandb/. Randomness comes from torch's, numpy's and python's global generators plus the data
-stream's position; all are stored in every checkpoint, so a resumed CPU run is bit-identical to an
-uninterrupted one.
+OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and the
+--keep-checkpoints newest numbered files) and wandb/. A resumed run leaves config.json as the first run
+wrote it and records its own settings in config-resume-STEP.json (STEP: the checkpoint it resumed from);
+it drops the metrics.jsonl rows that a crashed run logged after its last checkpoint. Randomness comes
+from torch's, numpy's and python's global generators plus the data stream's position; all are stored in
+every checkpoint, so a resumed CPU run is bit-identical to an uninterrupted one.
 
 Non-finite losses: the update is skipped on the device, without a host sync, through fused AdamW's
 ``found_inf`` (the mechanism GradScaler uses); the EMA update is masked the same way. Counters stay on
 the device and are read back with the loss at --log-every steps and before each checkpoint, where
 --nan-patience non-finite steps in a row stop the run without writing a checkpoint.
+
+DDP: rank 0 alone writes the run folder, logs, prints and draws the sample grids; FID runs on every
+process (each samples its share). A collective that waits longer than --dist-timeout minutes ends the run
+(see utils/distributed.py for what has to fit in it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -38,9 +44,19 @@ from tqdm import tqdm
 from data import DATASETS, BatchStream, DataError, build_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from utils.cli import add_model_args, build_model
-from utils.distributed import DistInfo, all_gather_object, all_reduce_, barrier, cleanup, init_distributed
+from utils.distributed import (
+    DistInfo,
+    PeerError,
+    all_gather_object,
+    all_ok,
+    all_reduce_,
+    barrier,
+    cleanup,
+    init_distributed,
+)
 from utils.ema import EMA
 from utils.flow import T_SAMPLERS, FlowMatching
+from utils.io import write_json_atomic
 from utils.logging import WANDB_MODES, RunLogger
 from utils.monitor import FIDMonitor, sample_and_log
 from utils.optim import StepStats, build_adamw, guarded_step
@@ -113,6 +129,7 @@ class TrainConfig:
     fid_cfg_scale: float = 1.0
     # bookkeeping
     ckpt_every: int = 10_000
+    keep_checkpoints: int = 3
     log_every: int = 100
     out: str | None = None
     seed: int = 0
@@ -122,6 +139,7 @@ class TrainConfig:
     compile: bool = False
     precision: str = "auto"
     device: str = "auto"
+    dist_timeout: float = 30.0
     preset: str | None = None
 
 
@@ -167,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fid-cfg-scale", type=float, help="guidance scale of the FID samples")
     g = p.add_argument_group("run")
     g.add_argument("--ckpt-every", type=int, help="steps between checkpoints (0: only at the end)")
+    g.add_argument(
+        "--keep-checkpoints", type=int, help="keep this many newest numbered checkpoints besides last.pt (0: all)"
+    )
     g.add_argument("--log-every", type=int, help="steps between loss read-backs and logs")
     g.add_argument("--out", help="run folder (default runs/<dataset>)")
     g.add_argument("--seed", type=int, help="global seed (process r uses seed + r)")
@@ -180,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda:LOCAL_RANK when available")
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        help="DDP: minutes a process may wait for the others in a collective before the run fails",
+    )
     p.set_defaults(**dataclasses.asdict(d))
     if os.environ.get("WANDB_MODE") in WANDB_MODES:
         p.set_defaults(wandb=os.environ["WANDB_MODE"])
@@ -197,8 +223,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return TrainConfig(**args)
 
 
-def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Check the settings and fill in what depends on the machine (output folder, precision)."""
+def check_config(cfg: TrainConfig) -> None:
+    """ConfigError for settings that cannot work, whatever the machine."""
     checks = [
         (cfg.steps >= 1, "--steps must be >= 1"), (cfg.batch_size >= 1, "--batch-size must be >= 1"),
         (cfg.lr > 0, "--lr must be > 0"), (cfg.warmup >= 0, "--warmup must be >= 0"),
@@ -208,7 +234,8 @@ def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         (cfg.fid_every >= 0, "--fid-every must be >= 0"), (cfg.fid_samples >= 2, "--fid-samples must be >= 2"),
         (cfg.samples_per_class >= 1 and cfg.sample_steps >= 1, "--samples-per-class, --sample-steps must be >= 1"),
         (len(cfg.cfg_scales) > 0, "--cfg-scales needs at least one scale"), (cfg.image_size >= 1, "bad --image-size"),
-        (cfg.num_workers >= 0, "--num-workers must be >= 0"),
+        (cfg.num_workers >= 0, "--num-workers must be >= 0"), (cfg.dist_timeout > 0, "--dist-timeout must be > 0"),
+        (cfg.keep_checkpoints >= 0, "--keep-checkpoints must be >= 0"),
     ]  # fmt: skip
     for ok, message in checks:
         if not ok:
@@ -217,11 +244,20 @@ def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def resolve_config(cfg: TrainConfig, device: torch.device, verbose: bool = True) -> TrainConfig:
+    """Check the settings and fill in what depends on the machine (output folder, precision).
+
+    verbose: warn about settings this device changes (False on DDP ranks other than 0).
+    """
+    check_config(cfg)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     elif precision == "bf16" and device.type != "cuda":
-        warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on this device", stacklevel=2)
+        if verbose:
+            warnings.warn("bf16 autocast is used on CUDA only; training in fp32 on this device", stacklevel=2)
         precision = "fp32"
     return dataclasses.replace(
         cfg, out=cfg.out or f"runs/{cfg.dataset}", precision=precision, device=device.type,
@@ -234,8 +270,8 @@ def resolve_config(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed")
 
 
-def check_resume(state: dict[str, Any], cfg: TrainConfig, model_config: dict[str, Any]) -> None:
-    """ConfigError unless the checkpoint fits these settings; other changed settings are reported."""
+def check_resume(state: dict[str, Any], cfg: TrainConfig, model_config: dict[str, Any], verbose: bool = True) -> None:
+    """ConfigError unless the checkpoint fits these settings; other changed settings are reported if verbose."""
     old = state.get("config", {})
     if state["model_config"] != model_config:
         raise ConfigError(f"--resume: the checkpoint's model {state['model_config']} differs from {model_config}")
@@ -245,14 +281,8 @@ def check_resume(state: dict[str, Any], cfg: TrainConfig, model_config: dict[str
         raise ConfigError(f"--resume: these settings differ from the checkpoint's: {'; '.join(bad)}")
     skip = set(RESUME_MUST_MATCH) | {"resume"}
     changed = [k for k in dataclasses.asdict(cfg) if k not in skip and k in old and old[k] != getattr(cfg, k)]
-    if changed:
+    if changed and verbose:
         print(f"resume: using the new values of {', '.join(changed)}", flush=True)
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def link_last(numbered: Path, last: Path, state: dict[str, Any]) -> None:
@@ -267,17 +297,46 @@ def link_last(numbered: Path, last: Path, state: dict[str, Any]) -> None:
         save_checkpoint(state, last)
 
 
+NUMBERED = re.compile(r"(\d{7,})\.pt")  # f"{step:07d}.pt"
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, step: int) -> list[Path]:
+    """Delete numbered checkpoints of steps <= step except the ``keep`` newest; returns the deleted paths.
+
+    keep=0 keeps all. Never deleted: the numbered file that last.pt is a hard link to (whatever its step), and
+    numbered files of later steps (left by a run rolled back to an earlier last.pt: not this run's to judge).
+    """
+    if keep <= 0:
+        return []
+    last = ckpt_dir / "last.pt"
+    numbered = sorted(
+        (int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := NUMBERED.fullmatch(p.name)) and p.is_file()
+    )
+    older = [p for n, p in numbered if n <= step][:-keep]
+    removed = []
+    for path in older:
+        try:
+            if last.exists() and os.path.samefile(path, last):
+                continue
+            path.unlink()
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict[str, Any]:
     """Train as cfg says. Returns the final step, the logged (step, loss) pairs, skipped steps, OUT, the models.
 
     fid_extractor replaces Inception for FID (tests inject a small one; None loads Inception when needed).
     """
+    check_config(cfg)
     try:
-        info = init_distributed(cfg.device)
+        info = init_distributed(cfg.device, cfg.dist_timeout)
     except ValueError as e:  # e.g. --device cuda on a machine without one
         raise ConfigError(str(e)) from None
     try:
-        return _train(resolve_config(cfg, info.device), info, fid_extractor)
+        return _train(resolve_config(cfg, info.device, verbose=info.is_main), info, fid_extractor)
     finally:
         cleanup()
 
@@ -292,7 +351,7 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> tuple[dict[str, Any] | None, A
         if not (ckpt_dir / "last.pt").is_file():
             raise CheckpointError(f"--resume: no checkpoint at {ckpt_dir / 'last.pt'}")
         state = load_checkpoint(ckpt_dir / "last.pt")
-        if not {"optimizer", "step", "rng", "data_state"} <= state.keys():
+        if not {"optimizer", "step", "rng", "data_state", *EMA.STATE_KEYS} <= state.keys():
             raise CheckpointError(f"--resume: {ckpt_dir / 'last.pt'} holds weights only, not a training state")
     elif ckpt_dir.is_dir() and any(ckpt_dir.glob("*.pt")):
         raise ConfigError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, or choose another --out")
@@ -312,7 +371,7 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> tuple[dict[str, Any] | None, A
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
     if state is not None:
-        check_resume(state, cfg, model.config)
+        check_resume(state, cfg, model.config, verbose=info.is_main)
     return state, dataset, model
 
 
@@ -334,12 +393,13 @@ def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | No
     step, skipped_before = 0, 0
     if state is not None:
         model.load_state_dict(state["model"])
-        ema.load_state_dict({"weights": state["ema"], "num_updates": state["ema_num_updates"]})
+        ema.load_state_dict({k: state[k] for k in EMA.STATE_KEYS})
         opt.load_state_dict(state["optimizer"])
         step, skipped_before = state["step"], state.get("skipped_steps", 0)
         data_state = state["data_state"]
         if state.get("world_size", 1) != info.world_size:  # the split of an epoch over processes changed
-            print(f"resume: {state.get('world_size', 1)} processes before, {info.world_size} now; new data epoch")
+            if info.is_main:
+                print(f"resume: {state.get('world_size', 1)} processes before, {info.world_size} now; new data epoch")
             data_state = {"epoch": data_state["epoch"] + 1, "index": 0}
         stream.load_state_dict(data_state)
     net, agree, reduce = model, None, None
@@ -350,21 +410,29 @@ def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | No
         reduce = all_reduce_
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     if cfg.compile:
-        net = compile_or_eager(net, model, stream.batch_size, device, autocast)
+        net = compile_or_eager(net, model, stream.batch_size, device, autocast, verbose=info.is_main)
 
+    error = None
     if info.is_main:  # the run folder: rank 0 alone writes
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(dataclasses.asdict(cfg), out / "config.json")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            # A resume keeps the first run's config.json and records its own settings beside it.
+            name = f"config-resume-{step:07d}.json" if state is not None else "config.json"
+            write_json_atomic(dataclasses.asdict(cfg), out / name)
+        except OSError as e:  # e.g. --out under a file; the others must not wait for rank 0 in a collective
+            error = e
+    if not all_ok(error is None):
+        raise error if error is not None else PeerError("rank 0 could not write the run folder")
     logger = RunLogger(
         out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
-        run_id=state.get("wandb_id") if state else None, enabled=info.is_main,
+        run_id=state.get("wandb_id") if state else None, enabled=info.is_main, start_step=step,
     )  # fmt: skip
     # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
     seed = cfg.seed + info.rank + 1_000_003 * step
     if state is not None and len(state["rng"]) == info.world_size:
         set_rng_state(state["rng"][info.rank], device, cuda_seed=seed)
     else:
-        if state is not None:
+        if state is not None and info.is_main:
             print(f"resume: {len(state['rng'])} processes saved RNG states, now {info.world_size}; reseeding")
         seed_everything(seed)
 
@@ -372,29 +440,29 @@ def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | No
         rng = all_gather_object(rng_state(device))  # a collective: every process takes part
         if info.is_main:
             ckpt = {
-                "model_config": model.config, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                "ema_num_updates": ema.num_updates, "optimizer": opt.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg), "rng": rng, "data_state": stream.state_dict(),
-                "world_size": info.world_size, "skipped_steps": skipped_before + int(stats.skipped.item()),
-                "wandb_id": logger.run_id,
+                "model_config": model.config, "model": model.state_dict(), **ema.state_dict(),
+                "optimizer": opt.state_dict(), "step": step, "config": dataclasses.asdict(cfg), "rng": rng,
+                "data_state": stream.state_dict(), "world_size": info.world_size,
+                "skipped_steps": skipped_before + int(stats.skipped.item()), "wandb_id": logger.run_id,
             }  # fmt: skip
             numbered = last.with_name(f"{step:07d}.pt")
             save_checkpoint(ckpt, numbered)
             link_last(numbered, last, ckpt)
+            prune_checkpoints(last.parent, cfg.keep_checkpoints, step)
             if os.environ.get(KILL_AFTER_CHECKPOINT_ENV) == str(step):
                 os.kill(os.getpid(), signal.SIGKILL)
 
     fid = FIDMonitor(
         cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, num_samples=cfg.fid_samples,
         steps=cfg.sample_steps, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed, num_workers=cfg.num_workers,
-        extractor=fid_extractor,
+        extractor=fid_extractor, dist=info,
     )  # fmt: skip
 
     # ---- the loop: no host sync per step; the loss is read back at --log-every steps and checkpoints
     stats, history = StepStats(device), []
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    if step >= cfg.steps:
+    if step >= cfg.steps and info.is_main:
         print(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
     bar = tqdm(
         total=cfg.steps, initial=step, disable=not info.is_main, dynamic_ncols=True, desc="train",
@@ -450,11 +518,13 @@ def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | No
                     )  # fmt: skip
                 except Exception as e:  # samples are diagnostics: a failure here must not end a days-long run
                     print(f"warning: sampling at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            if info.is_main and cfg.fid_every and (step % cfg.fid_every == 0 or is_last):
+            if cfg.fid_every and (step % cfg.fid_every == 0 or is_last):  # every process: each samples a share
                 try:
                     fid(ema.model, step, logger)
-                except Exception as e:  # like the samples: report and train on
-                    print(f"warning: FID at step {step} failed: {type(e).__name__}: {e}", file=sys.stderr)
+                except Exception as e:  # like the samples: report and train on (the failing process says why)
+                    if not isinstance(e, PeerError) or info.is_main:
+                        who = f" (rank {info.rank})" if info.distributed else ""
+                        print(f"warning: FID at step {step} failed{who}: {type(e).__name__}: {e}", file=sys.stderr)
             if do_ckpt:
                 save(step)
             t_last += time.perf_counter() - t_pause  # sampling and checkpoints do not count against throughput
@@ -467,7 +537,9 @@ def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | No
     }  # fmt: skip
 
 
-def compile_or_eager(net: torch.nn.Module, model: torch.nn.Module, batch: int, device: torch.device, autocast):
+def compile_or_eager(
+    net: torch.nn.Module, model: torch.nn.Module, batch: int, device: torch.device, autocast, verbose: bool = True
+):
     """torch.compile(net), probed with one forward and backward pass; the eager net if compiling fails."""
     try:
         compiled = torch.compile(net)
@@ -477,7 +549,8 @@ def compile_or_eager(net: torch.nn.Module, model: torch.nn.Module, batch: int, d
             compiled(x, torch.full((batch,), 0.5, device=device), y).float().square().mean().backward()
         return compiled
     except Exception as e:
-        warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2)
+        if verbose:
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); training eagerly", stacklevel=2)
         return net
     finally:
         model.zero_grad(set_to_none=True)
@@ -494,6 +567,12 @@ def cli(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. --out under a file, a full disk: may hit one process only, so each one says it
+        who = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"train.py: error{who}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except PeerError:  # another process failed and said why
         return 1
     return 0
 

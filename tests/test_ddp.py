@@ -1,5 +1,6 @@
 """A 2-process DistributedDataParallel run through torchrun with gloo on CPU, and its exact resume."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -91,3 +92,55 @@ def test_more_processes_than_gpus_is_an_error(monkeypatch):
         with pytest.raises(ValueError, match="LOCAL_RANK 2 has no GPU of its own.*2 CUDA device"):
             resolve_device(name, local_rank=2)
 
+
+class Features(torch.nn.Module):
+    """A small fixed feature extractor standing in for Inception: uint8 (N, 3, H, W) -> (N, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = torch.nn.Conv2d(3, 12, 3)
+
+    def forward(self, x):
+        return self.conv(x.float() / 255).relu().mean((2, 3))
+
+
+# train.py's command line with Features in place of Inception (which the test must not download).
+FID_SCRIPT = """
+import sys
+import train
+import utils.monitor
+from test_ddp import Features
+
+utils.monitor.load_inception = lambda device: Features()
+sys.exit(train.cli(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_fid_on_two_processes_equals_the_single_process_value(tmp_path):
+    """Each process samples half the FID images; the all-reduced statistics give the single-process FID."""
+    from sampler import Sampler
+    from utils.checkpoint import model_from_checkpoint
+    from utils.fid import compute_fid, real_statistics
+
+    script = tmp_path / "train_fid.py"
+    script.write_text(FID_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    flags = [*FLAGS, "--steps", "2", "--sample-every", "0", "--ckpt-every", "0", "--log-every", "2"]
+    flags += ["--fid-every", "2", "--fid-samples", "21", "--out", str(tmp_path / "run")]  # odd: unequal shares
+    done = subprocess.run(
+        [*TORCHRUN, str(script), *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("FID") == 1  # printed by rank 0 only
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    logged = [r["eval/fid"] for r in rows if "eval/fid" in r]
+
+    # The same FID in this single process: the run's EMA, the same extractor, sample i from noise i.
+    extractor = Features()
+    real = real_statistics("digits", "./datasets", 8, 1, extractor=extractor, cache_dir=tmp_path / "c2", progress=False)
+    ema = model_from_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    fid, _ = compute_fid(Sampler(ema, steps=2, method="heun"), real, 21, extractor=extractor, seed=5, progress=False)
+    assert len(logged) == 1 and logged[0] == pytest.approx(fid, rel=1e-9)  # float64 sums in another order

@@ -101,3 +101,27 @@ def test_update_makes_no_host_sync():
         ema.update(model, mask=torch.tensor(True))
         ema.update(model)
     assert seen and not any("_local_scalar_dense" in name for name in seen), seen
+
+
+def test_state_dict_is_the_checkpoint_format_and_rejects_other_keys(tmp_path):
+    from models.dit import DiT
+    from utils.checkpoint import model_from_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    state = ema.state_dict()
+    assert set(state) == {"ema", "ema_num_updates"} and state["ema_num_updates"] == 1
+    # "ema" is the plain weights state dict that model_from_checkpoint builds the EMA model from.
+    save_checkpoint({"model_config": model.config, "model": model.state_dict(), **state}, tmp_path / "c.pt")
+    loaded = model_from_checkpoint(tmp_path / "c.pt")
+    for k, v in ema.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="ema_num_updates"):
+        ema.load_state_dict({"weights": state["ema"], "num_updates": 1})
+    with pytest.raises(ValueError, match="exactly"):
+        ema.load_state_dict({**state, "extra": 0})

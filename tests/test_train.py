@@ -123,9 +123,10 @@ def test_resume_after_stopping_at_k_is_bit_identical(tmp_path, variant):
     )
     # Samples every 4 steps: drawing them must not disturb the training randomness.
     full = train.main(tiny(tmp_path / "full", sample_every=4, **extra))
-    stopped = train.main(tiny(tmp_path / "split", sample_every=4, steps=6, **extra))
+    # --keep-checkpoints 0 keeps every numbered checkpoint, so all of them can be listed below.
+    stopped = train.main(tiny(tmp_path / "split", sample_every=4, steps=6, keep_checkpoints=0, **extra))
     assert stopped["step"] == 6 and load_checkpoint(tmp_path / "split/checkpoints/last.pt")["step"] == 6
-    resumed = train.main(tiny(tmp_path / "split", sample_every=4, resume=True, **extra))
+    resumed = train.main(tiny(tmp_path / "split", sample_every=4, resume=True, keep_checkpoints=0, **extra))
     assert full["step"] == resumed["step"] == 12
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "split/checkpoints/last.pt"))
     # Numbered checkpoints every 4 steps plus the stop and the end; last.pt is the newest.
@@ -463,4 +464,69 @@ def test_impossible_flags_are_one_line(tmp_path, capsys):
 def test_asking_for_cuda_without_one_is_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tiny(tmp_path / "out", device="cuda")), capsys)
     assert_one_error_line(code, err, "no CUDA device")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------- run-folder upkeep
+
+
+def test_keep_checkpoints_keeps_the_newest_and_what_last_points_to(tmp_path):
+    train.main(tiny(tmp_path / "run", steps=20, ckpt_every=4, keep_checkpoints=2))
+    ckpts = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["0000016.pt", "0000020.pt", "last.pt"]
+    assert os.path.samefile(ckpts / "last.pt", ckpts / "0000020.pt")
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 20
+
+
+def test_prune_never_touches_the_file_last_links_to_nor_later_steps(tmp_path):
+    for step in (4, 8, 12, 16, 20):
+        (tmp_path / f"{step:07d}.pt").write_bytes(str(step).encode())
+    os.link(tmp_path / "0000008.pt", tmp_path / "last.pt")  # rolled back to step 8 by hand
+    (tmp_path / "notes.pt").write_bytes(b"not numbered")
+    removed = train.prune_checkpoints(tmp_path, keep=1, step=12)
+    assert sorted(p.name for p in removed) == ["0000004.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "0000008.pt", "0000012.pt", "0000016.pt", "0000020.pt", "last.pt", "notes.pt",
+    ]  # fmt: skip
+    assert (tmp_path / "last.pt").read_bytes() == b"8"
+    assert train.prune_checkpoints(tmp_path, keep=0, step=20) == []  # 0 keeps all
+
+
+def test_resume_drops_metrics_logged_after_the_checkpoint_and_keeps_config_json(tmp_path):
+    full = tmp_path / "full"
+    train.main(tiny(full, steps=8, ckpt_every=4, log_every=2))
+    # A crash right after step 8's metrics were logged but before its checkpoint was complete: last.pt
+    # still points at step 4, and the file ends in half a line.
+    run = tmp_path / "run"
+    train.main(tiny(run, steps=8, ckpt_every=4, log_every=2))
+    ckpts = run / "checkpoints"
+    os.replace(ckpts / "0000008.pt", tmp_path / "gone.pt")
+    os.link(ckpts / "0000004.pt", ckpts / ".l")
+    os.replace(ckpts / ".l", ckpts / "last.pt")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "train/lo')
+    config_before = (run / "config.json").read_bytes()
+
+    train.main(tiny(run, steps=8, ckpt_every=4, log_every=2, lr=2e-3, resume=True))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]  # 6 and 8 once each, from the resumed run
+    reference = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/loss"] for r in rows[:2]] == [r["train/loss"] for r in reference[:2]]
+    assert (run / "config.json").read_bytes() == config_before  # the first run's settings stay
+    resumed_cfg = json.loads((run / "config-resume-0000004.json").read_text())
+    assert resumed_cfg["resume"] is True and resumed_cfg["lr"] == 2e-3
+
+
+def test_out_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = run_cli(cli_args(tiny(tmp_path / "file" / "out")), capsys)
+    assert_one_error_line(code, err, "Not a directory", str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_impossible_upkeep_flags_are_one_line(tmp_path, capsys):
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", keep_checkpoints=-1)), capsys)
+    assert_one_error_line(code, err, "--keep-checkpoints")
+    code, err = run_cli(cli_args(tiny(tmp_path / "out", dist_timeout=0.0)), capsys)
+    assert_one_error_line(code, err, "--dist-timeout")
     assert not (tmp_path / "out").exists()

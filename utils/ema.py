@@ -60,11 +60,20 @@ class EMA:
         for ema_b, b in zip(self.model.buffers(), unwrap_model(model).buffers(), strict=True):
             ema_b.copy_(b)
 
+    # The checkpoint keys this class owns: "ema" holds the averaged weights as a plain model state dict, so
+    # that utils.checkpoint.model_from_checkpoint(ckpt) builds the EMA model from a checkpoint directly.
+    STATE_KEYS = ("ema", "ema_num_updates")
+
     def state_dict(self) -> dict[str, Any]:
-        """The averaged weights (a plain model state dict) and the update count."""
-        return {"weights": self.model.state_dict(), "num_updates": self.num_updates}
+        """{"ema": the averaged weights (a plain model state dict), "ema_num_updates": updates applied (int)}.
+
+        Stored as is at the top level of a training checkpoint (``checkpoint.update(ema.state_dict())``).
+        """
+        return {"ema": self.model.state_dict(), "ema_num_updates": self.num_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from ``state_dict()``."""
-        self.model.load_state_dict(state["weights"])
-        self._num_updates.fill_(float(state["num_updates"]))
+        """Restore from ``state_dict()``; ValueError for missing or unknown keys."""
+        if set(state) != set(self.STATE_KEYS):
+            raise ValueError(f"EMA state must have exactly the keys {', '.join(self.STATE_KEYS)}; got {sorted(state)}")
+        self.model.load_state_dict(state["ema"])
+        self._num_updates.fill_(float(state["ema_num_updates"]))

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from utils.io import atomic_write
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -42,6 +44,31 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Drop the rows of a metrics.jsonl file logged after ``step`` (and unreadable lines); returns how many.
+
+    The file is rewritten atomically, and only when something is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):  # e.g. half a line written when the run was killed
+            ok = False
+        if ok:
+            keep.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        text = "".join(keep).encode()
+        atomic_write(path, lambda f: f.write(text))
+    return dropped
+
+
 class RunLogger:
     """Logs scalars, images and videos of one run to wandb (online, offline or disabled) and OUT/metrics.jsonl.
 
@@ -49,6 +76,9 @@ class RunLogger:
     mode: 'online' falls back to 'offline' (with a note on how to sync) when no credentials are found.
     enabled: False on non-zero ranks, which then log nothing at all.
     run_id: pass the id of an earlier run (``self.run_id``) to continue its wandb history on resume.
+    start_step: the step the run starts from (the resumed checkpoint's, 0 for a fresh run). Rows of an existing
+        metrics.jsonl beyond it were logged after that checkpoint by a run that then died; they are dropped
+        (with unreadable half lines), so the resumed run does not log those steps twice. None: append only.
     """
 
     def __init__(
@@ -60,6 +90,7 @@ class RunLogger:
         config: dict[str, Any] | None = None,
         run_id: str | None = None,
         enabled: bool = True,
+        start_step: int | None = None,
     ):
         if mode not in WANDB_MODES:
             raise ValueError(f"unknown wandb mode {mode!r}; choose from {', '.join(WANDB_MODES)}")
@@ -73,6 +104,8 @@ class RunLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._metrics_path = self.out_dir / "metrics.jsonl"
+        if start_step is not None:
+            truncate_metrics(self._metrics_path, start_step)
         if mode == "disabled":
             return
         try:

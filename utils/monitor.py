@@ -137,7 +137,8 @@ class FIDMonitor:
             self.enabled = False
             if error is not None:
                 who = f" (rank {self.rank})" if self.world_size > 1 else ""
-                print(f"warning: FID switched off for this run{who}: {error}", file=sys.stderr)
+                why = str(error) if isinstance(error, FIDError) else f"{type(error).__name__}: {error}"
+                print(f"warning: FID switched off for this run{who}: {why}", file=sys.stderr)
             elif self.is_main:
                 print("warning: FID switched off for this run: set-up failed on another process", file=sys.stderr)
         self._ready = ok

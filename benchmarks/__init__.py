@@ -1,0 +1,1 @@
+"""Speed measurements: training and sampling throughput (``python -m benchmarks.benchmark``)."""

@@ -1,0 +1,687 @@
+"""Training and sampling throughput of the DiT: img/s, time per phase, peak memory and MFU.
+
+    python -m benchmarks.benchmark                                   # DiT-S/2, 32x32x3, batch 32, this machine
+    python -m benchmarks.benchmark --batch-size 16 --reference       # also the official DiT of the same size
+    python -m benchmarks.benchmark --device cuda --batch-size 256 --compile --json runs/bench/h100.json
+
+Training runs the project's real step, as train.py runs it: a batch from data.BatchStream (a synthetic
+uint8 set of CIFAR-10's shape by default, held on the device), the flow-matching loss of utils/flow.py
+under bf16 autocast on CUDA, backward, guarded_step (gradient clipping, fused AdamW) and the EMA update.
+Each phase (data, forward, backward, optimizer) is timed with the host clock on CPU and with CUDA events on
+GPU, so the GPU run has no host synchronisation inside the timed steps. Rates are medians over the timed
+steps. Model FLOPs utilisation (MFU): a trained image costs 3x the forward FLOPs of
+models.dit.forward_flops (the forward plus a backward of twice its cost), taken against the device's dense
+bf16 peak on GPU, or against a measured fp32 matmul rate on CPU.
+
+Sampling runs sampler.Sampler at a fixed number of steps, without guidance (one pass of N per step) and
+with it (one batched pass of 2N per step).
+
+``--reference`` adds benchmarks/official_dit.py (the official DiT architecture: timm attention and MLP, no
+registers, no qk-norm), trained twice: with the project's step, which isolates the network, and with the
+official repository's step (torch's default AdamW and a per-parameter EMA loop). It never runs compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from benchmarks.official_dit import official_dit, official_update_ema
+from data import BatchStream, DataError, build_dataset
+from data.datasets import TensorImageDataset
+from models.dit import DiT, count_params, forward_flops
+from sampler import Sampler
+from utils.cli import add_model_args, build_model
+from utils.ema import EMA
+from utils.flow import FlowMatching
+from utils.optim import StepStats, build_adamw, guarded_step
+
+PHASES = ("data", "forward", "backward", "optimizer")
+
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendor data sheets; matched in this order
+# against torch.cuda.get_device_name(). --peak-tflops overrides them (and covers other devices).
+GPU_BF16_PEAK: tuple[tuple[tuple[str, ...], float], ...] = (
+    (("H200",), 989.4e12),
+    (("H100", "PCIE"), 756.0e12),
+    (("H100", "NVL"), 835.5e12),
+    (("H100",), 989.4e12),  # SXM
+    (("A100",), 312.0e12),
+)
+
+
+class BenchError(ValueError):
+    """Settings the benchmark cannot run with."""
+
+
+@dataclass
+class BenchConfig:
+    """Every setting of a benchmark run; written into the JSON result."""
+
+    # model (utils.cli.add_model_args) and data shape
+    model: str = "DiT-S/2"
+    hidden_size: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    num_registers: int = 4
+    class_dropout: float = 0.1
+    qk_norm: bool = True
+    image_size: int = 32
+    channels: int = 3
+    num_classes: int = 10
+    # data
+    dataset: str = "synthetic"
+    data_path: str = "./datasets"
+    num_images: int = 10_000
+    data_on_device: bool = True
+    num_workers: int = 0
+    # training
+    batch_size: int = 32
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 1
+    grad_clip: float = 1.0
+    compile: bool = False
+    precision: str = "auto"
+    reference: bool = False
+    train: bool = True
+    # sampling
+    sample: bool = True
+    sample_n: int | None = None
+    sample_steps: int = 10
+    sample_method: str = "euler"
+    cfg_scale: float = 4.0
+    # machine and output
+    device: str = "auto"
+    threads: int | None = None
+    peak_tflops: float | None = None
+    peak_seconds: float = 2.0
+    seed: int = 0
+    json: str | None = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BenchConfig()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--image-size", type=int, help="image side (default %(default)s)")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default %(default)s)")
+    g.add_argument("--num-classes", type=int, help="classes of the synthetic set (default %(default)s)")
+    g.add_argument(
+        "--dataset",
+        choices=("synthetic", "digits", "cifar10"),
+        help="synthetic: random uint8 images of the given shape, no download (default); cifar10 needs --data-path",
+    )
+    g.add_argument("--data-path", help="where CIFAR-10 lies (it is not downloaded here)")
+    g.add_argument("--num-images", type=int, help="size of the synthetic set (default %(default)s)")
+    g.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, help="hold the set on the device")
+    g.add_argument("--num-workers", type=int, help="loader processes without --data-on-device")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, help="images per step (default %(default)s)")
+    g.add_argument("--steps", type=int, help="timed steps (default %(default)s)")
+    g.add_argument("--warmup", type=int, help="untimed steps first (default %(default)s)")
+    g.add_argument("--repeats", type=int, help="run every row this many times, alternating their order; pooled medians")
+    g.add_argument("--grad-clip", type=float, help="as train.py (default %(default)s; 0: none)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model, as train.py")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--reference", action="store_true", help="also time the official DiT of the same size")
+    g.add_argument("--train", action=argparse.BooleanOptionalAction, help="run the training benchmark")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action=argparse.BooleanOptionalAction, help="run the sampling benchmark")
+    g.add_argument("--sample-n", type=int, help="images per sampling call (default: the batch size)")
+    g.add_argument("--sample-steps", type=int, help="solver steps (default %(default)s)")
+    g.add_argument("--sample-method", choices=("euler", "midpoint", "heun"), help="fixed-grid solver")
+    g.add_argument("--cfg-scale", type=float, help="guidance scale of the guided run (default %(default)s)")
+    g = p.add_argument_group("machine and output")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--peak-tflops", type=float, help="the device's peak in TFLOP/s for MFU (default: table/measured)")
+    g.add_argument("--peak-seconds", type=float, help="seconds spent measuring the CPU matmul peak")
+    g.add_argument("--seed", type=int, help="seed of the data, the weights and the noise")
+    g.add_argument("--json", help="write the results here (an existing file is never overwritten)")
+    p.set_defaults(**dataclasses.asdict(d))
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    return BenchConfig(**vars(build_parser().parse_args(argv)))
+
+
+def command_line(cfg: BenchConfig) -> str:
+    """The shortest command that reproduces cfg: its settings that differ from the defaults."""
+    default, args = BenchConfig(), []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == getattr(default, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "qk_norm":
+            args.append("--no-qk-norm")
+        elif isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            args += [flag, str(value)]
+    return " ".join(["python -m benchmarks.benchmark", *args])
+
+
+def check_config(cfg: BenchConfig) -> None:
+    """BenchError for settings that cannot work, before anything runs."""
+    checks = [
+        (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.steps >= 1, "--steps must be >= 1"),
+        (cfg.warmup >= 0, "--warmup must be >= 0"),
+        (cfg.repeats >= 1, "--repeats must be >= 1"), (cfg.image_size >= 1, "--image-size must be >= 1"),
+        (cfg.num_classes >= 0, "--num-classes must be >= 0"), (cfg.sample_steps >= 1, "--sample-steps must be >= 1"),
+        (cfg.sample_n is None or cfg.sample_n >= 1, "--sample-n must be >= 1"),
+        (cfg.threads is None or cfg.threads >= 1, "--threads must be >= 1"),
+        (cfg.peak_tflops is None or cfg.peak_tflops > 0, "--peak-tflops must be > 0"),
+        (cfg.peak_seconds > 0, "--peak-seconds must be > 0"), (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
+        (math.isfinite(cfg.cfg_scale), "--cfg-scale must be finite"),
+        (cfg.num_images >= cfg.batch_size, "--num-images must be at least --batch-size"),
+        (cfg.train or cfg.sample, "nothing to do: both --no-train and --no-sample"),
+        (not (cfg.reference and cfg.num_classes == 0), "--reference needs a class-conditional model"),
+    ]  # fmt: skip
+    for ok, message in checks:
+        if not ok:
+            raise BenchError(message)
+    if cfg.json and Path(cfg.json).exists():
+        raise BenchError(f"{cfg.json} already exists; choose another --json path")
+
+
+# ---------------------------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: CUDA is not available on this machine")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """As train.py: bf16 autocast on CUDA only; 'auto' is bf16 there and fp32 elsewhere."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type != "cuda":
+        warnings.warn("bf16 autocast is used on CUDA only (as in train.py); benchmarking fp32", stacklevel=2)
+        return "fp32"
+    return precision
+
+
+def gpu_bf16_peak(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a GPU from its name, or None if it is not in the table."""
+    upper = name.upper()
+    for keys, peak in GPU_BF16_PEAK:
+        if all(k in upper for k in keys):
+            return peak
+    return None
+
+
+def measure_matmul_flops(device: torch.device, seconds: float = 1.0, n: int = 2048) -> float:
+    """Best fp32 FLOP/s of an n x n matmul repeated for about ``seconds`` (the best one resists noise)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    torch.mm(a, b, out=out)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def device_info(cfg: BenchConfig, device: torch.device) -> dict[str, Any]:
+    """Device name, threads, torch version and the peak FLOP/s used for MFU with where it came from."""
+    info: dict[str, Any] = {"type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        peak, source = gpu_bf16_peak(info["name"]), "dense bf16 peak of the data sheet"
+    else:
+        info["name"] = platform.processor() or platform.machine()
+        try:  # the model name of the first CPU, when Linux says it
+            line = next(s for s in Path("/proc/cpuinfo").read_text().splitlines() if s.startswith("model name"))
+            info["name"] = line.split(":", 1)[1].strip()
+        except (OSError, StopIteration):
+            pass
+        peak = measure_matmul_flops(device, cfg.peak_seconds)
+        source = f"best fp32 2048x2048 matmul rate, measured before and after the runs, {info['threads']} threads"
+    if cfg.peak_tflops is not None:
+        peak, source = cfg.peak_tflops * 1e12, "--peak-tflops"
+    info["peak_measured"] = device.type == "cpu" and cfg.peak_tflops is None
+    info["peak_flops_samples"] = [peak] if info["peak_measured"] else []
+    info["peak_flops"] = peak
+    info["peak_source"] = source if peak else "unknown device: pass --peak-tflops for MFU"
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set (VmHWM) to its current size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """Peak bytes: CUDA memory allocated since the last reset, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "max_memory_allocated"
+    try:
+        line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024, "process peak RSS"
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return (kb if sys.platform == "darwin" else kb * 1024), "process peak RSS"
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+class PhaseTimer:
+    """Boundaries between the phases of consecutive steps: the host clock on CPU, CUDA events on GPU.
+
+    Events are recorded in the stream and read after one synchronisation at the end, so timing adds no
+    host sync to the steps; the GPU time of a phase then includes any wait for the host to launch it.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks (synchronises once on CUDA)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+def summarize(phase_seconds: list[float], batch_size: int) -> dict[str, Any]:
+    """Per-step medians from the flat list of phase durations (len(PHASES) per step)."""
+    k = len(PHASES)
+    steps = [phase_seconds[i : i + k] for i in range(0, len(phase_seconds), k)]
+    step_s = statistics.median(sum(s) for s in steps)
+    return {
+        "step_ms": 1e3 * step_s,
+        "steps_per_s": 1.0 / step_s,
+        "img_per_s": batch_size / step_s,
+        "img_per_s_mean": batch_size * len(steps) / sum(phase_seconds),
+        "img_per_s_best": batch_size / min(sum(s) for s in steps),  # the fastest step: least disturbed by load
+        "phase_ms": {name: 1e3 * statistics.median(s[i] for s in steps) for i, name in enumerate(PHASES)},
+        "step_ms_all": [1e3 * sum(s) for s in steps],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def synthetic_dataset(n: int, channels: int, size: int, num_classes: int, seed: int) -> TensorImageDataset:
+    """Random uint8 images (n, channels, size, size) and labels: a dataset of CIFAR-10's shape, no download."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, max(num_classes, 1), (n,), generator=g)
+    return TensorImageDataset(images, labels, [str(i) for i in range(max(num_classes, 1))])
+
+
+def make_dataset(cfg: BenchConfig):
+    if cfg.dataset == "synthetic":
+        return synthetic_dataset(cfg.num_images, cfg.channels, cfg.image_size, cfg.num_classes, cfg.seed)
+    dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True, download=False)
+    if dataset.num_classes != cfg.num_classes:
+        raise BenchError(f"--num-classes {cfg.num_classes}: the {cfg.dataset} set has {dataset.num_classes}")
+    return dataset
+
+
+def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
+    """The project's DiT ('dit') or the official architecture ('official') of the configured size."""
+    if impl == "dit":
+        return build_model(
+            cfg.model, cfg.image_size, cfg.channels, cfg.num_classes, cfg.hidden_size, cfg.depth, cfg.num_heads,
+            cfg.num_registers, cfg.class_dropout, cfg.qk_norm,
+        )  # fmt: skip
+    sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
+    return official_dit(
+        cfg.model, input_size=cfg.image_size, in_channels=cfg.channels, num_classes=cfg.num_classes,
+        class_dropout_prob=cfg.class_dropout, **{k: v for k, v in sizes.items() if v is not None},
+    )  # fmt: skip
+
+
+def model_flops(cfg: BenchConfig, impl: str) -> int:
+    """Forward FLOPs per image (models.dit.forward_flops); the official network counts as a DiT without registers."""
+    with torch.device("meta"):  # shapes only
+        model = make_model(dataclasses.replace(cfg, num_registers=0) if impl == "official" else cfg, "dit")
+    return forward_flops(model)
+
+
+def _compile(net: nn.Module, model: nn.Module, batch: int, device: torch.device, autocast) -> nn.Module:
+    import train  # train.py's own probe-and-fall-back, so the benchmark compiles exactly as training does
+
+    return train.compile_or_eager(net, model, batch, device, autocast)
+
+
+def bench_train(
+    cfg: BenchConfig, device: torch.device, precision: str, dataset, impl: str = "dit", step: str = "project"
+) -> tuple[dict[str, Any], nn.Module]:
+    """Time cfg.steps training steps after cfg.warmup; returns the result row and the trained model.
+
+    step='project' is train.py's step; step='official' is the official DiT repository's (default AdamW, no
+    clipping, a per-parameter EMA loop), with the same data and loss.
+    """
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, impl).to(device).train()
+    flow = FlowMatching()  # train.py's defaults: straight path, logit-normal t
+    stream = BatchStream(
+        dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=True, on_device=cfg.data_on_device,
+        num_workers=cfg.num_workers,
+    )  # fmt: skip
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    compiled = cfg.compile and impl == "dit"
+    net = _compile(model, model, cfg.batch_size, device, autocast) if compiled else model
+    compiled = compiled and net is not model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if step == "project":
+        ema = EMA(model, 0.9999)
+        opt = build_adamw(params, lr=1e-4)
+        stats = StepStats(device)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+
+        def optimizer_step(loss: torch.Tensor) -> None:
+            ok, grad_norm = guarded_step(opt, params, loss, max_norm)
+            ema.update(model, mask=ok)
+            stats.update(ok, loss, grad_norm)
+    elif step == "official":
+        ema_model = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+
+        def optimizer_step(loss: torch.Tensor) -> None:
+            opt.step()
+            opt.zero_grad()
+            official_update_ema(ema_model, model)
+    else:
+        raise ValueError(f"unknown step {step!r}")
+
+    def train_step(timer: PhaseTimer | None) -> None:
+        mark = timer.mark if timer else lambda: None
+        x, y = next(stream)
+        mark()
+        with autocast():
+            loss = flow.loss(net, x, y)
+        mark()
+        loss.backward()
+        mark()
+        optimizer_step(loss)
+        mark()
+
+    for _ in range(cfg.warmup):
+        train_step(None)
+    syncs = count_host_syncs(lambda: train_step(None), device) if step == "project" else None
+    _sync(device)
+    _reset_peak_memory(device)
+    timer = PhaseTimer(device)
+    timer.mark()
+    for _ in range(cfg.steps):
+        train_step(timer)
+    phase_seconds = timer.seconds()
+    row = summarize(phase_seconds, cfg.batch_size)
+    mem, mem_kind = peak_memory(device)
+    row.update(
+        impl=impl, step=step, batch_size=cfg.batch_size, steps=cfg.steps, warmup=cfg.warmup, precision=precision,
+        compiled=compiled, params=count_params(model), forward_flops_per_image=model_flops(cfg, impl),
+        peak_memory_bytes=mem, peak_memory_kind=mem_kind, host_syncs_per_step=syncs, phase_seconds=phase_seconds,
+    )  # fmt: skip
+    row["train_flops_per_image"] = 3 * row["forward_flops_per_image"]
+    row["achieved_flops"] = row["train_flops_per_image"] * row["img_per_s"]
+    return row, model
+
+
+def count_host_syncs(fn: Callable[[], None], device: torch.device) -> int | None:
+    """Host synchronisations that fn makes on CUDA (torch's sync debug mode); None on CPU."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def pool(rows: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """One row from repeated runs of the same benchmark: medians over all their timed steps."""
+    phases = [x for r in rows for x in r["phase_seconds"]]
+    out = {**rows[0], **summarize(phases, batch_size), "repeats": len(rows)}
+    out["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in rows)
+    out["achieved_flops"] = out["train_flops_per_image"] * out["img_per_s"]
+    del out["phase_seconds"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def bench_sample(
+    cfg: BenchConfig, model: nn.Module, device: torch.device, precision: str, flops: int
+) -> list[dict[str, Any]]:
+    """Images/s of sampler.Sampler at cfg.sample_steps, without guidance and (conditional models) with it."""
+    n = cfg.sample_n or cfg.batch_size
+    sampler = Sampler(model, steps=cfg.sample_steps, method=cfg.sample_method, batch_size=n, precision=precision)
+    y = torch.arange(n) % model.num_classes if model.num_classes else None
+    scales = [1.0] + ([cfg.cfg_scale] if model.num_classes and cfg.cfg_scale != 1.0 else [])
+    rows = []
+    for scale in scales:
+        sampler.sample(n, y, cfg_scale=scale, steps=1, seed=cfg.seed)  # warm-up: kernels, allocator
+        _reset_peak_memory(device)
+        times = []
+        for _ in range(cfg.repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            sampler.sample(n, y, cfg_scale=scale, seed=cfg.seed)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        seconds = statistics.median(times)
+        passes = 2 if scale != 1.0 else 1  # a guided evaluation is one batched pass of 2N
+        mem, mem_kind = peak_memory(device)
+        rows.append(
+            dict(
+                cfg_scale=scale,
+                n=n,
+                steps=cfg.sample_steps,
+                method=cfg.sample_method,
+                precision=sampler.last_precision,
+                nfe=sampler.last_nfe,
+                batch_per_nfe=passes * n,
+                seconds=seconds,
+                seconds_all=times,
+                img_per_s=n / seconds,
+                nfe_per_s=sampler.last_nfe / seconds,
+                achieved_flops=passes * n * sampler.last_nfe * flops / seconds,
+                peak_memory_bytes=mem,
+                peak_memory_kind=mem_kind,
+            )
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _mem(b: int) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB"
+
+
+def _mfu(flops: float, peak: float | None) -> float | None:
+    return flops / peak if peak else None
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The results as plain-text tables."""
+    dev, m = result["device"], result["model"]
+    peak = dev["peak_flops"]
+    peak_text = f"{peak / 1e12:.3g} TFLOP/s" if peak and peak >= 1e12 else f"{(peak or 0) / 1e9:.1f} GFLOP/s"
+    lines = [
+        f"device: {dev['type']} ({dev['name']}, {dev['threads']} threads), torch {dev['torch']}",
+        f"peak for MFU: {peak_text if peak else 'unknown'} ({dev['peak_source']})",
+        f"model: {m['name']} {m['image_size']}x{m['image_size']}x{m['channels']}, {m['num_classes']} classes, "
+        f"{m['config']['num_registers']} registers, qk-norm {m['config']['qk_norm']}, {m['params'] / 1e6:.1f}M params, "
+        f"{m['forward_flops_per_image'] / 1e9:.2f} GFLOP forward per image",
+    ]
+    if result.get("train"):
+        r0 = result["train"][0]
+        lines += [
+            "",
+            f"training: batch {r0['batch_size']}, {r0['steps']} timed steps after {r0['warmup']} warm-up, "
+            f"x{r0['repeats']} runs in alternating order, {r0['precision']}",
+            f"{'network, step':34s} {'img/s':>8s} {'steps/s':>8s} {'step ms':>8s} {'data':>7s} {'fwd':>7s} "
+            f"{'bwd':>7s} {'opt':>7s} {'peak mem':>10s} {'MFU':>7s}",
+        ]
+        for r in result["train"]:
+            name = f"{'DiT' if r['impl'] == 'dit' else 'official DiT'}, {r['step']} step"
+            name += ", compiled" if r["compiled"] else ""
+            ph = r["phase_ms"]
+            mfu = _mfu(r["achieved_flops"], peak)
+            lines.append(
+                f"{name:34s} {r['img_per_s']:8.1f} {r['steps_per_s']:8.2f} {r['step_ms']:8.1f} {ph['data']:7.1f} "
+                f"{ph['forward']:7.1f} {ph['backward']:7.1f} {ph['optimizer']:7.1f} {_mem(r['peak_memory_bytes']):>10s} "
+                f"{(f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'):>7s}"
+            )
+        lines.append("(phase columns: median ms per step; peak mem: " + r0["peak_memory_kind"] + ")")
+    if result.get("sample"):
+        s0 = result["sample"][0]
+        lines += [
+            "",
+            f"sampling: {s0['n']} images, {s0['method']}, {s0['steps']} steps, {s0['precision']}, "
+            f"median of {len(s0['seconds_all'])} runs",
+            f"{'cfg':>5s} {'NFE':>5s} {'batch/NFE':>10s} {'seconds':>8s} {'img/s':>8s} {'NFE/s':>7s} {'MFU':>7s}",
+        ]
+        for s in result["sample"]:
+            mfu = _mfu(s["achieved_flops"], peak)
+            lines.append(
+                f"{s['cfg_scale']:5g} {s['nfe']:5d} {s['batch_per_nfe']:10d} {s['seconds']:8.2f} {s['img_per_s']:8.2f} "
+                f"{s['nfe_per_s']:7.2f} {(f'{100 * mfu:.1f}%' if mfu is not None else 'n/a'):>7s}"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def main(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the configured benchmarks; returns (and with cfg.json writes) the results."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = resolve_precision(cfg.precision, device)
+    if device.type == "cuda":  # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    try:
+        model = make_model(cfg, "dit")
+    except ValueError as e:
+        raise BenchError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
+    result: dict[str, Any] = {
+        "command": command_line(cfg),
+        "config": dataclasses.asdict(cfg),
+        "device": device_info(cfg, device),
+        "model": {
+            "name": cfg.model,
+            "config": model.config,
+            "image_size": cfg.image_size,
+            "channels": cfg.channels,
+            "num_classes": cfg.num_classes,
+            "params": count_params(model),
+            "forward_flops_per_image": model_flops(cfg, "dit"),
+        },  # fmt: skip
+        "train": [],
+        "sample": [],
+    }
+    del model
+    trained: DiT | None = None
+    if cfg.train:
+        try:
+            dataset = make_dataset(cfg)
+        except DataError as e:
+            raise BenchError(str(e)) from None
+        runs = [("dit", "project")] + ([("official", "project"), ("official", "official")] if cfg.reference else [])
+        rows: dict[tuple[str, str], list[dict[str, Any]]] = {run: [] for run in runs}
+        for r in range(cfg.repeats):  # alternating the order spreads a busy machine's slow spells over all rows
+            for impl, step in runs if r % 2 == 0 else runs[::-1]:
+                row, model = bench_train(cfg, device, precision, dataset, impl, step)
+                rows[impl, step].append(row)
+                if impl == "dit":
+                    trained = model
+                del model
+        result["train"] = [pool(rows[run], cfg.batch_size) for run in runs]
+    if cfg.sample:
+        if trained is None:
+            torch.manual_seed(cfg.seed)
+            trained = make_model(cfg, "dit").to(device)
+        result["sample"] = bench_sample(cfg, trained, device, precision, result["model"]["forward_flops_per_image"])
+    dev = result["device"]
+    if dev["peak_measured"]:  # measured again after the runs: the better of the two resists a busy machine
+        dev["peak_flops_samples"].append(measure_matmul_flops(device, cfg.peak_seconds))
+        dev["peak_flops"] = max(dev["peak_flops_samples"])
+    for row in result["train"] + result["sample"]:
+        row["mfu"] = _mfu(row["achieved_flops"], dev["peak_flops"])
+    if cfg.json:
+        path = Path(cfg.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x") as f:  # "x": never overwrite a result
+            json.dump(result, f, indent=2)
+            f.write("\n")
+    return result
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry: prints the tables; bad settings end with one line on stderr and status 2."""
+    try:
+        result = main(parse_args(argv))
+    except (BenchError, FileExistsError) as e:
+        print(f"benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if result["config"]["json"]:
+        print(f"\nwrote {result['config']['json']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

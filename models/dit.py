@@ -157,7 +157,10 @@ class Attention(nn.Module):
             q, k, v = _PackedQKNorm.apply(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
-            q, k = self.q_norm(q), self.k_norm(k)
+            if self.qk_norm:
+                # Weights in the activations' dtype: under bf16 autocast the fused RMSNorm kernel needs both alike.
+                q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+                k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import DATASETS, BatchStream, DataError, build_dataset
 from utils.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from utils.cli import add_model_args, build_model
+from utils.cli import ModelConfig, add_model_args, build_model
 from utils.distributed import (
     DistInfo,
     PeerError,
@@ -84,7 +84,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelConfig):
     """Every setting of a training run; the resolved copy is saved in OUT/config.json and every checkpoint."""
 
     # data
@@ -95,14 +95,6 @@ class TrainConfig:
     flip: bool = True
     num_workers: int = 4
     data_on_device: bool | None = None
-    # model (utils.cli.add_model_args)
-    model: str = "DiT-S/2"
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    num_registers: int = 4
-    class_dropout: float = 0.1
-    qk_norm: bool = True
     # objective (utils/flow.py)
     t_sampler: str = "logit-normal"
     t_mean: float = 0.0
@@ -364,10 +356,7 @@ def _prepare(cfg: TrainConfig, info: DistInfo) -> tuple[dict[str, Any] | None, A
         raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     try:
-        model = build_model(
-            cfg.model, cfg.image_size, cfg.channels, dataset.num_classes, cfg.hidden_size, cfg.depth,
-            cfg.num_heads, cfg.num_registers, cfg.class_dropout, cfg.qk_norm,
-        )  # fmt: skip
+        model = build_model(cfg, cfg.image_size, cfg.channels, dataset.num_classes)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
     if state is not None:

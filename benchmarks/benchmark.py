@@ -48,7 +48,7 @@ from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
 from models.dit import DiT, count_params, forward_flops
 from sampler import Sampler
-from utils.cli import add_model_args, build_model
+from utils.cli import ModelConfig, add_model_args, build_model
 from utils.ema import EMA
 from utils.flow import FlowMatching
 from utils.optim import StepStats, build_adamw, guarded_step
@@ -71,17 +71,10 @@ class BenchError(ValueError):
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(ModelConfig):
     """Every setting of a benchmark run; written into the JSON result."""
 
-    # model (utils.cli.add_model_args) and data shape
-    model: str = "DiT-S/2"
-    hidden_size: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    num_registers: int = 4
-    class_dropout: float = 0.1
-    qk_norm: bool = True
+    # data shape (the model flags come from utils.cli.ModelConfig)
     image_size: int = 32
     channels: int = 3
     num_classes: int = 10
@@ -370,10 +363,7 @@ def make_dataset(cfg: BenchConfig):
 def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
     """The project's DiT ('dit') or the official architecture ('official') of the configured size."""
     if impl == "dit":
-        return build_model(
-            cfg.model, cfg.image_size, cfg.channels, cfg.num_classes, cfg.hidden_size, cfg.depth, cfg.num_heads,
-            cfg.num_registers, cfg.class_dropout, cfg.qk_norm,
-        )  # fmt: skip
+        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes)
     sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
     return official_dit(
         cfg.model, input_size=cfg.image_size, in_channels=cfg.channels, num_classes=cfg.num_classes,

@@ -128,7 +128,7 @@ class TrainConfig(ModelConfig):
     resume: bool = False
     wandb: str = "online"
     wandb_project: str = "dit-flow-matching"
-    compile: bool = False
+    compile: bool | None = None
     precision: str = "auto"
     device: str = "auto"
     dist_timeout: float = 30.0
@@ -190,7 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="online (falls back to offline without credentials), offline, disabled; default $WANDB_MODE or online",
     )
     g.add_argument("--wandb-project", help="wandb project name")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the model (default: on CUDA, where it pays; off on CPU, where compiling takes minutes)",
+    )
     g.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: cuda:LOCAL_RANK when available")
     g.add_argument(
@@ -255,6 +259,7 @@ def resolve_config(cfg: TrainConfig, device: torch.device, verbose: bool = True)
         cfg, out=cfg.out or f"runs/{cfg.dataset}", precision=precision, device=device.type,
         # cifar10 and digits sit in memory anyway: index them directly; image folders go through loader workers.
         data_on_device=cfg.dataset != "folder" if cfg.data_on_device is None else cfg.data_on_device,
+        compile=device.type == "cuda" if cfg.compile is None else cfg.compile,
     )  # fmt: skip
 
 

@@ -530,3 +530,11 @@ def test_impossible_upkeep_flags_are_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tiny(tmp_path / "out", dist_timeout=0.0)), capsys)
     assert_one_error_line(code, err, "--dist-timeout")
     assert not (tmp_path / "out").exists()
+
+
+def test_compile_and_precision_defaults_follow_the_device():
+    cpu = train.resolve_config(TrainConfig(), torch.device("cpu"))
+    assert cpu.compile is False and cpu.precision == "fp32"
+    cuda = train.resolve_config(TrainConfig(), torch.device("cuda"), verbose=False)  # resolving needs no GPU
+    assert cuda.compile is True and cuda.precision == "bf16"
+    assert train.resolve_config(TrainConfig(compile=False), torch.device("cuda")).compile is False

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stand_ins import Features
 
 from utils.checkpoint import load_checkpoint
 
@@ -93,24 +94,12 @@ def test_more_processes_than_gpus_is_an_error(monkeypatch):
             resolve_device(name, local_rank=2)
 
 
-class Features(torch.nn.Module):
-    """A small fixed feature extractor standing in for Inception: uint8 (N, 3, H, W) -> (N, 12)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(123)
-        self.conv = torch.nn.Conv2d(3, 12, 3)
-
-    def forward(self, x):
-        return self.conv(x.float() / 255).relu().mean((2, 3))
-
-
 # train.py's command line with Features in place of Inception (which the test must not download).
 FID_SCRIPT = """
 import sys
 import train
 import utils.monitor
-from test_ddp import Features
+from stand_ins import Features
 
 utils.monitor.load_inception = lambda device: Features()
 sys.exit(train.cli(sys.argv[1:]))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from stand_ins import Features
 
 import train
 from train import ConfigError, NonFiniteLossError, TrainConfig, parse_args
@@ -236,24 +237,12 @@ def test_wandb_offline_run_folder_holds_the_images_and_gifs(tmp_path, monkeypatc
     ]
 
 
-class PooledFeatures(torch.nn.Module):
-    """A small fixed feature extractor standing in for Inception: uint8 (N, 3, H, W) -> (N, 12)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(123)
-        self.conv = torch.nn.Conv2d(3, 12, 3)
-
-    def forward(self, x):
-        return self.conv(x.float() / 255).relu().mean((2, 3))
-
-
 def test_fid_during_training_is_logged_and_matches_a_direct_computation(tmp_path, monkeypatch):
     from sampler import Sampler
     from utils.fid import compute_fid, real_statistics
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real statistics cache
-    extractor = PooledFeatures()
+    extractor = Features()
     result = train.main(tiny(tmp_path / "run", steps=4, fid_every=2, fid_samples=40), fid_extractor=extractor)
     logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     fids = {m["step"]: m["eval/fid"] for m in logged if "eval/fid" in m}
@@ -267,7 +256,7 @@ def test_fid_during_training_is_logged_and_matches_a_direct_computation(tmp_path
 
 def test_fid_keeps_resume_bit_exact(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    extractor = PooledFeatures()
+    extractor = Features()
     train.main(tiny(tmp_path / "full", steps=8, fid_every=2, fid_samples=20), fid_extractor=extractor)
     train.main(tiny(tmp_path / "part", steps=4, fid_every=2, fid_samples=20), fid_extractor=extractor)
     train.main(tiny(tmp_path / "part", steps=8, fid_every=2, fid_samples=20, resume=True), fid_extractor=extractor)

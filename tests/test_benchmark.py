@@ -20,13 +20,7 @@ from benchmarks.benchmark import (
 from benchmarks.official_dit import official_dit, official_update_ema
 from models.dit import DiT_models, count_params, forward_flops
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> BenchConfig:

@@ -22,14 +22,7 @@ from utils.flow import FlowMatching
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # One thread: bit-exact comparisons across processes need the same reduction order, and one thread is
-    # also the fastest for these tiny models on a shared 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(out: Path, **overrides) -> TrainConfig:

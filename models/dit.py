@@ -98,41 +98,6 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (N, T, D)
 
 
-class _PackedQKNorm(torch.autograd.Function):
-    """qk-norm (RMSNorm of each head's query and key) read straight from the packed qkv projection.
-
-    The maths of nn.RMSNorm (the forward bit for bit), with a hand-written backward. Used in eager mode on
-    the CPU only, where autograd through RMSNorm's decomposition makes about ten passes over q and k, and
-    splitting qkv and stacking its gradient back cost two copies more; CUDA has a fused RMSNorm kernel and
-    torch.compile fuses the plain code. Returns q, k, v as (N, H, T, Dh) views.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float):
-        qk = qkv[:, :, :2]  # (N, T, 2, H, Dh)
-        rstd = torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + eps)  # (N, T, 2, H, 1)
-        weight = torch.stack([q_weight, k_weight]).unsqueeze(1)  # (2, 1, Dh)
-        out = (qk * rstd).mul_(weight)  # (N, T, 2, H, Dh)
-        ctx.save_for_backward(qkv, rstd, weight)
-        q, k = out.unbind(2)
-        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-
-    @staticmethod
-    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor):
-        qkv, rstd, weight = ctx.saved_tensors
-        grad = torch.empty_like(qkv)  # (N, T, 3, H, Dh), the three gradients written into their slots
-        for i, g in enumerate((grad_q, grad_k, grad_v)):
-            grad[:, :, i].copy_(g.transpose(1, 2))
-        grad_qk = grad[:, :, :2]  # (N, T, 2, H, Dh), turned in place into the gradient of the raw q and k
-        x_hat = qkv[:, :, :2] * rstd
-        prod = grad_qk * x_hat
-        grad_weight = prod.sum((0, 1)).sum(1)  # (2, Dh)
-        # d/dx of w * x * rstd(x): rstd * (g w - x_hat * mean(g w x_hat)) over the head dimension.
-        dot = prod.mul_(weight).mean(-1, keepdim=True)
-        grad_qk.mul_(weight).addcmul_(x_hat, dot, value=-1).mul_(rstd)
-        return grad, grad_weight[0], grad_weight[1], None
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with optional qk-norm, computed by scaled_dot_product_attention."""
 
@@ -152,15 +117,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)
-        packed = self.qk_norm and qkv.device.type == "cpu" and qkv.dtype == torch.float32  # see _PackedQKNorm
-        if packed and not torch.compiler.is_compiling():
-            q, k, v = _PackedQKNorm.apply(qkv, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
-            if self.qk_norm:
-                # Weights in the activations' dtype: under bf16 autocast the fused RMSNorm kernel needs both alike.
-                q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
-                k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
+        if self.qk_norm:
+            # Weights in the activations' dtype: under bf16 autocast the fused RMSNorm kernel needs both alike.
+            q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 

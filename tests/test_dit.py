@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from stand_ins import all_close, close
 
 from models.dit import DiT, DiT_models, count_params, forward_macs, get_2d_sincos_pos_embed, modulate
 
@@ -74,7 +75,7 @@ def test_final_layer_applies_shift_and_scale_in_the_right_order():
     shift, scale = final.adaLN_modulation(c).chunk(2, dim=1)
     normed = torch.nn.functional.layer_norm(x, (32,), eps=1e-6)
     expected = final.linear(normed * (1 + scale[:, None]) + shift[:, None])
-    assert torch.allclose(final(x, c), expected, atol=1e-6)
+    assert all_close(final(x, c), expected)
 
 
 def test_pos_embed_is_fixed_sincos():
@@ -96,7 +97,7 @@ def test_cfg_scale_zero_ignores_labels():
     x, t, y = inputs()
     a = model.forward_with_cfg(x, t, y, 0.0)
     b = model.forward_with_cfg(x, t, (y + 3) % 10, 0.0)
-    assert torch.allclose(a, b, atol=1e-6)
+    assert all_close(a, b)
     assert not torch.allclose(model(x, t, y), model(x, t, (y + 3) % 10))
 
 
@@ -107,7 +108,7 @@ def test_cfg_matches_formula_from_two_separate_passes():
     v_uncond = model._forward(x, t, torch.full_like(y, model.num_classes), drop_labels=False)
     for w in (0.5, 2.5, 4.0):
         expected = v_uncond + w * (v_cond - v_uncond)
-        assert torch.allclose(model.forward_with_cfg(x, t, y, w), expected, atol=1e-5)
+        assert all_close(model.forward_with_cfg(x, t, y, w), expected)
 
 
 def test_batched_and_scalar_t_agree():
@@ -154,16 +155,17 @@ def test_label_dropout_only_in_train_mode():
     x, t = x[:1].expand(64, -1, -1, -1), t[:1].expand(64)
     y = torch.full((64,), 3)
     eval_out = model(x, t, y)
-    assert torch.allclose(eval_out, eval_out[:1].expand_as(eval_out))  # same input, same output
+    assert all_close(eval_out, eval_out[:1].expand_as(eval_out))  # same input, same output (up to batch kernels)
     model.train()
     torch.manual_seed(0)
     train_out = model(x, t, y)
     null_out = model._forward(x[:1], t[:1], torch.tensor([10]), drop_labels=False)
-    dropped = torch.isclose(train_out, null_out.expand_as(train_out), atol=1e-6).flatten(1).all(1)
-    kept = torch.isclose(train_out, eval_out, atol=1e-6).flatten(1).all(1)
+    # A batch of 64 and a batch of 1 run different kernels: compare at the scale of the outputs.
+    dropped = close(train_out, null_out.expand_as(train_out)).flatten(1).all(1)
+    kept = close(train_out, eval_out).flatten(1).all(1)
     assert (dropped | kept).all() and 10 < dropped.sum() < 54  # about half replaced by the null class
     model.eval()
-    assert torch.allclose(model.forward_with_cfg(x, t, y, 1.0), eval_out)
+    assert all_close(model.forward_with_cfg(x, t, y, 1.0), eval_out)
 
 
 @pytest.mark.parametrize(
@@ -204,37 +206,18 @@ def test_config_rebuilds_the_same_network():
     assert torch.equal(clone.eval()(x, t, y), model(x, t, y))
 
 
-def test_packed_qk_norm_backward_matches_numerical_gradient():
-    from models.dit import _PackedQKNorm
-
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 5, 3, 2, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    wq, wk = (torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    assert torch.autograd.gradcheck(lambda a, b, c: _PackedQKNorm.apply(a, b, c, 1e-6), (qkv, wq, wk))
-
-
-def test_cpu_qk_norm_fast_path_equals_rmsnorm_modules():
-    # The eager CPU attention normalises q and k inside the packed qkv tensor; the plain path (CUDA, compile)
-    # applies the nn.RMSNorm modules. Same forward bit for bit, same gradients up to rounding.
+def test_qk_norm_is_rmsnorm_of_each_heads_queries_and_keys():
     from models.dit import Attention
 
     torch.manual_seed(0)
     attn = Attention(32, 4)
     with torch.no_grad():
         attn.q_norm.weight.normal_(), attn.k_norm.weight.normal_()
-    x = torch.randn(3, 10, 32, requires_grad=True)
-    out = attn(x)
-    out.square().sum().backward()
-    fast = [out.detach(), x.grad.clone()] + [p.grad.clone() for p in attn.parameters()]
-
-    attn.zero_grad()
-    x.grad = None
+    x = torch.randn(3, 10, 32)
     qkv = attn.qkv(x).view(3, 10, 3, 4, 8)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     o = torch.nn.functional.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
-    ref = attn.proj(o.transpose(1, 2).reshape(3, 10, 32))
-    ref.square().sum().backward()
-    plain = [ref.detach(), x.grad] + [p.grad for p in attn.parameters()]
-    assert torch.equal(fast[0], plain[0])
-    for a, b in zip(fast[1:], plain[1:], strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    expected = attn.proj(o.transpose(1, 2).reshape(3, 10, 32))
+    assert all_close(attn(x), expected)
+    attn.qk_norm = False  # the same weights without the norm: another result
+    assert not all_close(attn(x), expected, rel=1e-2)

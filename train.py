@@ -236,10 +236,8 @@ def check_config(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    try:
-        FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    if cfg.t_std <= 0 or cfg.sigma < 0:
+        raise ConfigError("--t-std must be > 0 and --sigma >= 0")
 
 
 def resolve_config(cfg: TrainConfig, device: torch.device, verbose: bool = True) -> TrainConfig:
@@ -471,7 +469,7 @@ def _train(cfg: TrainConfig, info: DistInfo, fid_extractor: torch.nn.Module | No
             for group in opt.param_groups:
                 group["lr"] = lr
             with autocast():
-                loss = flow.loss(net, x, y)
+                loss = flow.loss(net, x, y).loss
             loss.backward()
             ok, grad_norm = guarded_step(opt, params, loss, max_norm, agree)
             ema.update(model, mask=ok)

@@ -431,7 +431,7 @@ def bench_train(
         x, y = next(stream)
         mark()
         with autocast():
-            loss = flow.loss(net, x, y)
+            loss = flow.loss(net, x, y).loss
         mark()
         loss.backward()
         mark()

@@ -23,7 +23,6 @@ official repository's step (torch's default AdamW and a per-parameter EMA loop).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import itertools
@@ -47,11 +46,12 @@ from benchmarks.official_dit import official_dit, official_update_ema
 from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
 from models.dit import DiT, count_params, forward_flops
-from sampler import Sampler
-from utils.cli import ModelConfig, add_model_args, build_model
+from utils.config import ConfigError, ModelConfig, arg, build_model, flag_values, parse
+from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_device, resolve_precision
 from utils.ema import EMA
 from utils.flow import FlowMatching
 from utils.optim import StepStats, build_adamw, guarded_step
+from utils.sampling import Sampler
 
 PHASES = ("data", "forward", "backward", "optimizer")
 
@@ -66,156 +66,62 @@ GPU_BF16_PEAK: tuple[tuple[tuple[str, ...], float], ...] = (
 )
 
 
-class BenchError(ValueError):
-    """Settings the benchmark cannot run with."""
-
-
-@dataclass
+@dataclass(kw_only=True)
 class BenchConfig(ModelConfig):
     """Every setting of a benchmark run; written into the JSON result."""
 
-    # data shape (the model flags come from utils.cli.ModelConfig)
-    image_size: int = 32
-    channels: int = 3
-    num_classes: int = 10
-    # data
-    dataset: str = "synthetic"
-    data_path: str = "./datasets"
-    num_images: int = 10_000
-    data_on_device: bool = True
-    num_workers: int = 0
-    # training
-    batch_size: int = 32
-    steps: int = 10
-    warmup: int = 3
-    repeats: int = 1
-    grad_clip: float = 1.0
-    compile: bool = False
-    precision: str = "auto"
-    reference: bool = False
-    train: bool = True
-    # sampling
-    sample: bool = True
-    sample_n: int | None = None
-    sample_steps: int = 10
-    sample_method: str = "euler"
-    cfg_scale: float = 4.0
-    # machine and output
-    device: str = "auto"
-    threads: int | None = None
-    peak_tflops: float | None = None
-    peak_seconds: float = 2.0
-    seed: int = 0
-    json: str | None = None
+    image_size: int = arg(32, "image side", min=1, group="data")
+    channels: int = arg(3, "image channels", choices=(1, 3))
+    num_classes: int = arg(10, "classes of the synthetic set", min=0)
+    dataset: str = arg("synthetic", "synthetic: random uint8 images of the given shape, no download; cifar10 needs "
+                       "--data-path", choices=("synthetic", "digits", "cifar10"))  # fmt: skip
+    data_path: str = arg("./datasets", "where CIFAR-10 lies (it is not downloaded here)")
+    num_images: int = arg(10_000, "size of the synthetic set", min=1)
+    data_on_device: bool = arg(True, "hold the set on the device")
+    num_workers: int = arg(0, "loader processes without --data-on-device", min=0)
+    batch_size: int = arg(32, "images per step", min=1, group="training")
+    steps: int = arg(10, "timed steps", min=1)
+    warmup: int = arg(3, "untimed steps first", min=0)
+    repeats: int = arg(1, "run every row this many times, alternating their order; pooled medians", min=1)
+    grad_clip: float = arg(1.0, "as train.py (0: none)", min=0)
+    compile: bool = arg(False, "torch.compile the model, as train.py")
+    precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
+    reference: bool = arg(False, "also time the official DiT of the same size")
+    train: bool = arg(True, "run the training benchmark")
+    sample: bool = arg(True, "run the sampling benchmark", group="sampling")
+    sample_n: int | None = arg(None, "images per sampling call (default: the batch size)", min=1)
+    sample_steps: int = arg(10, "solver steps", min=1)
+    sample_method: str = arg("euler", "fixed-grid solver", choices=("euler", "midpoint", "heun"))
+    cfg_scale: float = arg(4.0, "guidance scale of the guided run")
+    device: str = arg("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"), group="machine and output")
+    threads: int | None = arg(None, "CPU threads for torch (default: torch's choice)", min=1)
+    peak_tflops: float | None = arg(None, "the device's peak in TFLOP/s for MFU (default: table/measured)", gt=0)
+    peak_seconds: float = arg(2.0, "seconds spent measuring the CPU matmul peak", gt=0)
+    seed: int = arg(0, "seed of the data, the weights and the noise")
+    json: str | None = arg(None, "write the results here (an existing file is never overwritten)")
 
-
-def build_parser() -> argparse.ArgumentParser:
-    d = BenchConfig()
-    p = argparse.ArgumentParser(prog="python -m benchmarks.benchmark", description=__doc__.split("\n\n")[0])
-    add_model_args(p)
-    g = p.add_argument_group("data")
-    g.add_argument("--image-size", type=int, help="image side (default %(default)s)")
-    g.add_argument("--channels", type=int, choices=(1, 3), help="image channels (default %(default)s)")
-    g.add_argument("--num-classes", type=int, help="classes of the synthetic set (default %(default)s)")
-    g.add_argument(
-        "--dataset",
-        choices=("synthetic", "digits", "cifar10"),
-        help="synthetic: random uint8 images of the given shape, no download (default); cifar10 needs --data-path",
-    )
-    g.add_argument("--data-path", help="where CIFAR-10 lies (it is not downloaded here)")
-    g.add_argument("--num-images", type=int, help="size of the synthetic set (default %(default)s)")
-    g.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, help="hold the set on the device")
-    g.add_argument("--num-workers", type=int, help="loader processes without --data-on-device")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, help="images per step (default %(default)s)")
-    g.add_argument("--steps", type=int, help="timed steps (default %(default)s)")
-    g.add_argument("--warmup", type=int, help="untimed steps first (default %(default)s)")
-    g.add_argument("--repeats", type=int, help="run every row this many times, alternating their order; pooled medians")
-    g.add_argument("--grad-clip", type=float, help="as train.py (default %(default)s; 0: none)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model, as train.py")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--reference", action="store_true", help="also time the official DiT of the same size")
-    g.add_argument("--train", action=argparse.BooleanOptionalAction, help="run the training benchmark")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--sample", action=argparse.BooleanOptionalAction, help="run the sampling benchmark")
-    g.add_argument("--sample-n", type=int, help="images per sampling call (default: the batch size)")
-    g.add_argument("--sample-steps", type=int, help="solver steps (default %(default)s)")
-    g.add_argument("--sample-method", choices=("euler", "midpoint", "heun"), help="fixed-grid solver")
-    g.add_argument("--cfg-scale", type=float, help="guidance scale of the guided run (default %(default)s)")
-    g = p.add_argument_group("machine and output")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--peak-tflops", type=float, help="the device's peak in TFLOP/s for MFU (default: table/measured)")
-    g.add_argument("--peak-seconds", type=float, help="seconds spent measuring the CPU matmul peak")
-    g.add_argument("--seed", type=int, help="seed of the data, the weights and the noise")
-    g.add_argument("--json", help="write the results here (an existing file is never overwritten)")
-    p.set_defaults(**dataclasses.asdict(d))
-    return p
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_images < self.batch_size:
+            raise ConfigError("num_images must be at least batch_size")
+        if not (self.train or self.sample):
+            raise ConfigError("nothing to do: both --no-train and --no-sample")
+        if self.reference and self.num_classes == 0:
+            raise ConfigError("--reference needs a class-conditional model")
+        if self.json and Path(self.json).exists():
+            raise ConfigError(f"{self.json} already exists; choose another --json path")
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    return BenchConfig(**vars(build_parser().parse_args(argv)))
+    return parse(BenchConfig, argv, "python -m benchmarks.benchmark", __doc__.split("\n\n")[0])
 
 
 def command_line(cfg: BenchConfig) -> str:
     """The shortest command that reproduces cfg: its settings that differ from the defaults."""
-    default, args = BenchConfig(), []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if value == getattr(default, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name == "qk_norm":
-            args.append("--no-qk-norm")
-        elif isinstance(value, bool):
-            args.append(flag if value else f"--no-{flag[2:]}")
-        else:
-            args += [flag, str(value)]
-    return " ".join(["python -m benchmarks.benchmark", *args])
-
-
-def check_config(cfg: BenchConfig) -> None:
-    """BenchError for settings that cannot work, before anything runs."""
-    checks = [
-        (cfg.batch_size >= 1, "--batch-size must be >= 1"), (cfg.steps >= 1, "--steps must be >= 1"),
-        (cfg.warmup >= 0, "--warmup must be >= 0"),
-        (cfg.repeats >= 1, "--repeats must be >= 1"), (cfg.image_size >= 1, "--image-size must be >= 1"),
-        (cfg.num_classes >= 0, "--num-classes must be >= 0"), (cfg.sample_steps >= 1, "--sample-steps must be >= 1"),
-        (cfg.sample_n is None or cfg.sample_n >= 1, "--sample-n must be >= 1"),
-        (cfg.threads is None or cfg.threads >= 1, "--threads must be >= 1"),
-        (cfg.peak_tflops is None or cfg.peak_tflops > 0, "--peak-tflops must be > 0"),
-        (cfg.peak_seconds > 0, "--peak-seconds must be > 0"), (cfg.grad_clip >= 0, "--grad-clip must be >= 0"),
-        (math.isfinite(cfg.cfg_scale), "--cfg-scale must be finite"),
-        (cfg.num_images >= cfg.batch_size, "--num-images must be at least --batch-size"),
-        (cfg.train or cfg.sample, "nothing to do: both --no-train and --no-sample"),
-        (not (cfg.reference and cfg.num_classes == 0), "--reference needs a class-conditional model"),
-    ]  # fmt: skip
-    for ok, message in checks:
-        if not ok:
-            raise BenchError(message)
-    if cfg.json and Path(cfg.json).exists():
-        raise BenchError(f"{cfg.json} already exists; choose another --json path")
+    return " ".join(["python -m benchmarks.benchmark", *flag_values(cfg)])
 
 
 # ---------------------------------------------------------------------------------------------- device
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: CUDA is not available on this machine")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """As train.py: bf16 autocast on CUDA only; 'auto' is bf16 there and fp32 elsewhere."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16" and device.type != "cuda":
-        warnings.warn("bf16 autocast is used on CUDA only (as in train.py); benchmarking fp32", stacklevel=2)
-        return "fp32"
-    return precision
 
 
 def gpu_bf16_peak(name: str) -> float | None:
@@ -356,7 +262,7 @@ def make_dataset(cfg: BenchConfig):
         return synthetic_dataset(cfg.num_images, cfg.channels, cfg.image_size, cfg.num_classes, cfg.seed)
     dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True, download=False)
     if dataset.num_classes != cfg.num_classes:
-        raise BenchError(f"--num-classes {cfg.num_classes}: the {cfg.dataset} set has {dataset.num_classes}")
+        raise ConfigError(f"--num-classes {cfg.num_classes}: the {cfg.dataset} set has {dataset.num_classes}")
     return dataset
 
 
@@ -378,12 +284,6 @@ def model_flops(cfg: BenchConfig, impl: str) -> int:
     return forward_flops(model)
 
 
-def _compile(net: nn.Module, model: nn.Module, batch: int, device: torch.device, autocast) -> nn.Module:
-    import train  # train.py's own probe-and-fall-back, so the benchmark compiles exactly as training does
-
-    return train.compile_or_eager(net, model, batch, device, autocast)
-
-
 def bench_train(
     cfg: BenchConfig, device: torch.device, precision: str, dataset, impl: str = "dit", step: str = "project"
 ) -> tuple[dict[str, Any], nn.Module]:
@@ -399,10 +299,13 @@ def bench_train(
         dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=True, on_device=cfg.data_on_device,
         num_workers=cfg.num_workers,
     )  # fmt: skip
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    compiled = cfg.compile and impl == "dit"
-    net = _compile(model, model, cfg.batch_size, device, autocast) if compiled else model
-    compiled = compiled and net is not model
+    net = model
+    if cfg.compile and impl == "dit":  # train.py's own probe-and-fall-back, so it compiles exactly as training does
+        b = cfg.batch_size
+        example = (torch.zeros(b, cfg.channels, cfg.image_size, cfg.image_size, device=device),
+                   torch.full((b,), 0.5, device=device), torch.zeros(b, dtype=torch.long, device=device))  # fmt: skip
+        net = compile_or_eager(model, example, precision)
+    compiled = net is not model
     params = [p for p in model.parameters() if p.requires_grad]
 
     if step == "project":
@@ -411,15 +314,15 @@ def bench_train(
         stats = StepStats(device)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
 
-        def optimizer_step(loss: torch.Tensor) -> None:
-            ok, grad_norm = guarded_step(opt, params, loss, max_norm)
+        def optimizer_step(terms) -> None:
+            ok, grad_norm = guarded_step(opt, params, terms.loss, max_norm)
             ema.update(model, mask=ok)
-            stats.update(ok, loss, grad_norm)
+            stats.update(ok, terms.mse, terms.t, grad_norm)
     elif step == "official":
         ema_model = copy.deepcopy(model).requires_grad_(False)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
 
-        def optimizer_step(loss: torch.Tensor) -> None:
+        def optimizer_step(terms) -> None:
             opt.step()
             opt.zero_grad()
             official_update_ema(ema_model, model)
@@ -430,12 +333,12 @@ def bench_train(
         mark = timer.mark if timer else lambda: None
         x, y = next(stream)
         mark()
-        with autocast():
-            loss = flow.loss(net, x, y).loss
+        with autocast(device, precision):
+            terms = flow.loss(net, x, y)
         mark()
-        loss.backward()
+        terms.loss.backward()
         mark()
-        optimizer_step(loss)
+        optimizer_step(terms)
         mark()
 
     for _ in range(cfg.warmup):
@@ -595,18 +498,15 @@ def format_report(result: dict[str, Any]) -> str:
 
 def main(cfg: BenchConfig) -> dict[str, Any]:
     """Run the configured benchmarks; returns (and with cfg.json writes) the results."""
-    check_config(cfg)
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+        model = make_model(cfg, "dit")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision, device)
-    if device.type == "cuda":  # as train.py
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    try:
-        model = make_model(cfg, "dit")
-    except ValueError as e:
-        raise BenchError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
+    allow_tf32(device)  # as train.py
     result: dict[str, Any] = {
         "command": command_line(cfg),
         "config": dataclasses.asdict(cfg),
@@ -629,7 +529,7 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
         try:
             dataset = make_dataset(cfg)
         except DataError as e:
-            raise BenchError(str(e)) from None
+            raise ConfigError(str(e)) from None
         runs = [("dit", "project")] + ([("official", "project"), ("official", "official")] if cfg.reference else [])
         rows: dict[tuple[str, str], list[dict[str, Any]]] = {run: [] for run in runs}
         for r in range(cfg.repeats):  # alternating the order spreads a busy machine's slow spells over all rows
@@ -664,7 +564,7 @@ def cli(argv: list[str] | None = None) -> int:
     """Command-line entry: prints the tables; bad settings end with one line on stderr and status 2."""
     try:
         result = main(parse_args(argv))
-    except (BenchError, FileExistsError) as e:
+    except (ConfigError, FileExistsError) as e:
         print(f"benchmark: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(format_report(result))

@@ -1,12 +1,26 @@
-"""utils/checkpoint.py: safe (weights_only) loading refuses pickled objects; format versions are checked."""
+"""utils/checkpoint.py: safe (weights_only) loading refuses pickled objects; the training state round-trips."""
 
 import collections
 
 import pytest
 import torch
 
+from data import BatchStream, build_dataset
 from models.dit import DiT
-from utils.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from utils.checkpoint import (
+    TRAINING_KEYS,
+    CheckpointError,
+    check_resume,
+    load_checkpoint,
+    model_from_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    training_state,
+)
+from utils.config import ConfigError
+from utils.ema import EMA
+from utils.optim import build_adamw
+from utils.rng import rng_state
 
 
 class Payload:
@@ -23,25 +37,31 @@ class Payload:
         return Payload()
 
 
+def tiny_model(seed: int = 0) -> DiT:
+    torch.manual_seed(seed)
+    return DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=10)
+
+
 def tiny_state() -> dict:
-    torch.manual_seed(0)
-    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
+    model = tiny_model()
     return {"model_config": model.config, "model": model.state_dict(), "config": {"scales": (1.0, 2.5)}}
 
 
-def test_round_trip_with_the_format_version(tmp_path):
+def test_round_trip(tmp_path):
     state = tiny_state()
     save_checkpoint(state, tmp_path / "c.pt")
     loaded = load_checkpoint(tmp_path / "c.pt")
-    assert loaded["format_version"] == FORMAT_VERSION and loaded["config"] == {"scales": (1.0, 2.5)}
+    assert loaded["config"] == {"scales": (1.0, 2.5)}
     model = model_from_checkpoint(loaded, ema=False)
     for k, v in state["model"].items():
         assert torch.equal(model.state_dict()[k], v)
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        model_from_checkpoint(loaded)
 
 
 def test_a_pickled_object_is_refused_and_never_built(tmp_path):
     torch.save({**tiny_state(), "extra": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refusing to load .*pickled python object"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .* tensors and plain values"):
         load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(CheckpointError):
         model_from_checkpoint(tmp_path / "evil.pt")
@@ -49,12 +69,6 @@ def test_a_pickled_object_is_refused_and_never_built(tmp_path):
     # Plain containers are fine.
     save_checkpoint({**tiny_state(), "extra": collections.OrderedDict(a=[1, 2.0, None, "x"])}, tmp_path / "ok.pt")
     assert load_checkpoint(tmp_path / "ok.pt")["extra"] == {"a": [1, 2.0, None, "x"]}
-
-
-def test_a_newer_format_version_is_refused(tmp_path):
-    torch.save({**tiny_state(), "format_version": FORMAT_VERSION + 1}, tmp_path / "new.pt")
-    with pytest.raises(CheckpointError, match=f"format version {FORMAT_VERSION + 1}, newer than this code"):
-        load_checkpoint(tmp_path / "new.pt")
 
 
 def test_garbage_and_missing_files(tmp_path):
@@ -66,3 +80,58 @@ def test_garbage_and_missing_files(tmp_path):
     torch.save({"model": {}}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match="model_config"):
         load_checkpoint(tmp_path / "partial.pt")
+
+
+def run_objects(seed: int):
+    model = tiny_model(seed)
+    ema, opt = EMA(model, 0.9), build_adamw(model.parameters(), lr=1e-2)
+    stream = BatchStream(build_dataset("digits", image_size=8, channels=1), 16, seed=0, flip=False, on_device=True)
+    return model, ema, opt, stream
+
+
+def test_training_state_holds_every_key_and_restores_every_object(tmp_path):
+    model, ema, opt, stream = run_objects(seed=0)
+    for _ in range(3):  # moments, an EMA that differs from the weights, a data position
+        x, y = next(stream)
+        model(x, torch.rand(16), y).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+    config = {"dataset": "digits", "batch_size": 16}
+    state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=3, skipped_steps=1, config=config,
+                           rng=[rng_state()], world_size=1, wandb_id="abc")  # fmt: skip
+    assert set(state) == set(TRAINING_KEYS)  # the module docstring lists exactly these
+    save_checkpoint(state, tmp_path / "c.pt")
+    loaded = load_checkpoint(tmp_path / "c.pt")
+    check_resume(loaded, config, model.config)
+    # The EMA weights are what model_from_checkpoint builds by default.
+    for k, v in model_from_checkpoint(loaded).state_dict().items():
+        assert torch.equal(v, ema.model.state_dict()[k])
+
+    model2, ema2, opt2, stream2 = run_objects(seed=1)
+    resumed = restore_training_state(loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0,
+                                     world_size=1)  # fmt: skip
+    assert (resumed.step, resumed.skipped_steps, resumed.wandb_id) == (3, 1, "abc") and resumed.rng is not None
+    assert ema2.num_updates == 3 and stream2.state_dict() == stream.state_dict()
+    for a, b in ((model, model2), (ema.model, ema2.model)):
+        for k, v in a.state_dict().items():
+            assert torch.equal(v, b.state_dict()[k]), k
+    assert torch.equal(next(stream)[0], next(stream2)[0])  # the same next batch
+
+    # Another number of processes: the next epoch, and fresh generators.
+    other = restore_training_state(loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0,
+                                   world_size=2)  # fmt: skip
+    assert other.rng is None and stream2.state_dict() == {"epoch": stream.state_dict()["epoch"] + 1, "index": 0}
+
+
+def test_check_resume_refuses_weights_only_and_other_settings():
+    model, ema, opt, stream = run_objects(seed=0)
+    config = {"dataset": "digits", "batch_size": 16}
+    state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=0, skipped_steps=0, config=config,
+                           rng=[rng_state()], world_size=1, wandb_id=None)  # fmt: skip
+    with pytest.raises(CheckpointError, match="weights only"):
+        check_resume({k: state[k] for k in ("model_config", "model", "ema")}, config, model.config)
+    with pytest.raises(ConfigError, match="--batch-size 16 -> 32"):
+        check_resume(state, {**config, "batch_size": 32}, model.config)
+    with pytest.raises(ConfigError, match="model"):
+        check_resume(state, config, {**model.config, "depth": 2})

@@ -1,6 +1,5 @@
-"""EMA: known answers for the decay warm-up, masked (skipped) updates, state round trip."""
+"""EMA: known answers for the decay warm-up, masked (skipped) updates, a frozen copy, no host sync."""
 
-import pytest
 import torch
 import torch.nn as nn
 
@@ -29,7 +28,7 @@ def test_warmup_decay_known_answers():
     ema.update(model)
     torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 2 / 11 * 0.9 + 9 / 11 * 3))
     # n large: decay capped at 0.5
-    ema._num_updates.fill_(1000)
+    ema.updates.fill_(1000)
     before = ema.model.weight.clone()
     ema.update(model)
     torch.testing.assert_close(ema.model.weight, 0.5 * before + 0.5 * 3.0)
@@ -62,26 +61,15 @@ def test_masked_update_is_skipped_exactly_and_not_counted():
     assert ema.num_updates == 1
 
 
-def test_ema_is_a_frozen_copy_and_state_round_trips():
+def test_ema_is_a_frozen_copy():
     model = _model(1.0)
     ema = EMA(model, decay=0.99)
     assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
     with torch.no_grad():
         model.weight.fill_(5.0)
+    assert torch.equal(ema.model.weight, torch.ones(1, 2))  # a copy, not a view of the model's weights
     ema.update(model)
-    state = ema.state_dict()
-    other = EMA(_model(0.0), decay=0.99)
-    other.load_state_dict(state)
-    assert other.num_updates == 1
-    assert torch.equal(other.model.weight, ema.model.weight)
-    ema.update(model)
-    other.update(model)
-    assert torch.equal(other.model.weight, ema.model.weight)
-
-
-def test_bad_decay_is_rejected():
-    with pytest.raises(ValueError, match="decay"):
-        EMA(_model(0.0), decay=1.0)
+    assert ema.num_updates == 1 and not torch.equal(ema.model.weight, torch.ones(1, 2))
 
 
 def test_update_makes_no_host_sync():
@@ -101,27 +89,3 @@ def test_update_makes_no_host_sync():
         ema.update(model, mask=torch.tensor(True))
         ema.update(model)
     assert seen and not any("_local_scalar_dense" in name for name in seen), seen
-
-
-def test_state_dict_is_the_checkpoint_format_and_rejects_other_keys(tmp_path):
-    from models.dit import DiT
-    from utils.checkpoint import model_from_checkpoint, save_checkpoint
-
-    torch.manual_seed(0)
-    model = DiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
-    ema = EMA(model, decay=0.9)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    ema.update(model)
-    state = ema.state_dict()
-    assert set(state) == {"ema", "ema_num_updates"} and state["ema_num_updates"] == 1
-    # "ema" is the plain weights state dict that model_from_checkpoint builds the EMA model from.
-    save_checkpoint({"model_config": model.config, "model": model.state_dict(), **state}, tmp_path / "c.pt")
-    loaded = model_from_checkpoint(tmp_path / "c.pt")
-    for k, v in ema.model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    with pytest.raises(ValueError, match="ema_num_updates"):
-        ema.load_state_dict({"weights": state["ema"], "num_updates": 1})
-    with pytest.raises(ValueError, match="exactly"):
-        ema.load_state_dict({**state, "extra": 0})

@@ -72,12 +72,16 @@ def test_nan_and_inf_steps_change_nothing():
         assert torch.equal(v, moments[k]), k  # step count and moments untouched too
 
 
-def test_agree_overrides_the_local_decision():
+def test_another_process_failing_skips_the_step_here(monkeypatch):
+    import utils.optim
+
     model, opt = _setup()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss = _loss(model)
     loss.backward()
-    ok, _ = guarded_step(opt, list(model.parameters()), loss, agree=lambda ok: ok & False)  # another rank failed
+    # The all-reduce (min) over processes as another rank with a non-finite loss would make it.
+    monkeypatch.setattr(utils.optim, "all_reduce_", lambda ok, op: torch.zeros_like(ok))
+    ok, _ = guarded_step(opt, list(model.parameters()), loss)
     assert not ok.item()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
@@ -87,26 +91,53 @@ def test_guarded_step_and_stats_make_no_host_sync():
     stats = StepStats("cpu")
     loss = _loss(model)
     loss.backward()
+    per_sample, t = loss.detach().expand(16), torch.rand(16)
     rec = RecordOps()
     with rec:
         ok, norm = guarded_step(opt, list(model.parameters()), loss, max_norm=1.0)
-        stats.update(ok, loss, norm)
+        stats.update(ok, per_sample, t, norm)
     assert rec.ops and not any("_local_scalar_dense" in op for op in rec.ops), rec.ops
 
 
 def test_stats_known_answers():
     stats = StepStats("cpu")
     seq = [(True, 1.0), (False, math.nan), (False, math.inf), (True, 3.0), (False, math.nan)]
+    t = torch.tensor([0.1, 0.6])
     for ok, loss in seq:
-        stats.update(torch.tensor(ok), torch.tensor(loss), torch.tensor(2.0 if ok else math.nan))
+        stats.update(torch.tensor(ok), torch.full((2,), loss), t, torch.tensor(2.0 if ok else math.nan))
     s = stats.read()
+    by_t = s.pop("loss_by_t")
     assert s == {"loss": 2.0, "grad_norm": 2.0, "good_steps": 2.0, "skipped": 3.0, "worst_streak": 2.0}
-    stats.update(torch.tensor(False), torch.tensor(math.nan), torch.tensor(math.nan))
+    assert by_t[0] == by_t[4] == 2.0 and all(math.isnan(v) for i, v in enumerate(by_t) if i not in (0, 4))
+    stats.update(torch.tensor(False), torch.full((2,), math.nan), t, torch.tensor(math.nan))
     s = stats.read()
     assert math.isnan(s["loss"]) and s["good_steps"] == 0 and s["skipped"] == 4 and s["worst_streak"] == 2
-    stats.update(torch.tensor(False), torch.tensor(math.nan), torch.tensor(math.nan))
+    stats.update(torch.tensor(False), torch.full((2,), math.nan), t, torch.tensor(math.nan))
     assert stats.read()["worst_streak"] == 3  # the streak carried over the read: 3 in a row
-    doubled = StepStats("cpu")
-    doubled.update(torch.tensor(True), torch.tensor(1.0), torch.tensor(1.0))
-    s = doubled.read(reduce=lambda t: t * 2)  # two processes with the same numbers: the mean is unchanged
-    assert s["loss"] == 1.0 and s["good_steps"] == 2
+
+
+def test_loss_by_t_bins_sum_weighted_to_the_logged_loss():
+    torch.manual_seed(0)
+    stats = StepStats("cpu", bins=8)
+    everything = []
+    for _ in range(5):
+        mse, t = torch.rand(32) * 3, torch.rand(32)
+        stats.update(torch.tensor(True), mse, t, torch.tensor(1.0))
+        everything.append((mse, t))
+    s = stats.read()
+    mse, t = (torch.cat(x) for x in zip(*everything, strict=True))
+    counts = torch.bincount((t * 8).long(), minlength=8).double()
+    for i in range(8):  # each bin is the mean loss of the samples drawn in it
+        assert math.isclose(s["loss_by_t"][i], mse[(t * 8).long() == i].double().mean().item(), rel_tol=1e-12)
+    weighted = (torch.tensor(s["loss_by_t"], dtype=torch.float64) * counts).sum() / counts.sum()
+    assert math.isclose(weighted.item(), s["loss"], rel_tol=1e-12)  # the bins' weighted mean is the logged loss
+
+
+def test_stats_are_summed_over_processes(monkeypatch):
+    import utils.optim
+
+    stats = StepStats("cpu")
+    stats.update(torch.tensor(True), torch.ones(4), torch.rand(4), torch.tensor(1.0))
+    monkeypatch.setattr(utils.optim, "all_reduce_", lambda t: t * 2)  # two processes with the same numbers
+    s = stats.read()
+    assert s["loss"] == 1.0 and s["good_steps"] == 2  # the mean is unchanged

@@ -3,25 +3,24 @@ devices, CLI."""
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import inspect
-from pathlib import Path
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from stand_ins import all_close
 
 import sampler as sampler_mod
 import utils.images
-import utils.solvers
+import utils.sampling
 from models.dit import DiT
-from sampler import GRIDS, SOLVERS, Sampler, resolve_precision, save_grid, save_npz, time_grid, to_gif, to_uint8
+from sampler import Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
 from utils.checkpoint import CheckpointError, save_checkpoint
-from utils.cli import SamplingConfig, add_sampling_args, parse_device
+from utils.config import ConfigError, build_parser
+from utils.device import resolve_device, resolve_precision
+from utils.sampling import GRIDS
 
 # ----------------------------------------------------------------------------- stand-in models
 
@@ -195,13 +194,13 @@ def test_cfg_matches_formula_and_interval():
     with torch.no_grad():
         # One Euler step from t=0 to t=1: x1 = z + v_u + s (v_c - v_u), on every channel.
         x = final_state(sampler, 4, y=y, noise=z, steps=1, cfg_scale=2.5)
-        assert torch.allclose(x, (z + guided(z, 0.0, 2.5)).double(), atol=1e-5)
+        assert all_close(x, (z + guided(z, 0.0, 2.5)).double())
         assert sampler.last_nfe == 1  # a guided pass of 2N counts as one evaluation
 
         # Guidance interval [0.5, 1]: the first of two steps (t=0) is unguided, the second (t=0.5) guided.
         x = final_state(sampler, 4, y=y, noise=z, steps=2, cfg_scale=2.5, guidance_interval=(0.5, 1.0))
         x_half = z + 0.5 * v(z, 0.0, y)
-        assert torch.allclose(x, (x_half + 0.5 * guided(x_half, 0.5, 2.5)).double(), atol=1e-5)
+        assert all_close(x, (x_half + 0.5 * guided(x_half, 0.5, 2.5)).double())
 
         # An interval that holds no grid time equals no guidance at all.
         outside = final_state(sampler, 4, y=y, noise=z, steps=2, cfg_scale=2.5, guidance_interval=(0.6, 0.9))
@@ -249,16 +248,16 @@ def test_seed_repeatable_and_chunking_invariant():
     chunked = Sampler(model, steps=3, method="midpoint", batch_size=3)
     c = chunked.sample(7, seed=3, cfg_scale=2.0)
     assert torch.equal(chunked.last_labels, labels)
-    assert torch.allclose(c, a, atol=1e-5)
+    assert all_close(c, a)
     assert chunked.last_nfe_per_chunk == [6, 6, 6] and chunked.last_nfe == 6
 
     # Sample i depends only on (seed, i): a shorter run is a prefix of a longer one.
     y = torch.tensor([2, 0, 1, 1, 0])
-    assert torch.allclose(sampler.sample(5, y, seed=9)[:3], sampler.sample(3, y[:3], seed=9), atol=1e-5)
+    assert all_close(sampler.sample(5, y, seed=9)[:3], sampler.sample(3, y[:3], seed=9))
 
     # Given noise: chunked equals one batch too, and a global torch seed repeats an unseeded call.
     z = torch.randn(7, 3, 8, 8)
-    assert torch.allclose(chunked.sample(7, y=labels, noise=z), sampler.sample(7, y=labels, noise=z), atol=1e-5)
+    assert all_close(chunked.sample(7, y=labels, noise=z), sampler.sample(7, y=labels, noise=z))
     torch.manual_seed(5)
     d = sampler.sample(4)
     torch.manual_seed(5)
@@ -272,8 +271,8 @@ def test_int_label_and_each_class_order():
     assert sampler.last_labels.tolist() == [2, 2, 2, 2]
     out = sampler.sample_each_class(2, seed=0, cfg_scale=1.5)
     assert out.shape == (6, 3, 8, 8)
-    assert sampler.last_labels.tolist() == [0, 1, 2, 0, 1, 2]  # grid nrow=3: one class per column
-    assert torch.allclose(out, sampler.sample(6, torch.tensor([0, 1, 2, 0, 1, 2]), seed=0, cfg_scale=1.5))
+    assert sampler.last_labels.tolist() == [0, 0, 1, 1, 2, 2]  # grid nrow=2: one class per row, as in training
+    assert torch.equal(out, sampler.sample(6, torch.tensor([0, 0, 1, 1, 2, 2]), seed=0, cfg_scale=1.5))
 
 
 # ----------------------------------------------------------------------------- trajectories and files
@@ -337,7 +336,7 @@ def test_from_checkpoint_loads_ema_or_raw(tmp_path):
     ema = write_checkpoint(tmp_path / "ckpt.pt", model)
     s_ema = Sampler.from_checkpoint(tmp_path / "ckpt.pt", device="cpu", steps=2)
     s_raw = Sampler.from_checkpoint(tmp_path / "ckpt.pt", ema=False, device="cpu", steps=2)
-    assert s_ema.steps == 2 and s_ema.num_classes == 3
+    assert s_ema.options.steps == 2 and s_ema.num_classes == 3
     for k, v in s_ema.model.state_dict().items():
         assert torch.equal(v, ema[k])
     ref = Sampler(model, steps=2)
@@ -388,13 +387,15 @@ def test_cli_errors_are_one_line(tmp_path):
             sampler_mod.cli([*argv, "--out", str(tmp_path / "o.png")] if "--out" not in argv else argv)
         text = str(e.value)
         assert text.startswith("error:") and message in text and "\n" not in text, text
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
         sampler_mod.parse_args(["--ckpt", "x", "--steps", "0"])
+    with pytest.raises(SystemExit) as e:  # a malformed flag is argparse's error
+        sampler_mod.parse_args(["--ckpt", "x", "--steps", "two"])
     assert e.value.code == 2
 
 
 def test_help_documents_every_flag_and_defaults_match(capsys):
-    parser = sampler_mod.build_parser()
+    parser = build_parser(sampler_mod.SampleConfig, "sampler.py", "")
     for action in parser._actions:
         assert action.help, action.option_strings
     with pytest.raises(SystemExit):
@@ -403,15 +404,9 @@ def test_help_documents_every_flag_and_defaults_match(capsys):
     for flag in ("--ckpt", "--n", "--cfg-scale", "--steps", "--method", "--seed", "--out", "--gif", "--npz",
                  "--class-label", "--guidance-interval", "--grid", "--batch-size"):  # fmt: skip
         assert flag in text
-    # The shared sampling flags default to the Sampler's own defaults.
-    p = argparse.ArgumentParser()
-    add_sampling_args(p)
-    args = vars(p.parse_args([]))
-    defaults = {k: v.default for k, v in inspect.signature(Sampler.__init__).parameters.items() if k != "self"}
-    for key in ("steps", "method", "grid", "cfg_scale", "batch_size", "rtol", "atol", "grid_shift"):
-        assert args[key] == defaults[key], key
-    assert tuple(args["guidance_interval"]) == defaults["guidance_interval"]
-    assert {a.dest: a.choices for a in p._actions}["method"] == SOLVERS
+    # The sampling flags are the Sampler's own options: one declaration, one set of defaults.
+    cfg = sampler_mod.parse_args(["--ckpt", "x"])
+    assert Sampler(tiny_dit()).options == utils.sampling.SamplingOptions(**cfg.options())
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -425,8 +420,10 @@ def test_bad_input_raises_clear_value_errors():
         (dict(n=2, y=torch.tensor([0, 3])), r"labels must lie in \[0, 3\)"),
         (dict(n=2, y=torch.tensor([-1, 0])), r"labels must lie in \[0, 3\)"),
         (dict(n=2, y=torch.tensor([0.0, 1.0])), "must be integers"),
-        (dict(n=2, steps=0), "steps must be an integer >= 1"),
+        (dict(n=2, steps=0), "steps must be >= 1"),
+        (dict(n=2, steps=2.5), "steps must be an integer"),
         (dict(n=2, method="rk4"), "unknown method 'rk4'"),
+        (dict(n=2, method="mean"), "needs a MeanFlow model"),
         (dict(n=2, grid="cosine"), "unknown grid"),
         (dict(n=2, noise=torch.randn(2, 3, 4, 4)), r"noise must be a float tensor of shape \(2, 3, 8, 8\)"),
         (dict(n=2, guidance_interval=(0.7, 0.2)), "guidance_interval"),
@@ -436,6 +433,8 @@ def test_bad_input_raises_clear_value_errors():
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             sampler.sample(**kwargs)
+    with pytest.raises(TypeError):
+        sampler.sample(2, stepz=3)  # a misspelled option is refused, not ignored
     with pytest.raises(ValueError, match="unknown method"):
         Sampler(model, method="adams")
     with pytest.raises(ValueError, match="batch_size"):
@@ -497,7 +496,7 @@ def test_precision_auto_on_cpu_is_fp32_and_bf16_is_close():
     sampler = Sampler(model, steps=3, method="heun")
     kw = dict(seed=0, cfg_scale=2.0)
     auto = sampler.sample(6, **kw)
-    assert sampler.precision == "auto" and sampler.last_precision == "fp32"
+    assert sampler.options.precision == "auto" and sampler.last_precision == "fp32"
     fp32 = sampler.sample(6, precision="fp32", **kw)
     assert torch.equal(auto, fp32)  # auto on the CPU is fp32, bit for bit
     bf16 = sampler.sample(6, precision="bf16", **kw)
@@ -518,7 +517,7 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("auto", cuda) == "fp32"
     with pytest.raises(ValueError, match="unknown precision 'fp16'"):
         resolve_precision("fp16", cpu)
-    with pytest.raises(ValueError, match="unknown precision"):
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
         Sampler(tiny_dit(), precision="half")
     with pytest.raises(ValueError, match="unknown precision"):
         Sampler(tiny_dit(), steps=1).sample(1, precision="half")
@@ -527,18 +526,18 @@ def test_resolve_precision(monkeypatch):
 # ----------------------------------------------------------------------------- devices, shared flags, layout
 
 
-def test_parse_device():
-    assert parse_device("cpu") == torch.device("cpu") and parse_device(torch.device("cpu")).type == "cpu"
-    assert parse_device("auto") == parse_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     for name in ("foo", "cuda:x", "meta", ""):
         with pytest.raises(ValueError, match="unknown device"):
-            parse_device(name)
+            resolve_device(name)
     with pytest.raises(ValueError, match="CUDA devices|no CUDA device"):
-        parse_device("cuda:99")
+        resolve_device("cuda:99")
     if not torch.cuda.is_available():
         for name in ("cuda", "cuda:0"):
             with pytest.raises(ValueError, match="no CUDA device is available"):
-                parse_device(name)
+                resolve_device(name)
 
 
 def test_cli_bad_device_is_one_line(tmp_path):
@@ -560,7 +559,7 @@ def test_cli_precision_flag(tmp_path, capsys):
     argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--steps", "2", "--method", "euler", "--device", "cpu"]
     fp32 = sampler_mod.main(sampler_mod.parse_args([*argv, "--out", str(tmp_path / "a.png")]))
     cfg = sampler_mod.parse_args([*argv, "--precision", "bf16", "--out", str(tmp_path / "b.png")])
-    assert cfg.precision == "bf16" and cfg.sampler_kwargs()["precision"] == "bf16"
+    assert cfg.precision == "bf16" and cfg.options()["precision"] == "bf16"
     bf16 = sampler_mod.main(cfg)
     assert fp32["precision"] == "fp32" and fp32["config"]["precision"] == "auto"
     assert bf16["precision"] == "bf16" and "bf16 on cpu" in capsys.readouterr().out
@@ -570,40 +569,22 @@ def test_cli_precision_flag(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_sampling_config_matches_flags_and_sampler_defaults():
-    p = argparse.ArgumentParser()
-    add_sampling_args(p)
-    args = vars(p.parse_args([]))
-    cfg = SamplingConfig(**args)  # every flag is a field (an unknown key would raise)
-    assert {f.name for f in dataclasses.fields(SamplingConfig)} == set(args)
-    assert cfg == SamplingConfig() and isinstance(cfg.guidance_interval, tuple)
-    defaults = {k: v.default for k, v in inspect.signature(Sampler.__init__).parameters.items()}
-    kwargs = cfg.sampler_kwargs()
-    assert set(kwargs) == set(args) - {"seed"}
-    for key, value in kwargs.items():
-        assert value == defaults[key], key
-    assert {a.dest: a.choices for a in p._actions}["precision"] == utils.solvers.PRECISIONS
-    # sampler.py's and evaluate.py's configs are SamplingConfigs; nothing else defines the sampling fields.
+def test_sampling_options_are_declared_once():
     import evaluate
 
+    # sampler.py's and evaluate.py's configs are SamplingOptions: nothing else declares the sampling fields.
+    names = {f.name for f in fields(utils.sampling.SamplingOptions)}
     for config in (sampler_mod.SampleConfig, evaluate.EvalConfig):
-        assert issubclass(config, SamplingConfig)
-        own = set(config.__annotations__)
-        assert not own & {f.name for f in dataclasses.fields(SamplingConfig)}, config
+        assert issubclass(config, utils.sampling.SamplingOptions)
+        assert not set(config.__annotations__) & names, config
+    assert utils.sampling.SamplingOptions() == Sampler(tiny_dit()).options
 
 
-def test_layout_reexports_and_no_import_cycle():
-    # `from sampler import Sampler, save_grid, to_gif` keeps working: the writers live in utils/images.py.
+def test_layout_reexports():
+    # `from sampler import Sampler, save_grid, to_gif` keeps working: the code lives in utils/.
     for name in ("to_uint8", "save_grid", "to_gif", "save_npz"):
         assert getattr(sampler_mod, name) is getattr(utils.images, name)
-    assert sampler_mod.time_grid is utils.solvers.time_grid and sampler_mod.SOLVERS is utils.solvers.SOLVERS
-    # utils/cli.py and utils/solvers.py do not import sampler.py (no lazy import to break the cycle).
-    root = Path(__file__).resolve().parents[1]
-    for module in ("utils/cli.py", "utils/solvers.py", "utils/images.py"):
-        tree = ast.parse((root / module).read_text())
-        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-        assert "sampler" not in names, module
+    assert sampler_mod.Sampler is utils.sampling.Sampler and sampler_mod.time_grid is utils.sampling.time_grid
 
 
 def test_heun_corrects_the_last_step_on_every_grid():

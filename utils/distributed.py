@@ -1,8 +1,7 @@
 """Process-group helpers for torchrun launches (single or multi-node); a plain run is world size 1.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. The device index is LOCAL_RANK (the GPU on this node),
-never RANK, which counts across nodes; more processes on a node than it has GPUs is an error, not a
-silent doubling up. NCCL is used on GPUs and gloo on CPUs.
+never RANK, which counts across nodes (``utils.device.resolve_device``). NCCL is used on GPUs, gloo on CPUs.
 
 Timeout: a collective that waits longer than the process group's timeout (``init_distributed``'s
 ``timeout_minutes``, train.py's --dist-timeout, default 30) ends the run. Everything train.py does
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from utils.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -40,32 +41,11 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' picks cuda:LOCAL_RANK when a GPU is present, else the CPU; 'cuda' without one is an error."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but no CUDA device is available")
-        count = torch.cuda.device_count()
-        if not 0 <= local_rank < count:  # local_rank % count would put two processes on one GPU
-            raise ValueError(
-                f"LOCAL_RANK {local_rank} has no GPU of its own: this node shows {count} CUDA device(s); launch at "
-                f"most {count} processes per node (torchrun --nproc_per_node {count}) or set CUDA_VISIBLE_DEVICES"
-            )
-        return torch.device("cuda", local_rank)
-    raise ValueError(f"unknown device {name!r}; choose auto, cpu or cuda")
-
-
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
     """Join the torchrun process group if launched by torchrun, else describe a single process.
 
     timeout_minutes: how long any collective may wait for the slowest process before the run fails.
     """
-    if not timeout_minutes > 0:
-        raise ValueError(f"the process-group timeout must be > 0 minutes; got {timeout_minutes}")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,7 +62,7 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 def cleanup() -> None:
     """Leave the process group, if any."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()
 
 
@@ -113,14 +93,14 @@ def all_ok(ok: bool) -> bool:
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In-place all-reduce ('sum', 'min' or 'max') across processes; a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return tensor
 
 
 def all_gather_object(obj: Any) -> list[Any]:
     """Every process's obj, indexed by rank (a list of one in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_initialized():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -129,5 +109,5 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def barrier() -> None:
     """Wait for every process; a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.barrier()

@@ -16,7 +16,7 @@ Typical use, from train.py with an in-memory EMA model::
 
     extractor = load_inception(device)
     real = real_statistics("cifar10", "./datasets", 32, 3, extractor=extractor)
-    fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)
+    fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)  # utils.sampling
 
 Any ``nn.Module`` mapping uint8 (N, 3, H, W) to features (N, D) can replace Inception (tests inject
 small ones); nothing here downloads except ``load_inception``, and that only when the weight file is
@@ -26,7 +26,6 @@ not already in torch.hub's cache.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import time
@@ -38,7 +37,11 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from data import build_dataset
+from utils.device import module_device_dtype
+from utils.distributed import PeerError, all_reduce_, collective_device, is_initialized
 from utils.io import atomic_write
+from utils.sampling import Sampler, seeded_noise
 
 # torch-fidelity's Inception-v3 weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3);
 # torch.hub.load_state_dict_from_url keeps them as <torch.hub.get_dir()>/checkpoints/<file name>.
@@ -153,8 +156,6 @@ class FeatureStats:
 
         A collective: every process must call it, also one that saw no features. A no-op in one process.
         """
-        from utils.distributed import all_reduce_, collective_device, is_initialized
-
         if not is_initialized():
             return self
         device = collective_device()
@@ -197,17 +198,11 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    kwargs: dict[str, Any] = {"feature": INCEPTION_FEATURES, "normalize": False, "antialias": False}
     if weights_path is not None:
         weights_path = Path(weights_path).expanduser()
         if not weights_path.is_file():
             raise FIDError(f"Inception weights not found: {weights_path} (expected {INCEPTION_FILENAME})")
-    kwargs: dict[str, Any] = {"feature": INCEPTION_FEATURES, "normalize": False}
-    params = inspect.signature(FrechetInceptionDistance.__init__).parameters
-    if "antialias" in params:  # torchmetrics >= 1.8; older versions always resize the legacy way
-        kwargs["antialias"] = False
-    if weights_path is not None:
-        if "feature_extractor_weights_path" not in params:
-            raise FIDError("this torchmetrics version cannot load Inception weights from a path; upgrade it")
         kwargs["feature_extractor_weights_path"] = str(weights_path)
     try:
         metric = FrechetInceptionDistance(**kwargs)
@@ -239,19 +234,10 @@ def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.contiguous()
 
 
-def module_device(module: nn.Module) -> torch.device:
-    """Device of a module's first parameter or buffer (CPU for a module with neither)."""
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def extract_features(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Features (N, D) of images (N, C, H, W) (uint8, or float in [0, 1]) on the extractor's device."""
-    feats = extractor(to_uint8_rgb(images).to(module_device(extractor)))
+    feats = extractor(to_uint8_rgb(images).to(module_device_dtype(extractor)[0]))
     if feats.dim() == 1:
         feats = feats.unsqueeze(0)
     if feats.dim() != 2 or feats.shape[0] != images.shape[0]:
@@ -296,15 +282,8 @@ def dataset_fingerprint(dataset: Any) -> str:
 
 
 @torch.no_grad()
-def dataset_statistics(
-    dataset: Any,
-    extractor: nn.Module,
-    *,
-    batch_size: int = 250,
-    num_images: int | None = None,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
+def dataset_statistics(dataset: Any, extractor: nn.Module, *, batch_size: int = 250, num_images: int | None = None,
+                       num_workers: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items.
 
     ``num_images`` < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut
@@ -335,22 +314,11 @@ def dataset_statistics(
 
 
 def real_statistics(
-    dataset_name: str,
-    root: str | os.PathLike,
-    image_size: int,
-    channels: int,
-    *,
-    extractor: nn.Module,
-    split: str = "train",
-    batch_size: int = 250,
-    num_images: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    download: bool = True,
-    num_workers: int = 0,
-    progress: bool = True,
-    info: dict[str, Any] | None = None,
+    dataset_name: str, root: str | os.PathLike, image_size: int, channels: int, *, extractor: nn.Module,
+    split: str = "train", batch_size: int = 250, num_images: int | None = None, cache_dir: str | os.PathLike | None = None,
+    download: bool = True, num_workers: int = 0, progress: bool = True, info: dict[str, Any] | None = None,
     dataset: Any | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set, cached on disk.
 
     The dataset comes from ``data.build_dataset`` (a fresh one: the training stream is never touched).
@@ -360,65 +328,36 @@ def real_statistics(
     filled with the cache path, whether it was a hit, the image count and the extractor id. ``dataset``: the
     dataset these arguments build, when the caller already has it (it is fingerprinted all the same).
     """
-    from data import build_dataset
-
-    if split not in ("train", "test"):
-        raise FIDError(f"split must be 'train' or 'test'; got {split!r}")
     if dataset is None:
         dataset = build_dataset(
             dataset_name, root=root, image_size=image_size, channels=channels, train=split == "train",
             download=download,
         )  # fmt: skip
     n = len(dataset) if num_images is None else int(num_images)
-    key = {
-        "version": STATS_VERSION,
-        "dataset": dataset_name,
-        "split": split,
-        "image_size": int(image_size),
-        "channels": int(channels),
-        "data": dataset_fingerprint(dataset),
-        "extractor": extractor_id(extractor),
-        "num_images": n,
-    }
+    key = dict(version=STATS_VERSION, dataset=dataset_name, split=split, image_size=int(image_size),
+               channels=int(channels), data=dataset_fingerprint(dataset), extractor=extractor_id(extractor), num_images=n)
     key_json = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
     path = cache_dir / f"{dataset_name}-{split}-{image_size}px-{channels}ch-{n}img-{digest}.npz"
-    if info is not None:
-        info.update(cache_path=str(path), cache_hit=False, num_images=n, extractor=key["extractor"])
-
-    cached = _load_stats(path, key_json)
-    if cached is not None:
-        if info is not None:
-            info["cache_hit"] = True
-        return cached
+    info = {} if info is None else info
+    info.update(cache_path=str(path), cache_hit=False, num_images=n, extractor=key["extractor"])
+    try:  # a cache file written for exactly this key; a missing, damaged or foreign one is recomputed
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) == key_json:
+                info["cache_hit"] = True
+                return f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except (OSError, ValueError, KeyError, EOFError):
+        pass
     start = time.perf_counter()
     mu, sigma = dataset_statistics(
         dataset, extractor, batch_size=batch_size, num_images=n, num_workers=num_workers, progress=progress
     )
-    _save_stats(path, mu, sigma, key_json)
-    if info is not None:
-        info["seconds"] = time.perf_counter() - start
-    return mu, sigma
-
-
-def _load_stats(path: Path, key_json: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (mu, sigma) when the file exists, reads and was written for exactly this key; else None."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != key_json:
-                return None
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except (OSError, ValueError, KeyError, EOFError):  # a damaged file is recomputed and replaced
-        return None
-    return mu, sigma
-
-
-def _save_stats(path: Path, mu: np.ndarray, sigma: np.ndarray, key_json: str) -> None:
-    """Write the statistics atomically (``utils.io.atomic_write``), so a killed run leaves no half file."""
+    # Written atomically (utils.io), so a killed run leaves no half file.
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json)))
+    info["seconds"] = time.perf_counter() - start
+    return mu, sigma
+
 
 
 #################################################################################
@@ -433,60 +372,36 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def generated_statistics(
-    sampler: Any,
-    num_samples: int,
-    *,
-    extractor: nn.Module,
-    batch_size: int | None = None,
-    cfg_scale: float | None = None,
-    steps: int | None = None,
-    method: str | None = None,
-    grid: str | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    seed: int = 0,
-    num_classes: int | None = None,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> tuple[np.ndarray, np.ndarray, int]:
+    sampler: Sampler, num_samples: int, *, extractor: nn.Module, seed: int = 0, progress: bool = True, rank: int = 0,
+    world_size: int = 1, **options: Any,
+) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
 
-    Labels are class-balanced (``balanced_labels``) for a conditional model (``num_classes`` defaults to the
-    sampler's). Sample i starts from the noise ``python sampler.py --seed SEED`` gives sample i, whatever the
-    batch size. Sampling settings left None use the sampler's own; ``batch_size`` defaults to the sampler's.
-    NFE is ``sampler.last_nfe`` averaged over batches and rounded (the same for every batch on a fixed grid).
+    Labels are class-balanced (``balanced_labels``) for a conditional model. Sample i starts from the noise
+    ``python sampler.py --seed SEED`` gives sample i, whatever the batch size. ``options`` override the sampler's
+    sampling options (``batch_size`` among them: images per batch). NFE is the batches' mean ``last_nfe``.
 
-    In a DDP run every process calls this with its ``rank`` and the ``world_size``: process r draws the
-    samples i = r, r + world_size, ... (each with sample i's noise and label), and the feature sums are
-    all-reduced in float64, so every process returns the statistics of the same num_samples images as a
-    single process would (equal up to float64 round-off from the order of the sums). When sampling fails
-    on any process, all of them raise: the failing one its own error, the others ``PeerError``.
+    In a DDP run every process calls this with its ``rank`` and the ``world_size``: process r draws the samples
+    i = r, r + world_size, ... (each with sample i's noise and label), and the feature sums are all-reduced in
+    float64, so every process returns the statistics of the same num_samples images as a single process would
+    (equal up to float64 round-off from the order of the sums). When sampling fails on any process, all of them
+    raise: the failing one its own error, the others ``PeerError``.
     """
-    if num_classes is None:
-        num_classes = int(sampler.num_classes)
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
-    batch_size = int(batch_size or sampler.batch_size)
-    if batch_size < 1:
-        raise FIDError(f"batch size must be >= 1; got {batch_size}")
-    overrides = dict(cfg_scale=cfg_scale, steps=steps, method=method, grid=grid, guidance_interval=guidance_interval)
-    overrides = {k: v for k, v in overrides.items() if v is not None}
     shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
-    if not 0 <= rank < world_size:
-        raise FIDError(f"rank must be in [0, world_size); got rank {rank} of {world_size}")
-    labels = balanced_labels(num_samples, num_classes)
+    labels = balanced_labels(num_samples, sampler.num_classes)
     indices = torch.arange(num_samples)[rank::world_size]  # this process's share (empty if num_samples <= rank)
+    batch_size = options.get("batch_size", sampler.options.batch_size)
     extractor.eval()
-    stats = FeatureStats()
-    nfes = []
-    error: Exception | None = None
+    stats, nfes, error = FeatureStats(), [], None
     bar = tqdm(total=len(indices), desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for idx in indices.split(batch_size) if len(indices) else ():
-            noise = _noise_of(seed, idx, shape)  # (b, C, H, W)
+        for idx in indices.split(batch_size):
+            noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
             y = None if labels is None else labels[idx]
-            images = sampler.sample(len(idx), y, noise=noise, **overrides)  # (b, C, H, W) in [0, 1]
-            nfes.append(int(sampler.last_nfe))
+            images = sampler.sample(len(idx), y, noise=noise, **options)  # (b, C, H, W) in [0, 1]
+            nfes.append(sampler.last_nfe)
             stats.update(extract_features(extractor, images))
             bar.update(len(idx))
     except Exception as e:
@@ -495,74 +410,30 @@ def generated_statistics(
         error = e  # raised below, after the others have heard of it: none may wait in a collective alone
     finally:
         bar.close()
-    if world_size > 1:
-        from utils.distributed import PeerError, all_reduce_, collective_device
-
-        # One collective for the failure flag and the NFE sums, then the feature sums.
-        totals = torch.tensor([float(error is not None), sum(nfes), len(nfes)], dtype=torch.float64)
-        totals = all_reduce_(totals.to(collective_device()), "sum").cpu()
-        if error is not None:
-            raise error
-        if totals[0] > 0:
-            raise PeerError("sampling for FID failed on another process")
-        stats.all_reduce_()
-        nfe_sum, batches = float(totals[1]), float(totals[2])
-    else:
-        nfe_sum, batches = sum(nfes), len(nfes)
-    mu, sigma = stats.mean_cov()
-    return mu, sigma, int(round(nfe_sum / batches))
-
-
-def _noise_of(seed: int, idx: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``sampler.seeded_noise`` of the sample indices idx (b,): (b, *shape); one call for a contiguous run."""
-    from sampler import seeded_noise
-
-    first, last = int(idx[0]), int(idx[-1])
-    if last - first + 1 == len(idx):
-        return seeded_noise(seed, first, last + 1, shape)
-    return torch.cat([seeded_noise(seed, int(i), int(i) + 1, shape) for i in idx])
+    # One collective for the failure flag and the NFE sums (a no-op in one process), then the feature sums.
+    totals = torch.tensor([float(error is not None), sum(nfes), len(nfes)], dtype=torch.float64)
+    failed, nfe_sum, batches = all_reduce_(totals.to(collective_device())).tolist()
+    if error is not None:
+        raise error
+    if failed:
+        raise PeerError("sampling for FID failed on another process")
+    mu, sigma = stats.all_reduce_().mean_cov()
+    return mu, sigma, round(nfe_sum / batches)
 
 
 def compute_fid(
-    sampler: Any,
-    real_stats: tuple[np.ndarray, np.ndarray],
-    num_samples: int,
-    *,
-    extractor: nn.Module,
-    batch_size: int | None = None,
-    cfg_scale: float | None = None,
-    steps: int | None = None,
-    method: str | None = None,
-    grid: str | None = None,
-    guidance_interval: tuple[float, float] | None = None,
-    seed: int = 0,
-    num_classes: int | None = None,
-    progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-) -> tuple[float, int]:
+    sampler: Sampler, real_stats: tuple[np.ndarray, np.ndarray] | None, num_samples: int, *, extractor: nn.Module,
+    **kwargs: Any,
+) -> tuple[float | None, int]:  # fmt: skip
     """FID of ``num_samples`` samples from ``sampler`` against real (mu (D,), sigma (D, D)); returns (fid, nfe).
 
-    ``sampler`` is a ``sampler.Sampler`` (e.g. around an in-memory EMA model); the other arguments are
-    those of ``generated_statistics``. ``extractor`` must be the one that produced ``real_stats``.
-    In a DDP run every process calls it with its rank (see ``generated_statistics``) and gets the same FID.
+    ``kwargs`` are those of ``generated_statistics`` (seed, progress, rank, world_size, sampling options).
+    ``extractor`` must be the one that produced ``real_stats``. In a DDP run every process calls it; one without
+    the real statistics (None) samples its share and gets (None, nfe).
     """
-    mu, sigma, nfe = generated_statistics(
-        sampler,
-        num_samples,
-        extractor=extractor,
-        batch_size=batch_size,
-        cfg_scale=cfg_scale,
-        steps=steps,
-        method=method,
-        grid=grid,
-        guidance_interval=guidance_interval,
-        seed=seed,
-        num_classes=num_classes,
-        progress=progress,
-        rank=rank,
-        world_size=world_size,
-    )
+    mu, sigma, nfe = generated_statistics(sampler, num_samples, extractor=extractor, **kwargs)
+    if real_stats is None:
+        return None, nfe
     if mu.shape != np.shape(real_stats[0]):
         raise FIDError(f"real statistics have {np.shape(real_stats[0])} features, the extractor gives {mu.shape}")
     return frechet_distance(real_stats[0], real_stats[1], mu, sigma), nfe

@@ -24,22 +24,12 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _has_wandb_credentials() -> bool:
-    """Whether wandb could log in without asking anyone (environment, settings or .netrc)."""
+def _has_wandb_credentials(wandb) -> bool:
+    """Whether wandb could log in without asking anyone (an API key in the environment, settings or .netrc)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    import wandb
-
-    try:
-        # prompt=False and verify=False: look for stored credentials only, never ask, never go online.
+    try:  # prompt=False and verify=False: look for stored credentials only, never ask, never go online
         return bool(wandb.login(prompt=False, verify=False))
-    except TypeError:  # wandb < 0.19 has no prompt= argument; fall back to the .netrc file
-        import netrc
-
-        try:
-            return netrc.netrc().authenticators("api.wandb.ai") is not None
-        except (OSError, netrc.NetrcParseError):
-            return False
     except Exception:
         return False
 
@@ -113,7 +103,7 @@ class RunLogger:
         except ImportError as e:
             _warn(f"wandb is not installed ({e}); logging to {self._metrics_path} only")
             return
-        if mode == "online" and not _has_wandb_credentials():
+        if mode == "online" and not _has_wandb_credentials(wandb):
             mode = "offline"
             _warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.out_dir)

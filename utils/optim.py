@@ -4,21 +4,21 @@ A step whose loss or gradient norm is not finite must leave the weights, the opt
 EMA exactly as they were. Deciding with ``loss.item()`` would stall the GPU on every step, so the decision
 stays on the device: fused AdamW takes it as ``found_inf`` (the mechanism torch.amp.GradScaler uses) and
 its kernel then changes nothing, and the EMA update is multiplied by the same mask (utils/ema.py).
-Statistics accumulate in device tensors and are read back once per logging interval.
+Statistics accumulate in device tensors and are read back once per logging interval. Under DDP both the
+decision and the statistics are all-reduced, so every process takes or skips the same steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 
+from utils.distributed import all_reduce_
+
 
 def build_adamw(
-    params: Iterable[torch.nn.Parameter],
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
+    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.AdamW:
     """AdamW, fused where torch supports it for these parameters (CUDA, and the CPU since torch 2.4)."""
     params = list(params)
@@ -29,22 +29,14 @@ def build_adamw(
 
 
 def guarded_step(
-    opt: torch.optim.Optimizer,
-    params: list[torch.nn.Parameter],
-    loss: torch.Tensor,
-    max_norm: float = float("inf"),
-    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, max_norm: float = float("inf")
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """After loss.backward(): clip gradients, step unless the loss or gradient norm is non-finite, zero grads.
-
-    agree maps the local 0-d bool ``ok`` to the one all processes share (DDP: an all-reduce with min).
-    Returns ok (0-d bool) and the gradient norm before clipping (0-d), both on the device. With fused AdamW
-    nothing here waits for the device; a non-fused optimizer needs one host sync to decide.
-    """
+    """After loss.backward(): clip gradients, step unless the loss or gradient norm is non-finite (on any DDP
+    process), zero the gradients. Returns ok (0-d bool) and the gradient norm before clipping (0-d), both on the
+    device. With fused AdamW nothing here waits for the device; a non-fused optimizer needs one host sync."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-    if agree is not None:
-        ok = agree(ok)
+    ok = all_reduce_(ok.to(torch.int32), "min").bool()  # every process takes or skips the step
     if opt.defaults.get("fused"):
         opt.found_inf = (~ok).float()  # the fused kernel skips the whole update (weights, moments, step count)
         opt.step()
@@ -55,42 +47,42 @@ def guarded_step(
 
 
 class StepStats:
-    """Training statistics kept on the device: per-interval loss and grad-norm sums, skipped steps, and the
-    longest run of consecutive non-finite steps; ``read`` is the one host sync."""
+    """Training statistics kept on the device: per-interval sums of the loss, the gradient norm and the loss in
+    ``bins`` equal bins of the training time t (where along the path the model is still wrong), skipped steps
+    and the longest run of consecutive non-finite steps; ``read`` is the one host sync."""
 
-    def __init__(self, device: torch.device | str):
-        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)
-        self.loss_sum, self.gnorm_sum, self.good = zero(), zero(), zero()
-        self.skipped, self.streak, self.worst_streak = zero(), zero(), zero()
+    def __init__(self, device: torch.device | str, bins: int = 8):
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.bins = bins
+        self.sums = zeros(3)  # loss, grad norm, good steps (this interval)
+        self.by_t = zeros(2, bins)  # per bin of t: summed per-sample loss, samples (this interval)
+        self.skipped, self.streak, self.worst_streak = zeros(), zeros(), zeros()
 
-    def update(self, ok: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Count one step: its loss (N,) or () and grad norm enter the sums only if ok."""
-        bad = (~ok).double()
-        self.loss_sum += torch.where(ok, loss.detach().double(), 0.0)
-        self.gnorm_sum += torch.where(ok, grad_norm.detach().double(), 0.0)
-        self.good += 1 - bad
-        self.skipped += bad
-        self.streak.mul_(bad).add_(bad)  # +1 on a bad step, back to 0 on a good one
+    def update(self, ok: torch.Tensor, mse: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Count one step: its per-sample losses (N,) at times t (N,) and grad norm enter the sums only if ok."""
+        good = ok.double()
+        mse = torch.where(ok, mse.detach().double(), 0.0)
+        self.sums += torch.stack([mse.mean(), torch.where(ok, grad_norm.detach().double(), 0.0), good])
+        bin_of = (t.detach() * self.bins).long().clamp_(0, self.bins - 1)
+        self.by_t[0].index_add_(0, bin_of, mse)
+        self.by_t[1].index_add_(0, bin_of, good.expand_as(mse))
+        self.skipped += 1 - good
+        self.streak.mul_(1 - good).add_(1 - good)  # +1 on a bad step, back to 0 on a good one
         torch.maximum(self.worst_streak, self.streak, out=self.worst_streak)
 
-    def read(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
-        """Means over the interval since the last read (summed over processes by reduce), then reset them.
+    def read(self) -> dict[str, float | list[float]]:
+        """Means over the interval since the last read (over every DDP process), then reset them.
 
-        Returns loss (nan if no step was good), grad_norm, good_steps, skipped (since construction) and
-        worst_streak (the longest run of non-finite steps since construction).
+        Returns loss (nan if no step was good), grad_norm, loss_by_t (one mean per bin of t, nan for an empty
+        bin), good_steps, skipped (since construction) and worst_streak (the longest non-finite run so far).
         """
-        sums = torch.stack([self.loss_sum, self.gnorm_sum, self.good])
-        if reduce is not None:
-            sums = reduce(sums)
-        loss_sum, gnorm_sum, good, skipped, worst = torch.cat(
-            [sums, torch.stack([self.skipped, self.worst_streak])]
-        ).tolist()
-        for t in (self.loss_sum, self.gnorm_sum, self.good):
-            t.zero_()
+        sums = all_reduce_(torch.cat([self.sums, self.by_t.flatten()]))
+        (loss, gnorm, good), (bin_loss, bin_count) = sums[:3].tolist(), sums[3:].view(2, -1).tolist()
+        self.sums.zero_()
+        self.by_t.zero_()
+        nan = float("nan")
         return {
-            "loss": loss_sum / good if good else float("nan"),
-            "grad_norm": gnorm_sum / good if good else float("nan"),
-            "good_steps": good,
-            "skipped": skipped,
-            "worst_streak": worst,
-        }
+            "loss": loss / good if good else nan, "grad_norm": gnorm / good if good else nan,
+            "loss_by_t": [s / c if c else nan for s, c in zip(bin_loss, bin_count, strict=True)],
+            "good_steps": good, "skipped": self.skipped.item(), "worst_streak": self.worst_streak.item(),
+        }  # fmt: skip

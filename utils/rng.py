@@ -2,7 +2,8 @@
 
 A training step draws its noise, times and label dropout from torch's global generators (CPU, and the
 current CUDA device), OT pairing from numpy's and anything else from python's. Checkpointing all four
-(plus the data stream's position) makes a resumed run bit-identical to an uninterrupted one.
+(plus the data stream's position) makes a resumed run bit-identical to an uninterrupted one, and
+``isolated_rng`` keeps work done beside training (samples, FID) from moving any of them.
 
 The captured state holds only tensors and plain python values (dict, list, int, float, str, None), so a
 checkpoint that stores it loads with ``torch.load(weights_only=True)``: numpy's MT19937 key becomes an
@@ -11,7 +12,9 @@ int64 tensor and python's state tuple a list; ``set_rng_state`` converts them ba
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,3 +85,16 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu", cud
             torch.cuda.set_rng_state(state["cuda"], device)
         else:
             torch.cuda.manual_seed(cuda_seed)
+
+
+@contextlib.contextmanager
+def isolated_rng(device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run a block, then put every global generator back as it was before it, even when the block raises.
+
+    Whatever the block draws (torch CPU and device, numpy, python) leaves no trace in the training randomness.
+    """
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state, device)

@@ -1,0 +1,159 @@
+"""Settings declared once: a dataclass field holds a setting's default, help text and bounds; the command-line
+parser is built from the fields and the values are checked when the config is made.
+
+    @dataclass
+    class TrainConfig(ModelConfig):
+        steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
+
+gives ``--steps`` (an int, with its help and default), and ``TrainConfig(steps=0)`` raises ConfigError. A bool
+field gives ``--name`` / ``--no-name``; a tuple field takes several values. train.py, sampler.py, evaluate.py and
+the benchmark each declare one config class; the model flags (``ModelConfig``, here) and the sampling flags
+(``utils.sampling.SamplingOptions``) are shared by inheritance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import operator
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+from models.dit import DiT, DiT_models
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work: out of range, unknown choices, or flags that contradict each other."""
+
+
+BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
+
+
+def arg(default: Any, help: str, *, choices: Sequence[Any] | None = None, group: str | None = None,
+        min: float | None = None, max: float | None = None, gt: float | None = None, lt: float | None = None,
+        **argparse_kwargs: Any) -> Any:  # fmt: skip
+    """A config field: its default, its --help text, the allowed values (choices and the bounds min <= v <= max,
+    gt < v < lt) and extra argparse keywords (nargs, const, metavar). ``group`` starts a titled section of --help
+    that the following fields join."""
+    bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
+    metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=argparse_kwargs)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Base of every config: checks each field against its choices and bounds when the config is made."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):  # argparse gives lists for several values
+                value = tuple(value)
+                setattr(self, f.name, value)
+            if value is None or not f.metadata:
+                continue
+            if hints[f.name] in (int, int | None) and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be finite, got {value}")
+            choices = f.metadata["choices"]
+            if choices is not None and value not in choices:
+                raise ConfigError(f"unknown {f.name} {value!r}; choose from {', '.join(map(str, choices))}")
+            for key, bound in f.metadata["bounds"].items():
+                compare, sign = BOUNDS[key]
+                if not compare(value, bound):
+                    raise ConfigError(f"{f.name} must be {sign} {bound}, got {value!r}")
+
+
+C = TypeVar("C", bound=Config)
+
+
+def build_parser(cls: type[Config], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per field of cls (``--field-name``), defaults from the fields."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    hints = typing.get_type_hints(cls)
+    group: Any = parser
+    for f in fields(cls):
+        if not f.metadata:
+            continue
+        meta = f.metadata
+        if meta["group"]:
+            group = parser.add_argument_group(meta["group"])
+        kind = hints[f.name]
+        kwargs: dict[str, Any] = dict(help=meta["help"], choices=meta["choices"], **meta["argparse"])
+        if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
+            kwargs["help"] += " (default %(default)s)"
+        if kind in (bool, bool | None):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            item, *rest = typing.get_args(kind)
+            kwargs.setdefault("nargs", "+" if rest == [Ellipsis] else len(rest) + 1)
+            kwargs["type"] = item
+        else:
+            kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
+        if f.default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+    return parser
+
+
+def parse(cls: type[C], argv: Sequence[str] | None, prog: str, description: str,
+          presets: dict[str, dict[str, Any]] | None = None) -> C:  # fmt: skip
+    """Flags -> cls. With presets, ``--preset NAME`` sets defaults that explicit flags override.
+
+    argparse exits (status 2) on a malformed flag; a value out of range raises ConfigError, which each script's
+    ``cli`` turns into one error line."""
+    parser = build_parser(cls, prog, description)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="named settings; explicit flags override them")
+        known, _ = parser.parse_known_args(argv)
+        if known.preset:
+            parser.set_defaults(**presets[known.preset])
+    args = vars(parser.parse_args(argv))
+    args.pop("preset", None)
+    return cls(**args)
+
+
+def flag_values(cfg: Config) -> list[str]:
+    """The command line that ``parse`` turns back into cfg (the fields that differ from their defaults)."""
+    out = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if not f.metadata or value == f.default or value is None:
+            continue
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(name if value else "--no-" + name[2:])
+        elif isinstance(value, tuple):
+            out += [name, *map(str, value)]
+        else:
+            out += [name, str(value)]
+    return out
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Config):
+    """The flags that choose the network: a registry name plus optional size overrides."""
+
+    model: str = arg("DiT-S/2", "named DiT size", choices=sorted(DiT_models), group="model")
+    hidden_size: int | None = arg(None, "override the named size's hidden width", min=1)
+    depth: int | None = arg(None, "override the named size's number of blocks", min=1)
+    num_heads: int | None = arg(None, "override the named size's attention heads", min=1)
+    num_registers: int = arg(4, "register tokens (Darcet et al. 2024); 0 disables", min=0)
+    class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
+    qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
+
+
+def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:
+    """A DiT from the model flags and the data's shape; ``extra`` are further DiT arguments."""
+    sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
+    return DiT_models[cfg.model](
+        input_size=input_size, in_channels=in_channels, num_classes=num_classes, num_registers=cfg.num_registers,
+        class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in sizes.items() if v}, **extra,
+    )  # fmt: skip

@@ -1,0 +1,66 @@
+"""Stopping a training run cleanly: on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or before a wall-clock budget runs out.
+
+A signal only raises a flag; the run finishes the step in progress, writes a checkpoint of it and exits with
+the code of the reason (``EXIT_CODES``), so a scheduler can requeue it and ``--resume`` continues exactly there.
+Further signals while it saves change nothing (the checkpoint is written atomically anyway). Under DDP the
+processes agree at every step, over a CPU (gloo) process group that never waits for the GPU, so a signal that
+reaches only some of them stops all of them after the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from utils.distributed import is_initialized
+
+TIME_LIMIT = 0  # the "signal number" of a stop for the wall-clock budget
+REASONS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1", TIME_LIMIT: "--time-limit"}
+# 128 + the signal's number, as a shell reports a process killed by it; 124 (as coreutils' timeout) for the budget.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, TIME_LIMIT: 124}
+
+
+class StopRequest:
+    """Catches SIGTERM, SIGINT and SIGUSR1 and watches a wall-clock budget; ``check`` tells every process at once.
+
+    time_limit: minutes the run may take in all, counted from ``started`` (``time.monotonic()``; default now), or
+    None. It stops once the time left would not cover twice the slowest step plus checkpoint seen so far, so a
+    fixed-length job never dies mid-save.
+    """
+
+    def __init__(self, time_limit: float | None = None, started: float | None = None):
+        self.signum: int | None = None
+        start = time.monotonic() if started is None else started
+        self.deadline = None if time_limit is None else start + 60 * time_limit
+        self.reserve = 0.0  # seconds: the slowest step + checkpoint so far, doubled
+        self.group = dist.new_group(backend="gloo") if is_initialized() else None
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            print(f"\n{REASONS[signum]}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
+        self.signum = signum if self.signum is None else self.signum
+
+    def time_taken(self, seconds: float) -> None:
+        """Tell how long a step (with its checkpoint, if any) took, to keep enough time for the last one."""
+        self.reserve = max(self.reserve, 2 * seconds)
+
+    def check(self) -> int | None:
+        """The reason to stop now, agreed by every process (a signal number, or TIME_LIMIT), or None."""
+        reason = self.signum
+        if reason is None and self.deadline is not None and time.monotonic() + self.reserve >= self.deadline:
+            reason = TIME_LIMIT
+        if self.group is None:
+            return reason
+        flag = torch.tensor([-1 if reason is None else reason])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return None if flag.item() < 0 else int(flag.item())
+
+    def close(self) -> None:
+        """Put the previous signal handlers back."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -274,7 +274,7 @@ def train(run: Run) -> dict[str, Any]:
                     checkpoint(run, step, stats)
                 stop.time_taken(time.perf_counter() - started)  # a step and its checkpoint: what the budget keeps
                 if reason is None:
-                    run.monitor(step, run.ema.model, last)
+                    run.monitor(step, model, run.ema.model, last)
     finally:  # also when stopped by non-finite losses: flush wandb's files
         stop.close()
         bar.close()

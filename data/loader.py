@@ -17,6 +17,7 @@ Flip and scaling to [-1, 1] are tensor ops applied to the uint8 batch on ``devic
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import torch
@@ -71,12 +72,7 @@ class BatchStream:
         on_device: bool = False,
         num_workers: int = 0,
     ) -> None:
-        if batch_size < 1:
-            raise DataError(f"batch_size must be at least 1; got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is not in [0, world_size={world_size})")
-        if num_workers < 0:
-            raise DataError(f"num_workers must be >= 0; got {num_workers}")
+        num_workers = usable_workers(num_workers)
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = int(seed)
@@ -176,8 +172,6 @@ class BatchStream:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict(); the next batch is the one that followed it."""
-        if set(state) != {"epoch", "index"}:
-            raise DataError(f"data state must have keys epoch and index; got {sorted(state)}")
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
             raise DataError(
@@ -185,6 +179,12 @@ class BatchStream:
             )
         self._epoch, self._index = epoch, index
         self._iter = None  # the next batch restarts the loader at the new position
+
+
+def usable_workers(num_workers: int) -> int:
+    """num_workers, but never more loader processes than this process may run on cores (DataLoader warns then)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(num_workers, cores)
 
 
 def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:

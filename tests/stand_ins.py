@@ -25,3 +25,38 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> to
 def all_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> bool:
     """``close`` everywhere."""
     return bool(close(actual, expected, rel).all())
+
+
+def wandb_history(run_dir, timeout: float = 60) -> list[dict]:
+    """The history rows (dicts of key -> JSON value) of an offline wandb run, read from its run-ID.wandb file once
+    the run's exit record is there (wandb's service writes the file after ``finish`` returns).
+
+    The file is a LevelDB-style log (32 KiB blocks; records of a 7-byte header - crc32, length, type - and data,
+    split across blocks as FIRST/MIDDLE/LAST) after a 7-byte ":W&B" file header; each record is a protobuf."""
+    import json
+    import time
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout
+    while True:
+        data = next(Path(run_dir).glob("*.wandb")).read_bytes()
+        rows, kinds, pos, parts = [], set(), 7, b""
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            if left < 7:  # a block's tail too short for a header is padding
+                pos += left
+                continue
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            parts, pos = parts + data[pos + 7 : pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # FULL or LAST: a whole record
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(parts)
+                kinds.add(record.WhichOneof("record_type"))
+                if record.WhichOneof("record_type") == "history":
+                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+                parts = b""
+        if "exit" in kinds or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)

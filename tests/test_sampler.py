@@ -300,7 +300,7 @@ def test_gif_frames_size_and_clipping(tmp_path):
     to_gif(traj, path, fps=5, nrow=nrow)
     gif = Image.open(path)
     assert gif.n_frames == k
-    assert gif.size == (nrow * 10 + 2, 2 * 10 + 2)  # make_grid: padding 2 around 8x8 tiles, 2 rows
+    assert gif.size == (nrow * 66 + 2, 2 * 66 + 2)  # 8x8 tiles enlarged 8x to 64, padding 2 (make_grid), 2 rows
     expected = [0, 128, 191, 255, 64, 255, 0]  # clipped to [-1, 1], then mapped to [0, 255]
     for i in range(k):
         gif.seek(i)
@@ -309,10 +309,20 @@ def test_gif_frames_size_and_clipping(tmp_path):
 
 def test_save_grid_and_npz_round_trip(tmp_path):
     images = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    save_grid(images, tmp_path / "g.png", nrow=2)
+    save_grid(images, tmp_path / "g.png", nrow=2, min_size=0)  # the real size
     grid = np.asarray(Image.open(tmp_path / "g.png"))
     assert grid.shape == (3 * 10 + 2, 2 * 10 + 2, 3)
     assert np.array_equal(grid[2:10, 2:10], to_uint8(images[:1])[0])
+    # Under 64 pixels a grid is enlarged by an integer factor (8 here): every pixel an exact 8x8 block.
+    save_grid(images, tmp_path / "big.png", nrow=2)
+    big = np.asarray(Image.open(tmp_path / "big.png"))
+    assert big.shape == (3 * 66 + 2, 2 * 66 + 2, 3)
+    tile = big[2:66, 2:66]
+    assert np.array_equal(tile, to_uint8(images[:1])[0].repeat(8, axis=0).repeat(8, axis=1))
+    save_grid(torch.rand(2, 3, 32, 32), tmp_path / "cifar.png", nrow=2)  # 32 -> 64: a factor of 2
+    assert Image.open(tmp_path / "cifar.png").size == (2 * 66 + 2, 66 + 2)
+    save_grid(torch.rand(2, 1, 64, 64), tmp_path / "large.png", nrow=2)  # 64 and up: the real size
+    assert Image.open(tmp_path / "large.png").size == (2 * 66 + 2, 66 + 2)
     labels = torch.tensor([1, 0, 2, 2, 1])
     save_npz(images, labels, tmp_path / "s.npz")
     data = np.load(tmp_path / "s.npz")
@@ -363,7 +373,7 @@ def test_cli_writes_grid_gif_npz(tmp_path, capsys):
     data = np.load(npz)
     assert np.array_equal(data["images"], to_uint8(result["images"]))
     assert data["labels"].tolist() == [1] * 5
-    assert Image.open(out).size == (5 * 10 + 2, 10 + 2)
+    assert Image.open(out).size == (5 * 66 + 2, 66 + 2)  # 8x8 samples shown 8x larger
     assert Image.open(gif).n_frames == 5  # every state of 4 steps
     # The same flags again: nothing is overwritten without --overwrite, with one clear error line.
     with pytest.raises(SystemExit) as e:

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stand_ins import Features
+from PIL import Image
+from stand_ins import Features, wandb_history
 
 import train
 from train import NonFiniteLossError, TrainConfig, parse_args
@@ -180,7 +181,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
 # ----------------------------------------------------------------------------------------------- logging
 
 
-def test_wandb_offline_run_folder_holds_the_images_and_gifs(tmp_path, monkeypatch):
+def test_wandb_offline_run_holds_captioned_samples_videos_and_the_metrics_file_numbers(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("HOME", str(tmp_path))  # no user settings or credentials
@@ -196,6 +197,25 @@ def test_wandb_offline_run_folder_holds_the_images_and_gifs(tmp_path, monkeypatc
     assert sorted(p.name for p in samples.iterdir()) == [
         f"step{s:07d}_cfg{c}.{ext}" for s in (2, 4) for c in (1, 3) for ext in ("gif", "png")
     ]
+    # EMA and raw samples side by side: 10 classes in rows of 1 EMA sample, a blank, 1 raw sample, 8x8 shown 8x.
+    assert Image.open(samples / "step0000002_cfg3.png").size == (3 * 66 + 2, 10 * 66 + 2)
+
+    rows = {row["_step"]: row for row in wandb_history(runs[0])}
+    assert sorted(rows) == [2, 4]
+    media = lambda key: {k[len(key) + 1 :]: v for k, v in rows[4].items() if k.startswith(key + "/")}  # noqa: E731
+    image, video = media("samples/cfg3"), media("trajectory/cfg1")
+    assert image["_type"] == "image-file" and image["caption"].startswith("step 4, cfg 3, heun 2 steps, NFE 4")
+    assert "EMA left, raw weights right" in image["caption"]
+    assert video["_type"] == "video-file" and video["caption"].startswith("step 4, cfg 1") and video["path"].endswith(".gif")
+    # The metrics file and wandb carry the same numbers under the same names, the loss by t among them.
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [2, 4]
+    for m in logged:
+        keys = set(m) - {"step"}  # the scalars; wandb's rows hold the media too
+        assert {f"loss_by_t/t{i}" for i in range(8)} | {"train/loss", "train/lr", "train/img_per_s"} <= keys
+        for k in keys:
+            mine, theirs = m[k], rows[m["step"]][k]
+            assert mine == theirs or (str(mine) == "nan" and np.isnan(theirs)), k
 
 
 def test_fid_during_training_is_logged_and_matches_a_direct_computation(tmp_path, monkeypatch):
@@ -270,7 +290,7 @@ def test_a_logging_failure_never_stops_training(tmp_path, capsys):
     logger.run = Broken()
     for step in range(3):
         logger.log({"train/loss": 1.0}, step)
-    logger.log_images({"samples": tmp_path / "missing.png"}, 3)
+    logger.log_media(3, {"samples": (tmp_path / "missing.png", "a caption")}, {})
     logger.finish()
     err = capsys.readouterr().err
     assert err.count("wandb scalars failed") == 1  # warned once, not at every step
@@ -288,7 +308,7 @@ def test_wandb_that_cannot_start_leaves_the_metrics_file(tmp_path, monkeypatch, 
     monkeypatch.setattr(wandb, "init", refuse)
     logger = RunLogger(tmp_path, mode="offline")
     logger.log({"train/loss": 0.5}, 1)
-    logger.log_videos({"trajectory": tmp_path / "x.gif"}, 1)
+    logger.log_media(1, {}, {"trajectory": (tmp_path / "x.gif", "a caption")})
     logger.finish()
     assert logger.run is None and "could not start" in capsys.readouterr().err
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 0.5}

@@ -38,6 +38,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from data import build_dataset
+from data.loader import usable_workers
 from utils.device import module_device_dtype
 from utils.distributed import PeerError, all_reduce_, collective_device, is_initialized
 from utils.io import atomic_write
@@ -305,7 +306,7 @@ def dataset_statistics(dataset: Any, extractor: nn.Module, *, batch_size: int = 
             bar.update(len(idx))
     else:
         subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=usable_workers(num_workers))
         for images, _ in loader:
             stats.update(extract_features(extractor, images))
             bar.update(images.shape[0])

@@ -1,7 +1,9 @@
 """Writing images: uint8 conversion, PNG grids, trajectory GIFs and .npz archives of samples.
 
-Images are float (N, C, H, W) in [0, 1], as ``sampler.Sampler.sample`` returns them; trajectories are raw
-ODE states (K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder.
+Images are float (N, C, H, W) in [0, 1], as ``Sampler.sample`` returns them; trajectories are raw ODE states
+(K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder. Small images are unreadable at their real
+size: grids and GIFs show images under ``min_size`` (64) pixels enlarged by an integer factor, each pixel
+repeated (nearest neighbour), so nothing is blurred or invented; the npz keeps the real pixels.
 """
 
 from __future__ import annotations
@@ -20,29 +22,41 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def grid_uint8(images: torch.Tensor, nrow: int) -> np.ndarray:
-    """One image grid (H', W', 3) uint8 from images (N, C, H, W) in [0, 1]."""
+def upscale(images: torch.Tensor, min_size: int = 64) -> torch.Tensor:
+    """Images (N, C, H, W) enlarged by the integer factor ceil(min_size / H) when H < min_size, each pixel
+    repeated into a square block (nearest neighbour); unchanged otherwise."""
+    factor = -(-min_size // images.shape[-2])
+    if factor <= 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+def grid_uint8(images: torch.Tensor, nrow: int, min_size: int = 64) -> np.ndarray:
+    """One image grid (H', W', 3) uint8 from images (N, C, H, W) in [0, 1], small images enlarged (``upscale``)."""
     from torchvision.utils import make_grid
 
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
     if nrow < 1:
         raise ValueError(f"nrow must be >= 1, got {nrow}")
-    grid = make_grid(images.detach().float().clamp(0, 1).cpu(), nrow=nrow, padding=2)  # (3, H', W')
+    images = upscale(images.detach().float().clamp(0, 1).cpu(), min_size)
+    grid = make_grid(images, nrow=nrow, padding=2)  # (3, H', W')
     return to_uint8(grid.unsqueeze(0))[0]
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8) -> None:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid with nrow images per row."""
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, min_size: int = 64) -> None:
+    """Write images (N, C, H, W) in [0, 1] as one PNG grid with nrow images per row; images under min_size
+    pixels are enlarged by an integer factor (``upscale``; min_size=0 keeps the real size)."""
     from PIL import Image
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_uint8(images, nrow)).save(path)
+    Image.fromarray(grid_uint8(images, nrow, min_size)).save(path)
 
 
-def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8) -> None:
-    """Write a trajectory (K, N, C, H, W) of states in [-1, 1] as a K-frame GIF of image grids.
+def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8, min_size: int = 64) -> None:
+    """Write a trajectory (K, N, C, H, W) of states in [-1, 1] as a K-frame GIF of image grids (small images
+    enlarged as by ``save_grid``).
 
     States are clipped to [-1, 1] before they are mapped to [0, 255]. The GIF encoder merges identical
     consecutive frames into one longer frame.
@@ -53,7 +67,7 @@ def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int 
         raise ValueError(f"expected a trajectory of shape (K, N, C, H, W), got {tuple(trajectory.shape)}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    frames = [grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow) for frame in trajectory]
+    frames = [grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow, min_size) for frame in trajectory]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # moviepy samples a clip at t = i / fps for i < int(duration * fps). ImageSequenceClip looks frames up by

@@ -154,26 +154,18 @@ class RunLogger:
         if self.run is not None:
             self._guard("wandb scalars", lambda: self.run.log(dict(metrics), step=step))
 
-    def log_images(self, images: dict[str, str | os.PathLike], step: int) -> None:
-        """Images already saved as files (e.g. PNG grids), keyed by wandb name."""
+    def log_media(self, step: int, images: dict[str, tuple[Path, str]], videos: dict[str, tuple[Path, str]]) -> None:
+        """Images (PNG) and animations (GIF) already saved as files, keyed by wandb name, each with a caption."""
         if self.run is None:
             return
         import wandb
 
-        self._guard(
-            "wandb images", lambda: self.run.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
-        )
+        def log() -> None:
+            media = {k: wandb.Image(str(p), caption=c) for k, (p, c) in images.items()}
+            media.update({k: wandb.Video(str(p), caption=c, format="gif") for k, (p, c) in videos.items()})
+            self.run.log(media, step=step)
 
-    def log_videos(self, videos: dict[str, str | os.PathLike], step: int) -> None:
-        """Animations already saved as GIF files, keyed by wandb name."""
-        if self.run is None:
-            return
-        import wandb
-
-        self._guard(
-            "wandb videos",
-            lambda: self.run.log({k: wandb.Video(str(p), format="gif") for k, p in videos.items()}, step=step),
-        )
+        self._guard("wandb media", log)
 
     def finish(self) -> None:
         """Close the wandb run (flushes offline files)."""

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from utils.device import module_device_dtype
@@ -33,8 +34,9 @@ def warn(message: str) -> None:
 
 
 class Monitor:
-    """Sample grids every ``cfg.sample_every`` steps (rank 0) and FID every ``cfg.fid_every`` steps (every process),
-    and both at the last step. ``cfg`` is train.py's config; ``fid_extractor`` replaces Inception (tests)."""
+    """Sample grids every ``cfg.sample_every`` steps (rank 0) and FID of the EMA model every ``cfg.fid_every`` steps
+    (every process), and both at the last step. ``cfg`` is train.py's config; ``fid_extractor`` replaces Inception
+    (tests)."""
 
     def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, fid_extractor: nn.Module | None = None):
         self.cfg, self.out, self.logger, self.dist = cfg, out, logger, dist
@@ -42,7 +44,7 @@ class Monitor:
         self.real: tuple[Any, Any] | None = None  # rank 0's real statistics, loaded at the first FID
         self.fid_state = "not loaded"  # "ready" or "off" after the first FID
 
-    def __call__(self, step: int, ema_model: nn.Module, last: bool) -> None:
+    def __call__(self, step: int, model: nn.Module, ema_model: nn.Module, last: bool) -> None:
         cfg = self.cfg
         samples = self.dist.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or last)
         fid = cfg.fid_every and (step % cfg.fid_every == 0 or last)
@@ -51,7 +53,7 @@ class Monitor:
         with isolated_rng(module_device_dtype(ema_model)[0]):
             if samples:
                 try:
-                    self.samples(step, ema_model)
+                    self.samples(step, model, ema_model)
                 except Exception as e:  # diagnostics: a failure here must not end a days-long run
                     warn(f"sampling at step {step} failed: {type(e).__name__}: {e}")
             if fid:
@@ -62,20 +64,25 @@ class Monitor:
                         who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
                         warn(f"FID at step {step} failed{who}: {type(e).__name__}: {e}")
 
-    def samples(self, step: int, model: nn.Module) -> None:
-        """Samples of every class, one row per class, at each CFG scale: OUT/samples/stepNNNNNNN_cfgS.{png,gif},
-        logged to wandb as images and videos. The noise is fixed by the seed: every step starts from the same."""
-        k, images, videos = self.cfg.samples_per_class, {}, {}
-        sampler = Sampler(model, steps=self.cfg.sample_steps, method="heun")
-        for scale in self.cfg.cfg_scales:
-            imgs, traj = sampler.sample_each_class(k, cfg_scale=scale, seed=self.cfg.seed, return_trajectory=True)
+    def samples(self, step: int, model: nn.Module, ema_model: nn.Module) -> None:
+        """At each CFG scale, samples of every class from the EMA and the raw weights side by side (one class per
+        row, EMA left), and the EMA trajectory: OUT/samples/stepNNNNNNN_cfgS.{png,gif}, logged to wandb with
+        captions. The noise is fixed by the seed, so every sample step starts from the same noise."""
+        cfg, k = self.cfg, self.cfg.samples_per_class
+        ema, raw = (Sampler(m, steps=cfg.sample_steps, method="heun") for m in (ema_model, model))
+        images, videos = {}, {}
+        for scale in cfg.cfg_scales:
+            imgs, traj = ema.sample_each_class(k, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
+            raw_imgs = raw.sample_each_class(k, cfg_scale=scale, seed=cfg.seed)
+            rows = [x.unflatten(0, (-1, k)) for x in (imgs, raw_imgs)]  # (classes, k, C, H, W)
+            blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
-            save_grid(imgs, f"{stem}.png", nrow=k)
+            save_grid(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), f"{stem}.png", nrow=2 * k + 1)
             to_gif(traj, f"{stem}.gif", nrow=k)
-            images[f"samples/cfg{scale:g}"] = f"{stem}.png"
-            videos[f"trajectory/cfg{scale:g}"] = f"{stem}.gif"
-        self.logger.log_images(images, step)
-        self.logger.log_videos(videos, step)
+            how = f"step {step}, cfg {scale:g}, heun {cfg.sample_steps} steps, NFE {ema.last_nfe}"
+            images[f"samples/cfg{scale:g}"] = (f"{stem}.png", f"{how}; one class per row; EMA left, raw weights right")
+            videos[f"trajectory/cfg{scale:g}"] = (f"{stem}.gif", f"{how}; EMA, from noise (t=0) to data (t=1)")
+        self.logger.log_media(step, images, videos)
 
     def fid(self, step: int, model: nn.Module) -> None:
         """FID of the model's samples against the training set; rank 0 prints and logs it."""

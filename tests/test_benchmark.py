@@ -8,16 +8,8 @@ import pytest
 import torch
 from stand_ins import all_close
 
-from benchmarks.benchmark import (
-    PHASES,
-    BenchConfig,
-    cli,
-    command_line,
-    gpu_bf16_peak,
-    main,
-    parse_args,
-    summarize,
-)
+from benchmarks.benchmark import BenchConfig, cli, command_line, main, parse_args
+from benchmarks.measure import PHASES, gpu_bf16_peak, summarize
 from benchmarks.official_dit import official_dit, official_update_ema
 from models.dit import DiT_models, count_params, forward_flops
 

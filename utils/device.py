@@ -8,6 +8,8 @@ from itertools import chain
 import torch
 import torch.nn as nn
 
+from utils.rng import isolated_rng
+
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -81,7 +83,7 @@ def compile_or_eager(net: nn.Module, example: tuple[torch.Tensor, ...], precisio
     device = example[0].device
     try:
         compiled = torch.compile(net)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device, precision):
+        with isolated_rng(device), autocast(device, precision):
             compiled(*example).float().square().mean().backward()
         return compiled
     except Exception as e:

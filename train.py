@@ -171,14 +171,9 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | None, started: float) -> Run:
     """Everything before the first step. What can fail on bad input fails before anything is written."""
     out, device = Path(cfg.out), dist.device
-    ckpt = out / "checkpoints" / "last.pt"
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
-    if cfg.resume == "yes" and not ckpt.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
-    state = load_checkpoint(ckpt) if cfg.resume != "no" and ckpt.is_file() else None
-    if state is None and ckpt.parent.is_dir() and any(ckpt.parent.glob("*.pt")):
-        raise ConfigError(f"{ckpt.parent} already holds checkpoints; pass --resume to continue, or choose another --out")
+    state = resume_state(cfg)
     for turn in (True, False):  # rank 0 first, so that only one process downloads
         if dist.is_main == turn:
             dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
@@ -226,16 +221,30 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     logger = RunLogger(out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
                        run_id=resumed.wandb_id if resumed else None, enabled=dist.is_main, start_step=step)  # fmt: skip
     # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
+    seed = cfg.seed + dist.rank + 1_000_003 * step
     if resumed and resumed.rng is not None:
-        set_rng_state(resumed.rng, device, cuda_seed=cfg.seed + dist.rank)
+        set_rng_state(resumed.rng, device, cuda_seed=seed)
     else:
         if resumed and dist.is_main:
             print(f"resume: {state['world_size']} processes before, {dist.world_size} now: new epoch, reseeded")
-        seed_everything(cfg.seed + dist.rank + 1_000_003 * step)
+        seed_everything(seed)
     objective = FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
     return Run(cfg, dist, model, net, ema, opt, stream, objective, logger,
                Monitor(cfg, out, logger, dist, fid_extractor), step, resumed.skipped_steps if resumed else 0,
                started)  # fmt: skip
+
+
+def resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint to continue from (--resume, or --resume auto when there is one), or None for a fresh run,
+    which must not write over another run's checkpoints."""
+    ckpt = Path(cfg.out) / "checkpoints" / "last.pt"
+    if cfg.resume == "yes" and not ckpt.is_file():
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
+    if cfg.resume != "no" and ckpt.is_file():
+        return load_checkpoint(ckpt)
+    if ckpt.parent.is_dir() and any(ckpt.parent.glob("*.pt")):
+        raise ConfigError(f"{ckpt.parent} already holds checkpoints; pass --resume to continue, or choose another --out")
+    return None
 
 
 def train(run: Run) -> dict[str, Any]:

@@ -6,9 +6,9 @@
 #
 #   bash benchmarks/gpu_check.sh prepare   # on a machine with PyPI: download the wheels the GPU image lacks into
 #                                          # .whl/ (git-ignored) and print the command for the GPU machine
-#   bash benchmarks/gpu_check.sh run       # on the GPU machine: install the carried wheels (only those whose
-#                                          # imports are missing) into a temporary folder, then run every part
-#   bash benchmarks/gpu_check.sh run --quick   # tiny sizes on the CPU (the default where CUDA is missing)
+#   bash benchmarks/gpu_check.sh run       # on the GPU machine: install the carried wheels (only of packages
+#                                          # Python cannot find) into a temporary folder, then run every part
+#   bash benchmarks/gpu_check.sh run --quick   # tiny sizes, CPU only (the default where CUDA is missing)
 #
 # `run` prints the GPU, the driver and the torch build, then runs these parts, each under its own timeout (the
 # smaller of its cap and what is left of the budget), so that one hang cannot eat the rest:
@@ -18,7 +18,8 @@
 #   3. bench_*    python -m benchmarks.benchmark: DiT-S/2 and DiT-B/2 at 32x32, batch 256, bf16, compiled and
 #                 eager (img/s, MFU, peak memory, host syncs per step); sampling at 1, 10 and 50 NFE, with and
 #                 without guidance
-#   4. meanflow   the MeanFlow objective's training img/s next to flow's, once the benchmark has --objective
+#   4. meanflow   the MeanFlow objective's training img/s next to flow's, once the benchmark has
+#                 --objective meanflow
 # Without CUDA (or with --quick) every part runs at tiny size on the CPU and each CUDA-only row says it was
 # skipped: tests/test_gpu_check.py runs it that way in the normal suite, so this script cannot rot between loans.
 #
@@ -41,8 +42,8 @@ WHEELS=${GPU_CHECK_WHEELS:-.whl}
 
 # Packages the GPU image may lack: "distribution version import-name why". torchcfm and POT are not in the
 # image; the others are (device notes, package list of 2026-11), and are carried in case they are not: `run`
-# installs a wheel only when its import fails. wandb (--wandb disabled), moviepy (no GIFs: --sample-every 0,
-# no --gif) and torch-fidelity (FID, not run here) are not needed. Versions: Python 3.12, numpy 2.
+# installs a wheel only when Python cannot find its package. Not needed: wandb (--wandb disabled), moviepy (no
+# GIFs: --sample-every 0, no --gif) and torch-fidelity (FID is not run here). Versions: Python 3.12, numpy 2.
 PACKAGES="\
 torchcfm      1.0.7        torchcfm      utils/flow.py imports it
 POT           0.9.6.post1  ot            torchcfm imports it (0.9.7 wheels are 33 MB, 0.9.6 1.5 MB)
@@ -139,16 +140,18 @@ prepare() {
     done
     du -h "$WHEELS"/*.whl
     say "total: $(du -ch "$WHEELS"/*.whl | tail -1 | cut -f1) in $(find "$WHEELS" -name '*.whl' | wc -l) wheels"
-    if ! git check-ignore -q "$WHEELS/"; then
-        say "warning: $WHEELS/ is not git-ignored: add the line '/$WHEELS/' to .gitignore (or .git/info/exclude)"
+    if ! git check-ignore -q "$WHEELS/" 2>/dev/null; then
+        say "warning: $WHEELS/ is not git-ignored: add the line '/${WHEELS#./}/' to .gitignore (or .git/info/exclude)"
     fi
+    local command="bash benchmarks/gpu_check.sh run"
+    [[ $WHEELS == .whl ]] || command="GPU_CHECK_WHEELS=$WHEELS $command"
     cat <<EOF
 
 On the GPU machine, from the repository root (the working tree plus the ignored folder $WHEELS/, named in carry):
 
-    bash benchmarks/gpu_check.sh run
+    $command
 
-device tool: run(command="bash benchmarks/gpu_check.sh run", carry=["$WHEELS"], timeout_s=540)
+device tool: run(command="$command", carry=["$WHEELS"], timeout_s=540)
 It needs nothing else: no network, no ../shared; it writes gpu_check.log, summary.json and
 digits_samples.png to \$OUT and ends within ${GPU_CHECK_BUDGET_S:-450}s (GPU_CHECK_BUDGET_S).
 EOF
@@ -213,12 +216,13 @@ EOF
 
 # Installs the carried wheels of the packages that probe found missing into a temporary folder put first on
 # PYTHONPATH. Nothing is installed when the folder is missing or nothing is (the CPU machine's venv has all).
+# Fails when a missing package has no wheel here.
 install_wheels() {
     if [[ ! -d $WHEELS ]]; then
         say "no $WHEELS/ folder: installing nothing"
         return 0
     fi
-    local missing dist version module wheel found _ wheels=()
+    local missing dist version module wheel found _ wheels=() unmet=0
     missing=$(<"$WORK/missing.txt")
     if [[ -z $missing ]]; then
         say "every carried package imports already: installing nothing"
@@ -231,7 +235,8 @@ install_wheels() {
             [[ $(wheel_key "$(basename "$wheel")") == "$(norm "$dist")-$version" ]] && found=$wheel
         done
         if [[ -z $found ]]; then
-            say "warning: $module is missing and $WHEELS/ has no $dist $version wheel"
+            say "error: $module is missing and $WHEELS/ has no $dist $version wheel (run prepare)"
+            unmet=1
         else
             wheels+=("$found")
         fi
@@ -243,6 +248,7 @@ install_wheels() {
         --target "$SITE" "${wheels[@]}" || { say "pip install failed"; return 1; }
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     INSTALLED="${wheels[*]##*/}"
+    return "$unmet"
 }
 
 # 1. the GPU test subset; on CPU every test is collected and skipped (the summary says so)
@@ -267,7 +273,7 @@ part_train() {
     if step train 120 "$PY" "${args[@]}" "${common[@]}"; then
         step resume 60 "$PY" "${args[@]}" "${common[@]}" "${more[@]}" --resume
     else
-        skip resume "the first training run did not finish"
+        skip resume "the first training run failed or did not run"
     fi
     if [[ -f $run/checkpoints/last.pt ]]; then
         step sample 45 "$PY" sampler.py --ckpt "$run/checkpoints/last.pt" --each-class --cfg-scale 2.5 --seed 0 \
@@ -306,10 +312,11 @@ part_bench() {
 }
 
 # 4. MeanFlow's training img/s next to flow's (the bench_s2_compiled row), once the benchmark has --objective
+# with a meanflow choice
 part_meanflow() {
     wait "$HELP_PID"
-    if ! grep -q -- --objective "$WORK/bench_help.txt"; then
-        skip bench_meanflow "python -m benchmarks.benchmark has no --objective flag (no MeanFlow objective yet)"
+    if ! grep -q -- --objective "$WORK/bench_help.txt" || ! grep -q meanflow "$WORK/bench_help.txt"; then
+        skip bench_meanflow "python -m benchmarks.benchmark has no --objective meanflow (no MeanFlow objective yet)"
         return
     fi
     if (( QUICK )); then
@@ -325,7 +332,7 @@ part_meanflow() {
 # Exit status 1 when a part failed or timed out.
 summarize() {
     "$PY" - "$WORK" "$OUT" "$QUICK" "$BUDGET" "$(elapsed_s)" "${INSTALLED:-}" <<'EOF'
-import glob, json, math, os, re, sys
+import glob, json, math, os, sys
 import xml.etree.ElementTree as ET
 
 work, out, quick, budget, seconds, installed = sys.argv[1:7]
@@ -354,7 +361,8 @@ if os.path.exists(f"{work}/pytest.xml"):
         for tag in ("failure", "error", "skipped"):
             node = case.find(tag)
             if node is not None:
-                outcome, message = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag], node.get("message", "")
+                outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                message = node.get("message", "")
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
         cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
                       "message": message[:500], "properties": props})
@@ -378,13 +386,15 @@ try:
             pass
 except OSError:
     pass
-losses = [(r.get("step"), v) for r in rows for k, v in r.items() if k.split("/")[-1] == "loss" and isinstance(v, (int, float))]
+losses = [(r.get("step"), v) for r in rows for k, v in r.items()
+          if k.split("/")[-1] == "loss" and isinstance(v, (int, float))]  # train/loss; non-finite ones are strings
 if losses:
     train.update(first_step=losses[0][0], first_loss=losses[0][1], final_step=losses[-1][0], final_loss=losses[-1][1])
-logs = " ".join(open(f).read() for f in glob.glob(f"{work}/train.log") + glob.glob(f"{work}/resume.log"))
-train["compile"] = "off (quick CPU mode)" if quick == "1" else (
-    "fell back to eager" if "torch.compile failed" in logs else "on")
-train["exit_codes"] = {k: by_name[k]["rc"] for k in ("train", "resume", "sample") if k in by_name}
+if "train" in by_name:
+    logs = " ".join(open(f).read() for f in glob.glob(f"{work}/train.log") + glob.glob(f"{work}/resume.log"))
+    train["compile"] = "off (quick CPU mode)" if quick == "1" else (
+        "fell back to eager" if "torch.compile failed" in logs else "on")
+    train["exit_codes"] = {k: by_name[k]["rc"] for k in ("train", "resume", "sample") if k in by_name}
 if os.path.exists(f"{work}/digits_samples.npz"):
     try:  # the EMA samples, told apart by a classifier of the real digits (chance: 0.1); not after 30 quick steps
         import numpy as np
@@ -405,7 +415,8 @@ summary["train"] = train
 
 # ---- 3./4. benchmarks: every result whole, and one flat row per training and sampling measurement
 bench = {"results": {}, "train": [], "sample": []}
-for path in sorted(glob.glob(f"{work}/bench_*.json")):
+order = {p["name"]: i for i, p in enumerate(parts)}  # rows in the order they ran
+for path in sorted(glob.glob(f"{work}/bench_*.json"), key=lambda f: order.get(os.path.basename(f)[:-5], len(order))):
     name = os.path.basename(path)[len("bench_"):-len(".json")]
     result = json.load(open(path))
     bench["results"][name] = result
@@ -428,6 +439,16 @@ if "meanflow" in flow_rows and "s2_compiled" in flow_rows:
     summary["meanflow"] = {"meanflow_img_per_s": flow_rows["meanflow"]["img_per_s"],
                            "flow_img_per_s": flow_rows["s2_compiled"]["img_per_s"]}
 
+# findings that fail no part but defeat the purpose of a row: say them loudly
+warnings = []
+if quick != "1" and train.get("compile", "on") != "on":
+    warnings.append("train: torch.compile fell back to eager")
+for r in bench["train"]:
+    if "compiled" in r["run"] and not r["compiled"]:
+        warnings.append(f"bench_{r['run']}: torch.compile fell back to eager")
+    if r["host_syncs_per_step"]:
+        warnings.append(f"bench_{r['run']}: {r['host_syncs_per_step']} host synchronisations per training step")
+summary["warnings"] = warnings
 bad = [p["name"] for p in parts if p["status"] in ("failed", "timeout")]
 summary["ok"] = not bad
 with open(f"{out}/summary.json", "w") as f:
@@ -451,25 +472,31 @@ if any(c["outcome"] != "skipped" for c in cases):
             print(f"  {c['outcome']}: {c['name']}: {c['message'][:300]}")
 if train:
     print(f"\ntrain (digits): loss {num(train.get('first_loss'))} at step {train.get('first_step')} -> "
-          f"{num(train.get('final_loss'))} at step {train.get('final_step')}; compile {train['compile']}; "
-          f"exit codes {train['exit_codes']}; EMA sample accuracy {num(train.get('sample_accuracy'))} "
+          f"{num(train.get('final_loss'))} at step {train.get('final_step')}; compile {train.get('compile')}; "
+          f"exit codes {train.get('exit_codes')}; EMA sample accuracy {num(train.get('sample_accuracy'))} "
           f"(chance 0.1)")
 if bench["train"]:
     print(f"\n{'training run':16s} {'model':8s} {'objective':9s} {'mode':8s} {'batch':>5s} {'img/s':>9s} {'MFU':>6s} "
           f"{'step ms':>8s} {'peak mem':>9s} {'syncs/step':>10s}")
     for r in bench["train"]:
         mode = "compiled" if r["compiled"] else "eager"
-        print(f"{r['run']:16s} {r['model']:8s} {r['objective']:9s} {mode:8s} {r['batch']:5d} {r['img_per_s']:9.1f} "
-              f"{num(r['mfu'] and 100 * r['mfu'], '.1f'):>5s}% {r['step_ms']:8.1f} {r['peak_memory_gib']:7.2f} GiB "
+        print(f"{r['run']:16s} {str(r['model']):8s} {str(r['objective']):9s} {mode:8s} {num(r['batch'], 'd'):>5s} "
+              f"{num(r['img_per_s'], '.1f'):>9s} {num(r['mfu'] and 100 * r['mfu'], '.1f'):>5s}% "
+              f"{num(r['step_ms'], '.1f'):>8s} {r['peak_memory_gib']:5.2f} GiB "
               f"{num(r['host_syncs_per_step'], 'd'):>10s}")
 if bench["sample"]:
-    print(f"\n{'sampling run':16s} {'model':8s} {'NFE':>4s} {'cfg':>4s} {'n':>5s} {'img/s':>9s} {'MFU':>6s} {'peak mem':>9s}")
+    print(f"\n{'sampling run':16s} {'model':8s} {'NFE':>4s} {'cfg':>4s} {'n':>5s} {'img/s':>9s} {'MFU':>6s} "
+          f"{'peak mem':>9s}")
     for s in bench["sample"]:
-        print(f"{s['run']:16s} {s['model']:8s} {s['nfe']:4d} {s['cfg_scale']:4g} {s['n']:5d} {s['img_per_s']:9.1f} "
-              f"{num(s['mfu'] and 100 * s['mfu'], '.1f'):>5s}% {s['peak_memory_gib']:7.2f} GiB")
+        print(f"{s['run']:16s} {str(s['model']):8s} {num(s['nfe'], 'd'):>4s} {num(s['cfg_scale'], 'g'):>4s} "
+              f"{num(s['n'], 'd'):>5s} {num(s['img_per_s'], '.1f'):>9s} {num(s['mfu'] and 100 * s['mfu'], '.1f'):>5s}% "
+              f"{s['peak_memory_gib']:5.2f} GiB")
 if "meanflow" in summary:
     m = summary["meanflow"]
-    print(f"\nMeanFlow {m['meanflow_img_per_s']:.1f} img/s against flow {m['flow_img_per_s']:.1f} img/s (DiT-S/2, compiled)")
+    print(f"\nMeanFlow {num(m['meanflow_img_per_s'], '.1f')} img/s against flow {num(m['flow_img_per_s'], '.1f')} "
+          "img/s (DiT-S/2, batch 256, bf16, compiled)")
+if warnings:
+    print("\n" + "\n".join(f"warning: {w}" for w in warnings))
 print(f"\n{'OK' if summary['ok'] else 'FAILED: ' + ', '.join(bad)}; wrote {out}/summary.json and {out}/gpu_check.log")
 sys.exit(0 if summary["ok"] else 1)
 EOF
@@ -488,8 +515,8 @@ run_parts() {
         say "no CUDA device: quick CPU mode (tiny sizes; CUDA-only parts are reported as skipped)"
         QUICK=1
     fi
-    if (( QUICK )); then
-        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread each is fastest
+    if (( QUICK )); then  # everything on the CPU, also where a GPU is present
+        export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # tiny models: one thread is fastest
     fi
     if wanted meanflow; then  # the benchmark's flags, for part 4: read now, beside part 1 (its imports take seconds)
         "$PY" -m benchmarks.benchmark --help >"$WORK/bench_help.txt" 2>&1 &

@@ -71,24 +71,10 @@ class RunLogger:
         (with unreadable half lines), so the resumed run does not log those steps twice. None: append only.
     """
 
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        mode: str = "online",
-        project: str = "dit-flow-matching",
-        name: str | None = None,
-        config: dict[str, Any] | None = None,
-        run_id: str | None = None,
-        enabled: bool = True,
-        start_step: int | None = None,
-    ):
-        if mode not in WANDB_MODES:
-            raise ValueError(f"unknown wandb mode {mode!r}; choose from {', '.join(WANDB_MODES)}")
-        self.out_dir = Path(out_dir)
-        self.enabled = enabled
-        self.mode = mode
-        self.run = None
-        self.run_id = run_id
+    def __init__(self, out_dir: str | os.PathLike, mode: str = "online", project: str = "dit-flow-matching",
+                 name: str | None = None, config: dict[str, Any] | None = None, run_id: str | None = None,
+                 enabled: bool = True, start_step: int | None = None):  # fmt: skip
+        self.out_dir, self.enabled, self.mode, self.run, self.run_id = Path(out_dir), enabled, mode, None, run_id
         self._warned: set[str] = set()
         if not enabled:
             return
@@ -98,11 +84,8 @@ class RunLogger:
             truncate_metrics(self._metrics_path, start_step)
         if mode == "disabled":
             return
-        try:
-            import wandb
-        except ImportError as e:
-            _warn(f"wandb is not installed ({e}); logging to {self._metrics_path} only")
-            return
+        import wandb
+
         if mode == "online" and not _has_wandb_credentials(wandb):
             mode = "offline"
             _warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")

@@ -53,6 +53,7 @@ from utils.ema import EMA
 from utils.flow import T_SAMPLERS, FlowMatching
 from utils.io import write_json_atomic
 from utils.logging import WANDB_MODES, RunLogger
+from utils.meanflow import MeanFlow
 from utils.monitor import Monitor
 from utils.optim import StepStats, build_adamw, guarded_step
 from utils.preemption import EXIT_CODES, REASONS, StopRequest
@@ -64,6 +65,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=64, depth=3,
         num_heads=4, steps=2000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, sample_every=500,
         ckpt_every=500, log_every=50, sample_steps=20, fid_every=0, num_workers=0, out="runs/digits-quick",
+    ),
+    # One-step generation on the digits (README, "One-step generation"): a MeanFlow DiT sampled in 1 NFE.
+    "digits-meanflow": dict(
+        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=128, depth=4,
+        num_heads=4, steps=3000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, objective="meanflow",
+        t_mean=0.4, t_std=1.0, sample_every=1000, ckpt_every=1000, log_every=100, sample_steps=1, fid_every=0,
+        num_workers=0, out="runs/digits-meanflow",
     ),
 }  # fmt: skip
 
@@ -79,12 +87,21 @@ class TrainConfig(ModelConfig):
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
-    objective: str = arg("flow", "training objective (utils/flow.py)", choices=("flow",), group="objective")
+    objective: str = arg("flow", "flow: flow matching (utils/flow.py); meanflow: MeanFlow, a model that samples in one "
+                         "step (utils/meanflow.py)", choices=("flow", "meanflow"), group="objective")  # fmt: skip
     t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
-    t_mean: float = arg(0.0, "logit-normal location m in t = sigmoid(m + s n) (SD3)")
+    t_mean: float = arg(0.0, "logit-normal location m in t = sigmoid(m + s n) (SD3; MeanFlow's paper: 0.4 here, t=1 "
+                        "data)")  # fmt: skip
     t_std: float = arg(1.0, "logit-normal scale s in t = sigmoid(m + s n) (SD3)", gt=0)
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0)
     ot: bool = arg(False, "exact minibatch OT pairing (OT-CFM)")
+    mf_equal_fraction: float = arg(0.75, "MeanFlow: fraction of each batch with equal times (flow matching rows)",
+                                   min=0, max=1)  # fmt: skip
+    mf_weight_power: float = arg(1.0, "MeanFlow: adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)",
+                                 min=0)  # fmt: skip
+    mf_weight_eps: float = arg(1e-3, "MeanFlow: the c of the adaptive weight", gt=0)
+    mf_omega: float = arg(1.0, "MeanFlow: training-time guidance scale omega (1: off)", gt=0)
+    mf_kappa: float = arg(0.0, "MeanFlow: training-time guidance kappa (0: off)", min=0, lt=1)
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
     batch_size: int = arg(128, "global batch size, split over DDP processes", min=1)
     lr: float = arg(1e-4, "AdamW learning rate, constant after warm-up", gt=0)
@@ -97,7 +114,8 @@ class TrainConfig(ModelConfig):
                                         group="samples and FID")  # fmt: skip
     sample_every: int = arg(5000, "steps between EMA samples (0: never)", min=0)
     samples_per_class: int = arg(8, "samples per class (one row per class)", min=1)
-    sample_steps: int = arg(50, "Heun steps of the periodic samples and of FID", min=1)
+    sample_steps: int = arg(50, "steps of the periodic samples and of FID: Heun for flow, jumps along the average "
+                            "velocity for meanflow", min=1)  # fmt: skip
     fid_every: int = arg(20_000, "steps between FID evaluations of the EMA model (0: never)", min=0)
     fid_samples: int = arg(10_000, "generated images per FID evaluation (report this n)", min=2)
     fid_cfg_scale: float = arg(1.0, "guidance scale of the FID samples")
@@ -120,6 +138,13 @@ class TrainConfig(ModelConfig):
     dist_timeout: float = arg(30.0, "DDP: minutes a process may wait for the others in a collective", gt=0)
 
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.objective == "meanflow" and (self.ot or self.sigma or self.t_sampler != "logit-normal"):
+            raise ConfigError("--objective meanflow draws both times logit-normal on the straight path: drop --ot, "
+                              "--sigma and --t-sampler uniform")  # fmt: skip
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row."""
 
@@ -135,7 +160,7 @@ class Run:
     ema: EMA
     opt: torch.optim.Optimizer
     stream: BatchStream
-    objective: FlowMatching
+    objective: FlowMatching | MeanFlow
     logger: RunLogger
     monitor: Monitor
     step: int
@@ -182,7 +207,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     try:
-        model = build_model(cfg, cfg.image_size, cfg.channels, dataset.num_classes).to(device)
+        model = build_model(cfg, cfg.image_size, cfg.channels, dataset.num_classes, mean_flow=cfg.objective == "meanflow")
+        model.to(device)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
     if state is not None:
@@ -228,7 +254,11 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         if resumed and dist.is_main:
             print(f"resume: {state['world_size']} processes before, {dist.world_size} now: new epoch, reseeded")
         seed_everything(seed)
-    objective = FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
+    if cfg.objective == "flow":
+        objective = FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
+    else:
+        objective = MeanFlow(cfg.t_mean, cfg.t_std, cfg.mf_equal_fraction, cfg.mf_weight_power, cfg.mf_weight_eps,
+                             cfg.mf_omega, cfg.mf_kappa)  # fmt: skip
     return Run(cfg, dist, model, net, ema, opt, stream, objective, logger,
                Monitor(cfg, out, logger, dist, fid_extractor), step, resumed.skipped_steps if resumed else 0,
                started)  # fmt: skip

@@ -52,11 +52,13 @@ from benchmarks.measure import (
 from benchmarks.official_dit import official_dit, official_update_ema
 from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
-from models.dit import DiT, count_params, forward_flops
+from models.cost import count_params, forward_flops
+from models.dit import DiT
 from utils.config import ConfigError, ModelConfig, arg, build_model, flag_values, parse
 from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_device, resolve_precision
 from utils.ema import EMA
 from utils.flow import FlowMatching
+from utils.meanflow import MeanFlow
 from utils.optim import StepStats, build_adamw, guarded_step
 from utils.sampling import Sampler
 
@@ -80,6 +82,8 @@ class BenchConfig(ModelConfig):
     repeats: int = arg(1, "run every row this many times, alternating their order; pooled medians", min=1)
     grad_clip: float = arg(1.0, "as train.py (0: none)", min=0)
     compile: bool = arg(False, "torch.compile the model, as train.py")
+    objective: str = arg("flow", "training objective, as train.py (meanflow: MFU still counts 3x the forward FLOPs, "
+                         "so it shows the extra cost of the target's JVP pass)", choices=("flow", "meanflow"))  # fmt: skip
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     reference: bool = arg(False, "also time the official DiT of the same size")
     train: bool = arg(True, "run the training benchmark")
@@ -101,8 +105,8 @@ class BenchConfig(ModelConfig):
             raise ConfigError("num_images must be at least batch_size")
         if not (self.train or self.sample):
             raise ConfigError("nothing to do: both --no-train and --no-sample")
-        if self.reference and self.num_classes == 0:
-            raise ConfigError("--reference needs a class-conditional model")
+        if self.reference and (self.num_classes == 0 or self.objective != "flow"):
+            raise ConfigError("--reference needs a class-conditional flow model")
         if self.json and Path(self.json).exists():
             raise ConfigError(f"{self.json} already exists; choose another --json path")
 
@@ -166,7 +170,7 @@ def make_dataset(cfg: BenchConfig):
 def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
     """The project's DiT ('dit') or the official architecture ('official') of the configured size."""
     if impl == "dit":
-        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes)
+        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes, mean_flow=cfg.objective == "meanflow")
     sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
     return official_dit(
         cfg.model, input_size=cfg.image_size, in_channels=cfg.channels, num_classes=cfg.num_classes,
@@ -191,7 +195,8 @@ def bench_train(
     """
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, impl).to(device).train()
-    flow = FlowMatching()  # train.py's defaults: straight path, logit-normal t
+    # train.py's defaults: straight path, logit-normal t; MeanFlow with the paper's settings (utils/meanflow.py)
+    objective = FlowMatching() if cfg.objective == "flow" else MeanFlow()
     stream = BatchStream(
         dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=True, on_device=cfg.data_on_device,
         num_workers=cfg.num_workers,
@@ -231,7 +236,7 @@ def bench_train(
         x, y = next(stream)
         mark()
         with autocast(device, precision):
-            terms = flow.loss(net, x, y)
+            terms = objective.loss(net, x, y)
         mark()
         terms.loss.backward()
         mark()
@@ -334,7 +339,7 @@ def format_report(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"training: batch {r0['batch_size']}, {r0['steps']} timed steps after {r0['warmup']} warm-up, "
-            f"x{r0['repeats']} runs in alternating order, {r0['precision']}",
+            f"x{r0['repeats']} runs in alternating order, {r0['precision']}, {result['config']['objective']} objective",
             f"{'network, step':34s} {'img/s':>8s} {'steps/s':>8s} {'step ms':>8s} {'data':>7s} {'fwd':>7s} "
             f"{'bwd':>7s} {'opt':>7s} {'peak mem':>10s} {'MFU':>7s}",
         ]

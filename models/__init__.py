@@ -1,5 +1,6 @@
 """Networks only: they map (x, t, y) to a velocity and know nothing of the objective or the solver."""
 
-from models.dit import DiT, DiT_models, count_params, forward_flops, forward_macs
+from models.cost import count_params, forward_flops, forward_macs
+from models.dit import DiT, DiT_models
 
 __all__ = ["DiT", "DiT_models", "count_params", "forward_flops", "forward_macs"]

@@ -11,7 +11,8 @@ from stand_ins import all_close
 from benchmarks.benchmark import BenchConfig, cli, command_line, main, parse_args
 from benchmarks.measure import PHASES, gpu_bf16_peak, summarize
 from benchmarks.official_dit import official_dit, official_update_ema
-from models.dit import DiT_models, count_params, forward_flops
+from models.cost import count_params, forward_flops
+from models.dit import DiT_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

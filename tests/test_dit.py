@@ -1,10 +1,13 @@
 """The DiT network: shapes, zero init, parameter and FLOP counts, CFG, registers and input checks."""
 
+import math
+
 import pytest
 import torch
 from stand_ins import all_close, close
 
-from models.dit import DiT, DiT_models, count_params, forward_macs, get_2d_sincos_pos_embed, modulate
+from models.cost import count_params, forward_macs
+from models.dit import DiT, DiT_models, get_2d_sincos_pos_embed, modulate
 
 
 def tiny(**kwargs) -> DiT:
@@ -221,3 +224,138 @@ def test_qk_norm_is_rmsnorm_of_each_heads_queries_and_keys():
     assert all_close(attn(x), expected)
     attn.qk_norm = False  # the same weights without the norm: another result
     assert not all_close(attn(x), expected, rel=1e-2)
+
+
+# ------------------------------------------------------------------ MeanFlow (mean_flow=True) and the interval
+
+
+def test_flow_model_is_unchanged_by_the_mean_flow_option():
+    model = tiny()
+    assert model.config["mean_flow"] is False and model.h_embedder is None
+    assert not any(k.startswith("h_embedder") for k in model.state_dict())
+    assert model.t_embedder.time_scale == 1000.0  # DiT's integer-timestep range, as before
+    # The time embedding is the sinusoid of t * 1000 in float32 through the MLP, as it always was.
+    t = torch.rand(4)
+    emb = model.t_embedder
+    half = emb.frequency_embedding_size // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = (t * 1000.0)[:, None] * freqs[None]
+    expected = emb.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+    assert torch.equal(emb(t), expected)
+    model = randomize(model)
+    x, t, y = inputs()
+    with pytest.raises(ValueError, match="mean_flow=True"):  # a flow model takes no interval, not even 0
+        model(x, t, y, interval=0.0)
+
+
+def test_mean_flow_model_outputs_zero_at_init_and_rebuilds_from_its_config():
+    model = tiny(mean_flow=True)
+    x, t, y = inputs()
+    out = model(x, t, y, interval=torch.rand(4))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert model.config["mean_flow"] is True and model.h_embedder is not None
+    assert model.t_embedder.time_scale == 1.0 and model.h_embedder.time_scale == 1.0
+    assert count_params(model) - count_params(tiny()) == count_params(model.h_embedder)
+    assert forward_macs(model) - forward_macs(tiny()) == 256 * 32 + 32 * 32  # the interval MLP
+    model = randomize(model)
+    clone = DiT(**model.config)
+    clone.load_state_dict(model.state_dict())
+    h = torch.rand(4)
+    assert torch.equal(clone.eval()(x, t, y, interval=h), model(x, t, y, interval=h))
+
+
+def test_mean_flow_interval_conditions_the_output():
+    model = randomize(tiny(mean_flow=True))
+    x, t, y = inputs()
+    assert torch.equal(model(x, t, y), model(x, t, y, interval=0.0))  # None means 0: the instantaneous velocity
+    assert torch.equal(model(x, t, y, interval=0.25), model(x, t, y, interval=torch.full((4,), 0.25)))
+    assert not all_close(model(x, t, y, interval=0.5), model(x, t, y), rel=1e-3)
+
+
+def test_mean_flow_cfg_matches_formula_with_an_interval():
+    model = randomize(tiny(mean_flow=True))
+    x, t, y = inputs()
+    h = torch.rand(4)
+    u_cond = model(x, t, y, interval=h)
+    u_uncond = model(x, t, y, interval=h, drop_mask=torch.ones(4, dtype=torch.bool))
+    assert all_close(model.forward_with_cfg(x, t, y, 1.0, interval=h), u_cond)
+    assert all_close(model.forward_with_cfg(x, t, y, 3.0, interval=h), u_uncond + 3.0 * (u_cond - u_uncond))
+    assert all_close(
+        model.forward_with_cfg(x, t, y, 3.0, interval=0.3),
+        model.forward_with_cfg(x, t, y, 3.0, interval=torch.full((4,), 0.3)),
+    )
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_drop_mask_replaces_exactly_those_labels_by_the_null_class(train):
+    model = randomize(tiny(class_dropout_prob=0.5))
+    model.train(train)
+    x, t, y = inputs(n=8)
+    mask = torch.tensor([True, False, False, True, False, True, False, False])
+    null = model._forward(x, t, torch.full_like(y, 10), drop_labels=False)
+    cond = model._forward(x, t, y, drop_labels=False)
+    out = model(x, t, y, drop_mask=mask)  # in train mode: no random dropout on top
+    assert all_close(out[mask], null[mask]) and all_close(out[~mask], cond[~mask])
+    assert all_close(model(x, t, y, drop_mask=torch.zeros(8, dtype=torch.bool)), cond)
+
+
+def test_float64_network_embeds_time_in_float64():
+    model = randomize(tiny(mean_flow=True)).double()
+    x, t, y = inputs()
+    x, t = x.double(), t.double()
+    # A time step far below float32 resolution still moves a float64 network's output.
+    assert not torch.equal(model(x, t + 1e-12, y, interval=0.1), model(x, t, y, interval=0.1))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (
+            lambda m, f: f(torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(2, dtype=torch.long), interval=0.5),
+            "mean_flow=True",
+        ),
+        (
+            lambda m, f: f(
+                torch.randn(2, 3, 8, 8), 0.1, torch.zeros(2, dtype=torch.long), interval=torch.tensor([0.0, 0.1])
+            ),
+            "mean_flow=True",
+        ),
+        (
+            lambda m, f: f.forward_with_cfg(
+                torch.randn(2, 3, 8, 8), 0.1, torch.zeros(2, dtype=torch.long), 2.0, interval=0.2
+            ),
+            "mean_flow=True",
+        ),
+        (
+            lambda m, f: m(
+                torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(2, dtype=torch.long), interval=torch.rand(3)
+            ),
+            "interval of shape",
+        ),
+        (
+            lambda m, f: m(
+                torch.randn(2, 3, 8, 8), torch.rand(2), torch.zeros(2, dtype=torch.long), drop_mask=torch.ones(2)
+            ),
+            "bool drop_mask",
+        ),
+        (
+            lambda m, f: m(
+                torch.randn(2, 3, 8, 8),
+                torch.rand(2),
+                torch.zeros(2, dtype=torch.long),
+                drop_mask=torch.ones(3, dtype=torch.bool),
+            ),
+            "bool drop_mask",
+        ),
+        (
+            lambda m, f: tiny(num_classes=0)(
+                torch.randn(2, 3, 8, 8), torch.rand(2), drop_mask=torch.ones(2, dtype=torch.bool)
+            ),
+            "unconditional",
+        ),
+    ],
+)
+def test_bad_interval_or_drop_mask_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call(tiny(mean_flow=True), tiny())
+    assert "\n" not in str(info.value)

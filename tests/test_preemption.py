@@ -193,3 +193,12 @@ def test_sigterm_to_one_ddp_process_stops_both_at_the_same_step(tmp_path):
     assert 8 <= step < 400 and len(state["rng"]) == 2  # both processes took part in the checkpoint of that step
     numbered = sorted(int(p.stem) for p in ckpts.glob("0*.pt"))
     assert numbered == list(range(4, step, 4)) + [step]  # one checkpoint written at the stop, none after it
+
+
+def test_meanflow_resume_is_bit_identical(tmp_path):
+    mf = dict(objective="meanflow", t_mean=0.4, ckpt_every=0)
+    train.main(tiny(tmp_path / "full", steps=8, **mf))
+    train.main(tiny(tmp_path / "part", steps=4, **mf))
+    train.main(tiny(tmp_path / "part", steps=8, resume="yes", **mf))
+    assert load_checkpoint(tmp_path / "part/checkpoints/last.pt")["config"]["objective"] == "meanflow"
+    assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "part/checkpoints/last.pt"))

@@ -604,3 +604,20 @@ def test_heun_corrects_the_last_step_on_every_grid():
         model.calls = 0
         sampler.sample(len(z), noise=z, grid=grid)
         assert sampler.last_nfe == model.calls == 10, grid  # 2 * steps (EDM's own sampler: 2 * steps - 1)
+
+
+def test_mean_method_lands_on_the_exact_endpoint():
+    from test_meanflow import GaussianMeanVelocity  # the exact average velocity of a Gaussian flow
+
+    model = GaussianMeanVelocity(0.7, 0.5, in_channels=1, input_size=4)
+    model.mean_flow = True  # what Sampler checks before it jumps along an average velocity
+    z = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = 0.7 + 0.5 * z  # the flow's endpoint for noise z
+    sampler = Sampler(model, method="mean")
+    for steps, grid in [(1, "uniform"), (2, "uniform"), (3, "edm"), (4, "shifted")]:
+        x = final_state(sampler, 5, noise=z, steps=steps, grid=grid)
+        assert sampler.last_nfe == steps and all_close(x, exact, rel=1e-6), (steps, grid)  # frames are float32
+    # The instantaneous velocity (interval 0) is the flow's own: one Euler step misses, many converge.
+    one = final_state(sampler, 5, noise=z, steps=1, method="euler")
+    many = final_state(sampler, 5, noise=z, steps=256, method="heun")
+    assert (one - exact).abs().max() > 0.05 and all_close(many, exact, rel=1e-5)

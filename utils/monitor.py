@@ -69,7 +69,7 @@ class Monitor:
         row, EMA left), and the EMA trajectory: OUT/samples/stepNNNNNNN_cfgS.{png,gif}, logged to wandb with
         captions. The noise is fixed by the seed, so every sample step starts from the same noise."""
         cfg, k = self.cfg, self.cfg.samples_per_class
-        ema, raw = (Sampler(m, steps=cfg.sample_steps, method="heun") for m in (ema_model, model))
+        ema, raw = (self.sampler(m) for m in (ema_model, model))
         images, videos = {}, {}
         for scale in cfg.cfg_scales:
             imgs, traj = ema.sample_each_class(k, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
@@ -79,10 +79,14 @@ class Monitor:
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
             save_grid(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), f"{stem}.png", nrow=2 * k + 1)
             to_gif(traj, f"{stem}.gif", nrow=k)
-            how = f"step {step}, cfg {scale:g}, heun {cfg.sample_steps} steps, NFE {ema.last_nfe}"
+            how = f"step {step}, cfg {scale:g}, {ema.options.method} {cfg.sample_steps} steps, NFE {ema.last_nfe}"
             images[f"samples/cfg{scale:g}"] = (f"{stem}.png", f"{how}; one class per row; EMA left, raw weights right")
             videos[f"trajectory/cfg{scale:g}"] = (f"{stem}.gif", f"{how}; EMA, from noise (t=0) to data (t=1)")
         self.logger.log_media(step, images, videos)
+
+    def sampler(self, model: nn.Module) -> Sampler:
+        """The sampler of the diagnostics: Heun for a flow model, jumps along the average velocity for MeanFlow."""
+        return Sampler(model, steps=self.cfg.sample_steps, method="mean" if self.cfg.objective == "meanflow" else "heun")
 
     def fid(self, step: int, model: nn.Module) -> None:
         """FID of the model's samples against the training set; rank 0 prints and logs it."""
@@ -92,7 +96,7 @@ class Monitor:
             return
         start = time.perf_counter()
         cfg, dist = self.cfg, self.dist
-        sampler = Sampler(model, steps=cfg.sample_steps, method="heun")
+        sampler = self.sampler(model)
         fid, nfe = compute_fid(
             sampler, self.real, cfg.fid_samples, extractor=self.extractor, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed,
             progress=dist.is_main, rank=dist.rank, world_size=dist.world_size,

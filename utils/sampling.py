@@ -23,7 +23,7 @@ import torch.nn as nn
 from torchdiffeq import odeint
 from tqdm import tqdm
 
-from models.dit import count_params
+from models.cost import count_params
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, unwrap_model
 from utils.config import Config, ConfigError, arg
 from utils.device import PRECISIONS, autocast, module_device_dtype, resolve_device, resolve_precision

@@ -1,0 +1,41 @@
+"""What a DiT costs: parameters and the multiply-accumulates of a forward pass, counted as in the DiT paper."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from models.dit import DiT
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters of a model."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def forward_macs(model: DiT) -> int:
+    """Multiply-accumulates of one forward pass for one image, counted as in the DiT paper (Table 4).
+
+    Counts every matrix multiplication (patch embedding, attention projections, attention scores and
+    values, MLP, adaLN, final layer and the conditioning MLPs); element-wise work is left out.
+    """
+    d, p, c = model.hidden_size, model.patch_size, model.in_channels
+    tokens = model.num_patches + model.num_registers
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    freq = model.t_embedder.frequency_embedding_size
+    per_block = (
+        tokens * d * 3 * d  # qkv projection
+        + 2 * tokens * tokens * d  # q k^T and attention-weighted values
+        + tokens * d * d  # output projection
+        + 2 * tokens * d * mlp_hidden  # MLP
+        + d * 6 * d  # adaLN modulation
+    )
+    embed = model.num_patches * c * p * p * d + freq * d + d * d  # patches, time MLP
+    if model.h_embedder is not None:
+        embed += freq * d + d * d  # MeanFlow's interval MLP
+    final = model.num_patches * d * p * p * model.out_channels + d * 2 * d
+    return len(model.blocks) * per_block + embed + final
+
+
+def forward_flops(model: DiT) -> int:
+    """Forward FLOPs per image (2 per multiply-accumulate); a training step costs about 3x this."""
+    return 2 * forward_macs(model)

@@ -621,3 +621,9 @@ def test_mean_method_lands_on_the_exact_endpoint():
     one = final_state(sampler, 5, noise=z, steps=1, method="euler")
     many = final_state(sampler, 5, noise=z, steps=256, method="heun")
     assert (one - exact).abs().max() > 0.05 and all_close(many, exact, rel=1e-5)
+
+
+def test_repr_names_the_model_and_the_defaults():
+    text = repr(Sampler(tiny_dit(), steps=7, method="midpoint", cfg_scale=2.5))
+    for part in ("DiT", "M params", "3 classes", "3x8x8 images", "cpu", "midpoint 7 steps", "cfg 2.5", "precision auto"):
+        assert part in text, (part, text)

@@ -149,11 +149,16 @@ def test_diagnostics_on_failing_or_off_end_bit_identical(tmp_path, monkeypatch):
         torch.rand(1000)  # draws, then fails half-way
         raise RuntimeError("disk full")
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     off = train.main(tiny(tmp_path / "off", steps=8))
+    working = train.main(tiny(tmp_path / "working", steps=8, sample_every=2, fid_every=4, fid_samples=10),
+                         fid_extractor=Features())  # fmt: skip
+    assert len(list((tmp_path / "working/samples").glob("*.png"))) == 8  # they ran: steps 2, 4, 6, 8 at 2 scales
+    assert_same(weights(tmp_path / "off/checkpoints/last.pt"), weights(tmp_path / "working/checkpoints/last.pt"))
     monkeypatch.setattr(utils.monitor.Monitor, "samples", broken_samples)
     monkeypatch.setattr(utils.monitor, "load_inception", fid_that_draws_then_fails)
     on = train.main(tiny(tmp_path / "on", steps=8, sample_every=2, fid_every=4))
-    assert on["step"] == off["step"] == 8
+    assert on["step"] == off["step"] == working["step"] == 8
     assert_same(weights(tmp_path / "off/checkpoints/last.pt"), weights(tmp_path / "on/checkpoints/last.pt"))
 
 

@@ -155,5 +155,6 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
     sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
     return DiT_models[cfg.model](
         input_size=input_size, in_channels=in_channels, num_classes=num_classes, num_registers=cfg.num_registers,
-        class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in sizes.items() if v}, **extra,
+        class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in sizes.items() if v is not None},
+        **extra,
     )  # fmt: skip

@@ -229,10 +229,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     if dist.distributed:  # LOCAL_RANK's GPU (utils/device.py)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        b = stream.batch_size
-        example = (torch.zeros(b, cfg.channels, cfg.image_size, cfg.image_size, device=device),
-                   torch.full((b,), 0.5, device=device), torch.zeros(b, dtype=torch.long, device=device))  # fmt: skip
-        net = compile_or_eager(net, example, cfg.precision, verbose=dist.is_main)
+        net = compile_or_eager(net, stream.batch_size, cfg.precision, verbose=dist.is_main)
 
     step = resumed.step if resumed else 0
     error = None
@@ -264,10 +261,15 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
                started)  # fmt: skip
 
 
+def last_checkpoint(cfg: TrainConfig) -> Path:
+    """OUT/checkpoints/last.pt: what --resume continues from."""
+    return Path(cfg.out) / "checkpoints" / "last.pt"
+
+
 def resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
     """The checkpoint to continue from (--resume, or --resume auto when there is one), or None for a fresh run,
     which must not write over another run's checkpoints."""
-    ckpt = Path(cfg.out) / "checkpoints" / "last.pt"
+    ckpt = last_checkpoint(cfg)
     if cfg.resume == "yes" and not ckpt.is_file():
         raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
     if cfg.resume != "no" and ckpt.is_file():
@@ -318,7 +320,7 @@ def train(run: Run) -> dict[str, Any]:
         stop.close()
         bar.close()
         run.logger.finish()
-    last_ckpt = Path(cfg.out) / "checkpoints" / "last.pt"
+    last_ckpt = last_checkpoint(cfg)
     if reason is not None and run.dist.is_main:
         print(f"train.py: stopped by {REASONS[reason]} after step {step}; checkpoint {last_ckpt}; continue with the "
               "same command and --resume (or --resume auto)", file=sys.stderr, flush=True)  # fmt: skip
@@ -330,7 +332,7 @@ def log(run: Run, step: int, stats: StepStats, lr: float, clock: Clock, bar: tqd
     """Read the statistics back (one host sync), stop on too many non-finite losses, log; the (step, loss) kept."""
     s = stats.read()
     if s["worst_streak"] >= run.cfg.nan_patience:
-        last = Path(run.cfg.out) / "checkpoints" / "last.pt"
+        last = last_checkpoint(run.cfg)
         raise NonFiniteLossError(f"{int(s['worst_streak'])} non-finite losses in a row by step {step}; stopped "
                                  f"without saving. Last good checkpoint: {last if last.exists() else 'none'}")  # fmt: skip
     steps_per_s = clock.rate(step)
@@ -355,7 +357,7 @@ def checkpoint(run: Run, step: int, stats: StepStats) -> None:
             skipped_steps=run.skipped_before + int(stats.skipped.item()), config=dataclasses.asdict(run.cfg), rng=rng,
             world_size=run.dist.world_size, wandb_id=run.logger.run_id,
         )  # fmt: skip
-        save_training_checkpoint(state, Path(run.cfg.out) / "checkpoints", run.cfg.keep_checkpoints)
+        save_training_checkpoint(state, last_checkpoint(run.cfg).parent, run.cfg.keep_checkpoints)
 
 
 class Clock:

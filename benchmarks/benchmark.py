@@ -203,10 +203,7 @@ def bench_train(
     )  # fmt: skip
     net = model
     if cfg.compile and impl == "dit":  # train.py's own probe-and-fall-back, so it compiles exactly as training does
-        b = cfg.batch_size
-        example = (torch.zeros(b, cfg.channels, cfg.image_size, cfg.image_size, device=device),
-                   torch.full((b,), 0.5, device=device), torch.zeros(b, dtype=torch.long, device=device))  # fmt: skip
-        net = compile_or_eager(model, example, precision)
+        net = compile_or_eager(model, cfg.batch_size, precision)
     compiled = net is not model
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -8,6 +8,7 @@ from itertools import chain
 import torch
 import torch.nn as nn
 
+from utils.checkpoint import unwrap_model
 from utils.rng import isolated_rng
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -77,14 +78,19 @@ def allow_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_or_eager(net: nn.Module, example: tuple[torch.Tensor, ...], precision: str, verbose: bool = True):
-    """torch.compile(net), probed with one forward and backward pass on the example inputs (x, t, y); the eager
-    net, with a warning, if compiling fails. The probe's gradients are cleared; the global RNG is left as it was."""
-    device = example[0].device
+def compile_or_eager(net: nn.Module, batch_size: int, precision: str, verbose: bool = True):
+    """torch.compile(net), probed with one forward and backward pass on a batch of zeros shaped for the network
+    inside it (x, t, and labels for a conditional model); the eager net, with a warning, if compiling fails. The
+    probe's gradients are cleared; the global RNG is left as it was."""
+    model = unwrap_model(net)
+    device = module_device_dtype(model)[0]
+    x = torch.zeros(batch_size, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.full((batch_size,), 0.5, device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device) if model.num_classes else None
     try:
         compiled = torch.compile(net)
         with isolated_rng(device), autocast(device, precision):
-            compiled(*example).float().square().mean().backward()
+            compiled(x, t, y).float().square().mean().backward()
         return compiled
     except Exception as e:
         if verbose:

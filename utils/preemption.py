@@ -41,9 +41,9 @@ class StopRequest:
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is None:
+        if self.signum is None:  # the first signal decides; later ones change nothing
             print(f"\n{REASONS[signum]}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
-        self.signum = signum if self.signum is None else self.signum
+            self.signum = signum
 
     def time_taken(self, seconds: float) -> None:
         """Tell how long a step (with its checkpoint, if any) took, to keep enough time for the last one."""

@@ -4,7 +4,7 @@
 
 Samples ``--num-samples`` images with class-balanced labels from the EMA weights (``--no-ema`` for the raw
 ones), computes their Inception features and compares them with the cached statistics of the un-augmented
-real set (``utils/fid.py`` has the protocol). The dataset and its path default to those stored in the
+real set (``evaluation/fid.py`` has the protocol). The dataset and its path default to those stored in the
 checkpoint. Prints the FID and writes a JSON with every setting, the resolved network precision, the NFE, the
 sample count and the wall time beside the checkpoint (``--out-json`` elsewhere), named by the main settings;
 an existing file is never replaced without ``--overwrite``.
@@ -26,12 +26,12 @@ import torch.nn as nn
 import torchmetrics
 
 from data import build_dataset
+from evaluation.fid import compute_fid, load_inception, real_statistics
+from sampling.sampler import Sampler, SamplingOptions
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, arg, parse
 from utils.device import resolve_device, resolve_precision
-from utils.fid import compute_fid, load_inception, real_statistics
 from utils.io import write_json_atomic
-from utils.sampling import Sampler, SamplingOptions
 
 PROTOCOL = "torchmetrics FrechetInceptionDistance Inception-v3 (torch-fidelity weights), pool 2048, uint8, antialias=False"
 

@@ -1,6 +1,6 @@
 """Sample images from a trained DiT by integrating the flow ODE dx/dt = v(x, t, y) from noise to data.
 
-Library use (the Sampler lives in utils/sampling.py; image writers in utils/images.py)::
+Library use (the Sampler lives in sampling/sampler.py; image writers in evaluation/images.py)::
 
     from sampler import Sampler, save_grid, to_gif
     sampler = Sampler.from_checkpoint("runs/cifar10/checkpoints/last.pt")   # or Sampler(model)
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from evaluation.images import save_grid, save_npz, to_gif, to_uint8
+from sampling.sampler import Sampler, SamplingOptions, seeded_noise, time_grid
 from utils.config import ConfigError, arg, parse
-from utils.images import save_grid, save_npz, to_gif, to_uint8
-from utils.sampling import Sampler, SamplingOptions, seeded_noise, time_grid
 
 __all__ = ["Sampler", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif", "to_uint8"]
 

@@ -5,13 +5,13 @@
     python train.py --out runs/cifar10 --resume           # continue from runs/cifar10/checkpoints/last.pt
     torchrun --nproc_per_node 8 train.py --batch-size 1024   # DDP; --batch-size is the global batch
 
-The objective and the time convention (t = 0 noise, t = 1 data, target x1 - x0) live in utils/flow.py.
+The objective and the time convention (t = 0 noise, t = 1 data, target x1 - x0) live in objectives/flow.py.
 OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and the
 --keep-checkpoints newest numbered files; utils/checkpoint.py lists what they hold) and wandb/. A resumed run
 keeps config.json as the first run wrote it and records its own settings in config-resume-STEP.json.
 
 Exact resume: every random draw of training comes from torch's, numpy's and python's global generators plus
-the data stream's position, all stored in every checkpoint; samples and FID never move them (utils/monitor.py).
+the data stream's position, all stored in every checkpoint; samples and FID never move them (evaluation/monitor.py).
 SIGTERM, SIGINT and SIGUSR1 stop the run after the step in progress with a checkpoint, as does --time-limit
 (utils/preemption.py); the exit code tells why: 0 done, 1 failed, 2 bad input, 130 SIGINT, 143 SIGTERM,
 138 SIGUSR1, 124 time limit. ``--resume auto`` continues a run when it has a checkpoint, for requeued jobs.
@@ -38,6 +38,10 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS, BatchStream, DataError, build_dataset
+from evaluation.monitor import Monitor
+from models import ModelConfig, build_model
+from objectives.flow import T_SAMPLERS, FlowMatching
+from objectives.meanflow import MeanFlow
 from utils.checkpoint import (
     CheckpointError,
     check_resume,
@@ -46,18 +50,15 @@ from utils.checkpoint import (
     save_training_checkpoint,
     training_state,
 )
-from utils.config import ConfigError, ModelConfig, arg, build_model, parse
+from utils.config import ConfigError, arg, parse
 from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_precision
 from utils.distributed import DistInfo, PeerError, all_gather_object, all_ok, barrier, cleanup, init_distributed
 from utils.ema import EMA
-from utils.flow import T_SAMPLERS, FlowMatching
 from utils.io import write_json_atomic
-from utils.logging import WANDB_MODES, RunLogger
-from utils.meanflow import MeanFlow
-from utils.monitor import Monitor
 from utils.optim import StepStats, build_adamw, guarded_step
 from utils.preemption import EXIT_CODES, REASONS, StopRequest
 from utils.rng import rng_state, seed_everything, set_rng_state
+from utils.runlog import WANDB_MODES, RunLogger
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Recognisable digits within a few minutes on a 2-core laptop CPU (see README).
@@ -87,8 +88,8 @@ class TrainConfig(ModelConfig):
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
-    objective: str = arg("flow", "flow: flow matching (utils/flow.py); meanflow: MeanFlow, a model that samples in one "
-                         "step (utils/meanflow.py)", choices=("flow", "meanflow"), group="objective")  # fmt: skip
+    objective: str = arg("flow", "flow: flow matching (objectives/flow.py); meanflow: MeanFlow, a model that samples in one "
+                         "step (objectives/meanflow.py)", choices=("flow", "meanflow"), group="objective")  # fmt: skip
     t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
     t_mean: float = arg(0.0, "logit-normal location m in t = sigmoid(m + s n) (SD3; MeanFlow's paper: 0.4 here, t=1 "
                         "data)")  # fmt: skip

@@ -5,7 +5,7 @@
     python -m benchmarks.benchmark --device cuda --batch-size 256 --compile --json runs/bench/h100.json
 
 Training runs the project's real step, as train.py runs it: a batch from data.BatchStream (a synthetic
-uint8 set of CIFAR-10's shape by default, held on the device), the flow-matching loss of utils/flow.py
+uint8 set of CIFAR-10's shape by default, held on the device), the flow-matching loss of objectives/flow.py
 under bf16 autocast on CUDA, backward, guarded_step (gradient clipping, fused AdamW) and the EMA update.
 Each phase (data, forward, backward, optimizer) is timed with the host clock on CPU and with CUDA events on
 GPU, so the GPU run has no host synchronisation inside the timed steps. Rates are medians over the timed
@@ -52,15 +52,16 @@ from benchmarks.measure import (
 from benchmarks.official_dit import official_dit, official_update_ema
 from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
+from models import ModelConfig, build_model
 from models.cost import count_params, forward_flops
 from models.dit import DiT
-from utils.config import ConfigError, ModelConfig, arg, build_model, flag_values, parse
+from objectives.flow import FlowMatching
+from objectives.meanflow import MeanFlow
+from sampling.sampler import Sampler
+from utils.config import ConfigError, arg, flag_values, parse
 from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_device, resolve_precision
 from utils.ema import EMA
-from utils.flow import FlowMatching
-from utils.meanflow import MeanFlow
 from utils.optim import StepStats, build_adamw, guarded_step
-from utils.sampling import Sampler
 
 
 @dataclass(kw_only=True)
@@ -195,7 +196,7 @@ def bench_train(
     """
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, impl).to(device).train()
-    # train.py's defaults: straight path, logit-normal t; MeanFlow with the paper's settings (utils/meanflow.py)
+    # train.py's defaults: straight path, logit-normal t; MeanFlow with the paper's settings (objectives/meanflow.py)
     objective = FlowMatching() if cfg.objective == "flow" else MeanFlow()
     stream = BatchStream(
         dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=True, on_device=cfg.data_on_device,

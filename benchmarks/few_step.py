@@ -5,7 +5,7 @@
 
 For each solver and step count it draws ``--n`` class-balanced samples (the same noise for every setting) from
 the EMA weights and reports the Fréchet distance between their flattened pixels (64-d, in [0, 1]) and the real
-digits' (float64, ``utils.fid.frechet_distance``) and the accuracy of a logistic regression fitted on the real
+digits' (float64, ``evaluation.fid.frechet_distance``) and the accuracy of a logistic regression fitted on the real
 digits at classifying each sample as the class it was asked for. No Inception: the digits are too small for it.
 """
 
@@ -20,8 +20,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from utils.fid import frechet_distance
-from utils.sampling import Sampler, seeded_noise
+from evaluation.fid import frechet_distance
+from sampling.sampler import Sampler, seeded_noise
 
 
 def digits_quality(sampler: Sampler, methods: dict[str, list[int]], n: int = 2000, seed: int = 0) -> list[dict]:

@@ -45,7 +45,7 @@ WHEELS=${GPU_CHECK_WHEELS:-.whl}
 # installs a wheel only when Python cannot find its package. Not needed: wandb (--wandb disabled), moviepy (no
 # GIFs: --sample-every 0, no --gif) and torch-fidelity (FID is not run here). Versions: Python 3.12, numpy 2.
 PACKAGES="\
-torchcfm      1.0.7        torchcfm      utils/flow.py imports it
+torchcfm      1.0.7        torchcfm      objectives/flow.py imports it
 POT           0.9.6.post1  ot            torchcfm imports it (0.9.7 wheels are 33 MB, 0.9.6 1.5 MB)
 scikit-learn  1.7.2        sklearn       the digits set (fallback)
 joblib        1.5.2        joblib        scikit-learn (fallback)

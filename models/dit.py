@@ -6,12 +6,12 @@ unpatchify. Additions: register tokens (Darcet et al., "Vision Transformers Need
 qk-norm (RMSNorm on queries and keys per head) and attention through
 ``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels run on GPU.
 
-Time convention (the project's one, shared with torchcfm and defined in ``utils/flow.py``):
+Time convention (the project's one, shared with torchcfm and defined in ``objectives/flow.py``):
 t = 0 is pure noise, t = 1 is data, and the network predicts the velocity dx/dt of the path.
 The network knows nothing else about the objective or the solver: it maps (x, t, y) to a velocity.
 
 MeanFlow models (``mean_flow=True``; Geng et al., "Mean Flows for One-step Generative Modeling", 2025; the
-objective is ``utils/meanflow.py``) map (x, t, y, interval h) to the average velocity over [t, t + h], so that
+objective is ``objectives/meanflow.py``) map (x, t, y, interval h) to the average velocity over [t, t + h], so that
 x + h * output is the point at t + h; at h = 0 it is the velocity, so every ODE solver still applies. The
 interval gets its own embedder, added to the conditioning with t and y (the paper's best choice: t and t_end - t).
 Both times are embedded unscaled (t in [0, 1] straight into the sinusoids) rather than as t * 1000: the MeanFlow

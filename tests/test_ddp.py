@@ -98,10 +98,10 @@ def test_more_processes_than_gpus_is_an_error(monkeypatch):
 FID_SCRIPT = """
 import sys
 import train
-import utils.monitor
+import evaluation.monitor
 from stand_ins import Features
 
-utils.monitor.load_inception = lambda device: Features()
+evaluation.monitor.load_inception = lambda device: Features()
 sys.exit(train.cli(sys.argv[1:]))
 """
 
@@ -109,9 +109,9 @@ sys.exit(train.cli(sys.argv[1:]))
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_fid_on_two_processes_equals_the_single_process_value(tmp_path):
     """Each process samples half the FID images; the all-reduced statistics give the single-process FID."""
+    from evaluation.fid import compute_fid, real_statistics
     from sampler import Sampler
     from utils.checkpoint import model_from_checkpoint
-    from utils.fid import compute_fid, real_statistics
 
     script = tmp_path / "train_fid.py"
     script.write_text(FID_SCRIPT)

@@ -16,10 +16,7 @@ import torch.nn as nn
 
 import evaluate
 from data import build_dataset
-from models.dit import DiT
-from sampler import Sampler
-from utils.checkpoint import save_checkpoint
-from utils.fid import (
+from evaluation.fid import (
     INCEPTION_FILENAME,
     INCEPTION_URL,
     FeatureStats,
@@ -33,6 +30,9 @@ from utils.fid import (
     real_statistics,
     to_uint8_rgb,
 )
+from models.dit import DiT
+from sampler import Sampler
+from utils.checkpoint import save_checkpoint
 
 
 class TinyExtractor(nn.Module):
@@ -352,7 +352,7 @@ def test_compute_fid_on_an_in_memory_model_and_unconditional_labels():
     fid, nfe = compute_fid(sampler, real, 20, extractor=ext, progress=False)
     assert nfe == 1 and fid > 0 and model.training
     # untrained DiT: zero velocity, so the samples are the clipped noise mapped to [0, 1]
-    from utils.sampling import seeded_noise
+    from sampling.sampler import seeded_noise
 
     fs = FeatureStats()
     fs.update(extract_features(ext, ((seeded_noise(0, range(20), (3, 8, 8)) + 1) / 2).clamp(0, 1)))
@@ -418,7 +418,7 @@ def test_feature_stats_of_disjoint_shares_merge_to_the_whole():
 
 def test_generated_statistics_split_over_ranks_merge_to_the_single_process_ones(monkeypatch):
     """Rank r of w samples the indices r::w with their own noise and labels: the summed shares are the whole."""
-    from utils.fid import generated_statistics
+    from evaluation.fid import generated_statistics
 
     torch.manual_seed(2)
     model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3)

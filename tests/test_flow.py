@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from utils.flow import FlowMatching, sample_t
+from objectives.flow import FlowMatching, sample_t
 
 
 def test_logit_normal_t_has_the_requested_logit_mean_and_std():

@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 
 from data import BatchStream
 from models.dit import DiT_models
+from objectives.flow import FlowMatching
 from sampler import Sampler
 from utils.ema import EMA
-from utils.flow import FlowMatching
 from utils.optim import StepStats, build_adamw, guarded_step
 
 pytestmark = [

@@ -8,8 +8,8 @@ import torch
 from stand_ins import all_close
 
 from models.dit import DiT
-from utils.flow import FlowMatching, sample_t
-from utils.meanflow import MeanFlow, average_velocity_jvp, total_derivative_fd
+from objectives.flow import FlowMatching, sample_t
+from objectives.meanflow import MeanFlow, average_velocity_jvp, total_derivative_fd
 
 
 class GaussianMeanVelocity(torch.nn.Module):

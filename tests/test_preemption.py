@@ -14,10 +14,10 @@ import torch
 from stand_ins import Features
 from test_train import ROOT, assert_same, cli_args, run_cli, tiny, weights
 
+import evaluation.monitor
 import train
-import utils.monitor
+from evaluation.fid import FIDError
 from utils.checkpoint import load_checkpoint
-from utils.fid import FIDError
 from utils.preemption import EXIT_CODES, TIME_LIMIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -136,7 +136,7 @@ def test_extension_with_samples_gifs_and_fid_at_the_last_step_is_bit_identical(t
     assert full["data_state"] == ext["data_state"] and torch.equal(full["rng"][0]["torch"], ext["rng"][0]["torch"])
 
     # The reproduction: FID at its default (set up at the last step, failing offline) and samples off.
-    monkeypatch.setattr(utils.monitor, "load_inception", fid_that_draws_then_fails)
+    monkeypatch.setattr(evaluation.monitor, "load_inception", fid_that_draws_then_fails)
     default_fid = dict(sample_every=0, fid_every=20_000)
     train.main(tiny(tmp_path / "a", steps=8, **default_fid))
     train.main(tiny(tmp_path / "b", steps=4, **default_fid))
@@ -155,8 +155,8 @@ def test_diagnostics_on_failing_or_off_end_bit_identical(tmp_path, monkeypatch):
                          fid_extractor=Features())  # fmt: skip
     assert len(list((tmp_path / "working/samples").glob("*.png"))) == 8  # they ran: steps 2, 4, 6, 8 at 2 scales
     assert_same(weights(tmp_path / "off/checkpoints/last.pt"), weights(tmp_path / "working/checkpoints/last.pt"))
-    monkeypatch.setattr(utils.monitor.Monitor, "samples", broken_samples)
-    monkeypatch.setattr(utils.monitor, "load_inception", fid_that_draws_then_fails)
+    monkeypatch.setattr(evaluation.monitor.Monitor, "samples", broken_samples)
+    monkeypatch.setattr(evaluation.monitor, "load_inception", fid_that_draws_then_fails)
     on = train.main(tiny(tmp_path / "on", steps=8, sample_every=2, fid_every=4))
     assert on["step"] == off["step"] == working["step"] == 8
     assert_same(weights(tmp_path / "off/checkpoints/last.pt"), weights(tmp_path / "on/checkpoints/last.pt"))

@@ -12,15 +12,15 @@ import torch.nn as nn
 from PIL import Image
 from stand_ins import all_close
 
+import evaluation.images
 import sampler as sampler_mod
-import utils.images
-import utils.sampling
+import sampling.sampler
 from models.dit import DiT
 from sampler import Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
+from sampling.sampler import GRIDS
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError, build_parser
 from utils.device import resolve_device, resolve_precision
-from utils.sampling import GRIDS
 
 # ----------------------------------------------------------------------------- stand-in models
 
@@ -416,7 +416,7 @@ def test_help_documents_every_flag_and_defaults_match(capsys):
         assert flag in text
     # The sampling flags are the Sampler's own options: one declaration, one set of defaults.
     cfg = sampler_mod.parse_args(["--ckpt", "x"])
-    assert Sampler(tiny_dit()).options == utils.sampling.SamplingOptions(**cfg.options())
+    assert Sampler(tiny_dit()).options == sampling.sampler.SamplingOptions(**cfg.options())
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -583,18 +583,18 @@ def test_sampling_options_are_declared_once():
     import evaluate
 
     # sampler.py's and evaluate.py's configs are SamplingOptions: nothing else declares the sampling fields.
-    names = {f.name for f in fields(utils.sampling.SamplingOptions)}
+    names = {f.name for f in fields(sampling.sampler.SamplingOptions)}
     for config in (sampler_mod.SampleConfig, evaluate.EvalConfig):
-        assert issubclass(config, utils.sampling.SamplingOptions)
+        assert issubclass(config, sampling.sampler.SamplingOptions)
         assert not set(config.__annotations__) & names, config
-    assert utils.sampling.SamplingOptions() == Sampler(tiny_dit()).options
+    assert sampling.sampler.SamplingOptions() == Sampler(tiny_dit()).options
 
 
 def test_layout_reexports():
     # `from sampler import Sampler, save_grid, to_gif` keeps working: the code lives in utils/.
     for name in ("to_uint8", "save_grid", "to_gif", "save_npz"):
-        assert getattr(sampler_mod, name) is getattr(utils.images, name)
-    assert sampler_mod.Sampler is utils.sampling.Sampler and sampler_mod.time_grid is utils.sampling.time_grid
+        assert getattr(sampler_mod, name) is getattr(evaluation.images, name)
+    assert sampler_mod.Sampler is sampling.sampler.Sampler and sampler_mod.time_grid is sampling.sampler.time_grid
 
 
 def test_heun_corrects_the_last_step_on_every_grid():

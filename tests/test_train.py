@@ -15,10 +15,10 @@ from PIL import Image
 from stand_ins import Features, wandb_history
 
 import train
+from objectives.flow import FlowMatching
 from train import NonFiniteLossError, TrainConfig, parse_args
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, prune_checkpoints
 from utils.config import ConfigError, build_parser, flag_values
-from utils.flow import FlowMatching
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,8 +219,8 @@ def test_wandb_offline_run_holds_captioned_samples_videos_and_the_metrics_file_n
 
 
 def test_fid_during_training_is_logged_and_matches_a_direct_computation(tmp_path, monkeypatch):
+    from evaluation.fid import compute_fid, real_statistics
     from sampler import Sampler
-    from utils.fid import compute_fid, real_statistics
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the real statistics cache
     extractor = Features()
@@ -245,13 +245,13 @@ def test_fid_keeps_resume_bit_exact(tmp_path, monkeypatch):
 
 
 def test_fid_without_inception_weights_switches_off_and_training_goes_on(tmp_path, monkeypatch, capsys):
-    import utils.monitor
-    from utils.fid import FIDError
+    import evaluation.monitor
+    from evaluation.fid import FIDError
 
     def offline(device):
         raise FIDError("cannot download the Inception weights; put the file at /somewhere")
 
-    monkeypatch.setattr(utils.monitor, "load_inception", offline)
+    monkeypatch.setattr(evaluation.monitor, "load_inception", offline)
     result = train.main(tiny(tmp_path / "run", steps=4, fid_every=2))
     assert result["step"] == 4
     err = capsys.readouterr().err
@@ -259,7 +259,7 @@ def test_fid_without_inception_weights_switches_off_and_training_goes_on(tmp_pat
 
 
 def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkeypatch, capsys):
-    from utils.logging import RunLogger
+    from utils.runlog import RunLogger
 
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -277,7 +277,7 @@ def test_wandb_online_without_credentials_falls_back_to_offline(tmp_path, monkey
 
 
 def test_a_logging_failure_never_stops_training(tmp_path, capsys):
-    from utils.logging import RunLogger
+    from utils.runlog import RunLogger
 
     class Broken:
         def log(self, *args, **kwargs):
@@ -300,7 +300,7 @@ def test_a_logging_failure_never_stops_training(tmp_path, capsys):
 def test_wandb_that_cannot_start_leaves_the_metrics_file(tmp_path, monkeypatch, capsys):
     import wandb
 
-    from utils.logging import RunLogger
+    from utils.runlog import RunLogger
 
     def refuse(**kwargs):
         raise ConnectionError("no network")

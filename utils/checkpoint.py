@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from models.dit import DiT
 from utils.config import ConfigError
+from utils.device import unwrap_model
 from utils.io import atomic_write
 
 TRAINING_KEYS = ("model_config", "model", "ema", "ema_num_updates", "optimizer", "step", "skipped_steps", "config",
@@ -41,17 +42,6 @@ RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or not a checkpoint of this project."""
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
-            model = model.module
-        else:
-            return model
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:

@@ -7,8 +7,8 @@ parser is built from the fields and the values are checked when the config is ma
 
 gives ``--steps`` (an int, with its help and default), and ``TrainConfig(steps=0)`` raises ConfigError. A bool
 field gives ``--name`` / ``--no-name``; a tuple field takes several values. train.py, sampler.py, evaluate.py and
-the benchmark each declare one config class; the model flags (``ModelConfig``, here) and the sampling flags
-(``utils.sampling.SamplingOptions``) are shared by inheritance.
+the benchmark each declare one config class; the model flags (``models.ModelConfig``) and the sampling flags
+(``sampling.sampler.SamplingOptions``) are shared by inheritance.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
-
-from models.dit import DiT, DiT_models
 
 
 class ConfigError(ValueError):
@@ -135,26 +133,3 @@ def flag_values(cfg: Config) -> list[str]:
         else:
             out += [name, str(value)]
     return out
-
-
-@dataclass(kw_only=True)
-class ModelConfig(Config):
-    """The flags that choose the network: a registry name plus optional size overrides."""
-
-    model: str = arg("DiT-S/2", "named DiT size", choices=sorted(DiT_models), group="model")
-    hidden_size: int | None = arg(None, "override the named size's hidden width", min=1)
-    depth: int | None = arg(None, "override the named size's number of blocks", min=1)
-    num_heads: int | None = arg(None, "override the named size's attention heads", min=1)
-    num_registers: int = arg(4, "register tokens (Darcet et al. 2024); 0 disables", min=0)
-    class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
-    qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
-
-
-def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:
-    """A DiT from the model flags and the data's shape; ``extra`` are further DiT arguments."""
-    sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
-    return DiT_models[cfg.model](
-        input_size=input_size, in_channels=in_channels, num_classes=num_classes, num_registers=cfg.num_registers,
-        class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in sizes.items() if v is not None},
-        **extra,
-    )  # fmt: skip

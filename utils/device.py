@@ -8,10 +8,20 @@ from itertools import chain
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import unwrap_model
 from utils.rng import isolated_rng
 
 PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP
+            model = model.module
+        else:
+            return model
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:

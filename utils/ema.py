@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import unwrap_model
+from utils.device import unwrap_model
 
 
 class EMA:

@@ -16,7 +16,7 @@ Typical use, from train.py with an in-memory EMA model::
 
     extractor = load_inception(device)
     real = real_statistics("cifar10", "./datasets", 32, 3, extractor=extractor)
-    fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)  # utils.sampling
+    fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)  # sampling.sampler
 
 Any ``nn.Module`` mapping uint8 (N, 3, H, W) to features (N, D) can replace Inception (tests inject
 small ones); nothing here downloads except ``load_inception``, and that only when the weight file is
@@ -39,10 +39,10 @@ from tqdm import tqdm
 
 from data import build_dataset
 from data.loader import usable_workers
+from sampling.sampler import Sampler, seeded_noise
 from utils.device import module_device_dtype
 from utils.distributed import PeerError, all_reduce_, collective_device, is_initialized
 from utils.io import atomic_write
-from utils.sampling import Sampler, seeded_noise
 
 # torch-fidelity's Inception-v3 weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3);
 # torch.hub.load_state_dict_from_url keeps them as <torch.hub.get_dir()>/checkpoints/<file name>.

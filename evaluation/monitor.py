@@ -6,7 +6,7 @@ with them on ends bit-identical to one with them off); a failure is reported and
 
 Under DDP the sample grids are drawn by rank 0 alone (a few dozen images: the other processes wait for it in
 the next step's gradient all-reduce), while FID runs on every process: each generates its share of the samples
-and the feature sums are all-reduced (``utils.fid.generated_statistics``); rank 0 alone holds the real
+and the feature sums are all-reduced (``evaluation.fid.generated_statistics``); rank 0 alone holds the real
 statistics and computes, prints and logs the distance.
 """
 
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from evaluation.fid import FIDError, compute_fid, load_inception, real_statistics
+from evaluation.images import save_grid, to_gif
+from sampling.sampler import Sampler
 from utils.device import module_device_dtype
 from utils.distributed import DistInfo, PeerError, all_ok
-from utils.fid import FIDError, compute_fid, load_inception, real_statistics
-from utils.images import save_grid, to_gif
-from utils.logging import RunLogger
 from utils.rng import isolated_rng
-from utils.sampling import Sampler
+from utils.runlog import RunLogger
 
 
 def warn(message: str) -> None:

@@ -1,7 +1,7 @@
 """MeanFlow: a network that predicts the average velocity over an interval, for one- and few-step sampling.
 
 Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling" (2025). Written here in the project's
-time convention (``utils/flow.py``: t = 0 noise, t = 1 data, x_t = t * x1 + (1 - t) * x0, conditional velocity
+time convention (``objectives/flow.py``: t = 0 noise, t = 1 data, x_t = t * x1 + (1 - t) * x0, conditional velocity
 x1 - x0); the paper puts noise at t = 1.
 
 Derivation. Let v(x, tau) = E[x1 - x0 | x_tau = x] be the marginal velocity and x_tau the solution of
@@ -66,8 +66,8 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.dit import DiT
-from utils.checkpoint import unwrap_model
-from utils.flow import FlowMatching, LossTerms, sample_t
+from objectives.flow import FlowMatching, LossTerms, sample_t
+from utils.device import unwrap_model
 
 
 def _expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +139,7 @@ class MeanFlow:
         self.t_mean, self.t_std, self.equal_fraction = t_mean, t_std, equal_fraction
         self.weight_power, self.weight_eps = weight_power, weight_eps
         self.omega, self.kappa, self.guidance_interval = omega, kappa, (lo, hi)
-        self.path = FlowMatching(sigma=0.0)  # builds x_s on the straight path: utils/flow.py owns the convention
+        self.path = FlowMatching(sigma=0.0)  # builds x_s on the straight path: objectives/flow.py owns the convention
         self._use_fd = False  # set, with one warning, if forward-mode AD fails
 
     @property

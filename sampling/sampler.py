@@ -1,7 +1,7 @@
 """Sampling: integrate the flow ODE dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1).
 
-Time convention (owned by ``utils/flow.py``): t = 0 is pure noise, t = 1 is data, and the network predicts
-the velocity dx/dt. A MeanFlow network (``utils/meanflow.py``) also takes the length h of a jump and then
+Time convention (owned by ``objectives/flow.py``): t = 0 is pure noise, t = 1 is data, and the network predicts
+the velocity dx/dt. A MeanFlow network (``objectives/meanflow.py``) also takes the length h of a jump and then
 predicts the average velocity over [t, t + h]; the "mean" method jumps along it.
 
 ``Sampler`` wraps a network into such a velocity (guidance, precision, batching, seeds) and runs a solver on a
@@ -24,9 +24,9 @@ from torchdiffeq import odeint
 from tqdm import tqdm
 
 from models.cost import count_params
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, unwrap_model
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import Config, ConfigError, arg
-from utils.device import PRECISIONS, autocast, module_device_dtype, resolve_device, resolve_precision
+from utils.device import PRECISIONS, autocast, module_device_dtype, resolve_device, resolve_precision, unwrap_model
 
 SOLVERS = ("euler", "midpoint", "heun", "dopri5", "mean")
 GRIDS = ("uniform", "shifted", "edm")

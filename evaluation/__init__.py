@@ -1,0 +1,1 @@
+"""Evaluation: FID, image writers, and the diagnostics train.py runs beside training."""

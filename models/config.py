@@ -1,0 +1,32 @@
+"""The flags that choose the network, and the one place a DiT is built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from models.dit import DiT, DiT_models
+from utils.config import Config, arg
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Config):
+    """The flags that choose the network: a registry name plus optional size overrides."""
+
+    model: str = arg("DiT-S/2", "named DiT size", choices=sorted(DiT_models), group="model")
+    hidden_size: int | None = arg(None, "override the named size's hidden width", min=1)
+    depth: int | None = arg(None, "override the named size's number of blocks", min=1)
+    num_heads: int | None = arg(None, "override the named size's attention heads", min=1)
+    num_registers: int = arg(4, "register tokens (Darcet et al. 2024); 0 disables", min=0)
+    class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
+    qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
+
+
+def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:
+    """A DiT from the model flags and the data's shape; ``extra`` are further DiT arguments."""
+    sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
+    return DiT_models[cfg.model](
+        input_size=input_size, in_channels=in_channels, num_classes=num_classes, num_registers=cfg.num_registers,
+        class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in sizes.items() if v is not None},
+        **extra,
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Training objectives: each maps (network, data batch, labels) to LossTerms."""

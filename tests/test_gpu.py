@@ -30,7 +30,7 @@ from utils.optim import StepStats, build_adamw, guarded_step
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bash benchmarks/gpu_check.sh run)"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (python -m benchmarks.gpu_check run)"),
 ]
 
 CUDA = torch.device("cuda")

@@ -1,0 +1,692 @@
+"""The GPU check: proves every GPU path of the repository and measures it, within 8 minutes of wall time on one
+H100, so that a short GPU loan goes to measuring, not to setting up.
+
+    python -m benchmarks.gpu_check prepare      # on a machine with PyPI: download the wheels the GPU image lacks
+                                                # into .whl/ (git-ignored) and print the command for the GPU machine
+    python3 -m benchmarks.gpu_check run         # on the GPU machine: install the carried wheels (only of packages
+                                                # Python cannot find) into a temporary folder, then run every part
+    python -m benchmarks.gpu_check run --quick  # tiny sizes, CPU only (the default where CUDA is missing)
+
+`run` prints the GPU, the driver and the torch build, then runs these parts, each a subprocess under its own
+timeout (the smaller of its cap and what is left of the budget), so that one hang cannot eat the rest:
+  1. tests      pytest -m gpu tests/test_gpu.py: bf16 against fp32, flash attention, guidance, the sampler's
+                precision, the on-device data path, fused AdamW without host syncs, NCCL
+  2. train      train.py on the digits with bf16 and torch.compile; resume from its checkpoint; sampler.py
+  3. bench_*    python -m benchmarks.benchmark: DiT-S/2 and DiT-B/2 at 32x32, batch 256, bf16, compiled and eager
+                (img/s, MFU, peak memory, host syncs per step); sampling at 1, 10 and 50 NFE, with and without
+                guidance
+  4. meanflow   the MeanFlow objective's training img/s next to flow's
+Without CUDA (or with --quick) every part runs at tiny size on the CPU and each CUDA-only row says it was skipped.
+
+Output, in --out (a new temporary folder by default): gpu_check.log (everything printed), summary.json
+(environment, per part its status, exit code, duration and limit, the test outcomes with the numbers they recorded,
+the training run's losses, every benchmark result) and digits_samples.png. The key numbers are printed last. Exit
+status: 0 when no part failed or timed out (skipped parts are fine), else 1.
+
+Every flag defaults to an environment variable: --out OUT; --python PYTHON (default this interpreter, or the
+repository's .venv when this one has no torch); --quick GPU_CHECK_QUICK=1; --budget-s GPU_CHECK_BUDGET_S (default
+450); --parts GPU_CHECK_PARTS (comma list of tests,train,bench,meanflow: to rerun one part); --work GPU_CHECK_WORK
+(checkpoints and raw results, default a new temporary folder); --wheels GPU_CHECK_WHEELS (default .whl).
+
+Standard library only at the top: `prepare` runs where the project's packages are not installed yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Packages the GPU image may lack: (distribution, version, import name, why). torchcfm and POT are not in the
+# image; the others are (device notes, package list of 2026-11), and are carried in case they are not: `run`
+# installs a wheel only when Python cannot find its package. Not needed: wandb (--wandb disabled), moviepy (no
+# GIFs: --sample-every 0, no --gif) and torch-fidelity (FID is not run here). Versions: Python 3.12, numpy 2.
+PACKAGES = [
+    ("torchcfm", "1.0.7", "torchcfm", "objectives/flow.py imports it"),
+    ("POT", "0.9.6.post1", "ot", "torchcfm imports it (0.9.7 wheels are 33 MB, 0.9.6 1.5 MB)"),
+    ("scikit-learn", "1.7.2", "sklearn", "the digits set (fallback)"),
+    ("joblib", "1.5.2", "joblib", "scikit-learn (fallback)"),
+    ("threadpoolctl", "3.6.0", "threadpoolctl", "scikit-learn (fallback)"),
+    ("pytest", "9.2.0", "pytest", "the GPU tests (fallback)"),
+    ("pluggy", "1.7.0", "pluggy", "pytest (fallback)"),
+    ("iniconfig", "2.3.1", "iniconfig", "pytest (fallback)"),
+    ("pygments", "2.21.0", "pygments", "pytest (fallback)"),
+    ("packaging", "26.4", "packaging", "pytest (fallback)"),
+    ("tqdm", "4.70.1", "tqdm", "train.py (fallback)"),
+]
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64", "any")  # fmt: skip
+GROUPS = ("tests", "train", "bench", "meanflow")
+BUDGET_S = 450
+RESERVE_S = 10  # seconds kept for the summary
+MIN_STEP_S = 15  # a part with less time than this left is skipped rather than started
+KILL_AFTER_S = 10  # after the timeout's SIGTERM, SIGKILL this much later
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+class Log:
+    """Everything printed goes to stdout and to the log file; ``say`` prefixes the seconds since the start."""
+
+    def __init__(self, path: Path | None = None, t0: float | None = None):
+        self.file = open(path, "w") if path else None
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.lock = threading.Lock()
+
+    def elapsed(self) -> int:
+        return int(time.monotonic() - self.t0)
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            if self.file:
+                self.file.write(text)
+                self.file.flush()
+
+    def say(self, message: str) -> None:
+        self.write(f"[gpu_check {self.elapsed():4d}s] {message}\n")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def part_record(name: str, status: str, rc: int | None, seconds: float, limit_s: int | None, note: str = "") -> dict:
+    """One entry of summary.json's "parts": status is ok, failed, timeout or skipped."""
+    return {"name": name, "status": status, "rc": rc, "seconds": round(float(seconds), 1), "limit_s": limit_s,
+            "note": " ".join(note.split())}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(argv: list[str], limit_s: float, write: Callable[[str], None], env: dict[str, str] | None = None,
+                kill_after_s: float = KILL_AFTER_S) -> tuple[str, int]:  # fmt: skip
+    """Runs argv in the repository root with its output (stdout and stderr) passed line by line to write, as
+    `timeout --kill-after` does: SIGTERM to its process group after limit_s, SIGKILL kill_after_s later.
+    Returns (status, exit code): ("ok", 0), ("failed", code; 128 + N for signal N) or ("timeout", 124, or 137 when
+    it had to be killed). Whatever the command leaves behind in its process group is killed when it ends."""
+    try:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    except OSError as e:
+        write(f"cannot start {argv[0]}: {e}\n")
+        return "failed", 127
+
+    def copy() -> None:
+        for line in iter(proc.stdout.readline, b""):
+            write(line.decode("utf-8", "replace"))
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    try:
+        rc = proc.wait(timeout=limit_s)
+        status = "ok" if rc == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=kill_after_s)
+            status, rc = "timeout", 124
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status, rc = "timeout", 137
+    _signal_group(proc.pid, signal.SIGKILL)  # compile workers and the like: they would hold the pipe and the GPU
+    reader.join(timeout=10)
+    proc.stdout.close()
+    return status, (128 - rc if rc < 0 else rc)
+
+
+# ------------------------------------------------------------------------------------------------ the parts
+
+
+@dataclass
+class Part:
+    """One subprocess of `run`. A part with ``skip`` set never runs; ``needs``, given the records of the parts
+    so far by name, returns why the part cannot run now, or "" when it can."""
+
+    name: str
+    group: str  # what --parts selects: tests, train, bench or meanflow
+    cap_s: int = 0
+    argv: tuple[str, ...] = ()
+    skip: str = ""
+    needs: Callable[[dict[str, dict]], str] | None = None
+
+
+def plan(py: str, work: Path, out: Path, quick: bool) -> list[Part]:
+    """Every part of `run`, in order: quick runs everything at tiny size on the CPU."""
+    run, ckpt = work / "digits", work / "digits" / "checkpoints" / "last.pt"
+    # 1. the GPU test subset; on CPU every test is collected and skipped (the summary says so)
+    pytest = "-m pytest -m gpu tests/test_gpu.py -q -rA -p no:cacheprovider -o junit_family=legacy".split()
+    parts = [Part("tests", "tests", 90, (py, *pytest, f"--junitxml={work / 'pytest.xml'}"))]
+
+    # 2. train.py on the digits, a resume from its checkpoint, then sampler.py on the last checkpoint
+    if quick:
+        common = "--steps 20 --ckpt-every 10 --log-every 5 --batch-size 32 --device cpu --precision fp32 --no-compile"
+        more, sample = "--steps 30", "--n 1 --steps 2 --method euler --device cpu"
+    else:
+        common = "--steps 300 --ckpt-every 150 --log-every 50 --device cuda --precision bf16 --compile"
+        more, sample = "--steps 500", "--n 10 --steps 20 --method heun --device cuda"
+    train = (py, "train.py", "--preset", "digits-quick", "--out", str(run), "--sample-every", "0", "--fid-every", "0",
+             "--wandb", "disabled", *common.split())  # fmt: skip
+    parts += [
+        Part("train", "train", 120, train),
+        Part("resume", "train", 60, (*train, *more.split(), "--resume"),
+             needs=lambda done: "" if done.get("train", {}).get("status") == "ok" else
+             "the first training run failed or did not run"),
+        Part("sample", "train", 45, (py, "sampler.py", "--ckpt", str(ckpt), "--each-class", "--cfg-scale", "2.5",
+                                     "--seed", "0", *sample.split(), "--out", str(out / "digits_samples.png"),
+                                     "--npz", str(work / "digits_samples.npz"), "--overwrite"),
+             needs=lambda done: "" if ckpt.is_file() else "no checkpoint to sample from"),
+    ]  # fmt: skip
+
+    # 3. training and sampling throughput, one JSON each in work; 4. MeanFlow next to flow's bench_s2_compiled
+    def bench(name: str, group: str, cap_s: int, flags: str) -> Part:
+        argv = (py, "-m", "benchmarks.benchmark", *flags.split(), "--json", str(work / f"bench_{name}.json"))
+        return Part(f"bench_{name}", group, cap_s, argv)
+
+    if quick:  # one tiny row, and each CUDA row is listed as skipped
+        tiny = ("--device cpu --model DiT-XS/2 --image-size 8 --batch-size 4 --steps 2 --warmup 1 --num-images 16 "
+                "--peak-seconds 0.05 --threads 1 --no-compile")  # fmt: skip
+        parts.append(bench("tiny", "bench", 90, f"{tiny} --sample-steps 1 --sample-n 2"))
+        why = "needs CUDA (quick CPU mode runs the tiny eager row instead)"
+        parts += [Part(f"bench_{row}", "bench", skip=why)
+                  for row in ("s2_compiled", "s2_eager", "sample_nfe50", "b2_compiled", "b2_eager")]  # fmt: skip
+        parts.append(bench("meanflow", "meanflow", 90, f"--objective meanflow {tiny} --no-sample"))
+        return parts
+    gpu = "--device cuda --batch-size 256 --steps 50 --warmup 10 --precision bf16"
+    sampling = f"{gpu} --sample-method euler --cfg-scale 4.0"
+    return parts + [  # most wanted first: if time runs short, the rows at the end are the ones skipped
+        bench("s2_compiled", "bench", 120, f"--model DiT-S/2 --compile --sample-steps 10 {sampling}"),
+        bench("s2_eager", "bench", 60, f"--model DiT-S/2 --no-compile --sample-steps 1 {sampling}"),
+        bench("sample_nfe50", "bench", 60, f"--model DiT-S/2 --no-train --sample-steps 50 {sampling}"),
+        bench("b2_compiled", "bench", 120, f"--model DiT-B/2 --compile --no-sample {sampling}"),
+        bench("b2_eager", "bench", 60, f"--model DiT-B/2 --no-compile --no-sample {sampling}"),
+        bench("meanflow", "meanflow", 120, f"--objective meanflow --model DiT-S/2 --compile --no-sample {gpu}"),
+    ]
+
+
+class Runner:
+    """Runs parts in order within a wall-time budget and keeps their records; each part's output goes to the
+    log and to work/NAME.log."""
+
+    def __init__(self, log: Log, work: Path, budget_s: int, env: dict[str, str] | None = None,
+                 reserve_s: int = RESERVE_S, min_step_s: int = MIN_STEP_S,
+                 kill_after_s: float = KILL_AFTER_S):  # fmt: skip
+        self.log, self.work, self.budget_s, self.env = log, work, budget_s, env
+        self.reserve_s, self.min_step_s, self.kill_after_s = reserve_s, min_step_s, kill_after_s
+        self.records: list[dict] = []
+
+    def record(self, *args, **kwargs) -> dict:
+        self.records.append(part_record(*args, **kwargs))
+        return self.records[-1]
+
+    def skip(self, name: str, reason: str) -> dict:
+        self.log.say(f"skip {name}: {reason}")
+        return self.record(name, "skipped", None, 0, None, reason)
+
+    def step(self, part: Part) -> dict:
+        """Runs one part under the smaller of its cap and what is left of the budget (less the reserve)."""
+        if part.skip:
+            return self.skip(part.name, part.skip)
+        reason = part.needs({r["name"]: r for r in self.records}) if part.needs else ""
+        if reason:
+            return self.skip(part.name, reason)
+        left = self.budget_s - self.log.elapsed() - self.reserve_s
+        if left < self.min_step_s:
+            return self.skip(part.name, f"out of time: {left}s of the {self.budget_s}s budget left")
+        limit = min(part.cap_s, left)
+        self.log.say(f"start {part.name} (limit {limit}s): {shlex.join(part.argv)}")
+        t = time.monotonic()
+        with open(self.work / f"{part.name}.log", "w") as own:
+
+            def write(text: str) -> None:
+                self.log.write(text)
+                own.write(text)
+
+            status, rc = run_command(list(part.argv), limit, write, self.env, self.kill_after_s)
+        seconds = time.monotonic() - t
+        self.log.say(f"end {part.name}: {status} (exit {rc}) after {int(seconds)}s")
+        return self.record(part.name, status, rc, seconds, limit)
+
+    def run(self, parts: list[Part]) -> list[dict]:
+        for part in parts:
+            self.step(part)
+        return self.records
+
+
+# ------------------------------------------------------------------------------------------------ machine, wheels
+
+
+def probe(work: str, modules: list[str]) -> None:
+    """Run by the parts' Python: records the machine (GPU, driver, torch, CUDA, cuDNN, NCCL) in work/env.json, with
+    the carried packages that this Python cannot find; exits non-zero when torch does not import."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]  # found without importing: fast
+    env = {"python": platform.python_version(), "machine": platform.machine(), "missing_packages": missing}
+    try:
+        import torch
+    except ImportError as e:
+        Path(work, "env.json").write_text(json.dumps({**env, "torch": None, "cuda_available": False, "error": str(e)}))
+        sys.exit(f"torch does not import: {e}")
+    env.update(torch=torch.__version__, cuda_available=torch.cuda.is_available(), cuda=torch.version.cuda,
+               cpu_threads=torch.get_num_threads())  # fmt: skip
+    if env["cuda_available"]:
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
+                   multiprocessors=p.multi_processor_count, cudnn=torch.backends.cudnn.version())  # fmt: skip
+        try:
+            nccl = torch.cuda.nccl.version()  # a tuple, or an int in older torch
+            env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+        except Exception as e:
+            env["nccl"] = f"unavailable ({type(e).__name__})"
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()  # fmt: skip
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    Path(work, "env.json").write_text(json.dumps(env, indent=1))
+    print("machine:", ", ".join(f"{k} {v}" for k, v in env.items()))
+
+
+def norm(name: str) -> str:
+    """A distribution name as wheel file names spell it."""
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def wheel_key(filename: str) -> str:
+    """NAME-VERSION-...whl -> name-version, the name normalised."""
+    name, version = Path(filename).name.split("-")[:2]
+    return f"{norm(name)}-{version}"
+
+
+def carried_wheel(wheels: Path, dist: str, version: str) -> Path | None:
+    return next((w for w in sorted(wheels.glob("*.whl")) if wheel_key(w.name) == f"{norm(dist)}-{version}"), None)
+
+
+def install_wheels(wheels: Path, missing: list[str], py: str, log: Log) -> tuple[Path | None, list[str], bool]:
+    """Installs the carried wheels of the missing packages into a new temporary folder, to go first on PYTHONPATH.
+    Nothing is installed when the folder is missing or nothing is. Returns (folder or None, wheel names, ok): not
+    ok when a missing package has no wheel here or pip fails."""
+    if not wheels.is_dir():
+        log.say(f"no {wheels}/ folder: installing nothing")
+        return None, [], True
+    if not missing:
+        log.say("every carried package imports already: installing nothing")
+        return None, [], True
+    found, ok = [], True
+    for dist, version, module, _ in PACKAGES:
+        if module in missing:
+            wheel = carried_wheel(wheels, dist, version)
+            if wheel is None:
+                log.say(f"error: {module} is missing and {wheels}/ has no {dist} {version} wheel (run prepare)")
+                ok = False
+            else:
+                found.append(wheel)
+    if not found:
+        return None, [], False
+    site = Path(tempfile.mkdtemp(prefix="gpu_check_site."))
+    names = [w.name for w in found]
+    log.say(f"installing into {site}: {' '.join(names)}")
+    pip = "-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target".split()
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    status, _ = run_command([py, *pip, str(site), *map(str, found)], 120, log.write, env)
+    if status != "ok":
+        log.say("pip install failed")
+        return None, [], False
+    return site, names, ok
+
+
+def pick_python(explicit: str | None) -> str:
+    """--python, else this interpreter, else the repository's .venv when this one has no torch."""
+    if explicit:
+        return explicit
+    venv = ROOT / ".venv" / "bin" / "python"
+    if importlib.util.find_spec("torch") is None and venv.exists():
+        return str(venv)
+    return sys.executable
+
+
+# ------------------------------------------------------------------------------------------------ summary
+
+
+def _num(x, fmt: str = ".3g") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _test_cases(junit_xml: Path) -> list[dict]:
+    cases = []
+    if junit_xml.exists():
+        for case in ET.parse(junit_xml).getroot().iter("testcase"):
+            outcome, message = "passed", ""
+            for tag, name in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
+                node = case.find(tag)
+                if node is not None:
+                    outcome, message = name, node.get("message", "")
+            props = {p.get("name"): p.get("value") for p in case.iter("property")}
+            cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
+                          "message": message[:500], "properties": props})  # fmt: skip
+    return cases
+
+
+def _train_summary(work: Path, quick: bool, by_name: dict[str, dict]) -> dict:
+    """The digits run: losses from metrics.jsonl, compile fallback, samples classified by a digits classifier."""
+    train, rows = {}, []
+    try:
+        for line in open(work / "digits" / "metrics.jsonl"):
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    except OSError:
+        pass
+    losses = [(r.get("step"), v) for r in rows for k, v in r.items()
+              if k.split("/")[-1] == "loss" and isinstance(v, int | float)]  # non-finite ones are strings  # fmt: skip
+    if losses:
+        train.update(first_step=losses[0][0], first_loss=losses[0][1], final_step=losses[-1][0],
+                     final_loss=losses[-1][1])  # fmt: skip
+    if "train" in by_name:
+        logs = " ".join(p.read_text() for p in (work / "train.log", work / "resume.log") if p.exists())
+        train["compile"] = ("off (quick CPU mode)" if quick else
+                            "fell back to eager" if "torch.compile failed" in logs else "on")  # fmt: skip
+        train["exit_codes"] = {k: by_name[k]["rc"] for k in ("train", "resume", "sample") if k in by_name}
+    if (work / "digits_samples.npz").exists():
+        try:  # the EMA samples, told apart by a classifier of the real digits (chance: 0.1); not after 30 quick steps
+            import numpy as np
+
+            npz = np.load(work / "digits_samples.npz")
+            images, labels = npz["images"], npz["labels"]
+            train["samples"] = len(images)
+            if not quick:
+                from sklearn.datasets import load_digits
+                from sklearn.linear_model import LogisticRegression
+
+                digits = load_digits()
+                clf = LogisticRegression(max_iter=2000).fit(digits.data / 16.0, digits.target)
+                predicted = clf.predict(images.reshape(len(images), -1) / 255.0)
+                train["sample_accuracy"] = float((predicted == labels).mean())
+        except Exception as e:  # a number for the reader; never a reason to fail the check
+            train["sample_accuracy_error"] = f"{type(e).__name__}: {e}"
+    return train
+
+
+def _bench_summary(work: Path, parts: list[dict]) -> dict:
+    """Every benchmark result whole, and one flat row per training and sampling measurement, in the order run."""
+    bench = {"results": {}, "train": [], "sample": []}
+    order = {p["name"]: i for i, p in enumerate(parts)}
+    for path in sorted(work.glob("bench_*.json"), key=lambda f: order.get(f.stem, len(order))):
+        name = path.stem[len("bench_") :]
+        result = json.loads(path.read_text())
+        bench["results"][name] = result
+        model = result.get("model", {}).get("name")
+        for r in result.get("train", []):
+            bench["train"].append({
+                "run": name, "model": model, "objective": result.get("config", {}).get("objective", "flow"),
+                "compiled": r.get("compiled"), "precision": r.get("precision"), "batch": r.get("batch_size"),
+                "img_per_s": r.get("img_per_s"), "mfu": r.get("mfu"), "step_ms": r.get("step_ms"),
+                "peak_memory_gib": (r.get("peak_memory_bytes") or 0) / 2**30,
+                "peak_memory_kind": r.get("peak_memory_kind"),
+                "host_syncs_per_step": r.get("host_syncs_per_step")})  # fmt: skip
+        for s in result.get("sample", []):
+            bench["sample"].append({
+                "run": name, "model": model, "nfe": s.get("nfe"), "cfg_scale": s.get("cfg_scale"), "n": s.get("n"),
+                "precision": s.get("precision"), "img_per_s": s.get("img_per_s"), "mfu": s.get("mfu"),
+                "seconds": s.get("seconds"), "peak_memory_gib": (s.get("peak_memory_bytes") or 0) / 2**30})  # fmt: skip
+    return bench
+
+
+def summarize(work: Path, parts: list[dict], *, quick: bool, budget_s: int, seconds: int,
+              installed: list[str]) -> dict:  # fmt: skip
+    """summary.json from the records of the parts and what they left in work. Marks the tests part skipped when
+    every GPU test was skipped."""
+    summary = {"mode": "quick-cpu" if quick else "gpu", "seconds": seconds, "budget_s": budget_s,
+               "installed_wheels": installed, "work": str(work)}  # fmt: skip
+    try:
+        summary["env"] = json.loads((work / "env.json").read_text())
+    except (OSError, ValueError):
+        summary["env"] = {}
+    summary["parts"] = parts
+    by_name = {p["name"]: p for p in parts}
+
+    cases = _test_cases(work / "pytest.xml")
+    counts = {k: sum(c["outcome"] == k for c in cases) for k in ("passed", "failed", "error", "skipped")}
+    summary["tests"] = {**counts, "cases": cases}
+    if "tests" in by_name:
+        t = by_name["tests"]
+        if t["status"] == "ok" and cases and counts["skipped"] == len(cases):
+            t["status"], t["note"] = "skipped", f"all {len(cases)} GPU tests skipped: {cases[0]['message']}"
+        elif cases:
+            t["note"] = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+
+    summary["train"] = train = _train_summary(work, quick, by_name)
+    summary["bench"] = bench = _bench_summary(work, parts)
+    rows = {r["run"]: r for r in bench["train"]}
+    if "meanflow" in rows and "s2_compiled" in rows:
+        summary["meanflow"] = {"meanflow_img_per_s": rows["meanflow"]["img_per_s"],
+                               "flow_img_per_s": rows["s2_compiled"]["img_per_s"]}  # fmt: skip
+
+    warnings = []  # findings that fail no part but defeat the purpose of a row: said loudly
+    if not quick and train.get("compile", "on") != "on":
+        warnings.append("train: torch.compile fell back to eager")
+    for r in bench["train"]:
+        if "compiled" in r["run"] and not r["compiled"]:
+            warnings.append(f"bench_{r['run']}: torch.compile fell back to eager")
+        if r["host_syncs_per_step"]:
+            warnings.append(f"bench_{r['run']}: {r['host_syncs_per_step']} host synchronisations per training step")
+    summary["warnings"] = warnings
+    summary["ok"] = not any(p["status"] in ("failed", "timeout") for p in parts)
+    return summary
+
+
+def report(summary: dict, out: Path) -> str:
+    """The key numbers, printed last so that a log's tail shows them."""
+    env, parts, train, bench = summary["env"], summary["parts"], summary["train"], summary["bench"]
+    cases = summary["tests"]["cases"]
+    lines = ["", "=" * 100,
+             f"gpu_check {summary['mode']}: {env.get('gpu', 'no GPU')}, driver {env.get('driver', 'n/a')}, torch "
+             f"{env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}; {summary['seconds']}s of a "
+             f"{summary['budget_s']}s budget", "",
+             f"{'part':22s} {'status':8s} {'exit':>4s} {'seconds':>8s} {'limit':>6s}  note"]  # fmt: skip
+    for p in parts:
+        lines.append(f"{p['name']:22s} {p['status']:8s} {_num(p['rc'], 'd'):>4s} {p['seconds']:8.1f} "
+                     f"{_num(p['limit_s'], 'd'):>6s}  {p['note']}")  # fmt: skip
+    if any(c["outcome"] != "skipped" for c in cases):
+        props = {k: v for c in cases for k, v in c["properties"].items()}
+        lines += ["", "tests: " + "; ".join(f"{k} {v}" for k, v in props.items() if k != "attention_ops_and_kernels")]
+        lines += [f"  {c['outcome']}: {c['name']}: {c['message'][:300]}" for c in cases
+                  if c["outcome"] in ("failed", "error")]  # fmt: skip
+    if train:
+        lines += ["", f"train (digits): loss {_num(train.get('first_loss'))} at step {train.get('first_step')} -> "
+                  f"{_num(train.get('final_loss'))} at step {train.get('final_step')}; compile {train.get('compile')}; "
+                  f"exit codes {train.get('exit_codes')}; EMA sample accuracy {_num(train.get('sample_accuracy'))} "
+                  "(chance 0.1)"]  # fmt: skip
+    if bench["train"]:
+        lines += ["", f"{'training run':16s} {'model':8s} {'objective':9s} {'mode':8s} {'batch':>5s} {'img/s':>9s} "
+                  f"{'MFU':>6s} {'step ms':>8s} {'peak mem':>9s} {'syncs/step':>10s}"]  # fmt: skip
+        for r in bench["train"]:
+            mode = "compiled" if r["compiled"] else "eager"
+            lines.append(f"{r['run']:16s} {str(r['model']):8s} {str(r['objective']):9s} {mode:8s} "
+                         f"{_num(r['batch'], 'd'):>5s} {_num(r['img_per_s'], '.1f'):>9s} "
+                         f"{_num(r['mfu'] and 100 * r['mfu'], '.1f'):>5s}% {_num(r['step_ms'], '.1f'):>8s} "
+                         f"{r['peak_memory_gib']:5.2f} GiB {_num(r['host_syncs_per_step'], 'd'):>10s}")  # fmt: skip
+    if bench["sample"]:
+        lines += ["", f"{'sampling run':16s} {'model':8s} {'NFE':>4s} {'cfg':>4s} {'n':>5s} {'img/s':>9s} {'MFU':>6s} "
+                  f"{'peak mem':>9s}"]  # fmt: skip
+        for s in bench["sample"]:
+            lines.append(f"{s['run']:16s} {str(s['model']):8s} {_num(s['nfe'], 'd'):>4s} "
+                         f"{_num(s['cfg_scale'], 'g'):>4s} {_num(s['n'], 'd'):>5s} {_num(s['img_per_s'], '.1f'):>9s} "
+                         f"{_num(s['mfu'] and 100 * s['mfu'], '.1f'):>5s}% "
+                         f"{s['peak_memory_gib']:5.2f} GiB")  # fmt: skip
+    if "meanflow" in summary:
+        m = summary["meanflow"]
+        lines += ["", f"MeanFlow {_num(m['meanflow_img_per_s'], '.1f')} img/s against flow "
+                  f"{_num(m['flow_img_per_s'], '.1f')} img/s (DiT-S/2, batch 256, bf16, compiled)"]  # fmt: skip
+    if summary["warnings"]:
+        lines += [""] + [f"warning: {w}" for w in summary["warnings"]]
+    bad = [p["name"] for p in parts if p["status"] in ("failed", "timeout")]
+    lines += ["", f"{'OK' if summary['ok'] else 'FAILED: ' + ', '.join(bad)}; wrote {out}/summary.json and "
+              f"{out}/gpu_check.log"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(summary: dict, out: Path) -> None:
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+        f.write("\n")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def child_env(quick: bool, site: Path | None = None) -> dict[str, str]:
+    """The parts' environment: unbuffered, wandb off, POT without its unused backends; on the CPU no CUDA device,
+    one thread (tiny models: fastest) and OpenMP threads that sleep instead of spinning when idle."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    for backend in ("JAX", "CUPY", "TENSORFLOW"):  # POT (imported by torchcfm) would import them
+        env.setdefault(f"POT_BACKEND_DISABLE_{backend}", "1")
+    if site:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    if quick:
+        env.update(CUDA_VISIBLE_DEVICES="", OMP_WAIT_POLICY="PASSIVE")
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run(args: argparse.Namespace) -> int:
+    py = pick_python(args.python)
+    out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_out.")).resolve()
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_work.")).resolve()
+    groups = [g.strip() for g in args.parts.split(",") if g.strip()]
+    if unknown := set(groups) - set(GROUPS):
+        print(f"gpu_check run: unknown part {', '.join(sorted(unknown))} (choose from {','.join(GROUPS)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "gpu_check.log")
+    quick, installed = args.quick, []
+    runner = Runner(log, work, args.budget_s)
+    try:
+        log.say(f"gpu_check run in {ROOT}; OUT={out}; work folder {work}; budget {args.budget_s}s")
+        try:
+            query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+            smi = subprocess.run(["nvidia-smi", query, "--format=csv"], capture_output=True, text=True, timeout=30)
+            log.write(smi.stdout + smi.stderr)
+        except (OSError, subprocess.SubprocessError):
+            log.say("no nvidia-smi on this machine")
+        modules = [module for _, _, module, _ in PACKAGES]
+        code = "import sys; from benchmarks.gpu_check import probe; probe(sys.argv[1], sys.argv[2:])"
+        env = {**child_env(quick=False), "OMP_WAIT_POLICY": "PASSIVE"}
+        status, _ = run_command([py, "-c", code, str(work), *modules], 120, log.write, env)
+        machine = json.loads((work / "env.json").read_text()) if (work / "env.json").exists() else {}
+        if status != "ok":
+            runner.record("machine", "failed", 1, 0, None, f"{py} could not import torch")
+        else:
+            site, installed, ok = install_wheels(Path(args.wheels), machine.get("missing_packages", []), py, log)
+            if not ok:
+                runner.record("install", "failed", 1, 0, None, "missing packages were not installed (see above)")
+            if site:
+                sys.path.insert(0, str(site))  # for the summary's digits classifier
+            if not machine.get("cuda_available") and not quick:
+                log.say("no CUDA device: quick CPU mode (tiny sizes; CUDA-only parts are reported as skipped)")
+                quick = True
+            runner.env = child_env(quick, site)
+            runner.run([p for p in plan(py, work, out, quick) if p.group in groups])
+        summary = summarize(work, runner.records, quick=quick, budget_s=args.budget_s, seconds=log.elapsed(),
+                            installed=installed)  # fmt: skip
+        write_summary(summary, out)
+        log.write(report(summary, out))
+        return 0 if summary["ok"] else 1
+    finally:
+        log.close()
+
+
+def prepare(args: argparse.Namespace) -> int:
+    wheels = Path(args.wheels).resolve()
+    wheels.mkdir(parents=True, exist_ok=True)
+    log = Log()
+    specs = [f"{dist}=={version}" for dist, version, _, _ in PACKAGES]
+    log.say(f"downloading {len(specs)} wheels for CPython 3.12 x86-64 into {wheels}/")
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    flags = "-m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp".split()
+    if subprocess.run([args.python or sys.executable, *flags, *platforms, "-d", str(wheels), *specs]).returncode:
+        log.say("pip download failed")
+        return 1
+    wanted = {f"{norm(dist)}-{version}" for dist, version, _, _ in PACKAGES}
+    for wheel in sorted(wheels.glob("*.whl")):  # one version of each: another would stop the install there
+        if wheel_key(wheel.name) not in wanted:
+            log.say(f"removing stale {wheel}")
+            wheel.unlink()
+    sizes = {w.name: w.stat().st_size for w in sorted(wheels.glob("*.whl"))}
+    log.write("".join(f"{size / 2**20:7.2f} MiB  {name}\n" for name, size in sizes.items()))
+    log.say(f"total: {sum(sizes.values()) / 2**20:.1f} MiB in {len(sizes)} wheels")
+    if subprocess.run(["git", "check-ignore", "-q", f"{wheels}/"], cwd=ROOT, stderr=subprocess.DEVNULL).returncode:
+        log.say(f"warning: {wheels}/ is not git-ignored: add it to .gitignore (or .git/info/exclude)")
+    command = "python3 -m benchmarks.gpu_check run" + ("" if args.wheels == ".whl" else f" --wheels {args.wheels}")
+    log.write(f"""
+On the GPU machine, from the repository root (the working tree plus the ignored folder {args.wheels}/, named in carry):
+
+    {command}
+
+device tool: run(command="{command}", carry=["{args.wheels}"], timeout_s=540)
+It needs nothing else: no network, no ../shared; it writes gpu_check.log, summary.json and
+digits_samples.png to $OUT and ends within {args.budget_s}s (--budget-s).
+""")
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0],
+                                     epilog="Details: the docstring of benchmarks/gpu_check.py.")  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("prepare", "download the wheels the GPU image lacks (needs PyPI)"),
+                       ("run", "run every part and write summary.json")):  # fmt: skip
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument(
+            "--wheels", default=env("GPU_CHECK_WHEELS", ".whl"), help="wheel folder (GPU_CHECK_WHEELS, .whl)"
+        )
+        sub.add_argument("--python", default=env("PYTHON"), help="the interpreter of the parts, or of pip (PYTHON)")
+        sub.add_argument("--budget-s", type=int, default=int(env("GPU_CHECK_BUDGET_S", BUDGET_S)),
+                         help=f"wall-time budget of run (GPU_CHECK_BUDGET_S; default {BUDGET_S})")  # fmt: skip
+        if name == "run":
+            sub.add_argument("--quick", action="store_true", default=env("GPU_CHECK_QUICK", "0") == "1",
+                             help="tiny sizes on the CPU, the default without CUDA (GPU_CHECK_QUICK=1)")  # fmt: skip
+            sub.add_argument("--out", default=env("OUT"), help="summary.json, gpu_check.log and samples go here (OUT)")
+            sub.add_argument("--work", default=env("GPU_CHECK_WORK"), help="checkpoints, raw results (GPU_CHECK_WORK)")
+            sub.add_argument("--parts", default=env("GPU_CHECK_PARTS", ",".join(GROUPS)),
+                             help=f"comma list of {','.join(GROUPS)} (GPU_CHECK_PARTS; default all)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return prepare(args) if args.command == "prepare" else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,9 +5,10 @@
 Samples ``--num-samples`` images with class-balanced labels from the EMA weights (``--no-ema`` for the raw
 ones), computes their Inception features and compares them with the cached statistics of the un-augmented
 real set (``evaluation/fid.py`` has the protocol). The dataset and its path default to those stored in the
-checkpoint. Prints the FID and writes a JSON with every setting, the resolved network precision, the NFE, the
-sample count and the wall time beside the checkpoint (``--out-json`` elsewhere), named by the main settings;
-an existing file is never replaced without ``--overwrite``.
+checkpoint, and the method to its objective's (``--method`` unset). Prints the FID and writes a JSON with every
+setting as given ("config"), the method and network precision they resolved to, the NFE, the sample count and the
+wall time beside the checkpoint (``--out-json`` elsewhere), named by the main settings; an existing file is never
+replaced without ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,18 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import numpy
-import scipy
 import torch
 import torch.nn as nn
-import torchmetrics
 
 from data import build_dataset
 from evaluation.fid import compute_fid, load_inception, real_statistics
-from sampling.sampler import Sampler, SamplingOptions
+from sampling.sampler import Sampler, SamplingOptions, checkpoint_sample_method, sampling_options
+from sampling.solvers import ADAPTIVE
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import ConfigError, arg, parse
 from utils.device import resolve_device, resolve_precision
@@ -64,13 +64,14 @@ def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
     return parse(EvalConfig, argv, "evaluate.py", __doc__.split("\n\n")[0])
 
 
-def result_path(cfg: EvalConfig, precision: str) -> Path:
-    """Where the JSON goes: --out-json, or beside the checkpoint, named by the settings that change the number."""
+def result_path(cfg: EvalConfig, method: str, precision: str) -> Path:
+    """Where the JSON goes: --out-json, or beside the checkpoint, named by the settings that change the number
+    (method and precision as resolved)."""
     if cfg.out_json:
         return Path(cfg.out_json)
-    steps = "" if cfg.method == "dopri5" else str(cfg.steps)
+    steps = "" if method in ADAPTIVE else str(cfg.steps)
     weights = "ema" if cfg.ema else "raw"
-    name = f"{Path(cfg.ckpt).stem}.fid{cfg.num_samples}-{cfg.method}{steps}-cfg{cfg.cfg_scale:g}-{weights}-{precision}"
+    name = f"{Path(cfg.ckpt).stem}.fid{cfg.num_samples}-{method}{steps}-cfg{cfg.cfg_scale:g}-{weights}-{precision}"
     return Path(cfg.ckpt).parent / f"{name}-seed{cfg.seed}.json"
 
 
@@ -82,14 +83,15 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None) -> dict[str, An
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    out_json = result_path(cfg, precision)
+    state = load_checkpoint(cfg.ckpt)
+    method = cfg.method or checkpoint_sample_method(state)
+    out_json = result_path(cfg, method, precision)
     if out_json.exists() and not cfg.overwrite:  # fail before the work, not after it
         raise ConfigError(f"{out_json} already exists; pass --overwrite to replace it (or choose --out-json)")
-    state = load_checkpoint(cfg.ckpt)
     dataset = cfg.dataset or state.get("config", {}).get("dataset", "cifar10")
     data_path = cfg.data_path or state.get("config", {}).get("data_path", "./datasets")
     model = model_from_checkpoint(state, ema=cfg.ema, device=device)
-    sampler = Sampler(model, **{f.name: getattr(cfg, f.name) for f in fields(SamplingOptions)})
+    sampler = Sampler(model, **{**sampling_options(cfg), "method": method})
     size, channels = model.input_size, model.in_channels
     # the real set first: missing data fails before Inception is loaded (or downloaded)
     real_set = build_dataset(dataset, data_path, image_size=size, channels=channels, train=cfg.split == "train")
@@ -113,19 +115,15 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None) -> dict[str, An
         "data_path": str(Path(data_path).expanduser().resolve()), "split": cfg.split, "image_size": size,
         "channels": channels, "real_images": info["num_images"], "real_stats_cache": info["cache_path"],
         "real_stats_cache_hit": info["cache_hit"], "feature_extractor": info["extractor"],
-        "feature_dim": int(real[0].shape[0]), "protocol": protocol,
-        "sampling": {"method": cfg.method, "steps": cfg.steps, "grid": cfg.grid, "grid_shift": cfg.grid_shift,
-                     "cfg_scale": cfg.cfg_scale, "guidance_interval": list(cfg.guidance_interval),
-                     "batch_size": cfg.batch_size, "seed": cfg.seed, "rtol": cfg.rtol, "atol": cfg.atol},
+        "feature_dim": int(real[0].shape[0]), "protocol": protocol, "method": method,
         "device": str(device), "precision": precision, "config": asdict(cfg),
-        "versions": {"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
-                     "numpy": numpy.__version__, "scipy": scipy.__version__},
+        "versions": {"torch": torch.__version__, **{lib: version(lib) for lib in ("torchmetrics", "numpy", "scipy")}},
     }  # fmt: skip
     if out_json.exists() and not cfg.overwrite:  # written meanwhile by another run
         raise ConfigError(f"{out_json} already exists; pass --overwrite to replace it (or choose --out-json)")
     write_json_atomic(result, out_json)
     print(f"FID {fid:.4f} ({cfg.num_samples} samples vs {info['num_images']} real {dataset} {cfg.split} images, "
-          f"{cfg.method} NFE {nfe}, cfg {cfg.cfg_scale:g}, {precision}, {'EMA' if cfg.ema else 'raw'} weights, "
+          f"{method} NFE {nfe}, cfg {cfg.cfg_scale:g}, {precision}, {'EMA' if cfg.ema else 'raw'} weights, "
           f"{t_end - t_start:.1f}s) -> {out_json}")  # fmt: skip
     return result
 

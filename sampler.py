@@ -5,6 +5,7 @@ Library use (the Sampler lives in sampling/sampler.py; image writers in evaluati
     from sampler import Sampler, save_grid, to_gif
     sampler = Sampler.from_checkpoint("runs/cifar10/checkpoints/last.pt")   # or Sampler(model)
     images = sampler.sample(10, cfg_scale=2.5)                              # (10, C, H, W) in [0, 1]
+    out = sampler.generate(10, cfg_scale=2.5)                               # Samples: images, labels, nfe, ...
 
 Command line (train.py writes OUT/checkpoints/last.pt, OUT defaulting to runs/DATASET)::
 
@@ -17,15 +18,17 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from evaluation.images import save_grid, save_npz, to_gif, to_uint8
-from sampling.sampler import Sampler, SamplingOptions, seeded_noise, time_grid
+from sampling.sampler import Sampler, Samples, SamplingOptions, sampling_options, seeded_noise
+from sampling.solvers import ADAPTIVE, time_grid
 from utils.config import ConfigError, arg, parse
 
-__all__ = ["Sampler", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif", "to_uint8"]
+__all__ = ["Sampler", "Samples", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif",
+           "to_uint8"]  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -57,10 +60,6 @@ class SampleConfig(SamplingOptions):
             if path is not None and Path(path).exists() and not self.overwrite:
                 raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
 
-    def options(self) -> dict[str, Any]:
-        """The SamplingOptions fields, as Sampler keywords."""
-        return {f.name: getattr(self, f.name) for f in fields(SamplingOptions)}
-
 
 def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
     """Command-line flags -> SampleConfig."""
@@ -69,31 +68,30 @@ def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
 
 def main(cfg: SampleConfig) -> dict[str, Any]:
     """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on the CPU,
-    labels (N,) or None, the NFE, the resolved precision and the config."""
-    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, **cfg.options())
-    traj = cfg.gif is not None
+    labels (N,) or None, the NFE, the resolved method and precision, and the config (method None there: the
+    checkpoint's objective's)."""
+    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, **sampling_options(cfg))
+    kw: dict[str, Any] = dict(seed=cfg.seed, trajectory=cfg.gif is not None, progress=True)
     if cfg.each_class:
-        result = sampler.sample_each_class(cfg.n, seed=cfg.seed, return_trajectory=traj, progress=True)
+        out = sampler.generate_each_class(cfg.n, **kw)
         nrow = cfg.nrow or cfg.n
     else:
-        result = sampler.sample(cfg.n, cfg.class_label, seed=cfg.seed, return_trajectory=traj, progress=True)
+        out = sampler.generate(cfg.n, cfg.class_label, **kw)
         nrow = cfg.nrow or math.ceil(math.sqrt(cfg.n))
-    images, trajectory = result if traj else (result, None)
-    images = images.cpu()
+    images = out.images.cpu()
     save_grid(images, cfg.out, nrow=nrow)
     written = [cfg.out]
-    if trajectory is not None:
-        to_gif(trajectory, cfg.gif, fps=cfg.fps, nrow=nrow)
+    if out.trajectory is not None:
+        to_gif(out.trajectory, cfg.gif, fps=cfg.fps, nrow=nrow)
         written.append(cfg.gif)
     if cfg.npz is not None:
-        save_npz(images, sampler.last_labels, cfg.npz)
+        save_npz(images, out.labels, cfg.npz)
         written.append(cfg.npz)
     o = sampler.options
-    solver = "dopri5" if o.method == "dopri5" else f"{o.method} on a {o.grid} grid"
-    print(f"{len(images)} samples, {solver}, NFE {sampler.last_nfe}, {sampler.last_precision} on {sampler.device}: "
-          f"{', '.join(written)}")  # fmt: skip
-    return {"images": images, "labels": sampler.last_labels, "nfe": sampler.last_nfe,
-            "precision": sampler.last_precision, "config": asdict(cfg)}  # fmt: skip
+    how = o.method if o.method in ADAPTIVE else f"{o.method} on a {o.grid} grid"
+    print(f"{len(images)} samples, {how}, NFE {out.nfe}, {out.precision} on {sampler.device}: {', '.join(written)}")
+    return {"images": images, "labels": out.labels, "nfe": out.nfe, "method": o.method, "precision": out.precision,
+            "config": asdict(cfg)}  # fmt: skip
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

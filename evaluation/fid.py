@@ -380,7 +380,7 @@ def generated_statistics(
 
     Labels are class-balanced (``balanced_labels``) for a conditional model. Sample i starts from the noise
     ``python sampler.py --seed SEED`` gives sample i, whatever the batch size. ``options`` override the sampler's
-    sampling options (``batch_size`` among them: images per batch). NFE is the batches' mean ``last_nfe``.
+    sampling options (``batch_size`` among them: images per batch). NFE is the batches' mean ``Samples.nfe``.
 
     In a DDP run every process calls this with its ``rank`` and the ``world_size``: process r draws the samples
     i = r, r + world_size, ... (each with sample i's noise and label), and the feature sums are all-reduced in
@@ -401,9 +401,9 @@ def generated_statistics(
         for idx in indices.split(batch_size):
             noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
             y = None if labels is None else labels[idx]
-            images = sampler.sample(len(idx), y, noise=noise, **options)  # (b, C, H, W) in [0, 1]
-            nfes.append(sampler.last_nfe)
-            stats.update(extract_features(extractor, images))
+            out = sampler.generate(len(idx), y, noise=noise, **options)  # images (b, C, H, W) in [0, 1]
+            nfes.append(out.nfe)
+            stats.update(extract_features(extractor, out.images))
             bar.update(len(idx))
     except Exception as e:
         if world_size == 1:

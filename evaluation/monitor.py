@@ -72,14 +72,15 @@ class Monitor:
         ema, raw = (self.sampler(m) for m in (ema_model, model))
         images, videos = {}, {}
         for scale in cfg.cfg_scales:
-            imgs, traj = ema.sample_each_class(k, cfg_scale=scale, seed=cfg.seed, return_trajectory=True)
+            ema_out = ema.generate_each_class(k, cfg_scale=scale, seed=cfg.seed, trajectory=True)
+            imgs, traj = ema_out.images, ema_out.trajectory
             raw_imgs = raw.sample_each_class(k, cfg_scale=scale, seed=cfg.seed)
             rows = [x.unflatten(0, (-1, k)) for x in (imgs, raw_imgs)]  # (classes, k, C, H, W)
             blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
             save_grid(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), f"{stem}.png", nrow=2 * k + 1)
             to_gif(traj, f"{stem}.gif", nrow=k)
-            how = f"step {step}, cfg {scale:g}, {ema.options.method} {cfg.sample_steps} steps, NFE {ema.last_nfe}"
+            how = f"step {step}, cfg {scale:g}, {ema.options.method} {cfg.sample_steps} steps, NFE {ema_out.nfe}"
             images[f"samples/cfg{scale:g}"] = (f"{stem}.png", f"{how}; one class per row; EMA left, raw weights right")
             videos[f"trajectory/cfg{scale:g}"] = (f"{stem}.gif", f"{how}; EMA, from noise (t=0) to data (t=1)")
         self.logger.log_media(step, images, videos)

@@ -1,5 +1,8 @@
-"""Sampling: integrate the flow ODE from noise to data (``Sampler``)."""
+"""Sampling: integrate the flow ODE from noise to data (``Sampler``, returning ``Samples``); the fixed-grid
+methods and time grids live in ``sampling.solvers``."""
 
-from sampling.sampler import Sampler, SamplingOptions, seeded_labels, seeded_noise, time_grid
+from sampling.sampler import Sampler, Samples, SamplingOptions, sampling_options, seeded_labels, seeded_noise
+from sampling.solvers import FIXED_GRID_SOLVERS, SOLVERS, time_grid
 
-__all__ = ["Sampler", "SamplingOptions", "seeded_labels", "seeded_noise", "time_grid"]
+__all__ = ["FIXED_GRID_SOLVERS", "SOLVERS", "Sampler", "Samples", "SamplingOptions", "sampling_options",
+           "seeded_labels", "seeded_noise", "time_grid"]  # fmt: skip

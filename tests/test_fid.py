@@ -6,6 +6,7 @@ Nothing here downloads: Inception is only built with its weight loading stubbed 
 
 import json
 import urllib.error
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -290,19 +291,19 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     ckpt = tmp_path / "run" / "ckpt.pt"
     model = tiny_checkpoint(ckpt, tmp_path / "data")
     seen = []
-    original_sample = Sampler.sample
+    original_generate = Sampler.generate
 
     def spy(self, n, y=None, **kw):
         seen.append(y.clone())
-        return original_sample(self, n, y, **kw)
+        return original_generate(self, n, y, **kw)
 
-    monkeypatch.setattr(Sampler, "sample", spy)
+    monkeypatch.setattr(Sampler, "generate", spy)
     argv = ["--ckpt", str(ckpt), "--num-samples", "45", "--steps", "2", "--method", "euler", "--batch-size", "16",
             "--seed", "3", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]  # fmt: skip
     cfg = evaluate.parse_args(argv)
     assert cfg.ema and cfg.dataset is None
     result = evaluate.main(cfg, extractor=TinyExtractor())
-    monkeypatch.setattr(Sampler, "sample", original_sample)
+    monkeypatch.setattr(Sampler, "generate", original_generate)
 
     # class-balanced labels, in batches of 16
     assert [len(y) for y in seen] == [16, 16, 13]
@@ -317,9 +318,15 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     assert data["step"] == 7 and data["ema"] is True and data["class_balanced"] and data["num_classes"] == 10
     assert data["dataset"] == "digits" and data["split"] == "train" and data["image_size"] == 8
     assert data["channels"] == 1 and data["real_images"] == 1797 and data["feature_dim"] == 16
-    assert data["sampling"] == {"method": "euler", "steps": 2, "grid": "uniform", "grid_shift": 3.0, "cfg_scale": 1.0,
-                                "guidance_interval": [0.0, 1.0], "batch_size": 16, "seed": 3, "rtol": 1e-5,
-                                "atol": 1e-5}  # fmt: skip
+    sampling = ("method", "steps", "grid", "grid_shift", "cfg_scale", "guidance_interval", "batch_size", "seed", "rtol",
+                "atol")  # fmt: skip
+    assert {k: data["config"][k] for k in sampling} == {"method": "euler", "steps": 2, "grid": "uniform",
+                                                        "grid_shift": 3.0, "cfg_scale": 1.0,
+                                                        "guidance_interval": [0.0, 1.0], "batch_size": 16, "seed": 3,
+                                                        "rtol": 1e-5, "atol": 1e-5}  # fmt: skip
+    assert data["config"] == json.loads(json.dumps(asdict(cfg))) and "sampling" not in data  # the settings once
+    assert data["method"] == "euler" and set(data["versions"]) == {"torch", "torchmetrics", "numpy", "scipy"}
+    assert data["versions"]["numpy"] == np.__version__
     assert data["checkpoint"] == str(ckpt.resolve()) and Path(data["real_stats_cache"]).is_file()
     assert not data["real_stats_cache_hit"] and data["config"]["num_samples"] == 45
     assert f"FID {data['fid']:.4f}" in capsys.readouterr().out
@@ -339,7 +346,7 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     assert again["real_stats_cache_hit"] and again["fid"] == pytest.approx(data["fid"], rel=1e-9)
     # other settings: another file beside the first
     other = evaluate.main(evaluate.parse_args(argv + ["--cfg-scale", "2"]), extractor=TinyExtractor())
-    assert len(list((tmp_path / "run").glob("*.json"))) == 2 and other["sampling"]["cfg_scale"] == 2.0
+    assert len(list((tmp_path / "run").glob("*.json"))) == 2 and other["config"]["cfg_scale"] == 2.0
 
 
 def test_compute_fid_on_an_in_memory_model_and_unconditional_labels():
@@ -390,6 +397,34 @@ def test_evaluate_records_the_resolved_precision(tmp_path, monkeypatch):
     for f in files:
         data = json.loads((tmp_path / "run" / f).read_text())
         assert data["precision"] in f
+
+
+def test_evaluate_records_the_resolved_method(tmp_path, monkeypatch):
+    """Without --method the checkpoint's objective's sample_method runs, and names the file and the JSON."""
+    from objectives import OBJECTIVES
+
+    monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: pytest.fail("Inception must not be loaded"))
+    for objective in (None, *OBJECTIVES):  # None: an older checkpoint that names no objective (a flow model)
+        torch.manual_seed(0)
+        network = OBJECTIVES[objective or "flow"]().network_options()
+        model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                    **network)  # fmt: skip
+        config = {"dataset": "digits", "data_path": str(tmp_path / "data")}
+        if objective is not None:
+            config["objective"] = objective
+        run = tmp_path / str(objective)
+        save_checkpoint({"model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
+                         "step": 1, "config": config}, run / "ckpt.pt")  # fmt: skip
+        argv = ["--ckpt", str(run / "ckpt.pt"), "--num-samples", "10", "--steps", "2", "--batch-size", "10",
+                "--stats-dir", str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]  # fmt: skip
+        result = evaluate.main(evaluate.parse_args(argv), extractor=TinyExtractor())
+        method = OBJECTIVES[objective or "flow"].sample_method
+        assert result["method"] == method and result["config"]["method"] is None, objective
+        assert result["nfe"] == {"heun": 4, "mean": 2}[method]
+        (file,) = run.glob("*.json")
+        assert file.name.startswith(f"ckpt.fid10-{method}2-cfg1-ema-fp32-"), file.name
+        explicit = evaluate.main(evaluate.parse_args([*argv, "--method", "euler"]), extractor=TinyExtractor())
+        assert explicit["method"] == "euler" and explicit["nfe"] == 2 and len(list(run.glob("*euler2*.json"))) == 1
 
 
 def test_evaluate_bad_device_is_one_line_before_any_work(tmp_path):

@@ -248,11 +248,12 @@ def test_sampler_in_bf16_returns_float32_close_to_fp32(record_property):
     for precision in ("auto", "fp32"):
         sampler = Sampler(model, steps=4, method="heun", precision=precision)
         with exact_fp32():
-            images, trajectory = sampler.sample(8, y, cfg_scale=3.0, seed=0, return_trajectory=True)
-        assert sampler.last_precision == ("bf16" if precision == "auto" else "fp32")  # auto is bf16 on CUDA
+            result = sampler.generate(8, y, cfg_scale=3.0, seed=0, trajectory=True)
+        images, trajectory = result.images, result.trajectory
+        assert result.precision == ("bf16" if precision == "auto" else "fp32")  # auto is bf16 on CUDA
         assert images.dtype == torch.float32 and images.device.type == "cuda" and images.shape == (8, 3, 32, 32)
         assert trajectory.dtype == torch.float32 and torch.isfinite(trajectory).all()
-        assert sampler.last_nfe == 8  # heun: 2 per step, guided calls count once
+        assert result.nfe == 8  # heun: 2 per step, guided calls count once
         out[precision] = images
     diff = (out["auto"] - out["fp32"]).abs()
     record_property("sampler_bf16_vs_fp32_max_abs", diff.max().item())

@@ -3,6 +3,7 @@ devices, CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 
 import numpy as np
@@ -15,9 +16,11 @@ from stand_ins import all_close
 import evaluation.images
 import sampler as sampler_mod
 import sampling.sampler
+import sampling.solvers
 from models.dit import DiT
 from sampler import Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
-from sampling.sampler import GRIDS
+from sampling.sampler import Samples, SamplingOptions, sampling_options
+from sampling.solvers import FIXED_GRID_SOLVERS, GRIDS, METHODS, SOLVERS, solver_step
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError, build_parser
 from utils.device import resolve_device, resolve_precision
@@ -123,10 +126,11 @@ def test_exact_gaussian_flow_orders_and_time_direction():
         errors[method] = []
         for steps in (16, 32, 64):
             model.calls = 0
-            x = final_state(sampler, len(z), noise=z, steps=steps, method=method, grid="uniform")
+            out = sampler.generate(len(z), noise=z, steps=steps, method=method, grid="uniform", trajectory=True)
+            x = out.trajectory[-1].double()
             errors[method].append((x - exact).abs().max().item())
             expected_nfe = steps if method == "euler" else 2 * steps
-            assert sampler.last_nfe == expected_nfe == model.calls
+            assert out.nfe == expected_nfe == model.calls
     for method, errs in errors.items():
         ratios = [errs[i] / errs[i + 1] for i in range(len(errs) - 1)]
         if method == "euler":
@@ -167,9 +171,10 @@ def test_dopri5_within_tolerance_and_counts_nfe():
     for tol in (1e-5, 1e-7):
         sampler = Sampler(model, method="dopri5", rtol=tol, atol=tol)
         model.calls = 0
-        x = final_state(sampler, len(z), noise=z)
+        out = sampler.generate(len(z), noise=z, trajectory=True)
+        x = out.trajectory[-1].double()
         errs.append((x - exact).abs().max().item())
-        assert sampler.last_nfe == model.calls > 0  # counted by wrapping the velocity function
+        assert out.nfe == model.calls > 0  # counted by wrapping the velocity function
         assert errs[-1] < 10 * (tol + tol * exact.abs().max().item())
     assert errs[1] < errs[0] / 10
 
@@ -184,8 +189,8 @@ def test_cfg_matches_formula_and_interval():
     null = torch.full_like(y, model.num_classes)
     sampler = Sampler(model, method="euler")
 
-    def v(x, t, labels):
-        return model._forward(x, torch.full((len(x),), t), labels, drop_labels=False)
+    def v(x, t, labels):  # eval mode: no label dropout; the index num_classes is the null class
+        return model(x, torch.full((len(x),), t), labels)
 
     def guided(x, t, scale):
         v_u = v(x, t, null)
@@ -193,9 +198,9 @@ def test_cfg_matches_formula_and_interval():
 
     with torch.no_grad():
         # One Euler step from t=0 to t=1: x1 = z + v_u + s (v_c - v_u), on every channel.
-        x = final_state(sampler, 4, y=y, noise=z, steps=1, cfg_scale=2.5)
-        assert all_close(x, (z + guided(z, 0.0, 2.5)).double())
-        assert sampler.last_nfe == 1  # a guided pass of 2N counts as one evaluation
+        out = sampler.generate(4, y=y, noise=z, steps=1, cfg_scale=2.5, trajectory=True)
+        assert all_close(out.trajectory[-1].double(), (z + guided(z, 0.0, 2.5)).double())
+        assert out.nfe == 1  # a guided pass of 2N counts as one evaluation
 
         # Guidance interval [0.5, 1]: the first of two steps (t=0) is unguided, the second (t=0.5) guided.
         x = final_state(sampler, 4, y=y, noise=z, steps=2, cfg_scale=2.5, guidance_interval=(0.5, 1.0))
@@ -216,9 +221,9 @@ def test_scale_one_runs_a_single_pass():
     sampler.sample(5, cfg_scale=1.0, seed=0)
     assert batches == [5, 5, 5]
     batches.clear()
-    sampler.sample(5, cfg_scale=3.0, seed=0, guidance_interval=(0.3, 1.0))  # grid 0, 1/3, 2/3
+    out = sampler.generate(5, cfg_scale=3.0, seed=0, guidance_interval=(0.3, 1.0))  # grid 0, 1/3, 2/3
     assert batches == [5, 10, 10]
-    assert sampler.last_nfe == 3
+    assert out.nfe == 3
 
 
 def test_train_mode_model_samples_like_eval_and_keeps_its_mode():
@@ -237,19 +242,20 @@ def test_train_mode_model_samples_like_eval_and_keeps_its_mode():
 def test_seed_repeatable_and_chunking_invariant():
     model = tiny_dit()
     sampler = Sampler(model, steps=3, method="midpoint", batch_size=64)
-    a = sampler.sample(7, seed=3, cfg_scale=2.0)
-    labels = sampler.last_labels
-    assert labels.shape == (7,) and labels.dtype == torch.int64
-    b = sampler.sample(7, seed=3, cfg_scale=2.0)
-    assert torch.equal(a, b) and torch.equal(sampler.last_labels, labels)
+    first = sampler.generate(7, seed=3, cfg_scale=2.0)
+    a, labels = first.images, first.labels
+    assert labels.shape == (7,) and labels.dtype == torch.int64 and labels.device.type == "cpu"
+    assert first.seed == 3 and first.nfe_per_chunk == [6] and first.nfe == 6
+    second = sampler.generate(7, seed=3, cfg_scale=2.0)
+    assert torch.equal(a, second.images) and torch.equal(second.labels, labels)
     assert not torch.allclose(a, sampler.sample(7, seed=4, cfg_scale=2.0))
     assert a.shape == (7, 3, 8, 8) and a.min() >= 0 and a.max() <= 1
 
     chunked = Sampler(model, steps=3, method="midpoint", batch_size=3)
-    c = chunked.sample(7, seed=3, cfg_scale=2.0)
-    assert torch.equal(chunked.last_labels, labels)
-    assert all_close(c, a)
-    assert chunked.last_nfe_per_chunk == [6, 6, 6] and chunked.last_nfe == 6
+    c = chunked.generate(7, seed=3, cfg_scale=2.0)
+    assert torch.equal(c.labels, labels)
+    assert all_close(c.images, a)
+    assert c.nfe_per_chunk == [6, 6, 6] and c.nfe == 6
 
     # Sample i depends only on (seed, i): a shorter run is a prefix of a longer one.
     y = torch.tensor([2, 0, 1, 1, 0])
@@ -267,11 +273,11 @@ def test_seed_repeatable_and_chunking_invariant():
 def test_int_label_and_each_class_order():
     model = tiny_dit()
     sampler = Sampler(model, steps=2, method="euler")
-    sampler.sample(4, 2, seed=0)
-    assert sampler.last_labels.tolist() == [2, 2, 2, 2]
+    assert sampler.generate(4, 2, seed=0).labels.tolist() == [2, 2, 2, 2]
+    each = sampler.generate_each_class(2, seed=0, cfg_scale=1.5)
     out = sampler.sample_each_class(2, seed=0, cfg_scale=1.5)
-    assert out.shape == (6, 3, 8, 8)
-    assert sampler.last_labels.tolist() == [0, 0, 1, 1, 2, 2]  # grid nrow=2: one class per row, as in training
+    assert out.shape == (6, 3, 8, 8) and torch.equal(out, each.images)
+    assert each.labels.tolist() == [0, 0, 1, 1, 2, 2]  # grid nrow=2: one class per row, as in training
     assert torch.equal(out, sampler.sample(6, torch.tensor([0, 0, 1, 1, 2, 2]), seed=0, cfg_scale=1.5))
 
 
@@ -391,6 +397,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (["--ckpt", str(tmp_path / "ckpt.pt"), "--class-label", "3"], "labels must lie in [0, 3)"),
         (["--ckpt", str(tmp_path / "ckpt.pt"), "--guidance-interval", "0.8", "0.2"], "guidance_interval"),
         (["--ckpt", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "x.txt")], "must end in"),
+        (["--ckpt", str(tmp_path / "ckpt.pt"), "--method", "mean"], "method 'mean' needs an average-velocity network"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
@@ -416,7 +423,9 @@ def test_help_documents_every_flag_and_defaults_match(capsys):
         assert flag in text
     # The sampling flags are the Sampler's own options: one declaration, one set of defaults.
     cfg = sampler_mod.parse_args(["--ckpt", "x"])
-    assert Sampler(tiny_dit()).options == sampling.sampler.SamplingOptions(**cfg.options())
+    assert cfg.method is None  # the checkpoint's objective's method; a bare network's is heun
+    assert Sampler(tiny_dit()).options == Sampler(tiny_dit(), **sampling_options(cfg)).options
+    assert Sampler(tiny_dit()).options == dataclasses.replace(SamplingOptions(**sampling_options(cfg)), method="heun")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -433,7 +442,7 @@ def test_bad_input_raises_clear_value_errors():
         (dict(n=2, steps=0), "steps must be >= 1"),
         (dict(n=2, steps=2.5), "steps must be an integer"),
         (dict(n=2, method="rk4"), "unknown method 'rk4'"),
-        (dict(n=2, method="mean"), "needs a MeanFlow model"),
+        (dict(n=2, method="mean"), r"method 'mean' needs an average-velocity network"),
         (dict(n=2, grid="cosine"), "unknown grid"),
         (dict(n=2, noise=torch.randn(2, 3, 4, 4)), r"noise must be a float tensor of shape \(2, 3, 8, 8\)"),
         (dict(n=2, guidance_interval=(0.7, 0.2)), "guidance_interval"),
@@ -457,7 +466,7 @@ def test_bad_input_raises_clear_value_errors():
         uncond.sample(2, y=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unconditional"):
         uncond.sample_each_class(1)
-    assert uncond.sample(2, seed=0).shape == (2, 3, 8, 8) and uncond.last_labels is None
+    assert uncond.sample(2, seed=0).shape == (2, 3, 8, 8) and uncond.generate(2, seed=0).labels is None
 
 
 # ----------------------------------------------------------------------------- precision
@@ -482,8 +491,9 @@ def test_bf16_velocity_goes_back_to_a_float32_state():
     model = BF16Velocity()
     sampler = Sampler(model, method="euler", grid="edm", steps=5, precision="bf16")
     z = torch.linspace(-1, 1, 8).view(2, 1, 2, 2)
-    _, traj = sampler.sample(2, noise=z, return_trajectory=True)
-    assert sampler.last_precision == "bf16"
+    out = sampler.generate(2, noise=z, trajectory=True)
+    traj = out.trajectory
+    assert out.precision == "bf16"
     assert model.seen == [(torch.float32, torch.float32, True)] * 5  # autocast on; state and times float32
     # The same Euler steps in float32 with the bf16-rounded velocity (0.333984375): a bf16 state would round
     # every step's sum to 8 bits of mantissa and miss this bit-for-bit.
@@ -505,12 +515,14 @@ def test_precision_auto_on_cpu_is_fp32_and_bf16_is_close():
     model = tiny_dit()
     sampler = Sampler(model, steps=3, method="heun")
     kw = dict(seed=0, cfg_scale=2.0)
-    auto = sampler.sample(6, **kw)
-    assert sampler.options.precision == "auto" and sampler.last_precision == "fp32"
+    auto_out = sampler.generate(6, **kw)
+    auto = auto_out.images
+    assert sampler.options.precision == "auto" and auto_out.precision == "fp32"
     fp32 = sampler.sample(6, precision="fp32", **kw)
     assert torch.equal(auto, fp32)  # auto on the CPU is fp32, bit for bit
-    bf16 = sampler.sample(6, precision="bf16", **kw)
-    assert sampler.last_precision == "bf16" and bf16.dtype == torch.float32
+    bf16_out = sampler.generate(6, precision="bf16", **kw)
+    bf16 = bf16_out.images
+    assert bf16_out.precision == "bf16" and bf16.dtype == torch.float32
     assert not torch.equal(bf16, fp32)  # the network really ran in bf16 ...
     assert (bf16 - fp32).abs().max() < 0.1 and (bf16 - fp32).abs().mean() < 0.01  # ... and lands close to fp32
     assert torch.equal(Sampler(model, steps=3, precision="bf16").sample(6, **kw), bf16)  # constructor == per call
@@ -569,7 +581,7 @@ def test_cli_precision_flag(tmp_path, capsys):
     argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "3", "--steps", "2", "--method", "euler", "--device", "cpu"]
     fp32 = sampler_mod.main(sampler_mod.parse_args([*argv, "--out", str(tmp_path / "a.png")]))
     cfg = sampler_mod.parse_args([*argv, "--precision", "bf16", "--out", str(tmp_path / "b.png")])
-    assert cfg.precision == "bf16" and cfg.options()["precision"] == "bf16"
+    assert cfg.precision == "bf16" and sampling_options(cfg)["precision"] == "bf16"
     bf16 = sampler_mod.main(cfg)
     assert fp32["precision"] == "fp32" and fp32["config"]["precision"] == "auto"
     assert bf16["precision"] == "bf16" and "bf16 on cpu" in capsys.readouterr().out
@@ -587,14 +599,21 @@ def test_sampling_options_are_declared_once():
     for config in (sampler_mod.SampleConfig, evaluate.EvalConfig):
         assert issubclass(config, sampling.sampler.SamplingOptions)
         assert not set(config.__annotations__) & names, config
-    assert sampling.sampler.SamplingOptions() == Sampler(tiny_dit()).options
+    # A bare network's Sampler resolves the default method (None) to heun and keeps every other default.
+    assert SamplingOptions().method is None
+    assert dataclasses.replace(SamplingOptions(), method="heun") == Sampler(tiny_dit()).options
+    # One helper takes the sampling options out of both scripts' configs.
+    for parse_args in (sampler_mod.parse_args, evaluate.parse_args):
+        cfg = parse_args(["--ckpt", "x", "--steps", "7"])
+        assert sampling_options(cfg) == {**dataclasses.asdict(SamplingOptions()), "steps": 7}
 
 
 def test_layout_reexports():
-    # `from sampler import Sampler, save_grid, to_gif` keeps working: the code lives in utils/.
+    # `from sampler import Sampler, save_grid, to_gif` keeps working: the code lives in evaluation/ and sampling/.
     for name in ("to_uint8", "save_grid", "to_gif", "save_npz"):
         assert getattr(sampler_mod, name) is getattr(evaluation.images, name)
-    assert sampler_mod.Sampler is sampling.sampler.Sampler and sampler_mod.time_grid is sampling.sampler.time_grid
+    assert sampler_mod.Sampler is sampling.sampler.Sampler and sampler_mod.Samples is sampling.sampler.Samples
+    assert sampler_mod.time_grid is sampling.solvers.time_grid
 
 
 def test_heun_corrects_the_last_step_on_every_grid():
@@ -602,21 +621,22 @@ def test_heun_corrects_the_last_step_on_every_grid():
     sampler = Sampler(model, method="heun", steps=5)
     for grid in GRIDS:
         model.calls = 0
-        sampler.sample(len(z), noise=z, grid=grid)
-        assert sampler.last_nfe == model.calls == 10, grid  # 2 * steps (EDM's own sampler: 2 * steps - 1)
+        out = sampler.generate(len(z), noise=z, grid=grid)
+        assert out.nfe == model.calls == 10, grid  # 2 * steps (EDM's own sampler: 2 * steps - 1)
 
 
 def test_mean_method_lands_on_the_exact_endpoint():
     from test_meanflow import GaussianMeanVelocity  # the exact average velocity of a Gaussian flow
 
     model = GaussianMeanVelocity(0.7, 0.5, in_channels=1, input_size=4)
-    model.mean_flow = True  # what Sampler checks before it jumps along an average velocity
+    model.average_velocity = True  # what Sampler checks before it jumps along an average velocity
     z = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     exact = 0.7 + 0.5 * z  # the flow's endpoint for noise z
     sampler = Sampler(model, method="mean")
     for steps, grid in [(1, "uniform"), (2, "uniform"), (3, "edm"), (4, "shifted")]:
-        x = final_state(sampler, 5, noise=z, steps=steps, grid=grid)
-        assert sampler.last_nfe == steps and all_close(x, exact, rel=1e-6), (steps, grid)  # frames are float32
+        out = sampler.generate(5, noise=z, steps=steps, grid=grid, trajectory=True)
+        x = out.trajectory[-1].double()
+        assert out.nfe == steps and all_close(x, exact, rel=1e-6), (steps, grid)  # frames are float32
     # The instantaneous velocity (interval 0) is the flow's own: one Euler step misses, many converge.
     one = final_state(sampler, 5, noise=z, steps=1, method="euler")
     many = final_state(sampler, 5, noise=z, steps=256, method="heun")
@@ -627,3 +647,272 @@ def test_repr_names_the_model_and_the_defaults():
     text = repr(Sampler(tiny_dit(), steps=7, method="midpoint", cfg_scale=2.5))
     for part in ("DiT", "M params", "3 classes", "3x8x8 images", "cpu", "midpoint 7 steps", "cfg 2.5", "precision auto"):
         assert part in text, (part, text)
+
+
+# ----------------------------------------------------------------------------- Samples: results come back from the call
+
+
+def test_generate_returns_samples_equal_to_what_sample_gives():
+    model = tiny_dit()
+    sampler = Sampler(model, steps=3, method="heun", batch_size=4, max_frames=3)
+    out = sampler.generate(6, seed=5, cfg_scale=2.0, trajectory=True)
+    images, trajectory = sampler.sample(6, seed=5, cfg_scale=2.0, return_trajectory=True)
+    assert isinstance(out, Samples)
+    assert torch.equal(out.images, images) and torch.equal(out.trajectory, trajectory)
+    assert torch.equal(out.images, sampler.sample(6, seed=5, cfg_scale=2.0))
+    assert out.images.shape == (6, 3, 8, 8) and out.images.dtype == torch.float32
+    assert out.trajectory.shape == (3, 6, 3, 8, 8) and out.trajectory.dtype == torch.float32
+    assert out.trajectory.device.type == "cpu"
+    assert torch.equal(out.labels, sampling.sampler.seeded_labels(5, 6, 3)) and out.labels.dtype == torch.int64
+    assert out.nfe == 6 and out.nfe_per_chunk == [6, 6]  # heun: 2 per step; chunks of 4 and 2
+    assert out.seed == 5 and out.precision == "fp32"
+    assert sampler.generate(6, seed=5).trajectory is None  # only when asked for
+    each = sampler.generate_each_class(2, seed=1, trajectory=True)
+    each_images, each_trajectory = sampler.sample_each_class(2, seed=1, return_trajectory=True)
+    assert torch.equal(each.images, each_images) and torch.equal(each.trajectory, each_trajectory)
+    assert each.labels.tolist() == [0, 0, 1, 1, 2, 2] and each.seed == 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        out.nfe = 0
+    # The sampler keeps nothing of its calls.
+    assert not [name for name in vars(sampler) if name.startswith("last") or name == "_nfe"]
+    assert set(f.name for f in fields(Samples)) == {"images", "labels", "trajectory", "nfe", "nfe_per_chunk", "seed",
+                                                   "precision"}  # fmt: skip
+
+
+def test_samples_seed_is_the_one_that_repeats_the_call():
+    sampler = Sampler(tiny_dit(), steps=2, method="euler")
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    drawn = sampler.generate(4)  # no seed: one is drawn and reported
+    assert isinstance(drawn.seed, int) and torch.equal(sampler.sample(4, seed=drawn.seed), drawn.images)
+    random_labels = sampler.generate(4, noise=z)  # the noise is given, the labels are drawn from a reported seed
+    assert torch.equal(random_labels.labels, sampling.sampler.seeded_labels(random_labels.seed, 4, 3))
+    assert sampler.generate(4, noise=z, seed=7).labels.tolist() == sampling.sampler.seeded_labels(7, 4, 3).tolist()
+    assert sampler.generate(4, y=1, noise=z).seed is None  # nothing random
+
+
+def test_nfe_per_chunk_counts_each_chunk_of_an_adaptive_solver():
+    # v(x, t) = x: dopri5's step count depends on the state's scale (atol or rtol dominates), so chunks differ.
+    model = Exponential()
+    calls: list[int] = []
+    model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    z = torch.cat([torch.full((2, 1, 2, 2), 1e-9), torch.full((2, 1, 2, 2), 1e3)]).double()
+    sampler = Sampler(model, method="dopri5", rtol=1e-9, atol=1e-9, batch_size=2)
+    out = sampler.generate(4, noise=z)
+    assert len(out.nfe_per_chunk) == 2 and out.nfe_per_chunk[0] != out.nfe_per_chunk[1]
+    assert out.nfe == max(out.nfe_per_chunk) and sum(out.nfe_per_chunk) == len(calls)
+    assert calls == [2] * len(calls)
+    # Each chunk counts what the same samples cost in a call of their own.
+    assert [sampler.generate(2, noise=z[i : i + 2]).nfe for i in (0, 2)] == out.nfe_per_chunk
+
+
+# ----------------------------------------------------------------------------- the solver registry
+
+
+class CountingVelocity(nn.Module):
+    """v = 0 (or any average velocity 0); records each call's batch and whether it had an interval."""
+
+    input_size, in_channels, num_classes = 2, 1, 0
+
+    def __init__(self, average_velocity: bool):
+        super().__init__()
+        self.register_buffer("dummy", torch.zeros(()))
+        self.average_velocity = average_velocity
+        self.intervals: list[bool] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                interval: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        assert interval is None or self.average_velocity
+        self.intervals.append(interval is not None)
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("method", FIXED_GRID_SOLVERS)
+def test_registry_nfe_per_step_matches_counted_network_calls(method):
+    solver = SOLVERS[method]
+    calls: list[float | None] = []
+
+    def f(x, t, h=None):
+        calls.append(h)
+        return -x
+
+    x = torch.ones(3, 1, 2, 2)
+    out = solver_step(f, x, 0.25, 0.75, method)
+    assert len(calls) == solver.nfe_per_step and out.shape == x.shape
+    assert all((h is not None) == solver.average_velocity for h in calls)  # only jumps take the interval
+    if solver.average_velocity:
+        assert calls == [0.5] and torch.equal(out, x - 0.5 * x)  # x + h u(x, t0, h)
+    # Through the Sampler: steps * nfe_per_step network calls, all reported as NFE.
+    model = CountingVelocity(average_velocity=solver.average_velocity)
+    result = Sampler(model, method=method, steps=3).generate(2, seed=0)
+    assert result.nfe == 3 * solver.nfe_per_step == len(model.intervals)
+    assert all(had == solver.average_velocity for had in model.intervals)
+
+
+def test_method_choices_come_from_the_registry_and_unknown_methods_are_errors():
+    assert METHODS == (*FIXED_GRID_SOLVERS, "dopri5") and FIXED_GRID_SOLVERS == tuple(SOLVERS)
+    assert set(FIXED_GRID_SOLVERS) >= {"euler", "midpoint", "heun", "mean"}
+    method = next(f for f in fields(SamplingOptions) if f.name == "method")
+    assert method.default is None and tuple(method.metadata["choices"]) == METHODS
+    help_text = method.metadata["help"]
+    assert all(name in help_text for name in METHODS) and "default" in help_text
+    assert "ODE" not in SOLVERS["mean"].about  # a jump along an average velocity is no ODE solver
+    assert {name: s.nfe_per_step for name, s in SOLVERS.items()} == {"euler": 1, "midpoint": 2, "heun": 2, "mean": 1}
+    assert [name for name, s in SOLVERS.items() if s.average_velocity] == ["mean"]
+
+    def f(x, t, h=None):
+        raise AssertionError("an unknown method must not evaluate the network")
+
+    for name in ("rk4", "Mean", "dopri5", ""):  # dopri5 has no fixed grid: the Sampler runs it itself
+        with pytest.raises(ValueError, match=f"unknown fixed-grid method {name!r}"):
+            solver_step(f, torch.zeros(1, 1, 2, 2), 0.0, 1.0, name)
+    with pytest.raises(ValueError, match="unknown method 'rk4'"):
+        SamplingOptions(method="rk4")
+    with pytest.raises(ValueError, match="unknown grid 'cosine'"):
+        time_grid(4, "cosine")
+
+
+def test_mean_method_on_a_network_without_average_velocity_is_one_line():
+    for model in (tiny_dit(), CountingVelocity(average_velocity=False), Exponential()):
+        with pytest.raises(ValueError) as e:
+            Sampler(model, method="mean", steps=1).generate(1, y=0 if getattr(model, "num_classes", 0) else None)
+        text = str(e.value)
+        assert text == ("method 'mean' needs an average-velocity network (one trained with an objective whose "
+                        "sample_method is 'mean')") and "meanflow" not in text.lower()  # fmt: skip
+    # An average-velocity network jumps with "mean" and takes every ODE solver at interval 0.
+    model = CountingVelocity(average_velocity=True)
+    for method in METHODS:
+        model.intervals.clear()
+        Sampler(model, method=method, steps=2).generate(1, seed=0)
+        assert model.intervals and all(had == (method == "mean") for had in model.intervals), method
+
+
+# ----------------------------------------------------------------------------- default method
+
+
+def objective_checkpoint(path, objective: str | None) -> DiT:
+    """A checkpoint of a tiny DiT built as the objective builds it; objective None: an old one that names none."""
+    from objectives import OBJECTIVES
+
+    torch.manual_seed(0)
+    options = OBJECTIVES[objective or "flow"]().network_options()
+    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3,
+                num_registers=2, **options)  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    sd = model.state_dict()
+    config = {} if objective is None else {"objective": objective}
+    save_checkpoint({"model_config": model.config, "model": sd, "ema": sd, "step": 1, "config": config}, path)
+    return model.eval()
+
+
+def test_default_method_is_the_checkpoints_objectives(tmp_path):
+    from objectives import OBJECTIVES
+
+    expected = {"flow": "heun", "meanflow": "mean"}
+    assert {name: cls.sample_method for name, cls in OBJECTIVES.items() if name in expected} == expected
+    for objective in [*OBJECTIVES, None]:
+        path = tmp_path / f"{objective}.pt"
+        model = objective_checkpoint(path, objective)
+        method = OBJECTIVES[objective or "flow"].sample_method
+        sampler = Sampler.from_checkpoint(path, device="cpu", steps=2)
+        assert sampler.options.method == method, objective
+        assert Sampler.from_checkpoint(path, device="cpu", method=None).options.method == method
+        assert Sampler.from_checkpoint(path, device="cpu", method="euler").options.method == "euler"
+        out = sampler.generate(3, seed=0)
+        assert out.nfe == 2 * SOLVERS[method].nfe_per_step
+        assert torch.equal(out.images, Sampler(model, steps=2, method=method).sample(3, seed=0))
+        assert sampler.generate(3, seed=0, method=None).nfe == out.nfe  # None per call: the sampler's method
+        # A bare network samples with heun, whatever it is.
+        assert Sampler(model).options.method == "heun" and Sampler(model, method=None).options.method == "heun"
+    meanflow = Sampler.from_checkpoint(tmp_path / "meanflow.pt", device="cpu", steps=1)
+    assert meanflow.average_velocity and "average-velocity" in repr(meanflow) and meanflow.generate(2, seed=0).nfe == 1
+    save_checkpoint({"model_config": tiny_dit().config, "model": tiny_dit().state_dict(), "config": {"objective": "x"}},
+                    tmp_path / "odd.pt")  # fmt: skip
+    with pytest.raises(ValueError, match="objective 'x' is unknown"):
+        Sampler.from_checkpoint(tmp_path / "odd.pt", ema=False, device="cpu")
+
+
+def test_cli_without_method_uses_the_checkpoints_objective(tmp_path, capsys):
+    for objective, method, nfe in (("flow", "heun", 6), ("meanflow", "mean", 3)):
+        objective_checkpoint(tmp_path / f"{objective}.pt", objective)
+        cfg = sampler_mod.parse_args(["--ckpt", str(tmp_path / f"{objective}.pt"), "--n", "2", "--steps", "3",
+                                      "--device", "cpu", "--out", str(tmp_path / f"{objective}.png")])  # fmt: skip
+        assert cfg.method is None
+        result = sampler_mod.main(cfg)
+        assert result["method"] == method and result["nfe"] == nfe and result["config"]["method"] is None
+        assert f"{method} on a uniform grid, NFE {nfe}" in capsys.readouterr().out
+    text = build_parser(sampler_mod.SampleConfig, "sampler.py", "").format_help()
+    assert "--method" in text and "checkpoint's objective" in text.replace("\n", " ").replace("  ", " ")
+
+
+# ----------------------------------------------------------------------------- checks at the boundary
+
+
+def test_sampler_checks_what_the_network_no_longer_does():
+    """Every check the DiT made on a sampling call, now a one-line ValueError at the Sampler, before any work."""
+    model = tiny_dit(num_classes=10)
+    calls: list[int] = []
+    model.x_embedder.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    sampler = Sampler(model, steps=1, method="euler")
+    x = torch.randn(2, 3, 8, 8)
+    cases = [
+        # states of the wrong shape or kind
+        (lambda: sampler.generate(2, noise=torch.randn(2, 1, 8, 8)), r"noise must be a float tensor of shape \(2, 3,"),
+        (lambda: sampler.generate(2, noise=torch.randn(2, 3, 16, 16)), r"noise must be a float tensor of shape"),
+        (lambda: sampler.generate(2, noise=torch.randn(2, 3, 8)), r"noise must be a float tensor of shape"),
+        (lambda: sampler.generate(2, noise=torch.randn(3, 3, 8, 8)), r"noise must be a float tensor of shape"),
+        (lambda: sampler.generate(2, noise=torch.zeros(2, 3, 8, 8, dtype=torch.long)), "noise must be a float"),
+        (lambda: sampler.generate(2, noise=np.zeros((2, 3, 8, 8))), "noise must be a float tensor"),
+        (lambda: sampler.velocity(torch.randn(2, 1, 8, 8), 0.5, torch.zeros(2, dtype=torch.long)), "x must be"),
+        (lambda: sampler.velocity(torch.randn(2, 3, 8), 0.5, torch.zeros(2, dtype=torch.long)), "x must be"),
+        # times: one number per call
+        (lambda: sampler.velocity(x, torch.rand(3), torch.zeros(2, dtype=torch.long)), "t must be one number"),
+        (lambda: sampler.velocity(x, torch.rand(2, 1), torch.zeros(2, dtype=torch.long)), "t must be one number"),
+        # labels: range (the null class num_classes included), count, shape, dtype, presence
+        (lambda: sampler.generate(2, torch.tensor([0, 10])), r"labels must lie in \[0, 10\)"),
+        (lambda: sampler.generate(2, torch.tensor([-1, 0])), r"labels must lie in \[0, 10\)"),
+        (lambda: sampler.generate(2, 10), r"labels must lie in \[0, 10\)"),
+        (lambda: sampler.generate(2, torch.tensor([0, 10]), cfg_scale=2.0), r"labels must lie in \[0, 10\)"),
+        (lambda: sampler.velocity(x, 0.5, torch.tensor([0, 10])), r"labels must lie in \[0, 10\)"),
+        (lambda: sampler.generate(2, torch.zeros(3, dtype=torch.long)), r"expected 2 labels y of shape \(2,\)"),
+        (lambda: sampler.generate(2, torch.zeros(2, 1, dtype=torch.long)), r"expected 2 labels y of shape \(2,\)"),
+        (lambda: sampler.generate(2, torch.zeros(2)), "labels y must be integers"),
+        (lambda: sampler.generate(2, [0.5, 1.0]), "labels y must be integers"),
+        (lambda: sampler.generate(2, torch.tensor([True, False])), "labels y must be integers"),
+        (lambda: sampler.generate(2, ["a", "b"]), "labels y must be integers"),
+        (lambda: sampler.velocity(x, 0.5), "class-conditional: pass labels y"),
+        (lambda: sampler.velocity(x, 0.5, torch.zeros(2)), "labels y must be integers"),
+        # an interval only for an average-velocity network
+        (lambda: sampler.velocity(x, 0.5, torch.zeros(2, dtype=torch.long), interval=0.0), "average-velocity"),
+        (lambda: sampler.generate(2, method="mean"), "average-velocity"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value), str(e.value)
+    assert calls == []  # refused before the network ran
+    uncond = Sampler(tiny_dit(num_classes=0), steps=1)
+    for call in (lambda: uncond.generate(2, torch.zeros(2, dtype=torch.long)), lambda: uncond.velocity(x, 0.5, 0),
+                 lambda: uncond.generate(2, cfg_scale=2.0)):  # fmt: skip
+        with pytest.raises(ValueError, match="unconditional"):
+            call()
+    # What passes: labels of any integer dtype, on any device, and the checked velocity equals the network's.
+    small = sampler.generate(2, torch.tensor([1, 9], dtype=torch.uint8), seed=0)
+    assert torch.equal(small.labels, torch.tensor([1, 9])) and small.labels.dtype == torch.int64
+    with torch.no_grad():
+        y = torch.tensor([3, 4])
+        assert torch.equal(sampler.velocity(x, 0.5, y), model(x, torch.full((2,), 0.5), y))
+
+
+def test_few_step_benchmark_reports_each_calls_nfe():
+    from benchmarks.few_step import digits_quality, main
+
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    rows = digits_quality(Sampler(model), {"euler": [1, 2], "heun": [1]}, n=20)
+    assert [(r["method"], r["steps"], r["nfe"]) for r in rows] == [("euler", 1, 1), ("euler", 2, 2), ("heun", 1, 2)]
+    assert all(r["fd"] > 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    with pytest.raises(SystemExit) as e:  # before the checkpoint is read
+        main(["--ckpt", "missing.pt", "--methods", "rk4:1"])
+    assert e.value.code == 2

@@ -1,0 +1,129 @@
+"""Time grids and the fixed-grid solver steps of the sampler, from t = 0 (noise) to t = 1 (data).
+
+``SOLVERS`` names the fixed-grid methods. Each entry is a step function, the network evaluations it makes per
+step, and whether it needs an average-velocity network (one that takes the jump length h and predicts the
+average velocity over [t, t + h]). Adding a solver is one step function and one line in ``SOLVERS``; the sampler,
+its flags and the benchmarks read their choices from here. The adaptive dopri5 (torchdiffeq) is no fixed-grid
+method: the Sampler runs it itself (``ADAPTIVE``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+GRIDS = ("uniform", "shifted", "edm")
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0  # EDM noise levels (Karras et al. 2022)
+ADAPTIVE = ("dopri5",)  # methods that choose their own steps (torchdiffeq), run by the Sampler
+
+
+#################################################################################
+#                                   Time grids                                  #
+#################################################################################
+
+
+def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
+    """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
+
+    - "uniform": equal steps.
+    - "shifted": t -> s t / (1 + (s - 1) t); s > 1 puts more, smaller steps near the data end (t = 1).
+      This is the time shift of SD3 (Esser et al. 2024) applied to the noise level 1 - t with factor 1 / s,
+      so it runs in the opposite direction of SD3's / Flux's ``shift`` parameter.
+    - "edm": the EDM noise levels (Karras et al. 2022, rho = 7, sigma in [0.002, 80]) mapped to the linear
+      path by t = 1 / (1 + sigma), with the first point moved to t = 0 so the run starts from pure noise.
+    """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if grid == "uniform":
+        return u
+    if grid == "shifted":
+        t = shift * u / (1 + (shift - 1) * u)
+    else:
+        i = torch.arange(steps, dtype=torch.float64)
+        lo, hi = EDM_SIGMA_MIN ** (1 / EDM_RHO), EDM_SIGMA_MAX ** (1 / EDM_RHO)
+        sigma = (hi + i / max(steps - 1, 1) * (lo - hi)) ** EDM_RHO  # (steps,) from sigma_max down
+        t = torch.cat([1 / (1 + sigma), torch.ones(1, dtype=torch.float64)])
+    t[0], t[-1] = 0.0, 1.0  # exact end points whatever the rounding
+    return t
+
+
+def frame_indices(steps: int, max_frames: int) -> list[int]:
+    """Up to max_frames state indices in [0, steps], evenly spread, always holding 0 and steps."""
+    k = min(steps + 1, max_frames)
+    return sorted({round(i * steps / (k - 1)) for i in range(k)})
+
+
+#################################################################################
+#                                 Solver steps                                  #
+#################################################################################
+
+# f(x (N, ...), t) -> dx/dt (N, ...); an average-velocity solver calls f(x, t, h) -> the average over [t, t + h]
+Velocity = Callable[..., torch.Tensor]
+
+
+def euler_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
+    """Explicit Euler from t0 to t1: x (N, ...) -> (N, ...). One evaluation."""
+    return x + (t1 - t0) * f(x, t0)
+
+
+def midpoint_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
+    """Explicit midpoint (second order) from t0 to t1: x (N, ...) -> (N, ...). Two evaluations."""
+    h = t1 - t0
+    return x + h * f(x + 0.5 * h * f(x, t0), t0 + 0.5 * h)
+
+
+def heun_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
+    """Heun's method, the explicit trapezoid (Karras et al. 2022, Alg. 1 without the noise), from t0 to t1:
+    x (N, ...) -> (N, ...). Two evaluations, on the last step too: it ends at t = 1, where the velocity is finite
+    (EDM's last step, to sigma = 0, is a plain Euler step)."""
+    h = t1 - t0
+    d0 = f(x, t0)
+    return x + 0.5 * h * (d0 + f(x + h * d0, t1))
+
+
+def mean_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
+    """A jump along an average-velocity network's prediction: x_t1 = x_t0 + h u(x_t0, t0, h), h = t1 - t0, exact
+    for the true average velocity; x (N, ...) -> (N, ...). One evaluation. No ODE solver: it needs a network that
+    takes the jump length h."""
+    h = t1 - t0
+    return x + h * f(x, t0, h)
+
+
+Step = Callable[[Velocity, torch.Tensor, float, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A fixed-grid method: its step, the network evaluations per step, whether it needs an average-velocity
+    network (its step calls f(x, t, h)), and a few words for --help."""
+
+    step: Step
+    nfe_per_step: int
+    average_velocity: bool = False
+    about: str = ""
+
+
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(euler_step, 1, about="ODE solver, first order"),
+    "midpoint": Solver(midpoint_step, 2, about="ODE solver, second order"),
+    "heun": Solver(heun_step, 2, about="ODE solver, second order, corrects its last step too"),
+    "mean": Solver(mean_step, 1, average_velocity=True, about="jumps along an average-velocity network's prediction"),
+}
+FIXED_GRID_SOLVERS: tuple[str, ...] = tuple(SOLVERS)  # the fixed-grid method names, for flags' choices
+METHODS: tuple[str, ...] = (*FIXED_GRID_SOLVERS, *ADAPTIVE)  # every method the Sampler runs
+
+
+def get_solver(method: str) -> Solver:
+    """The fixed-grid solver called method; a ValueError for any other name (dopri5 included: it has no grid)."""
+    try:
+        return SOLVERS[method]
+    except KeyError:
+        raise ValueError(f"unknown fixed-grid method {method!r}; choose from {', '.join(FIXED_GRID_SOLVERS)}") from None
+
+
+def solver_step(f: Velocity, x: torch.Tensor, t0: float, t1: float, method: str) -> torch.Tensor:
+    """One step of the fixed-grid method from time t0 to t1: x (N, ...) -> (N, ...), ``nfe_per_step`` calls of f."""
+    return get_solver(method).step(f, x, t0, t1)

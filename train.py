@@ -5,7 +5,8 @@
     python train.py --out runs/cifar10 --resume           # continue from runs/cifar10/checkpoints/last.pt
     torchrun --nproc_per_node 8 train.py --batch-size 1024   # DDP; --batch-size is the global batch
 
-The objective and the time convention (t = 0 noise, t = 1 data, target x1 - x0) live in objectives/flow.py.
+The objectives live in objectives/ (``--objective``, each with its own flags); the time convention (t = 0 noise,
+t = 1 data, target x1 - x0) in objectives/flow.py. One training step is ``utils.optim.TrainStep``.
 OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and the
 --keep-checkpoints newest numbered files; utils/checkpoint.py lists what they hold) and wandb/. A resumed run
 keeps config.json as the first run wrote it and records its own settings in config-resume-STEP.json.
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -40,8 +40,7 @@ from tqdm import tqdm
 from data import DATASETS, BatchStream, DataError, build_dataset
 from evaluation.monitor import Monitor
 from models import ModelConfig, build_model
-from objectives.flow import T_SAMPLERS, FlowMatching
-from objectives.meanflow import MeanFlow
+from objectives import OBJECTIVES, Objective
 from utils.checkpoint import (
     CheckpointError,
     check_resume,
@@ -50,14 +49,22 @@ from utils.checkpoint import (
     save_training_checkpoint,
     training_state,
 )
-from utils.config import ConfigError, arg, parse
-from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_precision
-from utils.distributed import DistInfo, PeerError, all_gather_object, all_ok, barrier, cleanup, init_distributed
+from utils.config import ConfigError, arg, parse, settings
+from utils.device import PRECISIONS, allow_tf32, compile_or_eager, resolve_precision
+from utils.distributed import (
+    DistInfo,
+    PeerError,
+    all_gather_object,
+    all_ok,
+    cleanup,
+    first_then_others,
+    init_distributed,
+)
 from utils.ema import EMA
 from utils.io import write_json_atomic
-from utils.optim import StepStats, build_adamw, guarded_step
+from utils.optim import StepStats, TrainStep, build_adamw, learning_rate
 from utils.preemption import EXIT_CODES, REASONS, StopRequest
-from utils.rng import rng_state, seed_everything, set_rng_state
+from utils.rng import rng_state, seed_everything, set_rng_state, training_seed
 from utils.runlog import WANDB_MODES, RunLogger
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -71,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits-meanflow": dict(
         dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=128, depth=4,
         num_heads=4, steps=3000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, objective="meanflow",
-        t_mean=0.4, t_std=1.0, sample_every=1000, ckpt_every=1000, log_every=100, sample_steps=1, fid_every=0,
+        sample_every=1000, ckpt_every=1000, log_every=100, sample_steps=1, fid_every=0,
         num_workers=0, out="runs/digits-meanflow",
     ),
 }  # fmt: skip
@@ -88,21 +95,10 @@ class TrainConfig(ModelConfig):
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
-    objective: str = arg("flow", "flow: flow matching (objectives/flow.py); meanflow: MeanFlow, a model that samples in one "
-                         "step (objectives/meanflow.py)", choices=("flow", "meanflow"), group="objective")  # fmt: skip
-    t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
-    t_mean: float = arg(0.0, "logit-normal location m in t = sigmoid(m + s n) (SD3; MeanFlow's paper: 0.4 here, t=1 "
-                        "data)")  # fmt: skip
-    t_std: float = arg(1.0, "logit-normal scale s in t = sigmoid(m + s n) (SD3)", gt=0)
-    sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0)
-    ot: bool = arg(False, "exact minibatch OT pairing (OT-CFM)")
-    mf_equal_fraction: float = arg(0.75, "MeanFlow: fraction of each batch with equal times (flow matching rows)",
-                                   min=0, max=1)  # fmt: skip
-    mf_weight_power: float = arg(1.0, "MeanFlow: adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)",
-                                 min=0)  # fmt: skip
-    mf_weight_eps: float = arg(1e-3, "MeanFlow: the c of the adaptive weight", gt=0)
-    mf_omega: float = arg(1.0, "MeanFlow: training-time guidance scale omega (1: off)", gt=0)
-    mf_kappa: float = arg(0.0, "MeanFlow: training-time guidance kappa (0: off)", min=0, lt=1)
+    objective: str = arg("flow", "what the network learns: one of objectives.OBJECTIVES (flow: flow matching); each "
+                         "has its own flags, listed by --objective NAME --help", choices=OBJECTIVES,
+                         group="objective")  # fmt: skip
+    objective_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own flags, checked by it
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
     batch_size: int = arg(128, "global batch size, split over DDP processes", min=1)
     lr: float = arg(1e-4, "AdamW learning rate, constant after warm-up", gt=0)
@@ -115,8 +111,8 @@ class TrainConfig(ModelConfig):
                                         group="samples and FID")  # fmt: skip
     sample_every: int = arg(5000, "steps between EMA samples (0: never)", min=0)
     samples_per_class: int = arg(8, "samples per class (one row per class)", min=1)
-    sample_steps: int = arg(50, "steps of the periodic samples and of FID: Heun for flow, jumps along the average "
-                            "velocity for meanflow", min=1)  # fmt: skip
+    sample_steps: int = arg(50, "steps of the periodic samples and of FID, with the objective's solver (heun for "
+                            "flow)", min=1)  # fmt: skip
     fid_every: int = arg(20_000, "steps between FID evaluations of the EMA model (0: never)", min=0)
     fid_samples: int = arg(10_000, "generated images per FID evaluation (report this n)", min=2)
     fid_cfg_scale: float = arg(1.0, "guidance scale of the FID samples")
@@ -138,12 +134,11 @@ class TrainConfig(ModelConfig):
     device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
     dist_timeout: float = arg(30.0, "DDP: minutes a process may wait for the others in a collective", gt=0)
 
+    nested = {"objective_args": ("objective", OBJECTIVES)}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.objective == "meanflow" and (self.ot or self.sigma or self.t_sampler != "logit-normal"):
-            raise ConfigError("--objective meanflow draws both times logit-normal on the straight path: drop --ot, "
-                              "--sigma and --t-sampler uniform")  # fmt: skip
+    def build_objective(self) -> Objective:
+        """The objective these settings describe."""
+        return OBJECTIVES[self.objective](**self.objective_args)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -161,7 +156,7 @@ class Run:
     ema: EMA
     opt: torch.optim.Optimizer
     stream: BatchStream
-    objective: FlowMatching | MeanFlow
+    step_fn: TrainStep
     logger: RunLogger
     monitor: Monitor
     step: int
@@ -184,12 +179,14 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
 
 
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill in what depends on the machine: the output folder, precision, data placement, compilation."""
+    """Fill in what depends on the machine (precision, data placement, compilation), the output folder and every
+    setting of the objective (its defaults too, so that config.json and the checkpoints record them all)."""
     return dataclasses.replace(
         cfg, out=cfg.out or f"runs/{cfg.dataset}", precision=resolve_precision(cfg.precision, device),
+        objective_args=settings(cfg.build_objective()),
         device=device.type,
-        # cifar10 and digits sit in memory anyway: index them directly; image folders go through loader workers.
-        data_on_device=cfg.dataset != "folder" if cfg.data_on_device is None else cfg.data_on_device,
+        # sets that sit in memory anyway are indexed directly; image folders go through loader workers.
+        data_on_device=DATASETS[cfg.dataset].in_memory if cfg.data_on_device is None else cfg.data_on_device,
         compile=device.type == "cuda" if cfg.compile is None else cfg.compile,  # compiling on a CPU takes minutes
     )  # fmt: skip
 
@@ -200,15 +197,14 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
     state = resume_state(cfg)
-    for turn in (True, False):  # rank 0 first, so that only one process downloads
-        if dist.is_main == turn:
-            dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
-        barrier()
+    with first_then_others(dist.is_main):  # only one process downloads
+        dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
     if (shape := tuple(dataset[0][0].shape)) != (cfg.channels, cfg.image_size, cfg.image_size):
         raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
+    objective = cfg.build_objective()
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     try:
-        model = build_model(cfg, cfg.image_size, cfg.channels, dataset.num_classes, mean_flow=cfg.objective == "meanflow")
+        model = build_model(cfg, cfg.image_size, cfg.channels, dataset.num_classes, **objective.network_options())
         model.to(device)
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
@@ -245,21 +241,17 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     logger = RunLogger(out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
                        run_id=resumed.wandb_id if resumed else None, enabled=dist.is_main, start_step=step)  # fmt: skip
     # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
-    seed = cfg.seed + dist.rank + 1_000_003 * step
+    seed = training_seed(cfg.seed, dist.rank, step)
     if resumed and resumed.rng is not None:
         set_rng_state(resumed.rng, device, cuda_seed=seed)
     else:
         if resumed and dist.is_main:
             print(f"resume: {state['world_size']} processes before, {dist.world_size} now: new epoch, reseeded")
         seed_everything(seed)
-    if cfg.objective == "flow":
-        objective = FlowMatching(cfg.sigma, cfg.t_sampler, cfg.t_mean, cfg.t_std, cfg.ot)
-    else:
-        objective = MeanFlow(cfg.t_mean, cfg.t_std, cfg.mf_equal_fraction, cfg.mf_weight_power, cfg.mf_weight_eps,
-                             cfg.mf_omega, cfg.mf_kappa)  # fmt: skip
-    return Run(cfg, dist, model, net, ema, opt, stream, objective, logger,
-               Monitor(cfg, out, logger, dist, fid_extractor), step, resumed.skipped_steps if resumed else 0,
-               started)  # fmt: skip
+    step_fn = TrainStep(net, objective, opt, ema, StepStats(device), cfg.precision, cfg.grad_clip)
+    monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor)
+    return Run(cfg, dist, model, net, ema, opt, stream, step_fn, logger, monitor, step,
+               resumed.skipped_steps if resumed else 0, started)  # fmt: skip
 
 
 def last_checkpoint(cfg: TrainConfig) -> Path:
@@ -283,8 +275,7 @@ def resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
 def train(run: Run) -> dict[str, Any]:
     """The training loop: a step, then logs, checkpoints and diagnostics when due; stops early on a signal."""
     cfg, model, step = run.cfg, run.model, run.step
-    stats, history, stop = StepStats(run.dist.device), [], StopRequest(cfg.time_limit, run.started)
-    params = [p for p in model.parameters() if p.requires_grad]
+    stats, history, stop = run.step_fn.stats, [], StopRequest(cfg.time_limit, run.started)
     bar = tqdm(total=cfg.steps, initial=step, disable=not run.dist.is_main, dynamic_ncols=True, desc="train",
                mininterval=0.5 if sys.stderr.isatty() else 60)  # a redirected log gets a line a minute  # fmt: skip
     clock, reason = Clock(step), None
@@ -295,15 +286,8 @@ def train(run: Run) -> dict[str, Any]:
         while step < cfg.steps and reason is None:
             started = time.perf_counter()
             x, y = next(run.stream)
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup else cfg.lr
-            for group in run.opt.param_groups:
-                group["lr"] = lr
-            with autocast(run.dist.device, cfg.precision):
-                terms = run.objective.loss(run.net, x, y)
-            terms.loss.backward()
-            ok, grad_norm = guarded_step(run.opt, params, terms.loss, cfg.grad_clip or math.inf)
-            run.ema.update(model, mask=ok)
-            stats.update(ok, terms.mse, terms.t, grad_norm)
+            lr = learning_rate(step, cfg.lr, cfg.warmup)
+            run.step_fn(x, y, lr)
             step += 1
             bar.update()
             reason = stop.check()

@@ -4,14 +4,15 @@
     python -m benchmarks.benchmark --batch-size 16 --reference       # also the official DiT of the same size
     python -m benchmarks.benchmark --device cuda --batch-size 256 --compile --json runs/bench/h100.json
 
-Training runs the project's real step, as train.py runs it: a batch from data.BatchStream (a synthetic
-uint8 set of CIFAR-10's shape by default, held on the device), the flow-matching loss of objectives/flow.py
-under bf16 autocast on CUDA, backward, guarded_step (gradient clipping, fused AdamW) and the EMA update.
-Each phase (data, forward, backward, optimizer) is timed with the host clock on CPU and with CUDA events on
-GPU, so the GPU run has no host synchronisation inside the timed steps. Rates are medians over the timed
-steps. Model FLOPs utilisation (MFU): a trained image costs 3x the forward FLOPs of
-models.dit.forward_flops (the forward plus a backward of twice its cost), taken against the device's dense
-bf16 peak on GPU, or against a measured fp32 matmul rate on CPU.
+Training runs train.py's own step, ``utils.optim.TrainStep``, seeded and set up as train.py sets it up: a batch
+from data.BatchStream (a synthetic uint8 set of CIFAR-10's shape by default, held on the device), the loss of
+the run's objective with its own settings (``--objective`` and its flags, as train.py takes them) under bf16
+autocast on CUDA, backward, guarded_step (gradient clipping, fused AdamW) and the EMA update. The host syncs
+are counted on the last warm-up step. Each phase (data, forward, backward, optimizer) is timed with the host
+clock on CPU and with CUDA events on GPU, so the GPU run has no host synchronisation inside the timed steps.
+Rates are medians over the timed steps. Model FLOPs utilisation (MFU): a trained image costs 3x the forward
+FLOPs of models.cost.forward_flops (the forward plus a backward of twice its cost), taken against the device's
+dense bf16 peak on GPU, or against a measured fp32 matmul rate on CPU.
 
 Sampling runs sampler.Sampler at a fixed number of steps, without guidance (one pass of N per step) and
 with it (one batched pass of 2N per step).
@@ -26,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import platform
 import statistics
 import sys
@@ -52,16 +52,15 @@ from benchmarks.measure import (
 from benchmarks.official_dit import official_dit, official_update_ema
 from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
-from models import ModelConfig, build_model
-from models.cost import count_params, forward_flops
-from models.dit import DiT
-from objectives.flow import FlowMatching
-from objectives.meanflow import MeanFlow
-from sampling.sampler import Sampler
+from models import DiT, ModelConfig, build_model, count_params, forward_flops
+from objectives import OBJECTIVES, Objective
+from sampling import Sampler
+from sampling.solvers import FIXED_GRID_SOLVERS
 from utils.config import ConfigError, arg, flag_values, parse
 from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_device, resolve_precision
 from utils.ema import EMA
-from utils.optim import StepStats, build_adamw, guarded_step
+from utils.optim import StepStats, TrainStep, build_adamw
+from utils.rng import seed_everything, training_seed
 
 
 @dataclass(kw_only=True)
@@ -77,21 +76,27 @@ class BenchConfig(ModelConfig):
     num_images: int = arg(10_000, "size of the synthetic set", min=1)
     data_on_device: bool = arg(True, "hold the set on the device")
     num_workers: int = arg(0, "loader processes without --data-on-device", min=0)
+    flip: bool = arg(True, "random horizontal flips, as train.py")
     batch_size: int = arg(32, "images per step", min=1, group="training")
     steps: int = arg(10, "timed steps", min=1)
-    warmup: int = arg(3, "untimed steps first", min=0)
+    warmup: int = arg(3, "untimed steps first (the last one counts the host syncs)", min=0)
+    lr: float = arg(1e-4, "AdamW learning rate, as train.py after its warm-up", gt=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay, as train.py", min=0)
+    ema_decay: float = arg(0.9999, "EMA decay, as train.py", min=0, lt=1)
     repeats: int = arg(1, "run every row this many times, alternating their order; pooled medians", min=1)
     grad_clip: float = arg(1.0, "as train.py (0: none)", min=0)
     compile: bool = arg(False, "torch.compile the model, as train.py")
-    objective: str = arg("flow", "training objective, as train.py (meanflow: MFU still counts 3x the forward FLOPs, "
-                         "so it shows the extra cost of the target's JVP pass)", choices=("flow", "meanflow"))  # fmt: skip
+    objective: str = arg("flow", "training objective, as train.py, with its own flags (--objective NAME --help); MFU "
+                         "counts 3x the forward FLOPs whatever the objective, so it shows an objective's extra "
+                         "passes", choices=OBJECTIVES)  # fmt: skip
+    objective_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own flags
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     reference: bool = arg(False, "also time the official DiT of the same size")
     train: bool = arg(True, "run the training benchmark")
     sample: bool = arg(True, "run the sampling benchmark", group="sampling")
     sample_n: int | None = arg(None, "images per sampling call (default: the batch size)", min=1)
     sample_steps: int = arg(10, "solver steps", min=1)
-    sample_method: str = arg("euler", "fixed-grid solver", choices=("euler", "midpoint", "heun"))
+    sample_method: str = arg("euler", "fixed-grid solver", choices=FIXED_GRID_SOLVERS)
     cfg_scale: float = arg(4.0, "guidance scale of the guided run")
     device: str = arg("auto", "auto: CUDA when available", choices=("auto", "cpu", "cuda"), group="machine and output")
     threads: int | None = arg(None, "CPU threads for torch (default: torch's choice)", min=1)
@@ -100,14 +105,19 @@ class BenchConfig(ModelConfig):
     seed: int = arg(0, "seed of the data, the weights and the noise")
     json: str | None = arg(None, "write the results here (an existing file is never overwritten)")
 
+    nested = {"objective_args": ("objective", OBJECTIVES)}
+
+    def build_objective(self) -> Objective:
+        return OBJECTIVES[self.objective](**self.objective_args)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_images < self.batch_size:
             raise ConfigError("num_images must be at least batch_size")
         if not (self.train or self.sample):
             raise ConfigError("nothing to do: both --no-train and --no-sample")
-        if self.reference and (self.num_classes == 0 or self.objective != "flow"):
-            raise ConfigError("--reference needs a class-conditional flow model")
+        if self.reference and (self.num_classes == 0 or self.build_objective().network_options()):
+            raise ConfigError("--reference needs a class-conditional model whose objective adds no network inputs")
         if self.json and Path(self.json).exists():
             raise ConfigError(f"{self.json} already exists; choose another --json path")
 
@@ -169,9 +179,11 @@ def make_dataset(cfg: BenchConfig):
 
 
 def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
-    """The project's DiT ('dit') or the official architecture ('official') of the configured size."""
+    """The project's DiT ('dit'), built as train.py builds it for the objective, or the official architecture
+    ('official') of the configured size."""
     if impl == "dit":
-        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes, mean_flow=cfg.objective == "meanflow")
+        options = cfg.build_objective().network_options()
+        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes, **options)
     sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
     return official_dit(
         cfg.model, input_size=cfg.image_size, in_channels=cfg.channels, num_classes=cfg.num_classes,
@@ -180,7 +192,7 @@ def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
 
 
 def model_flops(cfg: BenchConfig, impl: str) -> int:
-    """Forward FLOPs per image (models.dit.forward_flops); the official network counts as a DiT without registers."""
+    """Forward FLOPs per image (models.cost.forward_flops); the official network counts as a DiT without registers."""
     with torch.device("meta"):  # shapes only
         model = make_model(dataclasses.replace(cfg, num_registers=0) if impl == "official" else cfg, "dit")
     return forward_flops(model)
@@ -191,59 +203,55 @@ def bench_train(
 ) -> tuple[dict[str, Any], nn.Module]:
     """Time cfg.steps training steps after cfg.warmup; returns the result row and the trained model.
 
-    step='project' is train.py's step; step='official' is the official DiT repository's (default AdamW, no
-    clipping, a per-parameter EMA loop), with the same data and loss.
+    step='project' is train.py's step (``utils.optim.TrainStep``, set up and seeded as train.py does with the same
+    settings); step='official' is the official DiT repository's (default AdamW, no clipping, a per-parameter EMA
+    loop), with the same data and loss.
     """
+    objective = cfg.build_objective()
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, impl).to(device).train()
-    # train.py's defaults: straight path, logit-normal t; MeanFlow with the paper's settings (objectives/meanflow.py)
-    objective = FlowMatching() if cfg.objective == "flow" else MeanFlow()
     stream = BatchStream(
-        dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=True, on_device=cfg.data_on_device,
+        dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=cfg.flip, on_device=cfg.data_on_device,
         num_workers=cfg.num_workers,
     )  # fmt: skip
     net = model
     if cfg.compile and impl == "dit":  # train.py's own probe-and-fall-back, so it compiles exactly as training does
         net = compile_or_eager(model, cfg.batch_size, precision)
     compiled = net is not model
-    params = [p for p in model.parameters() if p.requires_grad]
 
     if step == "project":
-        ema = EMA(model, 0.9999)
-        opt = build_adamw(params, lr=1e-4)
-        stats = StepStats(device)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-
-        def optimizer_step(terms) -> None:
-            ok, grad_norm = guarded_step(opt, params, terms.loss, max_norm)
-            ema.update(model, mask=ok)
-            stats.update(ok, terms.mse, terms.t, grad_norm)
+        opt = build_adamw(model.parameters(), cfg.lr, cfg.weight_decay)
+        step_fn = TrainStep(net, objective, opt, EMA(model, cfg.ema_decay), StepStats(device), precision, cfg.grad_clip)
     elif step == "official":
         ema_model = copy.deepcopy(model).requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0)
 
-        def optimizer_step(terms) -> None:
+        def step_fn(x: torch.Tensor, y: torch.Tensor, lr: float, mark) -> None:
+            with autocast(device, precision):
+                loss = objective.loss(net, x, y).loss
+            mark()
+            loss.backward()
+            mark()
             opt.step()
             opt.zero_grad()
             official_update_ema(ema_model, model)
+            mark()
     else:
         raise ValueError(f"unknown step {step!r}")
+    seed_everything(training_seed(cfg.seed, 0, 0))  # as train.py, right before its first step
 
     def train_step(timer: PhaseTimer | None) -> None:
         mark = timer.mark if timer else lambda: None
         x, y = next(stream)
         mark()
-        with autocast(device, precision):
-            terms = objective.loss(net, x, y)
-        mark()
-        terms.loss.backward()
-        mark()
-        optimizer_step(terms)
-        mark()
+        step_fn(x, y, cfg.lr, mark)
 
-    for _ in range(cfg.warmup):
-        train_step(None)
-    syncs = count_host_syncs(lambda: train_step(None), device) if step == "project" else None
+    syncs = None
+    for i in range(cfg.warmup):
+        if i == cfg.warmup - 1 and step == "project" and device.type == "cuda":  # counted on CUDA only
+            syncs = count_host_syncs(lambda: train_step(None), device)
+        else:
+            train_step(None)
     sync(device)
     reset_peak_memory(device)
     timer = PhaseTimer(device)
@@ -282,7 +290,7 @@ def bench_sample(
         for _ in range(cfg.repeats):
             sync(device)
             t0 = time.perf_counter()
-            sampler.sample(n, y, cfg_scale=scale, seed=cfg.seed)
+            out = sampler.generate(n, y, cfg_scale=scale, seed=cfg.seed)
             sync(device)
             times.append(time.perf_counter() - t0)
         seconds = statistics.median(times)
@@ -294,14 +302,14 @@ def bench_sample(
                 n=n,
                 steps=cfg.sample_steps,
                 method=cfg.sample_method,
-                precision=sampler.last_precision,
-                nfe=sampler.last_nfe,
+                precision=out.precision,
+                nfe=out.nfe,
                 batch_per_nfe=passes * n,
                 seconds=seconds,
                 seconds_all=times,
                 img_per_s=n / seconds,
-                nfe_per_s=sampler.last_nfe / seconds,
-                achieved_flops=passes * n * sampler.last_nfe * flops / seconds,
+                nfe_per_s=out.nfe / seconds,
+                achieved_flops=passes * n * out.nfe * flops / seconds,
                 peak_memory_bytes=mem,
                 peak_memory_kind=mem_kind,
             )

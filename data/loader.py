@@ -11,7 +11,8 @@ Two ways to fetch the images give identical batches:
 - on_device=False: a DataLoader (workers, pinned memory on CUDA, persistent workers) whose batch
   sampler is handed the epoch's remaining batches; resuming mid-epoch slices that list.
 - on_device=True: the whole set is loaded once as uint8 onto ``device`` (CIFAR-10 is 150 MB) and
-  batches are gathered there, so loading never limits throughput.
+  batches are gathered there, so loading never limits throughput. A dataset held in memory hands over
+  its tensors (``tensors()``); any other is gathered through a DataLoader once.
 Flip and scaling to [-1, 1] are tensor ops applied to the uint8 batch on ``device`` in both cases.
 """
 
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.datasets import DataError
+from data.base import DataError, ImageDataset
 
 
 class _BatchList(Sampler[list[int]]):
@@ -188,9 +189,14 @@ def usable_workers(num_workers: int) -> int:
 
 
 def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images uint8 (N, C, H, W) and labels int64 (N,), in dataset order."""
-    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
-    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor)):
+    """All images uint8 (N, C, H, W) and labels int64 (N,), in dataset order.
+
+    A dataset held in memory hands over its tensors (``ImageDataset.tensors()``); any other goes through a DataLoader.
+    """
+    whole = dataset.tensors() if isinstance(dataset, ImageDataset) else None
+    if whole is not None:
+        images, labels = whole
+    else:
         xs, ys = [], []
         try:
             for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers):

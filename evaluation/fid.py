@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from data import build_dataset
+from data import ImageDataset, build_dataset
 from data.loader import usable_workers
 from sampling.sampler import Sampler, seeded_noise
 from utils.device import module_device_dtype
@@ -266,29 +266,24 @@ def extractor_id(extractor: nn.Module) -> str:
 #################################################################################
 
 
-def dataset_fingerprint(dataset: Any) -> str:
-    """A hash of a dataset's content: its image tensor when held in memory, else its files' names, sizes, times."""
-    h = hashlib.sha256(f"len={len(dataset)}".encode())
-    if isinstance(getattr(dataset, "images", None), torch.Tensor):
-        images = dataset.images.detach().cpu().contiguous()
-        h.update(f"{images.dtype}:{tuple(images.shape)}".encode())
-        h.update(images.reshape(-1).view(torch.uint8).numpy())
-    elif hasattr(dataset, "samples"):  # an image folder: (path, label) pairs
-        for path, label in dataset.samples:
-            st = os.stat(path)
-            h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    else:
-        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache")
-    return h.hexdigest()[:16]
+def dataset_fingerprint(dataset: ImageDataset) -> str:
+    """The dataset's own content hash (its ``fingerprint()``, a short hex string), the data part of the cache key."""
+    try:
+        fingerprint = dataset.fingerprint
+    except AttributeError:
+        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache") from None
+    return fingerprint()
 
 
 @torch.no_grad()
-def dataset_statistics(dataset: Any, extractor: nn.Module, *, batch_size: int = 250, num_images: int | None = None,
-                       num_workers: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def dataset_statistics(dataset: ImageDataset, extractor: nn.Module, *, batch_size: int = 250,
+                       num_images: int | None = None, num_workers: int = 0,
+                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items.
 
     ``num_images`` < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut
-    to its first classes.
+    to its first classes. Batches come from a plain DataLoader: a dataset held in memory fetches each with one
+    gather (``__getitems__``) in this process; one read from disk uses ``num_workers`` loader processes.
     """
     n_total = len(dataset)
     n = n_total if num_images is None else int(num_images)
@@ -298,18 +293,11 @@ def dataset_statistics(dataset: Any, extractor: nn.Module, *, batch_size: int = 
     extractor.eval()
     stats = FeatureStats()
     bar = tqdm(total=n, desc="FID real images", unit="img", disable=not progress, dynamic_ncols=True)
-    images_attr = getattr(dataset, "images", None)
-    if isinstance(images_attr, torch.Tensor):  # in memory: slice the tensor instead of item-by-item loading
-        order = torch.arange(n_total) if indices is None else indices
-        for idx in order.split(batch_size):
-            stats.update(extract_features(extractor, images_attr[idx]))
-            bar.update(len(idx))
-    else:
-        subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
-        loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=usable_workers(num_workers))
-        for images, _ in loader:
-            stats.update(extract_features(extractor, images))
-            bar.update(images.shape[0])
+    subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
+    workers = 0 if dataset.in_memory else usable_workers(num_workers)  # workers would only copy what is in memory
+    for images, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers):
+        stats.update(extract_features(extractor, images))
+        bar.update(images.shape[0])
     bar.close()
     return stats.mean_cov()
 

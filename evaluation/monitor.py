@@ -12,7 +12,6 @@ statistics and computes, prints and logs the distance.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,22 +23,19 @@ from evaluation.fid import FIDError, compute_fid, load_inception, real_statistic
 from evaluation.images import save_grid, to_gif
 from sampling.sampler import Sampler
 from utils.device import module_device_dtype
-from utils.distributed import DistInfo, PeerError, all_ok
+from utils.distributed import DistInfo, PeerError, all_ok, first_then_others
 from utils.rng import isolated_rng
-from utils.runlog import RunLogger
-
-
-def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+from utils.runlog import RunLogger, warn
 
 
 class Monitor:
     """Sample grids every ``cfg.sample_every`` steps (rank 0) and FID of the EMA model every ``cfg.fid_every`` steps
-    (every process), and both at the last step. ``cfg`` is train.py's config; ``fid_extractor`` replaces Inception
-    (tests)."""
+    (every process), and both at the last step. ``cfg`` is train.py's config; ``sample_method`` the objective's
+    solver; ``fid_extractor`` replaces Inception (tests)."""
 
-    def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, fid_extractor: nn.Module | None = None):
-        self.cfg, self.out, self.logger, self.dist = cfg, out, logger, dist
+    def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, sample_method: str = "heun",
+                 fid_extractor: nn.Module | None = None):  # fmt: skip
+        self.cfg, self.out, self.logger, self.dist, self.sample_method = cfg, out, logger, dist, sample_method
         self.extractor = fid_extractor
         self.real: tuple[Any, Any] | None = None  # rank 0's real statistics, loaded at the first FID
         self.fid_state = "not loaded"  # "ready" or "off" after the first FID
@@ -86,8 +82,8 @@ class Monitor:
         self.logger.log_media(step, images, videos)
 
     def sampler(self, model: nn.Module) -> Sampler:
-        """The sampler of the diagnostics: Heun for a flow model, jumps along the average velocity for MeanFlow."""
-        return Sampler(model, steps=self.cfg.sample_steps, method="mean" if self.cfg.objective == "meanflow" else "heun")
+        """The sampler of the diagnostics: the objective's solver at --sample-steps."""
+        return Sampler(model, steps=self.cfg.sample_steps, method=self.sample_method)
 
     def fid(self, step: int, model: nn.Module) -> None:
         """FID of the model's samples against the training set; rank 0 prints and logs it."""
@@ -111,24 +107,23 @@ class Monitor:
         """Load the extractor (and on rank 0 the real statistics): each node's local rank 0 first (it downloads
         the weights if needed), then the others from the caches. False, said once, when it fails anywhere."""
         error = None
-        for first in (True, False):
-            if (self.dist.local_rank == 0) == first:
-                try:
-                    self.extractor = self.extractor or load_inception(device)
-                    if self.dist.is_main and self.real is None:
-                        cfg = self.cfg
-                        self.real = real_statistics(
-                            cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, extractor=self.extractor,
-                            num_workers=cfg.num_workers, download=False,
-                        )  # fmt: skip
-                except Exception as e:  # FIDError (weights, data) or anything else: every process must hear of it
-                    error = e
-            if not all_ok(error is None):  # a collective, so also the barrier between the two turns
-                who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
-                if error is not None:
-                    why = str(error) if isinstance(error, FIDError) else f"{type(error).__name__}: {error}"
-                    warn(f"FID switched off for this run{who}: {why}")
-                elif self.dist.is_main:
-                    warn("FID switched off for this run: set-up failed on another process")
-                return False
-        return True
+        with first_then_others(self.dist.local_rank == 0):
+            try:
+                self.extractor = self.extractor or load_inception(device)
+                if self.dist.is_main and self.real is None:
+                    cfg = self.cfg
+                    self.real = real_statistics(
+                        cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, extractor=self.extractor,
+                        num_workers=cfg.num_workers, download=False,
+                    )  # fmt: skip
+            except Exception as e:  # FIDError (weights, data) or anything else: every process must hear of it
+                error = e
+        if all_ok(error is None):
+            return True
+        who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
+        if error is not None:
+            why = str(error) if isinstance(error, FIDError) else f"{type(error).__name__}: {error}"
+            warn(f"FID switched off for this run{who}: {why}")
+        elif self.dist.is_main:
+            warn("FID switched off for this run: set-up failed on another process")
+        return False

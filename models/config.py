@@ -30,3 +30,12 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
         class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in sizes.items() if v is not None},
         **extra,
     )  # fmt: skip
+
+
+def model_from_config(config: dict[str, Any]) -> DiT:
+    """The DiT that a checkpoint's ``model_config`` (``DiT.config``) describes; checkpoints written before the
+    interval input was renamed say ``mean_flow`` for ``average_velocity`` with t embedded unscaled."""
+    config = dict(config)
+    if config.pop("mean_flow", False):
+        config.update(average_velocity=True, time_scale=1.0)
+    return DiT(**config)

@@ -9,21 +9,21 @@ qk-norm (RMSNorm on queries and keys per head) and attention through
 Time convention (the project's one, shared with torchcfm and defined in ``objectives/flow.py``):
 t = 0 is pure noise, t = 1 is data, and the network predicts the velocity dx/dt of the path.
 The network knows nothing else about the objective or the solver: it maps (x, t, y) to a velocity.
+Inputs are checked where they enter the project (the Sampler, the command lines, train.py's set-up), not here.
 
-MeanFlow models (``mean_flow=True``; Geng et al., "Mean Flows for One-step Generative Modeling", 2025; the
-objective is ``objectives/meanflow.py``) map (x, t, y, interval h) to the average velocity over [t, t + h], so that
+Average-velocity networks (``average_velocity=True``, for objectives that jump along a trajectory, such as
+MeanFlow, Geng et al. 2025) map (x, t, y, interval h) to the average velocity over [t, t + h], so that
 x + h * output is the point at t + h; at h = 0 it is the velocity, so every ODE solver still applies. The
 interval gets its own embedder, added to the conditioning with t and y (the paper's best choice: t and t_end - t).
-Both times are embedded unscaled (t in [0, 1] straight into the sinusoids) rather than as t * 1000: the MeanFlow
-target contains the network's own derivative du/dt, and t * 1000 puts sinusoids of up to 1000 rad per unit time
-into the conditioning, so even small weights on them make du/dt, and with it the target, large. Measured on the
-8x8 digits (hidden 128, depth 4, batch 128, lr 1e-3, MeanFlow defaults): with t * 1000 the MeanFlow error rose
-from 1.65 (steps 1-25) to 10.3 by step 150 and 13.2 at step 400; unscaled it fell steadily to 0.44 (1-step
-samples at step 400: pixel Frechet distance 1.53 against 0.34). Flow models keep t * 1000 bit for bit.
+``time_scale`` multiplies t (and h) before the sinusoids: DiT's 1000 maps t in [0, 1] onto its integer timestep
+range; an objective whose target contains the network's own time derivative asks for 1 instead, since t * 1000
+puts sinusoids of up to 1000 rad per unit time into the conditioning and makes that derivative, and the target
+with it, large (the objective's module says why; the README has the measurement).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -54,8 +55,8 @@ class TimestepEmbedder(nn.Module):
             nn.Linear(hidden_size, hidden_size),
         )
         self.frequency_embedding_size = frequency_embedding_size
-        # A flow model scales t in [0, 1] to [0, 1000] so the sinusoid frequencies span the same range as in
-        # DiT, whose timesteps are integers in [0, 1000). A MeanFlow model embeds t unscaled (see DiT).
+        # 1000 spans the sinusoid frequencies over the same range as in DiT, whose timesteps are integers in
+        # [0, 1000); see the module docstring for networks that embed t unscaled.
         self.time_scale = time_scale
 
     @staticmethod
@@ -91,7 +92,7 @@ class LabelEmbedder(nn.Module):
     def forward(self, labels: torch.Tensor, drop: bool, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         if drop_mask is not None:
             # Exactly these labels become the null class (DiT's force_drop_ids): a loss that evaluates the
-            # network twice on one batch (MeanFlow's JVP pass and gradient pass) needs the same dropout in both.
+            # network twice on one batch (a target pass and a gradient pass) needs the same dropout in both.
             labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
         elif drop and self.dropout_prob > 0:
             # Label dropout teaches the null class that classifier-free guidance needs.
@@ -192,7 +193,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt (or a MeanFlow average velocity)."""
+    """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt (or an average velocity)."""
 
     def __init__(
         self,
@@ -207,40 +208,28 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,
         num_registers: int = 4,
         qk_norm: bool = True,
-        mean_flow: bool = False,
+        average_velocity: bool = False,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
-        # Every constructor argument, so a checkpoint can rebuild the same network: DiT(**model.config).
-        self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
-            class_dropout_prob=class_dropout_prob, num_registers=num_registers, qk_norm=qk_norm,
-            mean_flow=mean_flow,
-        )  # fmt: skip
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if num_classes < 0 or num_registers < 0 or depth < 1 or in_channels < 1:
             raise ValueError("num_classes and num_registers must be >= 0; depth and in_channels >= 1")
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.num_registers = num_registers
-        self.mean_flow = mean_flow
+        # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
+        self.input_size, self.patch_size, self.in_channels, self.out_channels = input_size, patch_size, in_channels, in_channels
+        self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
+        self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
+        self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        # MeanFlow models embed times unscaled (time_scale 1: see the module docstring); flow models as DiT does.
-        time_scale = 1.0 if mean_flow else 1000.0
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
-        # MeanFlow (Geng et al. 2025): the interval h = t_end - t to jump over also conditions the network.
-        self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if mean_flow else None
+        # The interval h = t_end - t to jump over also conditions an average-velocity network (MeanFlow).
+        self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if average_velocity else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
@@ -252,6 +241,12 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def config(self) -> dict:
+        """Every constructor argument, so that DiT(**model.config) rebuilds the same network (checkpoints store it)."""
+        names = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
 
     def initialize_weights(self) -> None:
         # Xavier-uniform for every linear layer, zero biases (as in ViT / DiT).
@@ -271,11 +266,10 @@ class DiT(nn.Module):
         # Label, time and register embeddings on the same small scale (std 0.02).
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.h_embedder is not None:
-            nn.init.normal_(self.h_embedder.mlp[0].weight, std=0.02)
-            nn.init.normal_(self.h_embedder.mlp[2].weight, std=0.02)
+        for embedder in (self.t_embedder, self.h_embedder):
+            if embedder is not None:
+                nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+                nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.registers is not None:
             nn.init.normal_(self.registers, std=0.02)
 
@@ -292,88 +286,35 @@ class DiT(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (N, T, p * p * C) back to images (N, C, H, W)."""
-        n, p, c, g = x.shape[0], self.patch_size, self.out_channels, self.grid_size
-        x = x.reshape(n, g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(n, c, g * p, g * p)
-
-    # ------------------------------------------------------------------ input checks
-
-    def _check(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None,
-               interval: torch.Tensor | float | None, drop_mask: torch.Tensor | None = None):  # fmt: skip
-        """One-line ValueErrors for inputs that do not fit; returns t and interval as (N,) tensors (interval None
-        when not given)."""
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"expected x of shape (N, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        n = x.shape[0]
-        if interval is not None and not self.mean_flow:
-            raise ValueError("an interval needs a MeanFlow model (DiT(..., mean_flow=True)); a flow model takes none")
-        t, interval = (None if v is None else self._per_sample(v, n, name, x.device)
-                       for v, name in ((t, "t"), (interval, "interval")))  # fmt: skip
-        if self.num_classes == 0:
-            if y is not None or drop_mask is not None:
-                raise ValueError("this model is unconditional (num_classes=0): call it without labels y")
-            return t, interval
-        if y is None:
-            raise ValueError(f"this model is class-conditional: pass labels y of shape ({n},)")
-        if y.shape != (n,) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"expected integer labels y of shape ({n},), got {tuple(y.shape)} {y.dtype}")
-        if drop_mask is not None and (drop_mask.shape != (n,) or drop_mask.dtype != torch.bool):
-            raise ValueError(f"expected a bool drop_mask of shape ({n},), got {tuple(drop_mask.shape)} {drop_mask.dtype}")
-        if torch.compiler.is_compiling():
-            return t, interval
-        if y.device.type == "cpu":
-            if n and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got min {int(y.min())} max {int(y.max())}")
-        else:  # a device-side assert avoids a host synchronisation on every training step
-            torch._assert_async(((y >= 0) & (y < self.num_classes)).all(), "labels out of range")
-        return t, interval
-
-    @staticmethod
-    def _per_sample(v: torch.Tensor | float, n: int, name: str, device: torch.device) -> torch.Tensor:
-        v = torch.as_tensor(v, device=device)
-        if v.ndim == 0:
-            v = v.expand(n)
-        elif v.shape != (n,):
-            raise ValueError(f"expected {name} of shape ({n},) or a scalar, got {tuple(v.shape)}")
-        return v if v.is_floating_point() else v.float()
-
-    # ------------------------------------------------------------------ forward passes
-
-    def _forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, drop_labels: bool,
-        interval: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
-        """Forward without input checks; y may contain the null class index num_classes."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        if self.registers is not None:
-            x = torch.cat([self.registers.expand(x.shape[0], -1, -1), x], dim=1)  # (N, R + T, D)
-        c = self.t_embedder(t)  # (N, D)
-        if self.h_embedder is not None:
-            c = c + self.h_embedder(torch.zeros_like(t) if interval is None else interval)
-        if self.y_embedder is not None:
-            c = c + self.y_embedder(y, drop=drop_labels, drop_mask=drop_mask)
-        for block in self.blocks:
-            x = block(x, c)
-        x = x[:, self.num_registers :]  # registers never reach the output: (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p * p * C)
-        return self.unpatchify(x)  # (N, C, H, W)
+        p = self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid_size, p=p, q=p)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
         interval: torch.Tensor | float | None = None, drop_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,).
+        """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None when
+        unconditional; the index num_classes is the null class).
 
-        A MeanFlow model (mean_flow=True) returns the average velocity over [t, t + interval], interval (N,)
-        or scalar (None: 0, the instantaneous velocity), so x + interval * output is the point at t + interval.
-        A flow model takes no interval. In train mode labels are replaced by the null class
-        with probability class_dropout_prob; drop_mask (N,) bool replaces exactly those labels instead (in
-        any mode, like DiT's force_drop_ids).
+        An average-velocity network returns the average velocity over [t, t + interval], interval (N,) or scalar
+        (None: 0, the instantaneous velocity), so x + interval * output is the point at t + interval. In train
+        mode labels are replaced by the null class with probability class_dropout_prob; drop_mask (N,) bool
+        replaces exactly those labels instead (in any mode, like DiT's force_drop_ids).
         """
-        t, interval = self._check(x, t, y, interval, drop_mask)
-        return self._forward(x, t, y, drop_labels=self.training, interval=interval, drop_mask=drop_mask)
+        n = x.shape[0]
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        if self.registers is not None:
+            x = torch.cat([self.registers.expand(n, -1, -1), x], dim=1)  # (N, R + T, D)
+        c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(n))  # (N, D)
+        if self.h_embedder is not None:
+            c = c + self.h_embedder(torch.as_tensor(0.0 if interval is None else interval, device=x.device).expand(n))
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, drop=self.training, drop_mask=drop_mask)
+        for block in self.blocks:
+            x = block(x, c)
+        x = x[:, self.num_registers :]  # registers never reach the output: (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p * p * C)
+        return self.unpatchify(x)  # (N, C, H, W)
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, cfg_scale: float,
@@ -382,19 +323,18 @@ class DiT(nn.Module):
         """Classifier-free guided velocity v_u + cfg_scale * (v_c - v_u) on all channels.
 
         Runs one batched pass of 2N (conditional and null labels); at cfg_scale == 1 it runs the
-        conditional pass alone. Label dropout is not applied here. On a MeanFlow model the same
+        conditional pass alone. Label dropout is not applied here. On an average-velocity network the same
         combination of average velocities over [t, t + interval] is returned.
         """
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
-        t, interval = self._check(x, t, y, interval)
+        n = x.shape[0]
+        keep = torch.zeros(n, dtype=torch.bool, device=x.device)
         if cfg_scale == 1.0:
-            return self._forward(x, t, y, drop_labels=False, interval=interval)
-        null = torch.full_like(y, self.num_classes)
-        interval2 = None if interval is None else torch.cat([interval, interval])
-        out = self._forward(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), drop_labels=False, interval=interval2
-        )  # (2N, ...)
+            return self(x, t, y, interval=interval, drop_mask=keep)
+        t2 = torch.as_tensor(t, device=x.device).expand(n).repeat(2)
+        h2 = None if interval is None else torch.as_tensor(interval, device=x.device).expand(n).repeat(2)
+        out = self(torch.cat([x, x]), t2, y.repeat(2), interval=h2, drop_mask=torch.cat([keep, ~keep]))  # (2N, ...)
         v_cond, v_uncond = out.chunk(2, dim=0)
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 

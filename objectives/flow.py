@@ -18,21 +18,14 @@ signal on the middle of the path, where the velocity is hardest to predict.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
-from torchcfm.conditional_flow_matching import ConditionalFlowMatcher, ExactOptimalTransportConditionalFlowMatcher
+
+from objectives.base import LossTerms, Objective
+from utils.config import arg
 
 T_SAMPLERS = ("logit-normal", "uniform")
-
-
-class LossTerms(NamedTuple):
-    """An objective's loss: the scalar to minimise, and for logging the per-sample squared error (N,) and the
-    time (N,) each sample was drawn at (all on the device: reading them back is the caller's choice)."""
-
-    loss: torch.Tensor
-    mse: torch.Tensor
-    t: torch.Tensor
 
 
 def sample_t(
@@ -44,7 +37,8 @@ def sample_t(
     return torch.sigmoid(mean + std * torch.randn(n, device=device))
 
 
-class FlowMatching:
+@dataclass(kw_only=True)
+class FlowMatching(Objective):
     """Conditional flow-matching loss on torchcfm's linear path (t = 0 noise, t = 1 data).
 
     sigma: width of the Gaussian path (0 gives the deterministic straight line of rectified flow).
@@ -53,13 +47,22 @@ class FlowMatching:
         image keeps its label. The plan is solved on the CPU with POT and resampled with numpy's global RNG.
     """
 
-    def __init__(
-        self, sigma: float = 0.0, t_sampler: str = "logit-normal", t_mean: float = 0.0, t_std: float = 1.0,
-        ot: bool = False,
-    ):  # fmt: skip
-        self.t_sampler, self.t_mean, self.t_std, self.ot = t_sampler, t_mean, t_std, ot
-        matcher = ExactOptimalTransportConditionalFlowMatcher if ot else ConditionalFlowMatcher
-        self.matcher = matcher(sigma=sigma)
+    sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
+    t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
+    t_mean: float = arg(0.0, "logit-normal location m in t = sigmoid(m + s n) (SD3)")
+    t_std: float = arg(1.0, "logit-normal scale s in t = sigmoid(m + s n) (SD3)", gt=0)
+    ot: bool = arg(False, "exact minibatch OT pairing (OT-CFM)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # torchcfm (and POT, scikit-learn under it) load here, not at import: ``train.py --help`` needs none of them.
+        from torchcfm.conditional_flow_matching import (
+            ConditionalFlowMatcher,
+            ExactOptimalTransportConditionalFlowMatcher,
+        )
+
+        matcher = ExactOptimalTransportConditionalFlowMatcher if self.ot else ConditionalFlowMatcher
+        self.matcher = matcher(sigma=self.sigma)
 
     def sample_path(
         self, x1: torch.Tensor, y: torch.Tensor | None = None, x0: torch.Tensor | None = None,

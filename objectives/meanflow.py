@@ -44,29 +44,29 @@ and the loss is the flow-matching loss.
 Engineering. The target is computed on the plain module (``unwrap_model``) under no_grad, and the prediction by
 an ordinary forward through the model as given, so DDP gradient sync, torch.compile and flash attention keep
 working for the pass that is differentiated. Forward-mode AD through attention: the flash and memory-efficient
-kernels of scaled_dot_product_attention have no forward derivative (on CUDA, PyTorch issues 154226 and 165530,
-and also the CPU flash kernel in torch 2.14), so the JVP pass runs under ``sdpa_kernel(SDPBackend.MATH)``. It runs
-under whatever autocast the caller set (bf16 on GPU): under CPU bf16 autocast a random DiT's d/ds u was within 0.4%
-of float32 and the target within 2e-4 (relative norms), far below the spread of the per-sample x1 - x0 the target
-is regressed on. Rows with s = t need no JVP (the target is v), so only the 1 - equal_fraction of the batch with
-s < t goes through it. Cost of a training step (loss, backward) relative to a flow-matching step, CPU, 1 thread:
-1.41x (digits DiT, hidden 128, depth 4, batch 128) and 1.32x (DiT-S/2, 32x32, batch 16); a JVP over the whole
-batch would cost 2.2x and 2.7x, and the paper's single pass (prediction taken from the JVP's primal, graph kept,
-whole batch) 2.1x and 2.5x. Should forward-mode AD fail for some operator, the derivative falls back, with one
-warning, to a central finite difference in float32.
+kernels of scaled_dot_product_attention have no forward derivative, so the JVP pass runs under
+``sdpa_kernel(SDPBackend.MATH)``. It runs under whatever autocast the caller set (bf16 on GPU). Rows with s = t
+need no JVP (the target is v), so only the 1 - equal_fraction of the batch with s < t goes through it; its cost
+against a flow-matching step is measured in the README. Should forward-mode AD fail for some operator, the
+derivative falls back, with one warning, to a central finite difference in float32.
+The network is built with an interval input and with t embedded unscaled (``network_options``): the target
+contains the network's own derivative in time, which sinusoids of t * 1000 would make large.
 All randomness comes from torch's global generator, which train.py checkpoints; nothing here syncs with the host.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from models.dit import DiT
-from objectives.flow import FlowMatching, LossTerms, sample_t
+from objectives.base import LossTerms, Objective
+from objectives.flow import FlowMatching, sample_t
+from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
 
@@ -119,33 +119,46 @@ def total_derivative_fd(
     return (up - um) / (2 * eps)
 
 
-class MeanFlow:
+@dataclass(kw_only=True)
+class MeanFlow(Objective):
     """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc.
-    The knobs are checked where they are set (train.py's config).
 
     t_mean, t_std: logit-normal of both times (default: the paper's ImageNet setting, mirrored to t = 0 noise).
-    equal_fraction: fraction of each batch with s = t (plain flow matching rows).
-    weight_power, weight_eps: adaptive weight 1 / (||err||^2 + weight_eps)^weight_power (p = 0: plain MSE).
-    omega, kappa: training-time guidance (omega = 1, kappa = 0: off); effective CFG scale omega / (1 - kappa).
-    guidance_interval: (lo, hi) of the current time s where training-time guidance applies; elsewhere v~ = v.
+    mf_equal_fraction: fraction of each batch with s = t (plain flow matching rows).
+    mf_weight_power, mf_weight_eps: adaptive weight 1 / (||err||^2 + eps)^power (power 0: plain MSE).
+    mf_omega, mf_kappa: training-time guidance (omega = 1, kappa = 0: off); effective CFG scale omega / (1 - kappa).
+    mf_guidance_interval: (lo, hi) of the current time s where training-time guidance applies; elsewhere v~ = v.
     """
 
-    def __init__(
-        self, t_mean: float = 0.4, t_std: float = 1.0, equal_fraction: float = 0.75, weight_power: float = 1.0,
-        weight_eps: float = 1e-3, omega: float = 1.0, kappa: float = 0.0,
-        guidance_interval: tuple[float, float] = (0.0, 1.0),
-    ):  # fmt: skip
-        lo, hi = guidance_interval
-        self.t_mean, self.t_std, self.equal_fraction = t_mean, t_std, equal_fraction
-        self.weight_power, self.weight_eps = weight_power, weight_eps
-        self.omega, self.kappa, self.guidance_interval = omega, kappa, (lo, hi)
-        self.path = FlowMatching(sigma=0.0)  # builds x_s on the straight path: objectives/flow.py owns the convention
+    sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
+
+    t_mean: float = arg(0.4, "logit-normal location m of both times, t = sigmoid(m + s n) (the paper's -0.4 with "
+                        "noise at t=1 is +0.4 here, t=1 data)", group="objective")  # fmt: skip
+    t_std: float = arg(1.0, "logit-normal scale s of both times", gt=0)
+    mf_equal_fraction: float = arg(0.75, "fraction of each batch with equal times (flow matching rows)", min=0, max=1)
+    mf_weight_power: float = arg(1.0, "adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)", min=0)
+    mf_weight_eps: float = arg(1e-3, "the c of the adaptive weight", gt=0)
+    mf_omega: float = arg(1.0, "training-time guidance scale omega (1: off)", gt=0)
+    mf_kappa: float = arg(0.0, "training-time guidance kappa (0: off)", min=0, lt=1)
+    mf_guidance_interval: tuple[float, float] = arg((0.0, 1.0), "apply training-time guidance only for s in "
+                                                    "[LO, HI]", metavar=("LO", "HI"))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        lo, hi = self.mf_guidance_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ConfigError(f"mf_guidance_interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+        self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
         self._use_fd = False  # set, with one warning, if forward-mode AD fails
+
+    def network_options(self) -> dict[str, Any]:
+        """An interval input, and t embedded unscaled (the module docstring says why)."""
+        return {"average_velocity": True, "time_scale": 1.0}
 
     @property
     def guided(self) -> bool:
         """Whether training-time guidance is on."""
-        return self.omega != 1.0 or self.kappa != 0.0
+        return self.mf_omega != 1.0 or self.mf_kappa != 0.0
 
     def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Current times s (n,) and end times t (n,), s <= t, both logit-normal; the last round(n * equal_fraction)
@@ -158,7 +171,7 @@ class MeanFlow:
 
     def num_unequal(self, n: int) -> int:
         """Rows with s < t in a batch of n drawn by ``sample_times``."""
-        return n - round(n * self.equal_fraction)
+        return n - round(n * self.mf_equal_fraction)
 
     def guided_velocity(
         self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
@@ -166,7 +179,7 @@ class MeanFlow:
     ) -> torch.Tensor:  # fmt: skip
         """v~ = omega v + kappa u(x, s, s | y) + (1 - omega - kappa) u(x, s, s | null) (N, C, H, W), no graph.
 
-        Rows with a dropped label (drop_mask) or s outside guidance_interval keep v. Needs a class-conditional
+        Rows with a dropped label (drop_mask) or s outside mf_guidance_interval keep v. Needs a class-conditional
         model that takes drop_mask (the DiT); the network runs on the plain module, one pass of N or 2N.
         """
         plain = unwrap_model(model)
@@ -174,9 +187,9 @@ class MeanFlow:
         zero = torch.zeros_like(s)
         null = torch.ones(n, dtype=torch.bool, device=x.device)
         with torch.no_grad():
-            if self.kappa == 0.0:
+            if self.mf_kappa == 0.0:
                 u_null = plain(x, s, y, interval=zero, drop_mask=null)
-                mixed = self.omega * v + (1 - self.omega) * u_null.to(v.dtype)
+                mixed = self.mf_omega * v + (1 - self.mf_omega) * u_null.to(v.dtype)
             else:
                 out = plain(
                     torch.cat([x, x]),
@@ -186,8 +199,9 @@ class MeanFlow:
                     drop_mask=torch.cat([~null, null]),
                 ).to(v.dtype)  # (2N, C, H, W)
                 u_cond, u_null = out.chunk(2)
-                mixed = self.omega * v + self.kappa * u_cond + (1 - self.omega - self.kappa) * u_null
-        lo, hi = self.guidance_interval
+                omega, kappa = self.mf_omega, self.mf_kappa
+                mixed = omega * v + kappa * u_cond + (1 - omega - kappa) * u_null
+        lo, hi = self.mf_guidance_interval
         active = (s >= lo) & (s <= hi)
         if drop_mask is not None:
             active = active & ~drop_mask
@@ -203,10 +217,10 @@ class MeanFlow:
         marginal velocity, for which the true average velocity makes the target equal to itself.
         """
         if self._use_fd:
-            dudt = total_derivative_fd(model, x, s, t, v, y, drop_mask)
+            duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
         else:
             try:
-                _, dudt = average_velocity_jvp(model, x, s, t, v, y, drop_mask)
+                _, duds = average_velocity_jvp(model, x, s, t, v, y, drop_mask)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
@@ -216,8 +230,8 @@ class MeanFlow:
                     f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
                     stacklevel=2,
                 )
-                dudt = total_derivative_fd(model, x, s, t, v, y, drop_mask)
-        return (v + _expand(t - s, v) * dudt.to(v.dtype)).detach()
+                duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
+        return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 
     def loss(
         self, model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None = None, *,
@@ -230,8 +244,8 @@ class MeanFlow:
         weighted loss, the raw per-sample mean squared error (N,) and the current time s (N,).
         """
         plain = unwrap_model(model)
-        if isinstance(plain, DiT) and not plain.mean_flow:
-            raise ValueError("the MeanFlow objective needs a DiT built with mean_flow=True")
+        if getattr(plain, "average_velocity", None) is False:
+            raise ValueError("the MeanFlow objective needs a network with an interval input (network_options())")
         if self.guided and y is None:
             raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
         if (s is None) != (t is None):
@@ -247,7 +261,7 @@ class MeanFlow:
         drop_mask = None
         if y is not None:
             # Drawn here, not inside the network, so the target's pass and the prediction drop the same labels.
-            p = float(getattr(plain, "config", {}).get("class_dropout_prob", 0.0))
+            p = float(getattr(plain, "class_dropout_prob", 0.0))
             if plain.training and p > 0:
                 drop_mask = torch.rand(n, device=x1.device) < p
             else:
@@ -266,10 +280,10 @@ class MeanFlow:
         pred = _call(model, xs, s, y, t - s, drop_mask)
         err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
         mse = err.mean(1)  # (N,)
-        if self.weight_power == 0:
+        if self.mf_weight_power == 0:
             loss = mse.mean()
         else:
-            weight = (err.sum(1).detach() + self.weight_eps).pow(-self.weight_power)
+            weight = (err.sum(1).detach() + self.mf_weight_eps).pow(-self.mf_weight_power)
             loss = (weight * mse).mean()
         return LossTerms(loss, mse.detach(), s)
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from stand_ins import all_close
 
-from benchmarks.benchmark import BenchConfig, cli, command_line, main, parse_args
+import train
+from benchmarks.benchmark import BenchConfig, bench_train, cli, command_line, main, make_dataset, parse_args
 from benchmarks.measure import PHASES, gpu_bf16_peak, summarize
 from benchmarks.official_dit import official_dit, official_update_ema
 from models.cost import count_params, forward_flops
@@ -23,6 +24,26 @@ def tiny(**overrides) -> BenchConfig:
         num_images=16, sample_steps=2, sample_n=3, cfg_scale=3.0, peak_seconds=0.05, threads=1, device="cpu",
     )  # fmt: skip
     return dataclasses.replace(cfg, **overrides)
+
+
+@pytest.mark.parametrize(
+    "objective, args", [("flow", dict(t_mean=0.3)), ("meanflow", dict(mf_equal_fraction=0.5, mf_omega=1.5))]
+)
+def test_the_benchmark_times_train_pys_own_step(objective, args, tmp_path):
+    """3 steps of the benchmark and 3 steps of train.py from the same seed and settings: the same weights, bit for
+    bit (the benchmark counts its host syncs on the last warm-up step, which trains like the others)."""
+    model = dict(model="DiT-XS/2", hidden_size=32, depth=1, num_heads=2, num_registers=2, class_dropout=0.2)
+    same = dict(image_size=8, channels=1, flip=False, batch_size=16, lr=2e-3, ema_decay=0.9, grad_clip=0.5, seed=3,
+                objective=objective, objective_args=args, compile=False, precision="fp32", device="cpu", **model)  # fmt: skip
+    run = train.main(train.TrainConfig(
+        dataset="digits", steps=3, warmup=0, sample_every=0, fid_every=0, ckpt_every=0, log_every=1,
+        out=str(tmp_path / "run"), wandb="disabled", num_workers=0, **same,
+    ))  # fmt: skip
+    cfg = BenchConfig(dataset="digits", num_classes=10, warmup=1, steps=2, sample=False, **same)
+    row, trained = bench_train(cfg, torch.device("cpu"), "fp32", make_dataset(cfg))
+    for (name, a), b in zip(run["model"].state_dict().items(), trained.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(run["model"].final_layer.linear.weight, torch.zeros_like(trained.final_layer.linear.weight))
 
 
 def test_tiny_run_writes_consistent_json(tmp_path):
@@ -104,7 +125,7 @@ def test_official_reference_equals_dit_without_registers_and_qk_norm():
     assert count_params(ref) == count_params(ours)
     x, t, y = torch.randn(4, 3, 8, 8, generator=g), torch.rand(4, generator=g), torch.tensor([0, 3, 9, 10])
     ours.eval(), ref.eval()
-    assert all_close(ref(x, t, y), ours._forward(x, t, y, drop_labels=False))
+    assert all_close(ref(x, t, y), ours(x, t, y))  # label 10: the null class, as in the official model
 
 
 def test_official_ema_update():

@@ -131,8 +131,8 @@ def test_cifar10_download_failure_names_the_folder(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_and_bad_settings():
-    assert DATASETS == ("cifar10", "folder", "digits")
-    with pytest.raises(DataError, match="unknown dataset"):
+    assert list(DATASETS) == ["cifar10", "folder", "digits"]
+    with pytest.raises(DataError, match="unknown dataset 'mnist'; choose from cifar10, folder, digits$"):
         build_dataset("mnist")
     with pytest.raises(DataError, match="channels"):
         build_dataset("digits", channels=2)
@@ -367,7 +367,7 @@ def test_on_device_path_equals_loader_path():
     loader = _take(BatchStream(ds, batch_size=6, seed=11), 7)
     device = _take(BatchStream(ds, batch_size=6, seed=11, on_device=True), 7)
     _assert_same(loader, device)
-    # a dataset without .images is gathered item by item for on_device
+    # a dataset without tensors() (not an ImageDataset) is gathered through a DataLoader for on_device
     subset = torch.utils.data.Subset(ds, list(range(20)))
     _assert_same(_take(BatchStream(subset, batch_size=6, seed=11, on_device=True), 7), loader)
 
@@ -402,3 +402,166 @@ def test_bad_stream_settings():
     floats = torch.utils.data.TensorDataset(torch.rand(4, 1, 2, 2), torch.arange(4))
     with pytest.raises(DataError, match="uint8"):
         next(BatchStream(floats, batch_size=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder defects: high bit depths, directory links
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_scales_16_bit_images_to_8_bits(tmp_path, channels):
+    # PIL's own I;16 -> L conversion clips at 255: these values came out almost white (mean 251.6 of 255)
+    rng = np.random.default_rng(3)
+    wide = rng.integers(39, 63743, (8, 8)).astype(np.uint16)
+    wide[0, :3] = 39, 63742, 65535
+    _png(tmp_path / "a" / "png16.png", wide)  # a 16-bit PNG opens as I;16
+    Image.fromarray(wide).save(tmp_path / "a" / "pgm16.pgm")  # a 16-bit PGM opens as I
+    ds = build_dataset("folder", root=tmp_path, image_size=8, channels=channels)
+    expected = torch.from_numpy(np.round(wide.astype(np.float64) * 255 / 65535).astype(np.uint8))
+    assert int(expected[0, 1]) == 248 and int(expected[0, 2]) == 255
+    for i in range(2):
+        x, _ = ds[i]
+        assert x.shape == (channels, 8, 8) and x.dtype == torch.uint8
+        assert torch.equal(x, expected.expand(channels, 8, 8)), i
+
+
+def test_image_folder_scales_float_images_and_refuses_what_it_cannot_scale(tmp_path):
+    unit = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    (tmp_path / "a").mkdir()
+    Image.fromarray(unit).save(tmp_path / "a" / "float.tif")
+    Image.fromarray(unit * 3).save(tmp_path / "a" / "too_bright.tif")  # floats are read as 0..1
+    Image.fromarray(np.full((8, 8), 2**20, dtype=np.int32)).save(tmp_path / "a" / "int32.tif")  # beyond 16 bits
+    ds = build_dataset("folder", root=tmp_path, image_size=8, channels=1)
+    assert [Path(p).name for p, _ in ds.samples] == ["float.tif", "int32.tif", "too_bright.tif"]
+    assert torch.equal(ds[0][0][0], torch.from_numpy(np.round(unit.astype(np.float64) * 255).astype(np.uint8)))
+    with pytest.raises(DataError, match=r"int32\.tif.*0\.\.65535"):
+        ds[1]
+    with pytest.raises(DataError, match=r"too_bright\.tif.*0\.\.1"):
+        ds[2]
+
+
+def test_image_folder_directory_links_neither_loop_nor_cross_classes(tmp_path):
+    # os.walk(followlinks=True) followed cat/up -> .. round and round: 2460 images of 60, dog images labelled cat
+    root = tmp_path / "images"
+    for i in range(3):
+        _png(root / "cat" / "sub" / f"c{i}.png", np.full((4, 4), 10 + i, np.uint8))
+    for i in range(2):
+        _png(root / "dog" / f"d{i}.png", np.full((4, 4), 100 + i, np.uint8))
+    (root / "cat" / "up").symlink_to("..")  # the dataset root: a loop that also holds every class
+    (root / "cat" / "sub" / "again").symlink_to(root / "cat" / "sub")  # a folder already walked: a loop
+    (root / "cat" / "dogs").symlink_to(root / "dog")  # a sibling class
+    (root / "dog" / "self").symlink_to(".")  # the class folder itself
+    ds = build_dataset("folder", root=root, image_size=4, channels=1)
+    assert len(ds) == 5 and [ds[i][1] for i in range(5)] == [0, 0, 0, 1, 1]
+    assert [int(ds[i][0][0, 0, 0]) for i in range(5)] == [10, 11, 12, 100, 101]
+
+
+def test_image_folder_follows_links_to_folders_outside_the_classes(tmp_path):
+    root, extra = tmp_path / "images", tmp_path / "extra"
+    _png(root / "cat" / "c.png", np.full((4, 4), 10, np.uint8))
+    _png(root / "dog" / "d.png", np.full((4, 4), 100, np.uint8))
+    _png(extra / "deep" / "e.png", np.full((4, 4), 50, np.uint8))
+    (extra / "deep" / "back").symlink_to(extra)  # a loop inside the linked tree
+    (extra / "home").symlink_to(root / "dog")  # and a way back into a class
+    (root / "cat" / "more").symlink_to(extra)
+    (root / "cat" / "same").symlink_to(extra)  # the same folder twice is scanned once
+    ds = build_dataset("folder", root=root, image_size=4, channels=1)
+    got = [(Path(p).relative_to(root).as_posix(), label) for p, label in ds.samples]
+    assert got == [("cat/c.png", 0), ("cat/more/deep/e.png", 0), ("dog/d.png", 1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry and the dataset interface
+# ---------------------------------------------------------------------------------------------
+
+
+class ToyDataset(TensorImageDataset):
+    """A plug-in dataset: images whose pixels all equal their index, two classes; records its build arguments."""
+
+    built_with: tuple = ()
+
+    @classmethod
+    def build(cls, root, image_size, channels, train, download):
+        cls.built_with = (root, image_size, channels, train, download)
+        images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, channels, image_size, image_size)
+        return cls(images.contiguous(), torch.arange(6) % 2, ["even", "odd"])
+
+
+def test_a_dataset_registered_with_one_line_is_built_and_accepted_by_the_config(monkeypatch, tmp_path):
+    import train
+
+    with pytest.raises(Exception, match="unknown dataset 'toy'"):
+        train.TrainConfig(dataset="toy")
+    monkeypatch.setitem(DATASETS, "toy", ToyDataset)  # the one line a plug-in adds: DATASETS["toy"] = ToyDataset
+    ds = build_dataset("toy", root=tmp_path, image_size=4, channels=3, train=False, download=False)
+    assert type(ds) is ToyDataset and ToyDataset.built_with == (tmp_path, 4, 3, False, False)
+    assert len(ds) == 6 and ds.num_classes == 2 and ds.classes == ["even", "odd"] and ToyDataset.in_memory
+    assert ds[5][1] == 1 and torch.equal(ds[5][0], torch.full((3, 4, 4), 5, dtype=torch.uint8))
+    with pytest.raises(DataError, match="channels must be 1 or 3"):  # the common checks come before build
+        build_dataset("toy", channels=2)
+    with pytest.raises(DataError, match="choose from cifar10, folder, digits, toy$"):
+        build_dataset("mnist")
+    # the config takes the registry itself as its choices, so the new name is accepted from then on
+    assert train.TrainConfig(dataset="toy").dataset == "toy"
+    assert train.parse_args(["--dataset", "toy"]).dataset == "toy"
+    x, y = next(BatchStream(ds, batch_size=6, flip=False, on_device=True))
+    index = ((x[:, 0, 0, 0] + 1) * 127.5).round().long()  # each image's pixel value is its index
+    assert sorted(index.tolist()) == list(range(6)) and torch.equal(index % 2, y)
+
+
+def test_in_memory_is_declared_by_each_dataset_class(image_folder):
+    assert {name: cls.in_memory for name, cls in DATASETS.items()} == {"cifar10": True, "folder": False, "digits": True}
+    digits = build_dataset("digits", image_size=8, channels=1)
+    folder = build_dataset("folder", root=image_folder, image_size=8, channels=3)
+    assert isinstance(digits, DATASETS["digits"]) and isinstance(folder, DATASETS["folder"])
+    assert digits.in_memory and not folder.in_memory
+    images, labels = digits.tensors()
+    assert images is digits.images and labels is digits.labels and folder.tensors() is None
+
+
+def test_on_device_takes_the_tensors_of_an_in_memory_dataset_without_iterating(monkeypatch):
+    ds = _indexed_dataset(12)
+    expected = _take(BatchStream(ds, batch_size=4, seed=1), 3)
+
+    def no_items(*args):
+        raise AssertionError("an in-memory dataset is not iterated for on_device")
+
+    monkeypatch.setattr(TensorImageDataset, "__getitem__", no_items)
+    monkeypatch.setattr(TensorImageDataset, "__getitems__", no_items)
+    _assert_same(_take(BatchStream(ds, batch_size=4, seed=1, on_device=True), 3), expected)
+
+
+def test_getitems_fetches_a_batch_equal_to_item_by_item():
+    ds = _indexed_dataset(10)
+    items = ds.__getitems__([7, 2, 2, 9])
+    assert [y for _, y in items] == [7, 2, 2, 9] and all(isinstance(y, int) for _, y in items)
+    assert all(torch.equal(x, ds[i][0]) for (x, _), i in zip(items, [7, 2, 2, 9], strict=True))
+    x, y = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(ds, [3, 1]), batch_size=2)))
+    assert torch.equal(x, ds.images[[3, 1]]) and y.tolist() == [3, 1]
+
+
+def test_fingerprint_of_tensors_follows_the_images():
+    a, b = _indexed_dataset(10), _indexed_dataset(10)
+    fp = a.fingerprint()
+    assert isinstance(fp, str) and len(fp) == 16 and int(fp, 16) >= 0
+    assert b.fingerprint() == fp  # equal content, equal fingerprint
+    b.images[3, 0, 1, 2] ^= 1  # one bit of one pixel
+    assert b.fingerprint() != fp
+    assert TensorImageDataset(a.images[:9], a.labels[:9], a.classes).fingerprint() != fp
+    assert build_dataset("digits", image_size=8, channels=1).fingerprint() != build_dataset(
+        "digits", image_size=8, channels=3
+    ).fingerprint()
+
+
+def test_fingerprint_of_a_folder_follows_its_files(image_folder):
+    fp = build_dataset("folder", root=image_folder, image_size=8).fingerprint()
+    assert len(fp) == 16 and build_dataset("folder", root=image_folder, image_size=8).fingerprint() == fp
+    path = image_folder / "dog" / "c.png"
+    _png(path, np.full((12, 40, 3), (10, 50, 200), dtype=np.uint8))  # same name and size, other pixels and time
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = build_dataset("folder", root=image_folder, image_size=8).fingerprint()
+    assert changed != fp
+    _png(image_folder / "dog" / "e.png", np.zeros((4, 4), np.uint8))  # one image more
+    assert build_dataset("folder", root=image_folder, image_size=8).fingerprint() not in (fp, changed)

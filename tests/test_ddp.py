@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stand_ins import Features
+from stand_ins import CHILD_ENV, Features
 
 from utils.checkpoint import load_checkpoint
 
@@ -24,7 +24,7 @@ FLAGS = (
 
 
 def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = CHILD_ENV
     return subprocess.run(
         [*TORCHRUN, str(ROOT / "train.py"), *FLAGS, "--out", str(out), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
@@ -115,7 +115,7 @@ def test_fid_on_two_processes_equals_the_single_process_value(tmp_path):
 
     script = tmp_path / "train_fid.py"
     script.write_text(FID_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**CHILD_ENV, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     flags = [*FLAGS, "--steps", "2", "--sample-every", "0", "--ckpt-every", "0", "--log-every", "2"]
     flags += ["--fid-every", "2", "--fid-samples", "21", "--out", str(tmp_path / "run")]  # odd: unequal shares

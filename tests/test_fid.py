@@ -221,6 +221,83 @@ def test_real_statistics_subset_is_fixed_and_cached_apart(tmp_path):
         real_statistics("digits", tmp_path, 8, 1, extractor=ext, num_images=5000, **kw)
 
 
+def _stats_of(extractor: nn.Module, images: torch.Tensor, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: the statistics of an image tensor (N, C, H, W) fed to the extractor in slices."""
+    fs = FeatureStats()
+    for part in images.split(batch_size):
+        fs.update(extract_features(extractor, part))
+    return fs.mean_cov()
+
+
+def test_dataset_statistics_of_an_in_memory_set_fetch_whole_batches(monkeypatch):
+    from data import TensorImageDataset
+
+    real = build_dataset("digits", image_size=8, channels=1)
+    gathers = []
+    original = TensorImageDataset.__getitems__
+    def counted(self, indices):
+        gathers.append(len(indices))
+        return original(self, indices)
+
+    monkeypatch.setattr(TensorImageDataset, "__getitems__", counted)
+    monkeypatch.setattr(TensorImageDataset, "__getitem__", lambda self, i: pytest.fail("fetched item by item"))
+    ext = TinyExtractor()
+    mu, sigma = dataset_statistics(real, ext, batch_size=500, progress=False)
+    assert gathers == [500, 500, 500, 297]
+    for got, want in zip((mu, sigma), _stats_of(TinyExtractor(), real.images, 500), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # a subset is the seed-0 permutation's first images, also gathered in batches
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))[:300]
+    mu, _ = dataset_statistics(real, ext, batch_size=128, num_images=300, progress=False)
+    assert gathers[4:] == [128, 128, 44]
+    np.testing.assert_array_equal(mu, _stats_of(TinyExtractor(), real.images[order], 128)[0])
+
+
+def test_dataset_statistics_of_a_folder_are_those_of_its_items(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        (tmp_path / "c" / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "c" / str(i % 2) / f"{i}.png")
+    real = build_dataset("folder", root=tmp_path / "c", image_size=8, channels=3)
+    assert not real.in_memory
+    items = torch.stack([real[i][0] for i in range(len(real))])
+    mu, sigma = dataset_statistics(real, TinyExtractor(), batch_size=3, progress=False)
+    for got, want in zip((mu, sigma), _stats_of(TinyExtractor(), items, 3), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_the_cache_key_is_the_datasets_own_fingerprint(tmp_path):
+    from data import TensorImageDataset
+    from evaluation.fid import dataset_fingerprint
+
+    class Labelled(TensorImageDataset):
+        """An in-memory set whose fingerprint is whatever it is told (so the test sees what the cache keys on)."""
+
+        tag = "a"
+
+        def fingerprint(self) -> str:
+            return self.tag
+
+    digits = build_dataset("digits", image_size=8, channels=1)
+    assert dataset_fingerprint(digits) == digits.fingerprint()
+    with pytest.raises(FIDError, match="cannot fingerprint a Subset"):
+        dataset_fingerprint(torch.utils.data.Subset(digits, [0, 1]))
+    ds = Labelled(digits.images.clone(), digits.labels, digits.classes)
+    ext = TinyExtractor()
+    kw = dict(extractor=ext, cache_dir=tmp_path, progress=False, dataset=ds)
+    first, again, other = {}, {}, {}
+    mu, _ = real_statistics("labelled", tmp_path, 8, 1, info=first, **kw)
+    ds.images[:, :, :4] = 0  # other pixels, same fingerprint: the cache trusts the dataset's word
+    mu_again, _ = real_statistics("labelled", tmp_path, 8, 1, info=again, **kw)
+    assert not first["cache_hit"] and again["cache_hit"]
+    np.testing.assert_array_equal(mu, mu_again)
+    ds.tag = "b"  # a new fingerprint: recomputed from the new pixels, into a file of its own
+    mu_other, _ = real_statistics("labelled", tmp_path, 8, 1, info=other, **kw)
+    assert not other["cache_hit"] and other["cache_path"] != first["cache_path"] and not np.allclose(mu_other, mu)
+
+
 # ----------------------------------------------------------------------------- Inception: protocol and offline
 
 

@@ -3,6 +3,7 @@
 import math
 
 import torch
+from stand_ins import all_close
 
 from objectives.flow import FlowMatching, sample_t
 
@@ -90,6 +91,19 @@ def test_loss_draws_from_the_global_rng_so_seeding_reproduces_it():
     torch.manual_seed(3)
     b = fm.loss(model, x1)
     assert torch.equal(a.loss, b.loss) and torch.equal(a.t, b.t)
+    # The draws are the global generator's own, in this order: the noise x0, then the logit-normal normals.
+    torch.manual_seed(3)
+    x0, n = torch.randn_like(x1), torch.randn(8)
+    assert torch.equal(a.t, torch.sigmoid(n))
+    tt = a.t.view(-1, 1, 1, 1)
+    expected = (model(tt * x1 + (1 - tt) * x0, a.t, None) - (x1 - x0)).square().flatten(1).mean(1)
+    assert all_close(a.mse, expected)
+    # and they move it: the next draw differs from a fresh seed's first
+    torch.manual_seed(3)
+    fm.loss(model, x1)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    assert not torch.equal(after, torch.rand(1))
 
 
 def test_ot_pairing_keeps_each_images_label_with_it():

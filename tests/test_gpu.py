@@ -14,6 +14,7 @@ bf16 autocast for DiT-S/2: 0.4% forward, 0.3% gradients, 1% for the worst single
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from datetime import timedelta
 
@@ -26,7 +27,7 @@ from models.dit import DiT_models
 from objectives.flow import FlowMatching
 from sampler import Sampler
 from utils.ema import EMA
-from utils.optim import StepStats, build_adamw, guarded_step
+from utils.optim import StepStats, TrainStep, build_adamw
 
 pytestmark = [
     pytest.mark.gpu,
@@ -100,11 +101,6 @@ def host_syncs():
     found += [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message).lower()]
 
 
-def count_step(stats: StepStats, ok: torch.Tensor, terms, grad_norm: torch.Tensor) -> None:
-    """StepStats.update as train.py calls it."""
-    stats.update(ok, terms.mse, terms.t, grad_norm)
-
-
 class Pictures(Dataset):
     """n seeded random uint8 images (3, size, size) with labels: random pixels are never mirror-symmetric, so a
     flipped image is told from an unflipped one. Items for the loader path, .images and .labels for on_device."""
@@ -122,30 +118,35 @@ class Pictures(Dataset):
         return self.images[i], int(self.labels[i])
 
 
+class ScaledFlow(FlowMatching):
+    """The flow objective with its loss multiplied by ``scale`` (nan or inf: a non-finite step)."""
+
+    scale: float = 1.0
+
+    def loss(self, net, x1, y=None):
+        terms = super().loss(net, x1, y)
+        return terms._replace(loss=terms.loss * self.scale, mse=terms.mse * self.scale)
+
+
 class Trainer:
-    """One training step of train.py built from the public pieces: a batch from the on-device BatchStream, the
-    flow loss under bf16 autocast, backward, guarded_step (clipping, fused AdamW), EMA.update and StepStats."""
+    """train.py's own step (utils.optim.TrainStep: bf16 autocast, backward, guarded_step with clipping and fused
+    AdamW, EMA.update, StepStats) on batches of the on-device BatchStream."""
 
     def __init__(self, model: torch.nn.Module, batch: int = 8):
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = build_adamw(self.params, lr=1e-4)
+        self.opt = build_adamw(model.parameters(), lr=1e-4)
         self.ema = EMA(model, 0.999)
         self.stats = StepStats(CUDA)
-        self.flow = FlowMatching()
+        self.objective = ScaledFlow()
+        self.train_step = TrainStep(model, self.objective, self.opt, self.ema, self.stats, "bf16", grad_clip=1.0)
         # 64 images in batches of 8: an epoch boundary (which copies the new epoch's order to the GPU) every 8 steps
         self.stream = BatchStream(Pictures(64, 32), batch, seed=0, device=CUDA, flip=True, on_device=True)
 
-    def step(self, loss_scale: float = 1.0):
+    def step(self, loss_scale: float = 1.0) -> torch.Tensor:
         x, y = next(self.stream)
-        with bf16():
-            terms = self.flow.loss(self.model, x, y)
-        loss = terms.loss * loss_scale
-        loss.backward()
-        ok, grad_norm = guarded_step(self.opt, self.params, loss, max_norm=1.0)
-        self.ema.update(self.model, mask=ok)
-        count_step(self.stats, ok, terms._replace(loss=loss, mse=terms.mse * loss_scale), grad_norm)
-        return ok
+        self.objective.scale = loss_scale
+        return self.train_step(x, y, lr=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- precision
@@ -356,14 +357,12 @@ def test_nccl_process_group_runs_a_ddp_training_step(tmp_path, record_property):
         model = dit_s2()
         net = DistributedDataParallel(model, device_ids=[0])
         params = list(model.parameters())
-        opt = build_adamw(params, lr=1e-3)
+        opt, stats = build_adamw(params, lr=1e-3), StepStats(CUDA)
         x, t, y = inputs()
         before = [p.detach().clone() for p in params]
-        with bf16():
-            loss = FlowMatching().loss(net, x, y).loss
-        loss.backward()
-        ok, grad_norm = guarded_step(opt, params, loss, max_norm=1.0)
-        assert ok.item() and torch.isfinite(grad_norm) and grad_norm > 0
+        ok = TrainStep(net, FlowMatching(), opt, EMA(model, 0.999), stats, "bf16", grad_clip=1.0)(x, y, lr=1e-3)
+        grad_norm = stats.read()["grad_norm"]
+        assert ok.item() and math.isfinite(grad_norm) and grad_norm > 0
         assert any(not torch.equal(a, b) for a, b in zip(before, params, strict=True))
     finally:
         dist.destroy_process_group()

@@ -121,7 +121,7 @@ def test_any_other_model_has_a_nonzero_residual(wrong):
 def small_dit(dtype=torch.float64, **kwargs) -> DiT:
     args = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=10)
     args.update(kwargs)
-    model = DiT(mean_flow=True, **args)
+    model = DiT(average_velocity=True, time_scale=1.0, **args)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -140,15 +140,15 @@ def dit_inputs(n=6, dtype=torch.float64, seed=1):
 def test_jvp_is_the_finite_difference_total_derivative_on_a_dit():
     model = small_dit()
     x, s, t, v, y = dit_inputs()
-    u, dudt = average_velocity_jvp(model, x, s, t, v, y)
+    u, duds = average_velocity_jvp(model, x, s, t, v, y)
     eps = 1e-5
     e = eps * torch.ones_like(s)
     fd = (model(x + eps * v, s + e, y, interval=t - s - e) - model(x - eps * v, s - e, y, interval=t - s + e)) / (
         2 * eps
     )
     assert all_close(u, model(x, s, y, interval=t - s), rel=1e-12)  # the math attention kernel: not bit-equal
-    assert all_close(dudt, fd, rel=1e-7)
-    assert dudt.abs().max() > 0.1  # the derivative is not trivially zero
+    assert all_close(duds, fd, rel=1e-7)
+    assert duds.abs().max() > 0.1  # the derivative is not trivially zero
     target = MeanFlow().target(model, x, s, t, v, y)
     assert all_close(target, v + (t - s).reshape(-1, 1, 1, 1) * fd, rel=1e-7)
 
@@ -195,9 +195,9 @@ def test_finite_difference_fallback_warns_once_and_matches_the_jvp():
         assert torch.equal(mf.target(Wrapped(net), x, s, t, v, y), fallback)  # no second warning
     exact = MeanFlow().target(net, x, s, t, v, y)
     assert all_close(fallback, exact, rel=1e-3)
-    dudt_fd = total_derivative_fd(net, x, s, t, v, y)
-    _, dudt = average_velocity_jvp(net, x, s, t, v, y)
-    assert all_close(dudt_fd, dudt, rel=1e-3)
+    duds_fd = total_derivative_fd(net, x, s, t, v, y)
+    _, duds = average_velocity_jvp(net, x, s, t, v, y)
+    assert all_close(duds_fd, duds, rel=1e-3)
 
 
 def test_jvp_under_bf16_autocast_is_close_to_float32():
@@ -209,7 +209,7 @@ def test_jvp_under_bf16_autocast_is_close_to_float32():
     assert low.dtype == torch.float32 and all_close(low, exact, rel=5e-2)
     # The whole training loss under autocast, as train.py runs it on a GPU.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms = MeanFlow(omega=1.5).loss(model.train(), x, y)
+        terms = MeanFlow(mf_omega=1.5).loss(model.train(), x, y)
     terms.loss.backward()
     assert terms.loss.dtype == torch.float32 and torch.isfinite(terms.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -219,7 +219,7 @@ def test_equal_times_without_weighting_is_the_flow_matching_loss():
     model = small_dit(torch.float32)
     x1 = torch.randn(8, 1, 8, 8)
     y = torch.randint(0, 10, (8,))
-    mf = MeanFlow(equal_fraction=1.0, weight_power=0.0, t_mean=0.0, t_std=1.0)
+    mf = MeanFlow(mf_equal_fraction=1.0, mf_weight_power=0.0, t_mean=0.0, t_std=1.0)
     torch.manual_seed(3)
     expected = FlowMatching().loss(model, x1, y)  # draws x0, then t
     torch.manual_seed(3)
@@ -239,7 +239,7 @@ def test_equal_times_without_weighting_is_the_flow_matching_loss():
 
 def test_times_are_ordered_logit_normal_with_the_requested_equal_fraction():
     torch.manual_seed(0)
-    mf = MeanFlow(t_mean=0.4, t_std=1.0, equal_fraction=0.75)
+    mf = MeanFlow(t_mean=0.4, t_std=1.0, mf_equal_fraction=0.75)
     s, t = mf.sample_times(200_000)
     assert (s <= t).all() and s.min() > 0 and t.max() < 1
     assert mf.num_unequal(200_000) == 50_000 and (s[:50_000] < t[:50_000]).all() and torch.equal(s[50_000:], t[50_000:])
@@ -247,16 +247,16 @@ def test_times_are_ordered_logit_normal_with_the_requested_equal_fraction():
     both = torch.cat([s[:50_000], t[:50_000]]).double()
     logit = torch.log(both) - torch.log1p(-both)
     assert abs(logit.mean().item() - 0.4) < 0.02 and abs(logit.std().item() - 1.0) < 0.02
-    assert MeanFlow(equal_fraction=0.0).num_unequal(128) == 128 and MeanFlow().num_unequal(128) == 32
+    assert MeanFlow(mf_equal_fraction=0.0).num_unequal(128) == 128 and MeanFlow().num_unequal(128) == 32
 
 
 def test_adaptive_weight_divides_each_sample_by_its_squared_error():
     model = small_dit(torch.float32)
     x1, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
     x0, (s, t) = torch.randn_like(x1), MeanFlow().sample_times(8)
-    plain = MeanFlow(weight_power=0.0).loss(model, x1, y, x0=x0, s=s, t=t)
+    plain = MeanFlow(mf_weight_power=0.0).loss(model, x1, y, x0=x0, s=s, t=t)
     for p, c in ((1.0, 1e-3), (0.5, 0.1)):
-        weighted = MeanFlow(weight_power=p, weight_eps=c).loss(model, x1, y, x0=x0, s=s, t=t)
+        weighted = MeanFlow(mf_weight_power=p, mf_weight_eps=c).loss(model, x1, y, x0=x0, s=s, t=t)
         sq = plain.mse * 64  # squared L2 norm over the sample's 64 elements
         assert torch.equal(weighted.mse, plain.mse)
         assert all_close(weighted.loss, (plain.mse / (sq + c) ** p).mean(), rel=1e-6)
@@ -265,7 +265,7 @@ def test_adaptive_weight_divides_each_sample_by_its_squared_error():
 def test_loss_uses_the_same_label_dropout_in_both_passes_and_has_gradients():
     model = small_dit(torch.float32, class_dropout_prob=0.5).train()
     x1, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    mf = MeanFlow(equal_fraction=0.5)
+    mf = MeanFlow(mf_equal_fraction=0.5)
     torch.manual_seed(0)
     terms = mf.loss(model, x1, y)
     terms.loss.backward()
@@ -291,18 +291,18 @@ def test_training_time_guidance_target():
     null = torch.ones(6, dtype=torch.bool)
     u_c = model(x, s, y, interval=0.0)
     u_n = model(x, s, y, interval=0.0, drop_mask=null)
-    guided = MeanFlow(omega=2.0, kappa=0.5).guided_velocity(model, x, s, v, y)
+    guided = MeanFlow(mf_omega=2.0, mf_kappa=0.5).guided_velocity(model, x, s, v, y)
     assert all_close(guided, 2.0 * v + 0.5 * u_c + (1 - 2.0 - 0.5) * u_n, rel=1e-5)
-    only_omega = MeanFlow(omega=1.5).guided_velocity(model, x, s, v, y)
+    only_omega = MeanFlow(mf_omega=1.5).guided_velocity(model, x, s, v, y)
     assert all_close(only_omega, 1.5 * v - 0.5 * u_n, rel=1e-5)
     # Dropped labels and times outside the guidance interval keep the plain velocity.
     drop = torch.tensor([True, False, False, False, False, False])
     lo = float(s.sort().values[3])
-    part = MeanFlow(omega=2.0, guidance_interval=(lo, 1.0)).guided_velocity(model, x, s, v, y, drop)
+    part = MeanFlow(mf_omega=2.0, mf_guidance_interval=(lo, 1.0)).guided_velocity(model, x, s, v, y, drop)
     keep = drop | (s < lo)
     assert torch.equal(part[keep], v[keep]) and all_close(part[~keep], (2.0 * v - u_n)[~keep], rel=1e-5)
     # The guided loss runs end to end.
-    MeanFlow(omega=2.0, kappa=0.3).loss(model.train(), torch.randn(6, 1, 8, 8), y).loss.backward()
+    MeanFlow(mf_omega=2.0, mf_kappa=0.3).loss(model.train(), torch.randn(6, 1, 8, 8), y).loss.backward()
 
 
 def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thread):
@@ -313,7 +313,7 @@ def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thr
 
     torch.manual_seed(0)
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                num_registers=0, mean_flow=True)  # fmt: skip
+                num_registers=0, **MeanFlow().network_options())  # fmt: skip
     stream = iter(
         BatchStream(build_dataset("digits", image_size=8, channels=1), 32, seed=0, flip=False, on_device=True)
     )
@@ -358,9 +358,7 @@ def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thr
         (["--mf-omega", "0"], "mf_omega must be > 0"),
         (["--mf-kappa", "1"], "mf_kappa must be < 1"),
         (["--t-std", "0"], "t_std must be > 0"),
-        (["--ot"], "drop --ot"),
-        (["--sigma", "0.1"], "drop --ot, --sigma"),
-        (["--t-sampler", "uniform"], "--t-sampler uniform"),
+        (["--mf-guidance-interval", "0.5", "0.2"], "mf_guidance_interval must satisfy 0 <= lo <= hi <= 1"),
     ],
 )
 def test_bad_meanflow_flags_are_one_line_errors(flags, match, tmp_path, capsys):
@@ -372,15 +370,23 @@ def test_bad_meanflow_flags_are_one_line_errors(flags, match, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags", [["--ot"], ["--sigma", "0.1"], ["--t-sampler", "uniform"]])
+def test_flow_matching_flags_are_not_meanflow_flags(flags, tmp_path, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as info:  # argparse's own exit for an unknown flag
+        train.cli(["--objective", "meanflow", "--out", str(tmp_path / "run"), *flags])
+    assert info.value.code == 2 and f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_loss_calls_raise_value_error():
     x1, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     flow_model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=4)
-    with pytest.raises(ValueError, match="mean_flow=True"):
+    with pytest.raises(ValueError, match="interval input"):
         MeanFlow().loss(flow_model, x1, y)
     model = small_dit(torch.float32)
     with pytest.raises(ValueError, match="needs class labels"):
-        MeanFlow(omega=2.0).loss(small_dit(torch.float32, num_classes=0), x1)
+        MeanFlow(mf_omega=2.0).loss(small_dit(torch.float32, num_classes=0), x1)
     with pytest.raises(ValueError, match="both times"):
         MeanFlow().loss(model, x1, y, s=torch.rand(4))
-    with pytest.raises(ValueError, match="shape"):
-        MeanFlow().loss(model, torch.randn(4, 3, 8, 8), y)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stand_ins import Features
+from stand_ins import CHILD_ENV, Features
 from test_train import ROOT, assert_same, cli_args, run_cli, tiny, weights
 
 import evaluation.monitor
@@ -21,7 +21,7 @@ from utils.checkpoint import load_checkpoint
 from utils.preemption import EXIT_CODES, TIME_LIMIT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+ENV = CHILD_ENV
 
 
 def interrupt(command: list[str], sig: int, once: Path, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
@@ -201,7 +201,7 @@ def test_sigterm_to_one_ddp_process_stops_both_at_the_same_step(tmp_path):
 
 
 def test_meanflow_resume_is_bit_identical(tmp_path):
-    mf = dict(objective="meanflow", t_mean=0.4, ckpt_every=0)
+    mf = dict(objective="meanflow", ckpt_every=0)
     train.main(tiny(tmp_path / "full", steps=8, **mf))
     train.main(tiny(tmp_path / "part", steps=4, **mf))
     train.main(tiny(tmp_path / "part", steps=8, resume="yes", **mf))

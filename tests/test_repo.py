@@ -1,6 +1,8 @@
 """Repository hygiene: the conda environment installs exactly requirements.txt; imports run one way."""
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,18 +28,66 @@ def test_environment_yml_installs_requirements_txt():
     assert pip_section(env) == ["-r requirements.txt"]  # one source of truth for the packages
 
 
-def test_requirements_name_every_runtime_dependency_with_a_lower_bound():
+def normalized(name: str) -> str:
+    """A distribution name as PEP 503 compares them (torch_fidelity and torch-fidelity are one)."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def requirements(path: Path) -> dict[str, str]:
+    """{distribution name (lower case, no extras): lower bound} of a requirements file (its -r lines left out)."""
     reqs = {}
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
+    for line in path.read_text().splitlines():
         line = line.split("#")[0].strip()
-        if line:
+        if line and not line.startswith("-r"):
             name, _, bound = line.partition(">=")
-            reqs[name.split("[")[0].strip().lower()] = bound
-    needed = (
-        "torch torchvision torchcfm timm einops wandb moviepy torchmetrics torch-fidelity scipy numpy tqdm torchdiffeq"
-    )
-    for name in needed.split():
-        assert reqs.get(name), f"{name} missing from requirements.txt or without a lower bound"
+            reqs[normalized(name.split("[")[0])] = bound
+    return reqs
+
+
+# Needed at run time without an import of their own: what the named package loads through a plug-in or by name.
+NOT_IMPORTED = {
+    "torch-fidelity": "its Inception-v3 weights are what torchmetrics' FID loads (evaluation/fid.py)",
+    "imageio": "moviepy writes GIFs through it (evaluation/images.py)",
+    "scipy": "torchdiffeq and torchmetrics use it; named for its lower bound",
+    "ipykernel": "the kernel tests/test_notebook.py runs the notebook in",
+    "ruff": "the linter of the README's test command",
+    "matplotlib": "notebooks/sampling.ipynb plots with it",
+}
+
+
+def third_party_imports(paths: list[Path]) -> set[str]:
+    """Distribution names (lower case) of every non-project, non-standard-library module the files import."""
+    from importlib.metadata import packages_distributions
+
+    dists, own = packages_distributions(), {"models", "data", "utils", "objectives", "sampling", "evaluation",
+                                             "benchmarks", "tests", "stand_ins", "train", "sampler", "evaluate"}  # fmt: skip
+    found = set()
+    for path in paths:
+        for module, _ in imports(path):
+            top = module.split(".")[0]
+            if top in own or top in sys.stdlib_module_names or top.startswith("test_") or top == "__future__":
+                continue
+            assert top in dists, f"{path.relative_to(ROOT)} imports {top}, which no installed distribution provides"
+            found |= {normalized(d) for d in dists[top]}
+    return found
+
+
+def test_requirements_are_what_the_code_imports():
+    runtime = requirements(ROOT / "requirements.txt")
+    dev = requirements(ROOT / "requirements-dev.txt")
+    assert all(runtime.values()) and all(dev.values()), "every requirement has a lower bound"
+    code = [p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in ("tests", ".venv")]
+    tests = list((ROOT / "tests").glob("*.py"))
+    used = third_party_imports(code)
+    assert used - set(runtime) == set(), "imported by the project but missing from requirements.txt"
+    assert third_party_imports(tests) - set(runtime) - set(dev) == set(), "imported by tests, not in any requirements"
+    needed = used | third_party_imports(tests)
+    unused = set(runtime) | set(dev)
+    unused -= needed | set(NOT_IMPORTED)
+    assert unused == set(), f"required but never imported (and not in NOT_IMPORTED): {unused}"
+    # the seed's dependencies stay
+    for name in "torch torchvision torchcfm timm einops wandb moviepy torchmetrics scipy numpy tqdm torchdiffeq".split():
+        assert name in runtime, name
 
 
 def test_dev_requirements_add_pytest_on_top_of_runtime():
@@ -72,3 +122,43 @@ def test_imports_run_one_way_scripts_import_packages_never_the_reverse():
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         for module, _ in imports(path):
             assert module.split(".")[0] not in scripts, f"{path.relative_to(ROOT)} imports the script {module}"
+
+
+LAYERS = {  # package -> the project's packages it may import (besides itself)
+    "models": {"utils.config"},
+    "data": set(),
+    "objectives": {"utils"},
+    "sampling": {"models", "objectives", "utils"},
+    "evaluation": {"data", "sampling", "utils"},
+    "utils": {"models"},
+}
+
+
+def test_packages_import_only_the_layers_below_them():
+    for package, allowed in LAYERS.items():
+        for path in sorted((ROOT / package).glob("*.py")):
+            for module, _ in imports(path):
+                top = module.split(".")[0]
+                if top in LAYERS and top != package:
+                    assert top in allowed or module in allowed or any(module.startswith(a + ".") for a in allowed), (
+                        f"{path.relative_to(ROOT)} imports {module}"
+                    )
+
+
+def test_no_module_outside_the_objective_spells_its_name():
+    """What a new objective needs is asked of the objective (network_options, sample_method), so its name is
+    spelled only in its own file, its registry line and the presets; likewise the datasets'."""
+    allowed = {
+        "objectives/meanflow.py": None,  # its own file
+        "objectives/__init__.py": re.compile(r'^(from objectives\.meanflow import MeanFlow|    "meanflow": MeanFlow,.*)$'),
+        "train.py": re.compile(r'^    "digits-meanflow": dict\(|.*objective="meanflow",|.*out="runs/digits-meanflow",'),
+        "benchmarks/gpu_check.py": None,  # a part of the GPU check measures that objective by name, like a preset
+    }
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(("tests/", ".venv/")) or allowed.get(rel, False) is None:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "meanflow" in line:
+                pattern = allowed.get(rel)
+                assert pattern is not None and pattern.match(line), f"{rel}:{number}: {line.strip()}"

@@ -97,7 +97,7 @@ def test_digits_run_learns_loss_falls_and_samples_classify_as_their_labels(tmp_p
 @pytest.mark.parametrize("variant", ["loader", "on-device+ot"])
 def test_resume_after_stopping_at_k_is_bit_identical(tmp_path, variant):
     extra = (
-        dict(data_on_device=False) if variant == "loader" else dict(data_on_device=True, ot=True, t_sampler="uniform")
+        dict(data_on_device=False) if variant == "loader" else dict(data_on_device=True, objective_args=dict(ot=True, t_sampler="uniform"))
     )
     # Samples every 4 steps: drawing them must not disturb the training randomness.
     full = train.main(tiny(tmp_path / "full", sample_every=4, **extra))
@@ -322,7 +322,9 @@ def test_defaults_reproduce_the_cifar10_run_and_every_flag_has_help():
     assert (cfg.dataset, cfg.model, cfg.num_registers, cfg.batch_size, cfg.lr, cfg.ema_decay) == (
         "cifar10", "DiT-S/2", 4, 128, 1e-4, 0.9999,
     )  # fmt: skip
-    assert cfg.cfg_scales == (1.0, 2.5, 5.0) and cfg.t_sampler == "logit-normal" and cfg.sigma == 0.0
+    objective = cfg.build_objective()
+    assert cfg.cfg_scales == (1.0, 2.5, 5.0) and cfg.objective == "flow" and cfg.objective_args == {}
+    assert objective.t_sampler == "logit-normal" and objective.sigma == 0.0 and not objective.ot
     for action in build_parser(TrainConfig, "train.py", "")._actions:
         assert action.help, f"{action.option_strings} has no help"
 
@@ -334,8 +336,10 @@ def test_preset_sets_defaults_that_explicit_flags_override():
 
 
 def test_cli_args_round_trip():
-    cfg = tiny(Path("/tmp/x"), resume="yes", ot=True, qk_norm=False)
+    cfg = tiny(Path("/tmp/x"), resume="yes", objective_args=dict(ot=True, t_mean=0.5), qk_norm=False)
     assert parse_args(cli_args(cfg)) == cfg
+    mf = tiny(Path("/tmp/x"), objective="meanflow", objective_args=dict(mf_omega=1.5, mf_guidance_interval=(0.2, 0.9)))
+    assert parse_args(cli_args(mf)) == mf
 
 
 # ------------------------------------------------------------------------------------------- bad input

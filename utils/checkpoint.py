@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from models.dit import DiT
+from models import DiT, model_from_config
 from utils.config import ConfigError
 from utils.device import unwrap_model
 from utils.io import atomic_write
@@ -71,7 +71,7 @@ def model_from_checkpoint(state: dict[str, Any] | str | os.PathLike, ema: bool =
     state = state if isinstance(state, dict) else load_checkpoint(state)
     if ema and state.get("ema") is None:
         raise CheckpointError("checkpoint holds no EMA weights; load the raw weights with ema=False")
-    model = DiT(**state["model_config"])
+    model = model_from_config(state["model_config"])
     try:
         model.load_state_dict(state["ema" if ema else "model"])
     except RuntimeError as e:

@@ -6,7 +6,9 @@ parser is built from the fields and the values are checked when the config is ma
         steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
 
 gives ``--steps`` (an int, with its help and default), and ``TrainConfig(steps=0)`` raises ConfigError. A bool
-field gives ``--name`` / ``--no-name``; a tuple field takes several values. train.py, sampler.py, evaluate.py and
+field gives ``--name`` / ``--no-name``; a tuple field takes several values. A field listed in ``nested`` holds
+the settings of a class picked from a registry by another field (train.py's ``objective_args``, picked by
+``--objective``): the picked class's own fields become flags too, and are checked by that class. train.py, sampler.py, evaluate.py and
 the benchmark each declare one config class; the model flags (``models.ModelConfig``) and the sampling flags
 (``sampling.sampler.SamplingOptions``) are shared by inheritance.
 """
@@ -20,7 +22,7 @@ import operator
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,10 @@ def arg(default: Any, help: str, *, choices: Sequence[Any] | None = None, group:
 class Config:
     """Base of every config: checks each field against its choices and bounds when the config is made."""
 
+    # {field: (selector field, registry)}: the field holds, as a dict, settings of registry[selector's value]
+    # (those given: the class's defaults fill in the rest).
+    nested: ClassVar[dict[str, tuple[str, dict[str, type[Config]]]]] = {}
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
@@ -65,6 +71,19 @@ class Config:
                 compare, sign = BOUNDS[key]
                 if not compare(value, bound):
                     raise ConfigError(f"{f.name} must be {sign} {bound}, got {value!r}")
+        for name, (key, registry) in self.nested.items():
+            given = {k: tuple(v) if isinstance(v, list) else v for k, v in (getattr(self, name) or {}).items()}
+            chosen = registry[getattr(self, key)]
+            unknown = sorted(set(given) - {f.name for f in fields(chosen)})
+            if unknown:
+                raise ConfigError(f"{key} {getattr(self, key)!r} has no setting {', '.join(unknown)}")
+            chosen(**given)  # its own checks; the settings stay as given (train.py records them resolved)
+            setattr(self, name, given)
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    """A config's fields as a dict (flat: nested settings stay dicts)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
 
 
 C = TypeVar("C", bound=Config)
@@ -73,13 +92,19 @@ C = TypeVar("C", bound=Config)
 def build_parser(cls: type[Config], prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of cls (``--field-name``), defaults from the fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_fields(parser, cls)
+    return parser
+
+
+def add_fields(parser: argparse.ArgumentParser, cls: type[Config], title: str | None = None) -> None:
+    """One flag per field of cls; with a title, all of them in one titled section of --help."""
     hints = typing.get_type_hints(cls)
-    group: Any = parser
+    group: Any = parser.add_argument_group(title) if title else parser
     for f in fields(cls):
         if not f.metadata:
             continue
         meta = f.metadata
-        if meta["group"]:
+        if meta["group"] and not title:
             group = parser.add_argument_group(meta["group"])
         kind = hints[f.name]
         kwargs: dict[str, Any] = dict(help=meta["help"], choices=meta["choices"], **meta["argparse"])
@@ -98,37 +123,54 @@ def build_parser(cls: type[Config], prog: str, description: str) -> argparse.Arg
         else:
             kwargs["default"] = f.default
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-    return parser
 
 
 def parse(cls: type[C], argv: Sequence[str] | None, prog: str, description: str,
           presets: dict[str, dict[str, Any]] | None = None) -> C:  # fmt: skip
     """Flags -> cls. With presets, ``--preset NAME`` sets defaults that explicit flags override.
 
-    argparse exits (status 2) on a malformed flag; a value out of range raises ConfigError, which each script's
-    ``cli`` turns into one error line."""
+    The flags of a nested class (``Config.nested``) are those of the class its selector picks, so they are read
+    in two passes: the selector (and the preset) first, then everything. argparse exits (status 2) on a
+    malformed or unknown flag; a value out of range raises ConfigError, which each script's ``cli`` turns into
+    one error line."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset")
+    defaults = (presets or {}).get(first.parse_known_args(argv)[0].preset, {})
+    picked = {}
+    for name, (key, registry) in cls.nested.items():
+        default = defaults.get(key, next(f.default for f in fields(cls) if f.name == key))
+        first.add_argument("--" + key.replace("_", "-"), dest=key, default=default)
+        value = getattr(first.parse_known_args(argv)[0], key)
+        if value in registry:  # an unknown value is left to the full parser's error
+            picked[name] = registry[value], f"--{key.replace('_', '-')} {value} (each has its own flags)"
     parser = build_parser(cls, prog, description)
+    for chosen, title in picked.values():
+        add_fields(parser, chosen, title)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="named settings; explicit flags override them")
-        known, _ = parser.parse_known_args(argv)
-        if known.preset:
-            parser.set_defaults(**presets[known.preset])
+        parser.set_defaults(**defaults)
     args = vars(parser.parse_args(argv))
     args.pop("preset", None)
+    for name, (chosen, _) in picked.items():  # the values that differ from the class's defaults
+        values = {f.name: args.pop(f.name) for f in fields(chosen) if f.name in args}
+        args[name] = {k: v for f in fields(chosen) if (k := f.name) in values and (v := values[k]) != f.default}
     return cls(**args)
 
 
 def flag_values(cfg: Config) -> list[str]:
     """The command line that ``parse`` turns back into cfg (the fields that differ from their defaults)."""
+    values = [(f, getattr(cfg, f.name)) for f in fields(cfg) if f.metadata]
+    for name, (key, registry) in cfg.nested.items():
+        given = getattr(cfg, name)
+        values += [(f, given[f.name]) for f in fields(registry[getattr(cfg, key)]) if f.metadata and f.name in given]
     out = []
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if not f.metadata or value == f.default or value is None:
+    for f, value in values:
+        if value == f.default or value is None:
             continue
         name = "--" + f.name.replace("_", "-")
         if isinstance(value, bool):
             out.append(name if value else "--no-" + name[2:])
-        elif isinstance(value, tuple):
+        elif isinstance(value, tuple | list):
             out += [name, *map(str, value)]
         else:
             out += [name, str(value)]

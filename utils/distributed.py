@@ -12,7 +12,9 @@ statistics of the training set (minutes on a GPU for CIFAR-10, cached on disk af
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -111,3 +113,14 @@ def barrier() -> None:
     """Wait for every process; a no-op in a single process."""
     if is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def first_then_others(first: bool) -> Iterator[None]:
+    """Run the block on the processes where ``first`` holds, then on the others: e.g. rank 0 downloads a file that
+    the others then find in the cache. A plain barrier in a single process."""
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()

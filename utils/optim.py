@@ -1,4 +1,4 @@
-"""The optimizer update with on-device skipping of non-finite steps, and device-side training statistics.
+"""The training step: the optimizer update with on-device skipping of non-finite steps, and device-side statistics.
 
 A step whose loss or gradient norm is not finite must leave the weights, the optimizer's moments and the
 EMA exactly as they were. Deciding with ``loss.item()`` would stall the GPU on every step, so the decision
@@ -10,11 +10,15 @@ decision and the statistics are all-reduced, so every process takes or skips the
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
+from utils.device import autocast, module_device_dtype, unwrap_model
 from utils.distributed import all_reduce_
+from utils.ema import EMA
 
 
 def build_adamw(
@@ -86,3 +90,44 @@ class StepStats:
             "loss_by_t": [s / c if c else nan for s, c in zip(bin_loss, bin_count, strict=True)],
             "good_steps": good, "skipped": self.skipped.item(), "worst_streak": self.worst_streak.item(),
         }  # fmt: skip
+
+
+def learning_rate(step: int, lr: float, warmup: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
+class TrainStep:
+    """One training step, the one train.py, the benchmark and the GPU tests run: the objective's loss under
+    autocast, backward, the guarded optimizer update (clipping; a non-finite step changes nothing), the EMA update
+    and the on-device statistics. No host sync.
+
+    net is what the loss calls (the model, maybe inside DDP and torch.compile); the EMA follows its plain module.
+    ``mark``, when given, is called after each phase (loss, backward, update): the benchmark's phase timer.
+    """
+
+    def __init__(self, net: torch.nn.Module, objective: Any, optimizer: torch.optim.Optimizer, ema: EMA,
+                 stats: StepStats, precision: str, grad_clip: float = 0.0):  # fmt: skip
+        self.net, self.objective, self.optimizer, self.ema, self.stats = net, objective, optimizer, ema, stats
+        self.model = unwrap_model(net)
+        self.device = module_device_dtype(self.model)[0]
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.precision, self.max_norm = precision, grad_clip or math.inf
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float,
+                 mark: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
+        """Train on images x (N, C, H, W) in [-1, 1] with labels y (N,) at learning rate lr; returns whether the
+        update was taken (a 0-d bool on the device: reading it is a host sync)."""
+        mark = mark or (lambda: None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with autocast(self.device, self.precision):
+            terms = self.objective.loss(self.net, x, y)
+        mark()
+        terms.loss.backward()
+        mark()
+        ok, grad_norm = guarded_step(self.optimizer, self.params, terms.loss, self.max_norm)
+        self.ema.update(self.model, mask=ok)
+        self.stats.update(ok, terms.mse, terms.t, grad_norm)
+        mark()
+        return ok

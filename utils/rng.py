@@ -20,6 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+STEP_SEED_STRIDE = 1_000_003  # a prime, so (seed, rank, step) triples of a run give different seeds
+
+
+def training_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the training randomness of process ``rank`` starting at ``step`` (fresh runs: step 0), where a
+    run has no generator states to restore (a fresh run, or a resume on another number of processes)."""
+    return seed + rank + STEP_SEED_STRIDE * step
+
 
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and every CUDA device), numpy and python."""

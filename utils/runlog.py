@@ -20,7 +20,8 @@ from utils.io import atomic_write
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """One warning line on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -88,7 +89,7 @@ class RunLogger:
 
         if mode == "online" and not _has_wandb_credentials(wandb):
             mode = "offline"
-            _warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")
+            warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.out_dir)
         for attempt in ("online", "offline") if mode == "online" else (mode,):
             try:
@@ -101,9 +102,9 @@ class RunLogger:
                 )  # fmt: skip
                 break
             except Exception as e:  # e.g. no network: an online run falls back to an offline one
-                _warn(f"wandb could not start {attempt} ({type(e).__name__}: {e})")
+                warn(f"wandb could not start {attempt} ({type(e).__name__}: {e})")
         if self.run is None:
-            _warn(f"logging to {self._metrics_path} only")
+            warn(f"logging to {self._metrics_path} only")
             return
         self.mode, self.run_id = attempt, self.run.id
         if self.mode == "offline":
@@ -121,7 +122,7 @@ class RunLogger:
         except Exception as e:
             if kind not in self._warned:
                 self._warned.add(kind)
-                _warn(f"logging {kind} failed ({type(e).__name__}: {e}); training continues")
+                warn(f"logging {kind} failed ({type(e).__name__}: {e}); training continues")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Scalars at a training step, to metrics.jsonl and wandb."""

@@ -1,0 +1,104 @@
+"""What every dataset here is: the ``ImageDataset`` interface, its in-memory form ``TensorImageDataset``, DataError.
+
+A dataset returns ``(image, label)`` with ``image`` a uint8 tensor (C, H, W) in 0..255 and ``label`` an int,
+un-augmented (flips and scaling to [-1, 1] live in ``data.loader.BatchStream``, so the same dataset gives the
+real images for FID statistics). What the rest of the project may ask of one, and nothing else:
+
+- ``in_memory`` (class attribute, bool): whether training holds it on the device by default;
+- ``build(root, image_size, channels, train, download)`` (classmethod): the instance ``data.build_dataset``
+  returns (the common checks of channels and image_size are done before it is called);
+- ``num_classes`` (int) and ``classes`` (list[str]) on the instance;
+- ``fingerprint()``: a short hex string that changes when the content does (the FID statistics cache key);
+- ``tensors()``: the whole set as (images uint8 (N, C, H, W), labels int64 (N,)) when it is held in memory,
+  else None; ``BatchStream(on_device=True)`` then uses them without iterating.
+
+``TensorImageDataset`` implements all of it for a set held as tensors, and ``__getitems__`` so a plain
+DataLoader fetches a batch of it with one gather instead of item by item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class DataError(ValueError):
+    """Missing, empty or unreadable data, or settings that do not fit it."""
+
+
+class ImageDataset(Dataset):
+    """The interface of a registered dataset (see the module docstring); subclasses fill it in."""
+
+    in_memory: ClassVar[bool] = False
+    classes: list[str]
+    num_classes: int
+
+    @classmethod
+    def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> ImageDataset:
+        """The dataset for these settings; items (uint8 (channels, image_size, image_size), int)."""
+        raise NotImplementedError(f"{cls.__name__} does not define build()")
+
+    def fingerprint(self) -> str:
+        """A 16-hex-digit hash of the content: equal for equal data, different when an image changes."""
+        raise NotImplementedError(f"{type(self).__name__} does not define fingerprint()")
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All images uint8 (N, C, H, W) and labels int64 (N,) when held in memory; None otherwise."""
+        return None
+
+
+class TensorImageDataset(ImageDataset):
+    """A dataset held in memory: images uint8 (N, C, H, W) and labels int64 (N,).
+
+    ``BatchStream(on_device=True)`` uses ``images`` and ``labels`` directly (through ``tensors()``) instead of
+    iterating. Subclasses only add a ``build`` classmethod that loads the tensors.
+    """
+
+    in_memory = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise DataError(f"images must be uint8 (N, C, H, W); got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"labels must have shape ({images.shape[0]},); got {tuple(labels.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The items at ``indices`` from one gather; DataLoader calls it for a whole batch and collates the list."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return list(zip(self.images[index].unbind(0), self.labels[index].tolist(), strict=True))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images uint8 (N, C, H, W) and labels int64 (N,) themselves (not copies)."""
+        return self.images, self.labels
+
+    def fingerprint(self) -> str:
+        """A hash of the image tensor (dtype, shape, bytes); labels do not enter (FID statistics ignore them)."""
+        images = self.images.detach().cpu().contiguous()
+        h = hashlib.sha256(f"len={len(self)}".encode())
+        h.update(f"{images.dtype}:{tuple(images.shape)}".encode())
+        h.update(images.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:16]
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 images (N, C, H, W) -> (N, C, size, size), rounded back to uint8."""
+    out = []
+    for part in images.split(chunk):  # chunks bound the float32 copy's memory
+        x = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)

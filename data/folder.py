@@ -1,0 +1,197 @@
+"""A folder of images with one sub-folder per class, read from disk item by item (not held in memory).
+
+``root`` holds one sub-folder per class: the sorted names give the labels; images may sit deeper inside a
+class folder; names starting with "." are skipped. There is no train/test split: ``train`` and ``download``
+are ignored and the whole folder is used.
+
+Pixels. Each image is converted to L (``channels=1``) or RGB (``channels=3``), its shorter side resized to
+``image_size`` (bicubic, antialiased by PIL) and centre-cropped. Single-channel images of a higher bit depth
+are scaled to 8 bits first, never clipped (PIL's own conversion clips them at 255): 16-bit ones (PIL modes
+I;16*, and I, which PIL also uses for 16-bit PGM/PNM files) as round(v * 255 / 65535), float ones (F) as
+round(v * 255) with v read as 0..1. Values outside that range (a 32-bit integer image beyond 16 bits, floats
+outside 0..1, NaN) are refused with a DataError naming the file rather than guessed at. Colour images of 16
+bits per channel are reduced to 8 by PIL when it decodes them.
+
+Links. A class folder may itself be a link, and links to files are followed. Inside a class folder a link to a
+directory is followed only when it leads outside every class folder (data kept elsewhere, linked in): links
+that lead back into the class itself, into another class, or to a folder that holds a class folder (``..``,
+the dataset root) are skipped, and every real directory is scanned at most once per class, so there are no
+loops (os.walk does not detect them) and no images counted twice or under another class's label.
+
+At build time every file's header is opened (cheap, it reads a few bytes), so files that are not images fail
+at once with a message naming them; a file whose header is fine but whose pixels are damaged is met when it
+is first decoded and raises ``DataError`` naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.base import DataError, ImageDataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+
+
+class ImageFolderDataset(ImageDataset):
+    """Images under ``root/<class>/...``, resized (shorter side) and centre-cropped to a square.
+
+    Items are (uint8 (channels, image_size, image_size), class index); classes are the sorted names of
+    the sub-folders of ``root``; ``samples`` lists the (path, label) pairs in item order.
+    """
+
+    in_memory = False  # read by loader workers; a large folder would not fit on the device anyway
+
+    def __init__(self, root: str | Path, image_size: int, channels: int) -> None:
+        self.root = Path(root)
+        self.image_size = image_size
+        self.channels = channels
+        self.mode = "L" if channels == 1 else "RGB"
+        self.classes, self.samples = _scan_image_folder(self.root)
+        self.num_classes = len(self.classes)
+        self.targets = [label for _, label in self.samples]
+
+    @classmethod
+    def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> ImageFolderDataset:
+        """The folder ``root`` (``~`` expanded); ``train`` and ``download`` do not apply."""
+        return cls(Path(root).expanduser(), image_size, channels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = to_8_bits(img, path).convert(self.mode)
+        except DataError:
+            raise
+        except Exception as e:  # PIL raises many types for damaged files; all mean the same to the user
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+        img = resize_center_crop(img, self.image_size)
+        array = np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3); a copy, so torch may own it
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), label
+
+    def fingerprint(self) -> str:
+        """A hash of every file's absolute path, label, size and modification time (no pixel is read)."""
+        h = hashlib.sha256(f"len={len(self)}".encode())
+        for path, label in self.samples:
+            st = os.stat(path)
+            h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def to_8_bits(img: Image.Image, path: str | os.PathLike) -> Image.Image:
+    """A 16-bit (I;16*, I) or float (F) single-channel image as 8-bit L, scaled (not clipped); others unchanged.
+
+    16-bit values v in 0..65535 become round(v * 255 / 65535); float values in 0..1 become round(v * 255).
+    Raises DataError naming ``path`` for values outside that range.
+    """
+    if img.mode == "F":
+        top, what = 1.0, "0..1 (float images are read as 0..1)"
+    elif img.mode == "I" or img.mode.startswith("I;16"):
+        top, what = 65535.0, "0..65535 (integer images are read as 16 bits)"
+    else:
+        return img
+    a = np.asarray(img, dtype=np.float64)  # (H, W)
+    finite = bool(np.isfinite(a).all())
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not finite or lo < 0 or hi > top:
+        raise DataError(
+            f"cannot read image {path}: its {img.mode} values {lo:g}..{hi:g}{'' if finite else ' (and NaN/inf)'} "
+            f"lie outside {what}; convert it to 8 or 16 bits"
+        )
+    return Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8))  # uint8 (H, W): mode L
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize so the shorter side is ``size`` (bicubic; PIL antialiases when shrinking), then crop the centre.
+
+    An image whose shorter side already is ``size`` is only cropped, pixel for pixel.
+    """
+    w, h = img.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        # max(size, ...) guards the shorter side against rounding below size
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+        w, h = new_w, new_h
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _crosses_classes(real: Path, own: Path, classes: list[Path]) -> bool:
+    """Whether the real directory ``real`` holds a class folder (own: a loop) or lies inside another class."""
+    for c in classes:
+        if c.is_relative_to(real):
+            return True
+        if c != own and real.is_relative_to(c) and not own.is_relative_to(c):
+            return True
+    return False
+
+
+def _class_images(top: Path, own: Path, classes: list[Path]) -> list[str]:
+    """Image paths under the class folder ``top`` (real path ``own``), sorted per directory, links as documented."""
+    found: list[str] = []
+    visited = {own}
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                continue
+            path = os.path.join(dirpath, d)
+            real = Path(os.path.realpath(path))
+            if real in visited or _crosses_classes(real, own, classes):
+                continue
+            if os.path.islink(path) and real.is_relative_to(own):
+                continue  # inside the class: its real directories are walked anyway
+            visited.add(real)
+            keep.append(d)
+        dirnames[:] = keep  # os.walk descends only into these
+        for f in sorted(filenames):
+            if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(os.path.join(dirpath, f))
+    return found
+
+
+def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted sub-folder names) and (path, label) pairs; checks every header."""
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"image folder {root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+        hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+        raise DataError(
+            f"image folder {root} has no class sub-folders{hint}; put images in {root}/<class name>/ "
+            "(a single sub-folder for unlabelled data)"
+        )
+    reals = [Path(os.path.realpath(root / name)) for name in classes]
+    samples: list[tuple[str, int]] = []
+    empty = []
+    for label, name in enumerate(classes):
+        found = _class_images(root / name, reals[label], reals)
+        if not found:
+            empty.append(name)
+        samples.extend((path, label) for path in found)
+    if len(empty) == len(classes):
+        raise DataError(f"image folder {root} has no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    if empty:
+        # a class without images would be a label the model is asked to learn but never sees
+        raise DataError(f"class folders without images in {root}: {', '.join(empty)}")
+    for path, _ in samples:
+        try:
+            with Image.open(path):  # lazy: parses the header only
+                pass
+        except Exception as e:
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return classes, samples

@@ -2,9 +2,9 @@
 the sampler's precision, the on-device data path, fused AdamW without host syncs, and NCCL.
 
 Every test here is marked ``gpu`` and skipped without CUDA, so the normal suite only collects them.
-``python -m pytest -m gpu tests/test_gpu.py`` runs them on a GPU machine; ``bash benchmarks/gpu_check.sh run``
+``python -m pytest -m gpu tests/test_gpu.py`` runs them on a GPU machine; ``python -m benchmarks.gpu_check run``
 does so as its first part. Numbers worth reading (errors, kernel names, syncs) are attached to the tests with
-``record_property`` and land in the junit XML that gpu_check.sh summarises.
+``record_property`` and land in the junit XML that benchmarks/gpu_check.py summarises.
 
 Float comparisons are relative to the magnitude of the reference values. The fp32 references run with TF32
 off, so they are exact to float32 rounding; bf16 against fp32 is held to a few percent (measured on the CPU's

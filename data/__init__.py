@@ -1,8 +1,5 @@
-"""Datasets (CIFAR-10, image folders, embedded digits) behind one registry, and the resumable, sharded batch stream.
-
-``DATASETS`` (name -> dataset class) is the registry: ``DATASETS["toy"] = ToyDataset`` adds one
-(``data/datasets.py`` says what the class provides); ``build_dataset`` builds one by name.
-"""
+"""Datasets (CIFAR-10, image folders, embedded digits) behind the ``DATASETS`` registry (``data/datasets.py``),
+and the resumable, sharded batch stream."""
 
 from data.base import ImageDataset, TensorImageDataset
 from data.datasets import DATASETS, DataError, build_dataset

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 
@@ -53,11 +52,7 @@ class ImageDataset(Dataset):
 
 
 class TensorImageDataset(ImageDataset):
-    """A dataset held in memory: images uint8 (N, C, H, W) and labels int64 (N,).
-
-    ``BatchStream(on_device=True)`` uses ``images`` and ``labels`` directly (through ``tensors()``) instead of
-    iterating. Subclasses only add a ``build`` classmethod that loads the tensors.
-    """
+    """A dataset held in memory: images uint8 (N, C, H, W) and labels int64 (N,); subclasses add ``build``."""
 
     in_memory = True
 
@@ -93,12 +88,3 @@ class TensorImageDataset(ImageDataset):
         h.update(f"{images.dtype}:{tuple(images.shape)}".encode())
         h.update(images.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()[:16]
-
-
-def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Bilinear, antialiased resize of uint8 images (N, C, H, W) -> (N, C, size, size), rounded back to uint8."""
-    out = []
-    for part in images.split(chunk):  # chunks bound the float32 copy's memory
-        x = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out.append(x.round().clamp(0, 255).to(torch.uint8))
-    return torch.cat(out)

@@ -1,12 +1,16 @@
-"""The dataset registry and ``build_dataset``, the one way the rest of the project gets a dataset.
+"""The dataset registry, ``build_dataset`` (the one way the rest of the project gets a dataset), and the sets
+held in memory; each class implements the interface of ``data.base``:
 
-``DATASETS`` maps a name to a dataset class; each class lives in its own module and implements the
-interface of ``data.base`` (``in_memory``, ``build``, ``num_classes``, ``classes``, ``fingerprint``,
-``tensors``):
-
-- ``cifar10`` (``data/cifar10.py``): torchvision's CIFAR-10, downloaded on first use, held in memory;
-- ``folder`` (``data/folder.py``): one sub-folder of images per class, read from disk;
-- ``digits`` (``data/digits.py``): scikit-learn's embedded 8x8 digits, held in memory.
+- ``cifar10``: torchvision's CIFAR-10, downloaded on first use into ``root``, held in memory. It is RGB, so
+  ``channels`` must be 3. Its native size is 32; any other ``image_size`` resizes the whole set once at load
+  (bilinear, antialiased), which is meant for experiments, not for comparable FID numbers. ``train`` picks the
+  50k training or the 10k test images. With ``download=False`` an archive placed by hand in ``root`` is
+  unpacked (after its md5 is checked).
+- ``folder`` (``data/folder.py``): one sub-folder of images per class, read from disk.
+- ``digits``: scikit-learn's embedded handwritten digits (1797 images, 8x8, values 0..16, 10 classes), held in
+  memory, for a CPU quick start with no download. Values are scaled to 0..255; ``image_size`` other than 8
+  resizes bilinearly; ``channels=3`` repeats the gray channel. There is no train/test split: ``root``,
+  ``train`` and ``download`` are ignored and the whole set is used.
 
 Adding a dataset is one class (usually a ``TensorImageDataset`` subclass whose ``build`` loads the tensors)
 and one line, from anywhere before the config is parsed::
@@ -19,17 +23,79 @@ nothing outside ``data/`` looks at a dataset's name or attributes beyond that in
 
 from __future__ import annotations
 
+import pickle
+import tarfile
 from pathlib import Path
 
-from data.base import DataError, ImageDataset, TensorImageDataset, resize_uint8
-from data.cifar10 import CIFAR10_URL, Cifar10Dataset
-from data.digits import DigitsDataset
-from data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, resize_center_crop
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-__all__ = [
-    "CIFAR10_URL", "DATASETS", "IMAGE_EXTENSIONS", "Cifar10Dataset", "DataError", "DigitsDataset", "ImageDataset",
-    "ImageFolderDataset", "TensorImageDataset", "build_dataset", "resize_center_crop", "resize_uint8",
-]  # fmt: skip
+from data.base import DataError, ImageDataset, TensorImageDataset
+from data.folder import ImageFolderDataset
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 images (N, C, H, W) -> (N, C, size, size), rounded back to uint8."""
+    out = []
+    for part in images.split(chunk):  # chunks bound the float32 copy's memory
+        x = F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+class Cifar10Dataset(TensorImageDataset):
+    """CIFAR-10 as uint8 (N, 3, image_size, image_size) images and int64 (N,) labels, 10 classes."""
+
+    @classmethod
+    def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> Cifar10Dataset:
+        """The train (50k) or test (10k) split from ``root``, downloaded there when missing and ``download``."""
+        from torchvision.datasets import CIFAR10
+        from torchvision.datasets.utils import check_integrity, extract_archive
+
+        if channels != 3:
+            raise DataError(f"CIFAR-10 has 3 channels; got --channels {channels}")
+        root = Path(root).expanduser().resolve()
+        archive, folder = root / CIFAR10.filename, root / CIFAR10.base_folder
+        where = f"put the extracted folder at {folder} or the archive {archive.name} in {root} (from {CIFAR10_URL})"
+        if not download and not folder.exists() and archive.exists():
+            # the user placed the archive by hand and asked for no download: unpack it ourselves
+            if not check_integrity(str(archive), CIFAR10.tgz_md5):
+                raise DataError(f"{archive} is damaged (md5 mismatch); {where}")
+            extract_archive(str(archive), str(root))
+        try:
+            tv = CIFAR10(str(root), train=train, download=download)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, tarfile.TarError, KeyError, ValueError) as e:
+            reason = f"{type(e).__name__}: {e}".replace("\n", " ")
+            if download:
+                raise DataError(f"CIFAR-10 is not in {root} and could not be downloaded ({reason}); {where}") from None
+            raise DataError(f"CIFAR-10 not found or damaged in {root} ({reason}); {where}") from None
+        images = torch.from_numpy(np.ascontiguousarray(tv.data)).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+        if image_size != images.shape[-1]:
+            images = resize_uint8(images, image_size)
+        return cls(images, torch.as_tensor(tv.targets, dtype=torch.long), list(tv.classes))
+
+
+class DigitsDataset(TensorImageDataset):
+    """The digits as uint8 (1797, channels, image_size, image_size) images and int64 (1797,) labels 0..9."""
+
+    @classmethod
+    def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> DigitsDataset:
+        """All 1797 digits at ``image_size`` with ``channels`` (1, or 3 by repeating the gray channel)."""
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float()  # (1797, 8, 8), values 0..16
+        images = (images * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).unsqueeze(1)  # (N, 1, 8, 8)
+        if image_size != 8:
+            images = resize_uint8(images, image_size)
+        if channels == 3:
+            images = images.repeat(1, 3, 1, 1)
+        labels = torch.from_numpy(digits.target).long()
+        return cls(images.contiguous(), labels, [str(i) for i in range(10)])
+
 
 DATASETS: dict[str, type[ImageDataset]] = {
     "cifar10": Cifar10Dataset,

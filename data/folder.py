@@ -39,11 +39,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class ImageFolderDataset(ImageDataset):
-    """Images under ``root/<class>/...``, resized (shorter side) and centre-cropped to a square.
-
-    Items are (uint8 (channels, image_size, image_size), class index); classes are the sorted names of
-    the sub-folders of ``root``; ``samples`` lists the (path, label) pairs in item order.
-    """
+    """Images under ``root/<class>/...`` as (uint8 (channels, image_size, image_size), class index) items;
+    ``samples`` lists the (path, label) pairs in item order."""
 
     in_memory = False  # read by loader workers; a large folder would not fit on the device anyway
 
@@ -54,7 +51,6 @@ class ImageFolderDataset(ImageDataset):
         self.mode = "L" if channels == 1 else "RGB"
         self.classes, self.samples = _scan_image_folder(self.root)
         self.num_classes = len(self.classes)
-        self.targets = [label for _, label in self.samples]
 
     @classmethod
     def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> ImageFolderDataset:
@@ -120,9 +116,8 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     if min(w, h) != size:
         scale = size / min(w, h)
         # max(size, ...) guards the shorter side against rounding below size
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((new_w, new_h), Image.BICUBIC)
-        w, h = new_w, new_h
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
 

@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.base import DataError, ImageDataset
 
+EPOCH_SEED_STRIDE = 1_000_003  # seed * stride + epoch: no two (seed, epoch) pairs share a permutation (epoch < stride)
+
 
 class _BatchList(Sampler[list[int]]):
     """A batch sampler that yields the batches it is handed; set ``batches`` before each iter(loader)."""
@@ -122,7 +124,7 @@ class BatchStream:
         """Draw epoch's permutation and flips (rank-independent), keep this rank's slice."""
         if self._plan_epoch == epoch:
             return
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)
+        g = torch.Generator().manual_seed((self.seed * EPOCH_SEED_STRIDE + epoch) % 2**64)
         perm = torch.randperm(self.num_samples, generator=g)
         flips = torch.rand(self.num_samples, generator=g) < 0.5
         order = perm[: self.per_rank * self.world_size][self.rank :: self.world_size]
@@ -149,8 +151,7 @@ class BatchStream:
             flip = self._flips_dev[idx]
         else:
             if self._iter is None:
-                rest = self._order[lo:]
-                self._sampler.batches = rest.view(-1, self.batch_size).tolist()
+                self._sampler.batches = self._order[lo:].view(-1, self.batch_size).tolist()
                 self._iter = iter(self._loader)
             try:
                 x, y = next(self._iter)
@@ -189,10 +190,7 @@ def usable_workers(num_workers: int) -> int:
 
 
 def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images uint8 (N, C, H, W) and labels int64 (N,), in dataset order.
-
-    A dataset held in memory hands over its tensors (``ImageDataset.tensors()``); any other goes through a DataLoader.
-    """
+    """All images uint8 (N, C, H, W) and labels int64 (N,), in dataset order (see the module docstring)."""
     whole = dataset.tensors() if isinstance(dataset, ImageDataset) else None
     if whole is not None:
         images, labels = whole

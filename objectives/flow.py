@@ -41,10 +41,8 @@ def sample_t(
 class FlowMatching(Objective):
     """Conditional flow-matching loss on torchcfm's linear path (t = 0 noise, t = 1 data).
 
-    sigma: width of the Gaussian path (0 gives the deterministic straight line of rectified flow).
-    t_sampler, t_mean, t_std: how training times are drawn (see ``sample_t``).
-    ot: pair noise and images by exact minibatch optimal transport (OT-CFM, Tong et al. 2024); each
-        image keeps its label. The plan is solved on the CPU with POT and resampled with numpy's global RNG.
+    With ``ot`` (OT-CFM, Tong et al. 2024) each image keeps its label; the plan is solved on the CPU with POT and
+    resampled with numpy's global RNG.
     """
 
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
@@ -85,9 +83,7 @@ class FlowMatching(Objective):
             t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1, t=t)
         return t, xt, ut, y
 
-    def loss(
-        self, model: Callable[..., torch.Tensor], x1: torch.Tensor, y: torch.Tensor | None = None
-    ) -> LossTerms:
+    def loss(self, model: Callable[..., torch.Tensor], x1: torch.Tensor, y: torch.Tensor | None = None) -> LossTerms:
         """Mean squared error between model(x_t, t, y) and the target velocity u_t (float32)."""
         t, xt, ut, y = self.sample_path(x1, y)
         mse = (model(xt, t, y).float() - ut.float()).square().flatten(1).mean(1)  # (N,)

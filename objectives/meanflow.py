@@ -121,14 +121,7 @@ def total_derivative_fd(
 
 @dataclass(kw_only=True)
 class MeanFlow(Objective):
-    """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc.
-
-    t_mean, t_std: logit-normal of both times (default: the paper's ImageNet setting, mirrored to t = 0 noise).
-    mf_equal_fraction: fraction of each batch with s = t (plain flow matching rows).
-    mf_weight_power, mf_weight_eps: adaptive weight 1 / (||err||^2 + eps)^power (power 0: plain MSE).
-    mf_omega, mf_kappa: training-time guidance (omega = 1, kappa = 0: off); effective CFG scale omega / (1 - kappa).
-    mf_guidance_interval: (lo, hi) of the current time s where training-time guidance applies; elsewhere v~ = v.
-    """
+    """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc."""
 
     sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
 
@@ -183,23 +176,17 @@ class MeanFlow(Objective):
         model that takes drop_mask (the DiT); the network runs on the plain module, one pass of N or 2N.
         """
         plain = unwrap_model(model)
-        n = x.shape[0]
+        omega, kappa = self.mf_omega, self.mf_kappa
         zero = torch.zeros_like(s)
-        null = torch.ones(n, dtype=torch.bool, device=x.device)
+        null = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         with torch.no_grad():
-            if self.mf_kappa == 0.0:
+            if kappa == 0.0:
                 u_null = plain(x, s, y, interval=zero, drop_mask=null)
-                mixed = self.mf_omega * v + (1 - self.mf_omega) * u_null.to(v.dtype)
+                mixed = omega * v + (1 - omega) * u_null.to(v.dtype)
             else:
-                out = plain(
-                    torch.cat([x, x]),
-                    torch.cat([s, s]),
-                    torch.cat([y, y]),
-                    interval=torch.cat([zero, zero]),
-                    drop_mask=torch.cat([~null, null]),
-                ).to(v.dtype)  # (2N, C, H, W)
-                u_cond, u_null = out.chunk(2)
-                omega, kappa = self.mf_omega, self.mf_kappa
+                two = lambda a: torch.cat([a, a])
+                out = plain(two(x), two(s), two(y), interval=two(zero), drop_mask=torch.cat([~null, null]))  # (2N, ...)
+                u_cond, u_null = out.to(v.dtype).chunk(2)
                 mixed = omega * v + kappa * u_cond + (1 - omega - kappa) * u_null
         lo, hi = self.mf_guidance_interval
         active = (s >= lo) & (s <= hi)
@@ -271,11 +258,8 @@ class MeanFlow(Objective):
             v = self.guided_velocity(plain, xs, s, v, y, drop_mask)
         target = v
         if k > 0:
-            sl = slice(0, k)
-            head = self.target(
-                plain, xs[sl], s[sl], t[sl], v[sl], None if y is None else y[sl],
-                None if drop_mask is None else drop_mask[sl],
-            )  # fmt: skip
+            head = self.target(plain, xs[:k], s[:k], t[:k], v[:k], None if y is None else y[:k],
+                               None if drop_mask is None else drop_mask[:k])  # fmt: skip
             target = torch.cat([head, v[k:]]) if k < n else head
         pred = _call(model, xs, s, y, t - s, drop_mask)
         err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
@@ -286,4 +270,3 @@ class MeanFlow(Objective):
             weight = (err.sum(1).detach() + self.mf_weight_eps).pow(-self.mf_weight_power)
             loss = (weight * mse).mean()
         return LossTerms(loss, mse.detach(), s)
-

@@ -4,4 +4,4 @@ from models.config import ModelConfig, build_model, model_from_config
 from models.cost import count_params, forward_flops, forward_macs
 from models.dit import DiT, DiT_models
 
-__all__ = ["DiT", "DiT_models", "ModelConfig", "build_model", "model_from_config", "count_params", "forward_flops", "forward_macs"]
+__all__ = ["DiT", "DiT_models", "ModelConfig", "build_model", "model_from_config", "count_params", "forward_flops", "forward_macs"]  # fmt: skip

@@ -39,11 +39,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-#################################################################################
-#                     Embedding layers for time and class labels                #
-#################################################################################
-
-
 class TimestepEmbedder(nn.Module):
     """Embeds continuous times t in [0, 1] (or interval lengths) into vectors through sinusoids and an MLP."""
 
@@ -90,20 +85,14 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def forward(self, labels: torch.Tensor, drop: bool, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if drop_mask is not None:
-            # Exactly these labels become the null class (DiT's force_drop_ids): a loss that evaluates the
-            # network twice on one batch (a target pass and a gradient pass) needs the same dropout in both.
-            labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
-        elif drop and self.dropout_prob > 0:
+        # A given drop_mask says exactly which labels become the null class (DiT's force_drop_ids): a loss that
+        # evaluates the network twice on one batch (a target pass and a gradient pass) needs the same dropout in both.
+        if drop_mask is None and drop and self.dropout_prob > 0:
             # Label dropout teaches the null class that classifier-free guidance needs.
-            dropped = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(dropped, torch.full_like(labels, self.num_classes), labels)
+            drop_mask = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        if drop_mask is not None:
+            labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)  # (N, D)
-
-
-#################################################################################
-#                                 Core DiT model                                #
-#################################################################################
 
 
 class PatchEmbed(nn.Module):
@@ -219,7 +208,7 @@ class DiT(nn.Module):
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
-        self.input_size, self.patch_size, self.in_channels, self.out_channels = input_size, patch_size, in_channels, in_channels
+        self.input_size, self.patch_size, self.in_channels, self.out_channels = input_size, patch_size, in_channels, in_channels  # fmt: skip
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
         self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
@@ -278,11 +267,9 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
 
-        # Zero-init the output layers so the untrained network predicts exactly zero velocity.
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        # Zero-init the output layers (adaLN and linear) so the untrained network predicts exactly zero velocity.
+        for param in self.final_layer.parameters():
+            nn.init.zeros_(param)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (N, T, p * p * C) back to images (N, C, H, W)."""
@@ -339,17 +326,10 @@ class DiT(nn.Module):
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-#################################################################################
-#                          Sine/cosine position embedding                       #
-#################################################################################
-
-
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding of shape (grid_size * grid_size, embed_dim)."""
-    grid_h = np.arange(grid_size, dtype=np.float64)
-    grid_w = np.arange(grid_size, dtype=np.float64)
-    grid = np.meshgrid(grid_w, grid_h)  # w goes first, as in MAE / DiT
-    grid = np.stack(grid, axis=0).reshape(2, 1, grid_size, grid_size)
+    pos = np.arange(grid_size, dtype=np.float64)
+    grid = np.stack(np.meshgrid(pos, pos), axis=0)  # (2, G, G); w goes first, as in MAE / DiT
     emb_h = _get_1d_sincos_pos_embed(embed_dim // 2, grid[0])
     emb_w = _get_1d_sincos_pos_embed(embed_dim // 2, grid[1])
     return np.concatenate([emb_h, emb_w], axis=1)  # (G * G, D)
@@ -361,10 +341,6 @@ def _get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # (M, D)
 
-
-#################################################################################
-#                                   DiT configs                                 #
-#################################################################################
 
 # name -> (hidden_size, depth, num_heads). S/B/L/XL from the DiT paper; XS and T for CPU runs and tests.
 DIT_SIZES: dict[str, tuple[int, int, int]] = {

@@ -19,11 +19,6 @@ EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0  # EDM noise levels (Ka
 ADAPTIVE = ("dopri5",)  # methods that choose their own steps (torchdiffeq), run by the Sampler
 
 
-#################################################################################
-#                                   Time grids                                  #
-#################################################################################
-
-
 def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
     """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
 
@@ -55,10 +50,6 @@ def frame_indices(steps: int, max_frames: int) -> list[int]:
     k = min(steps + 1, max_frames)
     return sorted({round(i * steps / (k - 1)) for i in range(k)})
 
-
-#################################################################################
-#                                 Solver steps                                  #
-#################################################################################
 
 # f(x (N, ...), t) -> dx/dt (N, ...); an average-velocity solver calls f(x, t, h) -> the average over [t, t + h]
 Velocity = Callable[..., torch.Tensor]
@@ -97,8 +88,7 @@ Step = Callable[[Velocity, torch.Tensor, float, float], torch.Tensor]
 
 @dataclass(frozen=True)
 class Solver:
-    """A fixed-grid method: its step, the network evaluations per step, whether it needs an average-velocity
-    network (its step calls f(x, t, h)), and a few words for --help."""
+    """A fixed-grid method (see the module docstring), with a few words for --help."""
 
     step: Step
     nfe_per_step: int

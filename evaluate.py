@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from data import build_dataset
+from data import DATASETS, build_dataset
 from evaluation.fid import compute_fid, load_inception, real_statistics
 from sampling.sampler import Sampler, SamplingOptions, checkpoint_sample_method, sampling_options
 from sampling.solvers import ADAPTIVE
@@ -49,7 +49,7 @@ class EvalConfig(SamplingOptions):
     overwrite: bool = arg(False, "replace the result file if it exists")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     progress: bool = arg(True, "show progress bars")
-    dataset: str | None = arg(None, "real set: cifar10, folder or digits (default: the checkpoint's)",
+    dataset: str | None = arg(None, f"real set: {', '.join(DATASETS)} (default: the checkpoint's)",
                               group="real statistics")  # fmt: skip
     data_path: str | None = arg(None, "dataset root or image folder (default: the checkpoint's)")
     split: str = arg("train", "real split (CIFAR-10 only)", choices=("train", "test"))

@@ -8,9 +8,9 @@ parser is built from the fields and the values are checked when the config is ma
 gives ``--steps`` (an int, with its help and default), and ``TrainConfig(steps=0)`` raises ConfigError. A bool
 field gives ``--name`` / ``--no-name``; a tuple field takes several values. A field listed in ``nested`` holds
 the settings of a class picked from a registry by another field (train.py's ``objective_args``, picked by
-``--objective``): the picked class's own fields become flags too, and are checked by that class. train.py, sampler.py, evaluate.py and
-the benchmark each declare one config class; the model flags (``models.ModelConfig``) and the sampling flags
-(``sampling.sampler.SamplingOptions``) are shared by inheritance.
+``--objective``): the picked class's own fields become flags too, and are checked by that class. train.py,
+sampler.py, evaluate.py and the benchmark each declare one config class; the model flags (``models.ModelConfig``)
+and the sampling flags (``sampling.sampler.SamplingOptions``) are shared by inheritance.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import dataclasses
 import math
 import operator
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
@@ -32,12 +32,13 @@ class ConfigError(ValueError):
 BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
-def arg(default: Any, help: str, *, choices: Sequence[Any] | None = None, group: str | None = None,
+def arg(default: Any, help: str, *, choices: Collection[Any] | None = None, group: str | None = None,
         min: float | None = None, max: float | None = None, gt: float | None = None, lt: float | None = None,
         **argparse_kwargs: Any) -> Any:  # fmt: skip
     """A config field: its default, its --help text, the allowed values (choices and the bounds min <= v <= max,
-    gt < v < lt) and extra argparse keywords (nargs, const, metavar). ``group`` starts a titled section of --help
-    that the following fields join."""
+    gt < v < lt) and extra argparse keywords (nargs, const, metavar). ``choices`` may be a tuple or a registry
+    (a dict: its keys, read when the config is made, so names added later count). ``group`` starts a titled
+    section of --help that the following fields join."""
     bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
     metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=argparse_kwargs)
     return field(default=default, metadata=metadata)

@@ -109,18 +109,12 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def barrier() -> None:
-    """Wait for every process; a no-op in a single process."""
-    if is_initialized():
-        dist.barrier()
-
-
 @contextlib.contextmanager
 def first_then_others(first: bool) -> Iterator[None]:
     """Run the block on the processes where ``first`` holds, then on the others: e.g. rank 0 downloads a file that
-    the others then find in the cache. A plain barrier in a single process."""
-    if not first:
-        barrier()
+    the others then find in the cache. Just the block in a single process."""
+    if not first and is_initialized():
+        dist.barrier()
     yield
-    if first:
-        barrier()
+    if first and is_initialized():
+        dist.barrier()

@@ -184,22 +184,10 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt (or an average velocity)."""
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 3,
-        hidden_size: int = 384,
-        depth: int = 12,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 10,
-        class_dropout_prob: float = 0.1,
-        num_registers: int = 4,
-        qk_norm: bool = True,
-        average_velocity: bool = False,
-        time_scale: float = 1000.0,
-    ):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3, hidden_size: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10,
+                 class_dropout_prob: float = 0.1, num_registers: int = 4, qk_norm: bool = True,
+                 average_velocity: bool = False, time_scale: float = 1000.0):  # fmt: skip
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")

@@ -213,10 +213,8 @@ class MeanFlow(Objective):
             except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
                 self._use_fd = True
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.warn(
-                    f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
-                    stacklevel=2,
-                )
+                warnings.warn(f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative "
+                              "from now on", stacklevel=2)  # fmt: skip
                 duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
         return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 

@@ -108,10 +108,9 @@ METHODS: tuple[str, ...] = (*FIXED_GRID_SOLVERS, *ADAPTIVE)  # every method the 
 
 def get_solver(method: str) -> Solver:
     """The fixed-grid solver called method; a ValueError for any other name (dopri5 included: it has no grid)."""
-    try:
-        return SOLVERS[method]
-    except KeyError:
-        raise ValueError(f"unknown fixed-grid method {method!r}; choose from {', '.join(FIXED_GRID_SOLVERS)}") from None
+    if method not in SOLVERS:
+        raise ValueError(f"unknown fixed-grid method {method!r}; choose from {', '.join(FIXED_GRID_SOLVERS)}")
+    return SOLVERS[method]
 
 
 def solver_step(f: Velocity, x: torch.Tensor, t0: float, t1: float, method: str) -> torch.Tensor:

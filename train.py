@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -169,13 +170,41 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
     the reason it stopped early (None when it reached --steps). fid_extractor replaces Inception (tests)."""
     started = time.monotonic()
     try:
-        dist = init_distributed(cfg.device, cfg.dist_timeout)
+        with signals_end_setup():
+            dist = init_distributed(cfg.device, cfg.dist_timeout)
     except ValueError as e:  # e.g. --device cuda on a machine without one
         raise ConfigError(str(e)) from None
     try:
-        return train(setup(resolve(cfg, dist.device), dist, fid_extractor, started))
+        with signals_end_setup():
+            run = setup(resolve(cfg, dist.device), dist, fid_extractor, started)
+        return train(run)
     finally:
         cleanup()
+
+
+class SetupInterrupted(KeyboardInterrupt):
+    """A signal during set-up, where there is nothing to checkpoint yet. A KeyboardInterrupt, so that whatever
+    handles Ctrl-C (loader workers, atomic writes) treats SIGTERM and SIGUSR1 alike."""
+
+    def __init__(self, signum: int):
+        super().__init__(REASONS[signum])
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_end_setup() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block; train's StopRequest then takes over
+    and lets the step in progress finish."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise SetupInterrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
@@ -248,6 +277,9 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         if resumed and dist.is_main:
             print(f"resume: {state['world_size']} processes before, {dist.world_size} now: new epoch, reseeded")
         seed_everything(seed)
+    if resumed and dist.is_main and stream.resized_since(state["data_state"]):  # e.g. a damaged image removed
+        print(f"resume: the data set has {state['data_state']['num_samples']} images before, {stream.num_samples} "
+              f"now: its order changes, so the run goes on from a new epoch (epoch {stream.epoch})")  # fmt: skip
     step_fn = TrainStep(net, objective, opt, ema, StepStats(device), cfg.precision, cfg.grad_clip)
     monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor)
     return Run(cfg, dist, model, net, ema, opt, stream, step_fn, logger, monitor, step,
@@ -301,6 +333,8 @@ def train(run: Run) -> dict[str, Any]:
                 stop.time_taken(time.perf_counter() - started)  # a step and its checkpoint: what the budget keeps
                 if reason is None:
                     run.monitor(step, model, run.ema.model, last)
+    except DataError as e:  # a damaged image met mid-run: keep what was learned before it
+        raise save_before_data_error(run, step, clock, bar, e) from None
     finally:  # also when stopped by non-finite losses: flush wandb's files
         stop.close()
         bar.close()
@@ -311,6 +345,26 @@ def train(run: Run) -> dict[str, Any]:
               "same command and --resume (or --resume auto)", file=sys.stderr, flush=True)  # fmt: skip
     return {"step": step, "losses": history, "skipped_steps": run.skipped_before + int(stats.skipped.item()),
             "out": Path(cfg.out), "model": model, "ema": run.ema.model, "checkpoint": last_ckpt, "stopped_by": reason}
+
+
+def save_before_data_error(run: Run, step: int, clock: Clock, bar: tqdm, e: DataError) -> DataError:
+    """The DataError of a file met mid-run, after a log and a checkpoint of the last finished step (unless it has
+    them already), so that the user can remove the file and resume; the same stream up to there, so it is exact.
+
+    Single-process only: under DDP the other processes wait in the step's collectives, so none can be written."""
+    cfg, stats = run.cfg, run.step_fn.stats
+    if run.dist.distributed:
+        if not run.dist.is_main:  # only this process met the file: say so here, rank 0 never hears of it
+            print(f"train.py: error (rank {run.dist.rank}): {e}", file=sys.stderr, flush=True)
+        return e
+    if step == run.step:  # nothing learned since the start or the checkpoint resumed from
+        return e
+    if not (cfg.ckpt_every and step % cfg.ckpt_every == 0):  # the loop wrote none at this step
+        if step % cfg.log_every:
+            log(run, step, stats, learning_rate(step - 1, cfg.lr, cfg.warmup), clock, bar)
+        checkpoint(run, step, stats)
+    return DataError(f"{e}; checkpoint of step {step}: {last_checkpoint(cfg)}. Remove or replace the file, then "
+                     "continue with the same command and --resume")  # fmt: skip
 
 
 def log(run: Run, step: int, stats: StepStats, lr: float, clock: Clock, bar: tqdm) -> list[tuple[int, float]]:
@@ -390,6 +444,11 @@ def cli(argv: list[str] | None = None) -> int:
         return 1
     except PeerError:  # another process failed and said why
         return 1
+    except SetupInterrupted as e:  # nothing to save yet: exit now, with the code of the signal, as a stop would
+        if rank0:
+            print(f"train.py: stopped by {e} during set-up, before any step; nothing to save: run the same command "
+                  "again to start (or continue)", file=sys.stderr)  # fmt: skip
+        return EXIT_CODES[e.signum]
     return 0 if result["stopped_by"] is None else EXIT_CODES[result["stopped_by"]]
 
 

@@ -5,7 +5,10 @@ The stream is a pure function of (seed, epoch, position). For epoch e one genera
 every rank. As in DistributedSampler (drop_last), the permutation is cut to a multiple of world_size
 and rank r takes every world_size-th entry from r, so ranks see disjoint images and the same number
 of batches; an incomplete last batch is dropped. The state is just {"epoch", "index"} (batches
-consumed in the epoch), so resuming at step k reproduces the uninterrupted stream bit for bit.
+consumed in the epoch), so resuming at step k reproduces the uninterrupted stream bit for bit, plus
+"num_samples": a position means nothing in the permutation of a dataset of another size (an image folder
+from which a damaged file was removed), so such a state continues at the start of the next epoch instead,
+where every image that is left is seen once, rather than mid-way through a permutation it never had.
 
 Two ways to fetch the images give identical batches:
 - on_device=False: a DataLoader (workers, pinned memory on CUDA, persistent workers) whose batch
@@ -160,18 +163,25 @@ class BatchStream:
         return x, y.long()
 
     def state_dict(self) -> dict:
-        """{"epoch": int, "index": int (batches consumed in this epoch)}."""
-        return {"epoch": self._epoch, "index": self._index}
+        """{"epoch": int, "index": int (batches consumed in this epoch), "num_samples": int (the dataset's size)}."""
+        return {"epoch": self._epoch, "index": self._index, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(); the next batch is the one that followed it."""
+        """Continue from a state_dict(); the next batch is the one that followed it. A state of a dataset of
+        another size (``resized_since``) continues at the start of the next epoch."""
         epoch, index = int(state["epoch"]), int(state["index"])
+        if self.resized_since(state):
+            epoch, index = epoch + 1, 0
         if epoch < 0 or not 0 <= index <= self.steps_per_epoch:
             raise DataError(
                 f"data state epoch={epoch} index={index} does not fit {self.steps_per_epoch} steps per epoch"
             )
         self._epoch, self._index = epoch, index
         self._iter = None  # the next batch restarts the loader at the new position
+
+    def resized_since(self, state: dict) -> bool:
+        """Whether state was saved over a dataset of another size (states without "num_samples" are taken as fit)."""
+        return int(state.get("num_samples", self.num_samples)) != self.num_samples
 
 
 def usable_workers(num_workers: int) -> int:

@@ -210,8 +210,16 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
     except (ModuleNotFoundError, ImportError) as e:
         raise FIDError(f"FID needs torch-fidelity: pip install torch-fidelity ({e})") from None
     except Exception as e:  # urllib, http and hub errors all mean: the weights could not be fetched
-        if weights_path is not None:
-            raise FIDError(f"cannot load Inception weights from {weights_path}: {type(e).__name__}: {e}") from None
+        if weights_path is not None:  # one line: a mismatch would list every key of both state dicts
+            try:
+                held = torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception:
+                held = None
+            what = ("it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
+                    if isinstance(held, dict) and {"model_config", "model"} <= held.keys() else
+                    f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})")  # fmt: skip
+            raise FIDError(f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
+                           f"from {INCEPTION_URL}") from None  # fmt: skip
         target = inception_weights_path()
         raise FIDError(
             f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "

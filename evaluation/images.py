@@ -1,17 +1,22 @@
 """Writing images: uint8 conversion, PNG grids, trajectory GIFs and .npz archives of samples.
 
 Images are float (N, C, H, W) in [0, 1], as ``Sampler.sample`` returns them; trajectories are raw ODE states
-(K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder. Small images are unreadable at their real
+(K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder and writes atomically
+(``utils.io.atomic_write``): a run stopped mid-write (Ctrl-C, a full disk) leaves the previous file or none,
+never a truncated one that a "file exists" check would then protect. Small images are unreadable at their real
 size: grids and GIFs show images under ``min_size`` (64) pixels enlarged by an integer factor, each pixel
 repeated (nearest neighbour), so nothing is blurred or invented; the npz keeps the real pixels.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from utils.io import atomic_write
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -50,8 +55,11 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, min_size: i
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid_uint8(images, nrow, min_size)).save(path)
+    image = Image.fromarray(grid_uint8(images, nrow, min_size))
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: no image format for the suffix {path.suffix!r} (use .png)")
+    atomic_write(path, lambda f: image.save(f, format=fmt))
 
 
 def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8, min_size: int = 64) -> None:
@@ -68,21 +76,21 @@ def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int 
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
     frames = [grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow, min_size) for frame in trajectory]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # moviepy samples a clip at t = i / fps for i < int(duration * fps). ImageSequenceClip looks frames up by
     # comparing t with summed float durations, which drops or repeats frames (0.3 < 0.1 + 0.1 + 0.1), so
     # the frame index is rounded here, and the extra half frame makes int(duration * fps) exactly K.
     k = len(frames)
     clip = VideoClip(frame_function=lambda t: frames[min(round(t * fps), k - 1)], duration=(k + 0.5) / fps)
-    clip.write_gif(str(path), fps=fps, logger=None)
+    with tempfile.TemporaryDirectory() as scratch:  # moviepy writes to a name: encode there, then copy in atomically
+        encoded = Path(scratch) / "trajectory.gif"
+        clip.write_gif(str(encoded), fps=fps, logger=None)
+        atomic_write(path, lambda f: f.write(encoded.read_bytes()))
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:
     """Write images (N, C, H, W) in [0, 1] as uint8 (N, H, W, C) under "images" and labels (N,) int64 under
     "labels" (-1 for an unconditional model)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
-    np.savez(path, images=to_uint8(images), labels=labels.cpu().numpy().astype(np.int64))
+    arrays = {"images": to_uint8(images), "labels": labels.cpu().numpy().astype(np.int64)}
+    atomic_write(path, lambda f: np.savez(f, **arrays))

@@ -121,7 +121,7 @@ def test_training_state_holds_every_key_and_restores_every_object(tmp_path):
     # Another number of processes: the next epoch, and fresh generators.
     other = restore_training_state(loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0,
                                    world_size=2)  # fmt: skip
-    assert other.rng is None and stream2.state_dict() == {"epoch": stream.state_dict()["epoch"] + 1, "index": 0}
+    assert other.rng is None and stream2.state_dict() == {**stream.state_dict(), "epoch": stream.epoch + 1, "index": 0}
 
 
 def test_check_resume_refuses_weights_only_and_other_settings():

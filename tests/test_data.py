@@ -338,11 +338,21 @@ def test_epochs_are_permutations_and_deterministic():
 
 def test_epoch_boundary_state():
     stream = BatchStream(_indexed_dataset(10), batch_size=5, seed=0)
-    assert stream.state_dict() == {"epoch": 0, "index": 0}
+    assert stream.state_dict() == {"epoch": 0, "index": 0, "num_samples": 10}
     _take(stream, 2)
-    assert stream.state_dict() == {"epoch": 0, "index": 2}
+    assert stream.state_dict() == {"epoch": 0, "index": 2, "num_samples": 10}
     next(stream)
-    assert stream.state_dict() == {"epoch": 1, "index": 1} and stream.epoch == 1
+    assert stream.state_dict() == {"epoch": 1, "index": 1, "num_samples": 10} and stream.epoch == 1
+
+
+def test_a_state_of_a_dataset_of_another_size_continues_at_the_next_epoch():
+    """A position in one permutation means nothing in another (an image folder with a damaged file removed)."""
+    stream = BatchStream(_indexed_dataset(9), batch_size=3, seed=0)
+    assert stream.resized_since({"epoch": 2, "index": 1, "num_samples": 10})
+    stream.load_state_dict({"epoch": 2, "index": 1, "num_samples": 10})
+    assert stream.state_dict() == {"epoch": 3, "index": 0, "num_samples": 9}
+    stream.load_state_dict({"epoch": 2, "index": 1})  # saved before states held the size: taken as fitting
+    assert stream.state_dict() == {"epoch": 2, "index": 1, "num_samples": 9}
 
 
 @pytest.mark.parametrize("on_device,num_workers", [(False, 0), (True, 0), (False, 2)])
@@ -353,7 +363,7 @@ def test_resume_mid_epoch_equals_uninterrupted(on_device, num_workers):
     first = BatchStream(ds, **kwargs)
     _take(first, 6)
     state = first.state_dict()
-    assert state == {"epoch": 1, "index": 2}
+    assert state == {"epoch": 1, "index": 2, "num_samples": 14}
     resumed = BatchStream(ds, **kwargs)
     resumed.load_state_dict(pickle.loads(pickle.dumps(state)))
     _assert_same(_take(resumed, 4), full[6:])

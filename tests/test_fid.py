@@ -324,6 +324,19 @@ def test_load_inception_offline_names_the_file_and_folder(tmp_path, monkeypatch)
         load_inception("cpu", weights_path=tmp_path / "missing.pth")
 
 
+def test_load_inception_from_a_training_checkpoint_is_one_short_line(tmp_path):
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    save_checkpoint({"model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
+                     "step": 3}, tmp_path / "last.pt")  # fmt: skip
+    (tmp_path / "other.pth").write_bytes(b"not weights at all")
+    for path, needle in ((tmp_path / "last.pt", "training checkpoint"), (tmp_path / "other.pth", "Inception-v3")):
+        with pytest.raises(FIDError) as e:
+            load_inception("cpu", weights_path=path)
+        msg = str(e.value)
+        assert "\n" not in msg and len(msg) < 400 and str(path) in msg and needle in msg, msg
+        assert "Conv2d" not in msg and "Missing key" not in msg  # no dump of the state dict's keys
+
+
 def test_load_inception_uses_the_legacy_tensorflow_resize(monkeypatch):
     """Same weights, same uint8 input: torchmetrics' module as configured equals torch-fidelity's original."""
     import torch_fidelity.feature_extractor_inceptionv3 as tfi

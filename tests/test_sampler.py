@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,6 +336,69 @@ def test_save_grid_and_npz_round_trip(tmp_path):
     assert data["images"].dtype == np.uint8 and data["images"].shape == (5, 8, 8, 3)
     assert np.array_equal(data["images"], (images.permute(0, 2, 3, 1) * 255).round().byte().numpy())
     assert data["labels"].tolist() == [1, 0, 2, 2, 1]
+
+
+def interrupted_encoder(fp, *args, **kwargs):
+    """An encoder stopped by Ctrl-C half-way: some bytes written, then KeyboardInterrupt."""
+    import os
+
+    f = open(fp, "wb") if isinstance(fp, (str, os.PathLike)) else fp  # np.savez gets a path or a file
+    f.write(b"half a file")
+    f.flush()
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("writer", ["grid", "gif", "npz"])
+def test_an_interrupted_write_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch, writer):
+    images = torch.rand(4, 1, 8, 8)
+    path = tmp_path / {"grid": "g.png", "gif": "t.gif", "npz": "s.npz"}[writer]
+    write = {"grid": lambda: save_grid(images, path, nrow=2),
+             "gif": lambda: to_gif(images.unsqueeze(0).repeat(3, 1, 1, 1, 1) * 2 - 1, path, nrow=2),
+             "npz": lambda: save_npz(images, None, path)}[writer]  # fmt: skip
+    write()
+    before = path.read_bytes()
+    monkeypatch.setattr(np, "savez", lambda file, **arrays: interrupted_encoder(file))
+    for fmt in ("PNG", "GIF"):  # what PIL calls to encode (imageio's pillow plugin too, for the GIF)
+        monkeypatch.setitem(Image.SAVE, fmt, lambda im, fp, filename: interrupted_encoder(fp))
+        monkeypatch.setitem(Image.SAVE_ALL, fmt, lambda im, fp, filename: interrupted_encoder(fp))
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary file left
+    path.unlink()
+    with pytest.raises(KeyboardInterrupt):
+        write()
+    assert not path.exists()  # a new file appears whole or not at all
+
+
+def test_ctrl_c_while_the_cli_writes_its_grid_leaves_no_file_to_block_the_rerun(tmp_path):
+    """A real SIGINT, sent by the PNG encoder to its own process half-way through the file."""
+    import subprocess
+    import sys
+
+    from stand_ins import CHILD_ENV
+
+    write_checkpoint(tmp_path / "ckpt.pt", tiny_dit())
+    out = tmp_path / "grid.png"
+    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "4", "--steps", "2", "--device", "cpu", "--out", str(out)]
+    runner = (
+        "import os, signal, sys, time\n"
+        "from PIL import Image, PngImagePlugin\n"
+        "import sampler\n"
+        "def save(im, fp, filename):\n"
+        "    fp.write(b'half a png'); fp.flush(); os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+        "Image.SAVE['PNG'] = save\n"
+        "sampler.cli(sys.argv[1:])\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    stopped = subprocess.run([sys.executable, "-c", runner, *argv], cwd=root, env=CHILD_ENV, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert stopped.returncode != 0 and "KeyboardInterrupt" in stopped.stderr, stopped.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no truncated grid.png, no temporary file
+    rerun = subprocess.run([sys.executable, "sampler.py", *argv], cwd=root, env=CHILD_ENV, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
 
 
 # ----------------------------------------------------------------------------- checkpoints and CLI

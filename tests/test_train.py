@@ -124,7 +124,7 @@ def test_config_is_saved_as_json_and_in_every_checkpoint(tmp_path):
     assert saved == json.loads(json.dumps(ckpt["config"]))
     assert saved["steps"] == 4 and saved["precision"] == "fp32" and saved["out"] == str(tmp_path / "run")
     assert {"model", "ema", "optimizer", "step", "rng", "data_state", "model_config"} <= ckpt.keys()
-    assert ckpt["data_state"] == {"epoch": 0, "index": 4}
+    assert ckpt["data_state"] == {"epoch": 0, "index": 4, "num_samples": 1797}
 
 
 def test_resume_refuses_a_changed_model_or_batch(tmp_path):

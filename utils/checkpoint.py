@@ -10,7 +10,7 @@ A training checkpoint is a dict of tensors and plain values:
     "skipped_steps"    steps whose update was skipped for a non-finite loss (int)
     "config"           the resolved run config (dict, as in OUT/config.json)
     "rng"              one ``utils.rng.rng_state`` per process, indexed by rank
-    "data_state"       the data stream's position, {"epoch", "index"}
+    "data_state"       the data stream's position, {"epoch", "index", "num_samples"} (data.loader.BatchStream)
     "world_size"       how many processes wrote it
     "wandb_id"         the wandb run to continue (str or None)
 Only "model_config" and "model" are needed to sample; a resume needs them all.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -45,8 +45,38 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write state to path atomically: a process killed while writing leaves the previous file intact."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Write state to path atomically: a process killed while writing leaves the previous file intact.
+
+    A write that fails (a full disk) raises its OSError naming path, not the RuntimeError torch's zip writer turns
+    it into ("[enforce fail at inline_container.cc] unexpected pos"), which says neither what nor where."""
+
+    def write(f: BinaryIO) -> None:
+        out = _WriteErrors(f)
+        try:
+            torch.save(state, out)
+        except RuntimeError:
+            if out.error is None:
+                raise
+            raise out.error from None
+
+    atomic_write(path, write)
+
+
+class _WriteErrors:
+    """A binary file that remembers the OSError of a failed write (torch.save's writer swallows it)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

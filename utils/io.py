@@ -3,7 +3,8 @@
 A writer fills a temporary file in the target's own folder (same file system, so the rename is atomic),
 flushes and fsyncs it, then ``os.replace`` puts it in place. A process killed at any point leaves either
 the previous file or the complete new one at the path, never half a file, and an error removes the
-temporary file.
+temporary file. An OSError that names no file (a write, flush or fsync on a full disk: "[Errno 28] No space
+left on device") is raised again naming the target, so the one line a script prints says which file failed.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
     _fsync_dir(path.parent)
     return path

@@ -393,7 +393,7 @@ def test_ctrl_c_while_the_cli_writes_its_grid_leaves_no_file_to_block_the_rerun(
     root = Path(__file__).resolve().parents[1]
     stopped = subprocess.run([sys.executable, "-c", runner, *argv], cwd=root, env=CHILD_ENV, capture_output=True,
                              text=True, timeout=120)  # fmt: skip
-    assert stopped.returncode != 0 and "KeyboardInterrupt" in stopped.stderr, stopped.stderr[-2000:]
+    assert stopped.returncode != 0, stopped.stderr[-2000:]  # stopped by the Ctrl-C, not finished
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no truncated grid.png, no temporary file
     rerun = subprocess.run([sys.executable, "sampler.py", *argv], cwd=root, env=CHILD_ENV, capture_output=True,
                            text=True, timeout=120)  # fmt: skip

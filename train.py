@@ -14,8 +14,9 @@ keeps config.json as the first run wrote it and records its own settings in conf
 Exact resume: every random draw of training comes from torch's, numpy's and python's global generators plus
 the data stream's position, all stored in every checkpoint; samples and FID never move them (evaluation/monitor.py).
 SIGTERM, SIGINT and SIGUSR1 stop the run after the step in progress with a checkpoint, as does --time-limit
-(utils/preemption.py); the exit code tells why: 0 done, 1 failed, 2 bad input, 130 SIGINT, 143 SIGTERM,
-138 SIGUSR1, 124 time limit. ``--resume auto`` continues a run when it has a checkpoint, for requeued jobs.
+(utils/preemption.py), and abandon sample grids and FID between chunks (evaluation/monitor.py); the exit code
+tells why: 0 done, 1 failed, 2 bad input, 130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 124 time limit. ``--resume auto``
+continues a run when it has a checkpoint, for requeued jobs.
 
 No host sync per step: the loss, gradient norm and skip counters stay on the device and are read back at
 --log-every steps and checkpoints (utils/optim.py), where --nan-patience non-finite steps in a row stop the
@@ -112,6 +113,8 @@ class TrainConfig(ModelConfig):
                                         group="samples and FID")  # fmt: skip
     sample_every: int = arg(5000, "steps between EMA samples (0: never)", min=0)
     samples_per_class: int = arg(8, "samples per class (one row per class)", min=1)
+    sample_classes: int = arg(10, "classes in the sample grids, spread evenly over all classes and the same at every "
+                              "step: class i * num_classes // N (0: every class)", min=0)  # fmt: skip
     sample_steps: int = arg(50, "steps of the periodic samples and of FID, with the objective's solver (heun for "
                             "flow)", min=1)  # fmt: skip
     fid_every: int = arg(20_000, "steps between FID evaluations of the EMA model (0: never)", min=0)
@@ -332,7 +335,7 @@ def train(run: Run) -> dict[str, Any]:
                     checkpoint(run, step, stats)
                 stop.time_taken(time.perf_counter() - started)  # a step and its checkpoint: what the budget keeps
                 if reason is None:
-                    run.monitor(step, model, run.ema.model, last)
+                    run.monitor(step, model, run.ema.model, last, stop)  # abandoned on a stop request
     except DataError as e:  # a damaged image met mid-run: keep what was learned before it
         raise save_before_data_error(run, step, clock, bar, e) from None
     finally:  # also when stopped by non-finite losses: flush wandb's files

@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from data import ImageDataset, build_dataset
 from data.loader import usable_workers
-from sampling.sampler import Sampler, seeded_noise
+from sampling.sampler import Sampler, SamplingStopped, seeded_noise
 from utils.device import module_device_dtype
 from utils.distributed import PeerError, all_reduce_, collective_device, is_initialized
 from utils.io import atomic_write
@@ -285,13 +286,14 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
 
 @torch.no_grad()
 def dataset_statistics(dataset: ImageDataset, extractor: nn.Module, *, batch_size: int = 250,
-                       num_images: int | None = None, num_workers: int = 0,
-                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                       num_images: int | None = None, num_workers: int = 0, progress: bool = True,
+                       should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items.
 
     ``num_images`` < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut
     to its first classes. Batches come from a plain DataLoader: a dataset held in memory fetches each with one
     gather (``__getitems__``) in this process; one read from disk uses ``num_workers`` loader processes.
+    should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request).
     """
     n_total = len(dataset)
     n = n_total if num_images is None else int(num_images)
@@ -304,6 +306,9 @@ def dataset_statistics(dataset: ImageDataset, extractor: nn.Module, *, batch_siz
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
     workers = 0 if dataset.in_memory else usable_workers(num_workers)  # workers would only copy what is in memory
     for images, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers):
+        if should_stop is not None and should_stop():
+            bar.close()
+            raise SamplingStopped(f"stopped after {stats.count} of {n} real images")
         stats.update(extract_features(extractor, images))
         bar.update(images.shape[0])
     bar.close()
@@ -314,7 +319,7 @@ def real_statistics(
     dataset_name: str, root: str | os.PathLike, image_size: int, channels: int, *, extractor: nn.Module,
     split: str = "train", batch_size: int = 250, num_images: int | None = None, cache_dir: str | os.PathLike | None = None,
     download: bool = True, num_workers: int = 0, progress: bool = True, info: dict[str, Any] | None = None,
-    dataset: Any | None = None,
+    dataset: Any | None = None, should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set, cached on disk.
 
@@ -324,6 +329,7 @@ def real_statistics(
     statistics are recomputed and written. Images go to the extractor's device. ``info``, when given, is
     filled with the cache path, whether it was a hit, the image count and the extractor id. ``dataset``: the
     dataset these arguments build, when the caller already has it (it is fingerprinted all the same).
+    ``should_stop``: as for ``dataset_statistics`` (nothing is cached then).
     """
     if dataset is None:
         dataset = build_dataset(
@@ -348,7 +354,8 @@ def real_statistics(
         pass
     start = time.perf_counter()
     mu, sigma = dataset_statistics(
-        dataset, extractor, batch_size=batch_size, num_images=n, num_workers=num_workers, progress=progress
+        dataset, extractor, batch_size=batch_size, num_images=n, num_workers=num_workers, progress=progress,
+        should_stop=should_stop,
     )
     # Written atomically (utils.io), so a killed run leaves no half file.
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json)))
@@ -370,7 +377,7 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
 @torch.no_grad()
 def generated_statistics(
     sampler: Sampler, num_samples: int, *, extractor: nn.Module, seed: int = 0, progress: bool = True, rank: int = 0,
-    world_size: int = 1, **options: Any,
+    world_size: int = 1, should_stop: Callable[[], bool] | None = None, **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
 
@@ -383,6 +390,10 @@ def generated_statistics(
     float64, so every process returns the statistics of the same num_samples images as a single process would
     (equal up to float64 round-off from the order of the sums). When sampling fails on any process, all of them
     raise: the failing one its own error, the others ``PeerError``.
+
+    should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request). Under DDP
+    it must be a collective that gives every process the same answer (``StopRequest.check``): every process asks it
+    the same number of times (the batches of the largest share), so none is left waiting in a collective alone.
     """
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
@@ -391,20 +402,28 @@ def generated_statistics(
     indices = torch.arange(num_samples)[rank::world_size]  # this process's share (empty if num_samples <= rank)
     batch_size = options.get("batch_size", sampler.options.batch_size)
     extractor.eval()
+    chunks = [idx for idx in indices.split(batch_size) if len(idx)]
+    largest_share = -(-num_samples // world_size)
+    chunks += [indices[:0]] * (-(-largest_share // batch_size) - len(chunks))  # as many on every process
     stats, nfes, error = FeatureStats(), [], None
     bar = tqdm(total=len(indices), desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for idx in indices.split(batch_size):
-            noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
-            y = None if labels is None else labels[idx]
-            out = sampler.generate(len(idx), y, noise=noise, **options)  # images (b, C, H, W) in [0, 1]
-            nfes.append(out.nfe)
-            stats.update(extract_features(extractor, out.images))
-            bar.update(len(idx))
-    except Exception as e:
-        if world_size == 1:
-            raise
-        error = e  # raised below, after the others have heard of it: none may wait in a collective alone
+        for idx in chunks:
+            if should_stop is not None and should_stop():  # the same answer everywhere: all leave here together
+                raise SamplingStopped(f"stopped after {bar.n} of {len(indices)} samples")
+            if error is not None or not len(idx):  # a failed process goes on asking, without sampling
+                continue
+            try:
+                noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
+                y = None if labels is None else labels[idx]
+                out = sampler.generate(len(idx), y, noise=noise, **options)  # images (b, C, H, W) in [0, 1]
+                nfes.append(out.nfe)
+                stats.update(extract_features(extractor, out.images))
+                bar.update(len(idx))
+            except Exception as e:
+                if world_size == 1:
+                    raise
+                error = e  # raised below, after the others have heard of it: none may wait in a collective alone
     finally:
         bar.close()
     # One collective for the failure flag and the NFE sums (a no-op in one process), then the feature sums.

@@ -4,15 +4,24 @@ Both are diagnostics. They run inside ``utils.rng.isolated_rng``, so whatever th
 generators, and whether they succeed or fail, the training randomness goes on exactly as without them (a run
 with them on ends bit-identical to one with them off); a failure is reported and training goes on.
 
+A stop request (a signal, or a --time-limit close to its end: ``utils.preemption.StopRequest``) is asked between
+sample chunks: it abandons the diagnostic, which then writes and logs nothing (the grids of every scale are drawn
+before any file is written), so the run checkpoints within seconds. With a budget, a diagnostic whose last run
+would not fit before the time left is skipped. Grids show ``cfg.sample_classes`` classes, spread evenly over all
+of them and the same at every step (``grid_classes``), so their cost does not grow with the class count.
+
 Under DDP the sample grids are drawn by rank 0 alone (a few dozen images: the other processes wait for it in
-the next step's gradient all-reduce), while FID runs on every process: each generates its share of the samples
-and the feature sums are all-reduced (``evaluation.fid.generated_statistics``); rank 0 alone holds the real
-statistics and computes, prints and logs the distance.
+the next step's gradient all-reduce), so it asks its own stop flag (``StopRequest.requested``); FID runs on every
+process: each generates its share of the samples and the feature sums are all-reduced
+(``evaluation.fid.generated_statistics``), and every process asks the agreed flag (``StopRequest.check``, a
+collective) before each batch, so all abandon at the same one. Rank 0 alone holds the real statistics and
+computes, prints and logs the distance.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +30,10 @@ import torch.nn as nn
 
 from evaluation.fid import FIDError, compute_fid, load_inception, real_statistics
 from evaluation.images import save_grid, to_gif
-from sampling.sampler import Sampler
+from sampling.sampler import Sampler, SamplingStopped
 from utils.device import module_device_dtype
 from utils.distributed import DistInfo, PeerError, all_ok, first_then_others
+from utils.preemption import REASONS, StopRequest
 from utils.rng import isolated_rng
 from utils.runlog import RunLogger, warn
 
@@ -39,8 +49,12 @@ class Monitor:
         self.extractor = fid_extractor
         self.real: tuple[Any, Any] | None = None  # rank 0's real statistics, loaded at the first FID
         self.fid_state = "not loaded"  # "ready" or "off" after the first FID
+        self.seconds = {"sample grids": 0.0, "FID": 0.0}  # how long each took last time: what a budget must fit
+        self.reason: int | None = None  # why the last diagnostic was abandoned
 
-    def __call__(self, step: int, model: nn.Module, ema_model: nn.Module, last: bool) -> None:
+    def __call__(self, step: int, model: nn.Module, ema_model: nn.Module, last: bool,
+                 stop: StopRequest | None = None) -> None:  # fmt: skip
+        """The diagnostics due at this step; ``stop`` abandons or skips them (None: they always run to the end)."""
         cfg = self.cfg
         samples = self.dist.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or last)
         fid = cfg.fid_every and (step % cfg.fid_every == 0 or last)
@@ -49,35 +63,76 @@ class Monitor:
         with isolated_rng(module_device_dtype(ema_model)[0]):
             if samples:
                 try:
-                    self.samples(step, model, ema_model)
+                    self.timed("sample grids", step, stop, lambda: self.samples(step, model, ema_model, stop))
                 except Exception as e:  # diagnostics: a failure here must not end a days-long run
                     warn(f"sampling at step {step} failed: {type(e).__name__}: {e}")
             if fid:
                 try:
-                    self.fid(step, ema_model)
+                    self.fid(step, ema_model, stop)
                 except Exception as e:  # the failing process says why
                     if not isinstance(e, PeerError) or self.dist.is_main:
                         who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
                         warn(f"FID at step {step} failed{who}: {type(e).__name__}: {e}")
 
-    def samples(self, step: int, model: nn.Module, ema_model: nn.Module) -> None:
-        """At each CFG scale, samples of every class from the EMA and the raw weights side by side (one class per
-        row, EMA left), and the EMA trajectory: OUT/samples/stepNNNNNNN_cfgS.{png,gif}, logged to wandb with
-        captions. The noise is fixed by the seed, so every sample step starts from the same noise."""
+    def timed(self, what: str, step: int, stop: StopRequest | None, run: Callable[[], None],
+              agreed: bool = False) -> None:  # fmt: skip
+        """run() unless a stop request says no: skipped when one is there already or when the last run would not
+        fit before a budget's reserve, abandoned (``SamplingStopped``) when one comes while it samples. ``agreed``:
+        every process calls this together and asks ``stop.check`` (a collective), else ``stop.requested``."""
+        if stop is not None:
+            self.reason = (stop.check if agreed else stop.requested)(self.seconds[what])
+            if self.reason is not None:
+                if self.dist.is_main:
+                    warn(f"{what} at step {step} skipped ({REASONS[self.reason]}): the run is about to stop")
+                return
+        start = time.perf_counter()
+        try:
+            run()
+        except SamplingStopped:
+            if self.dist.is_main:
+                why = REASONS.get(self.reason, "a stop request")
+                warn(f"{what} at step {step} abandoned ({why}); nothing of them is written or logged")
+            return
+        self.seconds[what] = time.perf_counter() - start
+
+    def should_stop(self, stop: StopRequest | None, agreed: bool) -> Callable[[], bool] | None:
+        """A ``should_stop`` callback for the sampler and FID that remembers the reason, or None without ``stop``."""
+        if stop is None:
+            return None
+
+        def ask() -> bool:
+            self.reason = (stop.check if agreed else stop.requested)()
+            return self.reason is not None
+
+        return ask
+
+    def samples(self, step: int, model: nn.Module, ema_model: nn.Module, stop: StopRequest | None = None) -> None:
+        """At each CFG scale, samples of the grid's classes (``grid_classes``) from the EMA and the raw weights side
+        by side (one class per row, EMA left), and the EMA trajectory: OUT/samples/stepNNNNNNN_cfgS.{png,gif},
+        logged to wandb with captions. The noise is fixed by the seed, so every sample step starts from the same
+        noise. Every scale is sampled before anything is written, so a stop request (``SamplingStopped``) leaves
+        nothing."""
         cfg, k = self.cfg, self.cfg.samples_per_class
         ema, raw = (self.sampler(m) for m in (ema_model, model))
-        images, videos = {}, {}
+        classes = grid_classes(ema.num_classes, cfg.sample_classes)
+        ask = self.should_stop(stop, agreed=False)  # rank 0 alone draws the grids
+        drawn = []
         for scale in cfg.cfg_scales:
-            ema_out = ema.generate_each_class(k, cfg_scale=scale, seed=cfg.seed, trajectory=True)
+            ema_out = ema.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True,
+                                              should_stop=ask)  # fmt: skip
+            raw_out = raw.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, should_stop=ask)
+            drawn.append((scale, ema_out, raw_out.images))
+        images, videos = {}, {}
+        for scale, ema_out, raw_imgs in drawn:
             imgs, traj = ema_out.images, ema_out.trajectory
-            raw_imgs = raw.sample_each_class(k, cfg_scale=scale, seed=cfg.seed)
             rows = [x.unflatten(0, (-1, k)) for x in (imgs, raw_imgs)]  # (classes, k, C, H, W)
             blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
             save_grid(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), f"{stem}.png", nrow=2 * k + 1)
             to_gif(traj, f"{stem}.gif", nrow=k)
             how = f"step {step}, cfg {scale:g}, {ema.options.method} {cfg.sample_steps} steps, NFE {ema_out.nfe}"
-            images[f"samples/cfg{scale:g}"] = (f"{stem}.png", f"{how}; one class per row; EMA left, raw weights right")
+            rows_are = f"one class per row ({', '.join(map(str, classes))})"
+            images[f"samples/cfg{scale:g}"] = (f"{stem}.png", f"{how}; {rows_are}; EMA left, raw weights right")
             videos[f"trajectory/cfg{scale:g}"] = (f"{stem}.gif", f"{how}; EMA, from noise (t=0) to data (t=1)")
         self.logger.log_media(step, images, videos)
 
@@ -85,10 +140,14 @@ class Monitor:
         """The sampler of the diagnostics: the objective's solver at --sample-steps."""
         return Sampler(model, steps=self.cfg.sample_steps, method=self.sample_method)
 
-    def fid(self, step: int, model: nn.Module) -> None:
-        """FID of the model's samples against the training set; rank 0 prints and logs it."""
+    def fid(self, step: int, model: nn.Module, stop: StopRequest | None = None) -> None:
+        """FID of the model's samples against the training set; rank 0 prints and logs it. Every process calls it."""
+        if self.fid_state != "off":
+            self.timed("FID", step, stop, lambda: self._fid(step, model, stop), agreed=True)
+
+    def _fid(self, step: int, model: nn.Module, stop: StopRequest | None) -> None:
         if self.fid_state == "not loaded":
-            self.fid_state = "ready" if self._load(module_device_dtype(model)[0]) else "off"
+            self.fid_state = "ready" if self._load(module_device_dtype(model)[0], stop) else "off"
         if self.fid_state == "off":
             return
         start = time.perf_counter()
@@ -97,15 +156,17 @@ class Monitor:
         fid, nfe = compute_fid(
             sampler, self.real, cfg.fid_samples, extractor=self.extractor, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed,
             progress=dist.is_main, rank=dist.rank, world_size=dist.world_size,
+            should_stop=self.should_stop(stop, agreed=True),
         )  # fmt: skip
         if dist.is_main:
             seconds = time.perf_counter() - start
             print(f"step {step}: FID {fid:.3f} ({cfg.fid_samples} samples, NFE {nfe}, {seconds:.0f} s)")
             self.logger.log({"eval/fid": fid, "eval/fid_nfe": nfe, "eval/fid_seconds": seconds}, step)
 
-    def _load(self, device: Any) -> bool:
+    def _load(self, device: Any, stop: StopRequest | None = None) -> bool:
         """Load the extractor (and on rank 0 the real statistics): each node's local rank 0 first (it downloads
-        the weights if needed), then the others from the caches. False, said once, when it fails anywhere."""
+        the weights if needed), then the others from the caches. False, said once, when it fails anywhere;
+        ``SamplingStopped`` everywhere when a stop request came while rank 0 computed the real statistics."""
         error = None
         with first_then_others(self.dist.local_rank == 0):
             try:
@@ -114,12 +175,14 @@ class Monitor:
                     cfg = self.cfg
                     self.real = real_statistics(
                         cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, extractor=self.extractor,
-                        num_workers=cfg.num_workers, download=False,
+                        num_workers=cfg.num_workers, download=False, should_stop=self.should_stop(stop, agreed=False),
                     )  # fmt: skip
             except Exception as e:  # FIDError (weights, data) or anything else: every process must hear of it
                 error = e
         if all_ok(error is None):
             return True
+        if not all_ok(not isinstance(error, SamplingStopped)):  # not a failure: set up again at the next FID
+            raise SamplingStopped("stopped while computing the real statistics")
         who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
         if error is not None:
             why = str(error) if isinstance(error, FIDError) else f"{type(error).__name__}: {error}"
@@ -127,3 +190,11 @@ class Monitor:
         elif self.dist.is_main:
             warn("FID switched off for this run: set-up failed on another process")
         return False
+
+
+def grid_classes(num_classes: int, count: int) -> list[int]:
+    """The classes of the sample grids: ``count`` of the ``num_classes`` (all when count is 0 or not smaller),
+    spread evenly (class i * num_classes // count), so they depend on nothing but these two numbers."""
+    if count == 0 or count >= num_classes:
+        return list(range(num_classes))
+    return [i * num_classes // count for i in range(count)]

@@ -15,7 +15,7 @@ of sampler.py and evaluate.py.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,11 @@ def checkpoint_sample_method(state: dict[str, Any]) -> str:
     if name not in OBJECTIVES:
         raise ValueError(f"the checkpoint's objective {name!r} is unknown; known: {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name].sample_method
+
+
+class SamplingStopped(Exception):
+    """A ``should_stop`` callback asked to stop between chunks (a training run's stop request): the call returns
+    nothing, so no partial result can be mistaken for a whole one."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,8 @@ class Sampler:
     @torch.inference_mode()
     def generate(self, n: int, y: torch.Tensor | Sequence[int] | int | None = None, *,
                  noise: torch.Tensor | None = None, seed: int | None = None, trajectory: bool = False,
-                 progress: bool = False, **options: Any) -> Samples:  # fmt: skip
+                 progress: bool = False, should_stop: Callable[[], bool] | None = None,
+                 **options: Any) -> Samples:  # fmt: skip
         """Generate n images (n, C, H, W) in [0, 1] and what the call did (``Samples``).
 
         y: labels (n,) of any integer dtype, or one int for every sample; None draws uniform random classes for a
@@ -238,6 +244,9 @@ class Sampler:
 
         trajectory=True also returns the raw states (K, n, C, H, W) on the CPU, K <= max_frames: on a fixed grid
         the frames are spread evenly over the steps; with dopri5 over time.
+
+        should_stop: asked before each chunk of batch_size samples; when it returns True the call raises
+        ``SamplingStopped`` (what a training run's diagnostics pass, so that a signal acts within a chunk).
         """
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
@@ -255,6 +264,8 @@ class Sampler:
         self.model.eval()
         try:
             for start in tqdm(range(0, n, o.batch_size), desc="sampling", unit="batch", disable=not progress):
+                if should_stop is not None and should_stop():
+                    raise SamplingStopped(f"stopped after {start} of {n} samples")
                 stop = min(start + o.batch_size, n)
                 x = noise[start:stop] if noise is not None else seeded_noise(seed, range(start, stop), shape)
                 yb = y[start:stop].to(self.device) if y is not None else None
@@ -270,14 +281,17 @@ class Sampler:
             precision=resolve_precision(o.precision, self.device),
         )  # fmt: skip
 
-    def generate_each_class(self, n_per_class: int, **kwargs: Any) -> Samples:
-        """n_per_class samples of every class, class c in rows c * n_per_class ...: a grid with nrow=n_per_class
-        shows one class per row. Keywords as for ``generate``."""
+    def generate_each_class(self, n_per_class: int, classes: Sequence[int] | None = None, **kwargs: Any) -> Samples:
+        """n_per_class samples of every class (or of ``classes``, in their order), the i-th class in rows
+        i * n_per_class ...: a grid with nrow=n_per_class shows one class per row. Keywords as for ``generate``."""
         if self.num_classes == 0:
             raise ValueError("sampling each class needs a class-conditional model; this one is unconditional")
         if not isinstance(n_per_class, int) or isinstance(n_per_class, bool) or n_per_class < 1:
             raise ValueError(f"n_per_class must be an integer >= 1, got {n_per_class!r}")
-        y = torch.arange(self.num_classes).repeat_interleave(n_per_class)
+        if classes is not None and len(classes) == 0:
+            raise ValueError("classes must name at least one class")
+        each = torch.arange(self.num_classes) if classes is None else torch.as_tensor(list(classes))
+        y = each.repeat_interleave(n_per_class)
         return self.generate(len(y), y, **kwargs)
 
     def sample(self, n: int, y: torch.Tensor | Sequence[int] | int | None = None, *, noise: torch.Tensor | None = None,

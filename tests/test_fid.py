@@ -566,3 +566,22 @@ def test_generated_statistics_split_over_ranks_merge_to_the_single_process_ones(
     m_mu, m_sigma = merged.mean_cov()
     np.testing.assert_allclose(m_mu, mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(m_sigma, sigma, rtol=1e-6, atol=1e-9)
+
+
+def test_every_rank_asks_should_stop_as_often_and_a_stop_returns_nothing(monkeypatch):
+    """Under DDP should_stop is a collective (StopRequest.check): a rank with a batch fewer asks it as often."""
+    from evaluation.fid import generated_statistics
+    from sampling.sampler import SamplingStopped
+
+    model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    sampler = Sampler(model, steps=1, method="euler", batch_size=2)
+    monkeypatch.setattr(FeatureStats, "all_reduce_", lambda self: self)  # each rank's own share
+    asked = []
+    for rank in range(2):  # 9 samples: shares of 5 and 4, in 3 and 2 batches of 2
+        calls = []
+        generated_statistics(sampler, 9, extractor=TinyExtractor(), progress=False, rank=rank, world_size=2,
+                             should_stop=lambda calls=calls: calls.append(1) is None and False)  # fmt: skip
+        asked.append(len(calls))
+    assert asked == [3, 3]
+    with pytest.raises(SamplingStopped):
+        generated_statistics(sampler, 9, extractor=TinyExtractor(), progress=False, should_stop=lambda: True)

@@ -2,6 +2,7 @@
 under one and two processes, --resume auto, --time-limit, and diagnostics (samples, GIFs, FID, failures) that
 never touch the training randomness."""
 
+import json
 import os
 import signal
 import subprocess
@@ -145,7 +146,7 @@ def test_extension_with_samples_gifs_and_fid_at_the_last_step_is_bit_identical(t
 
 
 def test_diagnostics_on_failing_or_off_end_bit_identical(tmp_path, monkeypatch):
-    def broken_samples(self, step, model):
+    def broken_samples(self, *args):  # whatever Monitor.samples is given
         torch.rand(1000)  # draws, then fails half-way
         raise RuntimeError("disk full")
 
@@ -207,3 +208,108 @@ def test_meanflow_resume_is_bit_identical(tmp_path):
     train.main(tiny(tmp_path / "part", steps=8, resume="yes", **mf))
     assert load_checkpoint(tmp_path / "part/checkpoints/last.pt")["config"]["objective"] == "meanflow"
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "part/checkpoints/last.pt"))
+
+
+# train.py's command line with Features in place of Inception; it touches $MARK when the diagnostics start sampling.
+MARKED_SCRIPT = """
+import json
+import os
+import sys
+from pathlib import Path
+
+import evaluation.monitor
+import sampling.sampler
+import train
+from stand_ins import Features
+
+generate = sampling.sampler.Sampler.generate
+
+
+def marked(self, *args, **kwargs):
+    Path(os.environ["MARK"]).touch()
+    return generate(self, *args, **kwargs)
+
+
+sampling.sampler.Sampler.generate = marked
+evaluation.monitor.load_inception = lambda device: Features()
+sys.exit(train.cli(sys.argv[1:]))
+"""
+
+
+def marked_run(tmp_path: Path, args: list[str], sig: int, launcher: list[str] | None = None,
+               wait: float = 30) -> tuple[subprocess.CompletedProcess, float]:  # fmt: skip
+    """Run train.py's CLI (through MARKED_SCRIPT), send sig once the diagnostics sample; the process and the seconds
+    from the signal to its exit (the test fails when it outlives ``wait``)."""
+    script = tmp_path / "train_marked.py"
+    script.write_text(MARKED_SCRIPT)
+    mark = tmp_path / "sampling"
+    env = {**ENV, "MARK": str(mark), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    command = [*(launcher or [sys.executable]), str(script), *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    time.sleep(0.2)  # well inside the diagnostic
+    sent = time.monotonic()
+    os.kill(proc.pid if launcher is None else worker_pid(proc.pid, 1), sig)
+    try:
+        out, err = proc.communicate(timeout=wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"still running {wait} s after the signal")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err), time.monotonic() - sent
+
+
+@pytest.mark.parametrize("what, sig", [("fid", signal.SIGTERM), ("grid", signal.SIGINT)])
+def test_a_signal_during_fid_or_a_sample_grid_abandons_it_and_checkpoints_within_seconds(tmp_path, what, sig):
+    """The issue's measurement: a stop request during an FID of a million samples (minutes) or a sample grid of a
+    slow solver (tens of seconds) is noticed between sample chunks; the diagnostic logs nothing, the next step is
+    checkpointed and the run exits with the signal's code, and the resume loses nothing."""
+    diagnostics = {"fid": dict(fid_every=6, fid_samples=10**6),
+                   "grid": dict(sample_every=6, samples_per_class=100, sample_steps=100)}[what]  # fmt: skip
+    cfg = long_run(tmp_path / "run", **diagnostics)
+    stopped, seconds = marked_run(tmp_path, cli_args(cfg), sig)
+    assert stopped.returncode == EXIT_CODES[sig], stopped.stderr[-2000:]
+    assert seconds < 5, f"{seconds:.1f} s from the signal to the exit"
+    ckpts = tmp_path / "run/checkpoints"
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 7  # the step after the abandoned diagnostic
+    assert f"at step 6 abandoned ({train.REASONS[sig]})" in stopped.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert not any("eval/fid" in r for r in rows) and not (tmp_path / "run/samples").exists()  # nothing partial
+    train.main(long_run(tmp_path / "full"))
+    resumed = subprocess.run([sys.executable, "train.py", *cli_args(cfg), "--resume", "auto", "--fid-every", "0",
+                              "--sample-every", "0"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(ckpts / "last.pt"))
+
+
+def test_time_limit_abandons_a_diagnostic_that_would_outlast_the_budget(tmp_path, monkeypatch):
+    """An FID of a million samples (over a minute) starts a second into a 6-second budget: it is abandoned in
+    time for the checkpoint, and logs nothing."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    budget = 0.1  # minutes, counted from the start of main()
+    start = time.monotonic()
+    cfg = tiny(tmp_path / "run", steps=10**6, ckpt_every=0, log_every=50, time_limit=budget, fid_every=20,
+               fid_samples=10**6)  # fmt: skip
+    result = train.main(cfg, fid_extractor=Features())
+    elapsed = time.monotonic() - start
+    assert result["stopped_by"] == TIME_LIMIT and elapsed < 60 * budget + 1, f"{elapsed:.1f} s"
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["step"] == result["step"] > 20
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert not any("eval/fid" in r for r in rows)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_sigterm_to_one_ddp_process_during_fid_abandons_it_on_both_at_the_same_batch(tmp_path):
+    """FID runs on every process and only rank 1 hears the signal: the agreed stop flag, asked before each batch by
+    both, has them leave the FID together (no collective left waiting) and checkpoint the next step."""
+    cfg = long_run(tmp_path / "run", steps=400, device="cpu", fid_every=6, fid_samples=10**6)
+    stopped, seconds = marked_run(tmp_path, cli_args(cfg), signal.SIGTERM, launcher=TORCHRUN, wait=60)
+    assert stopped.returncode != 0 and stopped.stderr.count("train.py: stopped by SIGTERM") == 1, stopped.stderr[-3000:]
+    assert seconds < 15, f"{seconds:.1f} s from the signal to the exit"
+    assert stopped.stderr.count("FID at step 6 abandoned (SIGTERM)") == 1  # said by rank 0
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["step"] == 7 and len(state["rng"]) == 2

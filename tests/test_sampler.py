@@ -980,3 +980,22 @@ def test_few_step_benchmark_reports_each_calls_nfe():
     with pytest.raises(SystemExit) as e:  # before the checkpoint is read
         main(["--ckpt", "missing.pt", "--methods", "rk4:1"])
     assert e.value.code == 2
+
+
+def test_should_stop_is_asked_before_each_chunk_and_a_stop_returns_nothing():
+    """What a training run's diagnostics pass: asked between chunks of batch_size; True raises SamplingStopped."""
+    sampler = Sampler(tiny_dit(), steps=1, method="euler", batch_size=2)
+    asked = []
+    out = sampler.generate(5, 0, seed=0, should_stop=lambda: asked.append(len(asked)) is not None and False)
+    assert len(asked) == 3 and out.images.shape[0] == 5  # chunks of 2, 2 and 1
+    with pytest.raises(sampling.sampler.SamplingStopped, match="after 4 of 5 samples"):
+        sampler.generate(5, 0, seed=0, should_stop=lambda: asked.append(len(asked)) is None and len(asked) > 5)
+
+
+def test_each_class_of_some_classes_keeps_their_order():
+    sampler = Sampler(tiny_dit(), steps=2, method="euler")
+    each = sampler.generate_each_class(2, [2, 0], seed=0)
+    assert each.labels.tolist() == [2, 2, 0, 0]  # the training grids' rows: a class per row
+    assert torch.equal(each.images, sampler.sample(4, torch.tensor([2, 2, 0, 0]), seed=0))
+    with pytest.raises(ValueError, match="at least one class"):
+        sampler.generate_each_class(2, [])

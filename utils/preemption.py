@@ -5,6 +5,11 @@ the code of the reason (``EXIT_CODES``), so a scheduler can requeue it and ``--r
 Further signals while it saves change nothing (the checkpoint is written atomically anyway). Under DDP the
 processes agree at every step, over a CPU (gloo) process group that never waits for the GPU, so a signal that
 reaches only some of them stops all of them after the same step.
+
+Sample grids and FID (evaluation/monitor.py) can take minutes, so they ask too, between sample chunks: rank 0's
+grids with ``requested`` (this process alone), FID, which every process runs, with ``check`` (agreed). A stop
+request abandons the diagnostic, and the step after it is checkpointed within seconds. With a budget, a diagnostic
+is skipped when its last duration would not fit before the reserve.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, TIME
 
 
 class StopRequest:
-    """Catches SIGTERM, SIGINT and SIGUSR1 and watches a wall-clock budget; ``check`` tells every process at once.
+    """Catches SIGTERM, SIGINT and SIGUSR1 and watches a wall-clock budget; ``check`` tells every process at once,
+    ``requested`` this process alone.
 
     time_limit: minutes the run may take in all, counted from ``started`` (``time.monotonic()``; default now), or
     None. It stops once the time left would not cover twice the slowest step plus checkpoint seen so far, so a
@@ -49,11 +55,19 @@ class StopRequest:
         """Tell how long a step (with its checkpoint, if any) took, to keep enough time for the last one."""
         self.reserve = max(self.reserve, 2 * seconds)
 
-    def check(self) -> int | None:
-        """The reason to stop now, agreed by every process (a signal number, or TIME_LIMIT), or None."""
-        reason = self.signum
-        if reason is None and self.deadline is not None and time.monotonic() + self.reserve >= self.deadline:
-            reason = TIME_LIMIT
+    def requested(self, seconds: float = 0.0) -> int | None:
+        """This process's reason to stop now (a signal number, or TIME_LIMIT), or None; no collective, so it may be
+        asked by one process alone (rank 0's sample grids). ``seconds``: work about to start, which must also fit
+        before the budget's reserve (a diagnostic that would not fit is skipped)."""
+        if self.signum is None and self.deadline is not None:
+            if time.monotonic() + seconds + self.reserve >= self.deadline:
+                return TIME_LIMIT
+        return self.signum
+
+    def check(self, seconds: float = 0.0) -> int | None:
+        """``requested(seconds)`` agreed by every process: the largest reason of any, or None. A collective: every
+        process calls it at the same points (after each step, between FID chunks)."""
+        reason = self.requested(seconds)
         if self.group is None:
             return reason
         flag = torch.tensor([-1 if reason is None else reason])

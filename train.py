@@ -16,7 +16,9 @@ the data stream's position, all stored in every checkpoint; samples and FID neve
 SIGTERM, SIGINT and SIGUSR1 stop the run after the step in progress with a checkpoint, as does --time-limit
 (utils/preemption.py), and abandon sample grids and FID between chunks (evaluation/monitor.py); the exit code
 tells why: 0 done, 1 failed, 2 bad input, 130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 124 time limit. ``--resume auto``
-continues a run when it has a checkpoint, for requeued jobs.
+continues a run when it has a checkpoint, for requeued jobs; ``--resume PATH`` continues from any checkpoint. One run
+per folder: OUT/.lock is held for the life of the run, and a fresh run refuses a folder that holds a run's files
+(utils/runfolder.py).
 
 No host sync per step: the loss, gradient norm and skip counters stay on the device and are read back at
 --log-every steps and checkpoints (utils/optim.py), where --nan-patience non-finite steps in a row stop the
@@ -45,8 +47,10 @@ from models import ModelConfig, build_model
 from objectives import OBJECTIVES, Objective
 from utils.checkpoint import (
     CheckpointError,
+    changed_settings,
     check_resume,
     load_checkpoint,
+    newest_readable,
     restore_training_state,
     save_training_checkpoint,
     training_state,
@@ -67,6 +71,7 @@ from utils.io import write_json_atomic
 from utils.optim import StepStats, TrainStep, build_adamw, learning_rate
 from utils.preemption import EXIT_CODES, REASONS, StopRequest
 from utils.rng import rng_state, seed_everything, set_rng_state, training_seed
+from utils.runfolder import check_holds_no_run, hold_run_folder
 from utils.runlog import WANDB_MODES, RunLogger
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -125,8 +130,10 @@ class TrainConfig(ModelConfig):
     log_every: int = arg(100, "steps between loss read-backs and logs", min=1)
     out: str | None = arg(None, "run folder (default runs/<dataset>)")
     seed: int = arg(0, "global seed (process r uses seed + r)")
-    resume: str = arg("no", "continue from OUT/checkpoints/last.pt (--resume); auto: continue when it exists, "
-                      "else start fresh", choices=("no", "yes", "auto"), nargs="?", const="yes")  # fmt: skip
+    resume: str = arg("no", "no: a fresh run; yes (--resume alone): continue from OUT/checkpoints/last.pt; auto: "
+                      "continue when it exists, else start fresh; PATH: continue from that checkpoint, into OUT "
+                      "(which must hold no run when PATH lies outside it)", nargs="?", const="yes",
+                      metavar="no|yes|auto|PATH")  # fmt: skip
     time_limit: float | None = arg(None, "minutes this job may run: checkpoint and stop (exit 124) before then", gt=0)
     wandb: str = arg(os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") in WANDB_MODES else "online",
                      "online (falls back to offline without credentials), offline, disabled; default $WANDB_MODE "
@@ -178,9 +185,11 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
     except ValueError as e:  # e.g. --device cuda on a machine without one
         raise ConfigError(str(e)) from None
     try:
-        with signals_end_setup():
-            run = setup(resolve(cfg, dist.device), dist, fid_extractor, started)
-        return train(run)
+        cfg = resolve(cfg, dist.device)
+        with hold_run_folder(Path(cfg.out), dist.is_main):  # one run per folder (utils/runfolder.py)
+            with signals_end_setup():
+                run = setup(cfg, dist, fid_extractor, started)
+            return train(run)
     finally:
         cleanup()
 
@@ -228,7 +237,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     out, device = Path(cfg.out), dist.device
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
-    state = resume_state(cfg)
+    state, state_path = resume_state(cfg)
+    foreign = state_path is not None and outside(state_path, out)  # a fork of another folder's run
     with first_then_others(dist.is_main):  # only one process downloads
         dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
     if (shape := tuple(dataset[0][0].shape)) != (cfg.channels, cfg.image_size, cfg.image_size):
@@ -242,6 +252,9 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
     if state is not None:
         check_resume(state, dataclasses.asdict(cfg), model.config)
+        if dist.is_main:  # they apply from here on, so say which (config-resume-STEP.json records them all)
+            changed = [f"{flag} {a} -> {b}" for _, flag, a, b in changed_settings(state["config"], dataclasses.asdict(cfg))]
+            print(f"resume: step {state['step']} of {state_path}; settings changed: {', '.join(changed) or 'none'}")
 
     allow_tf32(device)
     ema = EMA(model, cfg.ema_decay)
@@ -264,14 +277,15 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     error = None
     if dist.is_main:  # the run folder: rank 0 alone writes
         try:  # a resume keeps the first run's config.json and records its own settings beside it
-            name = f"config-resume-{step:07d}.json" if state else "config.json"
+            name = f"config-resume-{step:07d}.json" if state and not foreign else "config.json"
             write_json_atomic(dataclasses.asdict(cfg), out / name)
         except OSError as e:  # e.g. --out under a file; the others must not wait for rank 0 in a collective
             error = e
     if not all_ok(error is None):
         raise error or PeerError("rank 0 could not write the run folder")
     logger = RunLogger(out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
-                       run_id=resumed.wandb_id if resumed else None, enabled=dist.is_main, start_step=step)  # fmt: skip
+                       run_id=resumed.wandb_id if resumed and not foreign else None,  # a fork: its own wandb run
+                       enabled=dist.is_main, start_step=step)  # fmt: skip
     # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
     seed = training_seed(cfg.seed, dist.rank, step)
     if resumed and resumed.rng is not None:
@@ -294,17 +308,41 @@ def last_checkpoint(cfg: TrainConfig) -> Path:
     return Path(cfg.out) / "checkpoints" / "last.pt"
 
 
-def resume_state(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint to continue from (--resume, or --resume auto when there is one), or None for a fresh run,
-    which must not write over another run's checkpoints."""
-    ckpt = last_checkpoint(cfg)
-    if cfg.resume == "yes" and not ckpt.is_file():
-        raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
-    if cfg.resume != "no" and ckpt.is_file():
-        return load_checkpoint(ckpt)
-    if ckpt.parent.is_dir() and any(ckpt.parent.glob("*.pt")):
-        raise ConfigError(f"{ckpt.parent} already holds checkpoints; pass --resume to continue, or choose another --out")
-    return None
+def outside(path: Path, out: Path) -> bool:
+    """Whether a checkpoint lies outside the run folder out: continuing from it starts a new run there."""
+    return not path.resolve().is_relative_to(out.resolve())
+
+
+def resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to continue from and its path (--resume, --resume auto when last.pt exists, --resume PATH),
+    or (None, None) for a fresh run, which must find no run in OUT (nor must a PATH from another folder). A missing
+    or unreadable last.pt names the newest readable numbered checkpoint instead of switching to it unasked."""
+    out, last = Path(cfg.out), last_checkpoint(cfg)
+    if cfg.resume in ("no", "yes", "auto"):
+        path = last if cfg.resume == "yes" or (cfg.resume == "auto" and last.is_file()) else None
+    else:
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint file")
+    if path is None and any(last.parent.glob("*.pt")):
+        check_holds_no_run(out, "pass --resume to continue it, or choose another --out")
+    elif path is None:  # e.g. its checkpoints deleted to save space: the logs are still its
+        check_holds_no_run(out, "it has no checkpoint to continue from: choose another --out, or move those away")
+    elif outside(path, out):
+        check_holds_no_run(out, f"--resume {path} continues into a folder that holds no run: choose another --out")
+    if path is None:
+        return None, None
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        return load_checkpoint(path), path
+    except CheckpointError as e:
+        if path.resolve() != last.resolve():
+            raise
+        found = newest_readable(last.parent) if last.parent.is_dir() else None
+        hint = (f"the newest readable checkpoint is {found[0]} (step {found[1]}): continue from it with the same "
+                f"command and --resume {found[0]}" if found else f"no readable numbered checkpoint in {last.parent}")
+        raise CheckpointError(f"{e}; {hint}") from None
 
 
 def train(run: Run) -> dict[str, Any]:

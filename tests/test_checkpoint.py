@@ -13,6 +13,7 @@ from utils.checkpoint import (
     check_resume,
     load_checkpoint,
     model_from_checkpoint,
+    newest_readable,
     restore_training_state,
     save_checkpoint,
     training_state,
@@ -80,6 +81,24 @@ def test_garbage_and_missing_files(tmp_path):
     torch.save({"model": {}}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match="model_config"):
         load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_a_damaged_file_is_described_and_the_newest_readable_one_found(tmp_path):
+    model, ema, opt, stream = run_objects(seed=0)
+    for step in (4, 8):
+        state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=step, skipped_steps=0,
+                               config={}, rng=[rng_state()], world_size=1, wandb_id=None)  # fmt: skip
+        save_checkpoint(state, tmp_path / f"{step:07d}.pt")
+    data = (tmp_path / "0000008.pt").read_bytes()
+    (tmp_path / "0000008.pt").write_bytes(data[: len(data) - 100])  # the end cut off, as a full disk or a kill
+    (tmp_path / "0000012.pt").write_bytes(b"")
+    save_checkpoint(tiny_state(), tmp_path / "0000016.pt")  # weights only: not a state to continue from
+    with pytest.raises(CheckpointError, match=r"0000008.pt: the file is truncated \(\d+ bytes, the end of the archive"):
+        load_checkpoint(tmp_path / "0000008.pt")
+    with pytest.raises(CheckpointError, match="the file is empty"):
+        load_checkpoint(tmp_path / "0000012.pt")
+    assert newest_readable(tmp_path) == (tmp_path / "0000004.pt", 4)
+    assert newest_readable(tmp_path / "nothing-here") is None
 
 
 def run_objects(seed: int):

@@ -127,12 +127,26 @@ def test_config_is_saved_as_json_and_in_every_checkpoint(tmp_path):
     assert ckpt["data_state"] == {"epoch": 0, "index": 4, "num_samples": 1797}
 
 
-def test_resume_refuses_a_changed_model_or_batch(tmp_path):
+def test_resume_refuses_a_changed_model_or_batch(tmp_path, capsys):
     train.main(tiny(tmp_path / "run", steps=4))
     with pytest.raises(ConfigError, match="batch-size"):
         train.main(tiny(tmp_path / "run", steps=8, batch_size=16, resume="yes"))
-    with pytest.raises(ConfigError, match="model"):
-        train.main(tiny(tmp_path / "run", steps=8, hidden_size=64, resume="yes"))
+    code, err = run_cli(cli_args(tiny(tmp_path / "run", steps=8, hidden_size=64, num_heads=4, resume="yes")), capsys)
+    assert_one_error_line(code, err, "model differs from this run's: hidden_size 32 -> 64; num_heads 2 -> 4")
+    assert "depth" not in err and len(err) < 300  # the keys that differ, not two whole model dicts
+
+
+def test_resume_says_in_one_line_which_settings_changed(tmp_path, capsys):
+    train.main(tiny(tmp_path / "run", steps=4))
+    capsys.readouterr()
+    changed = dict(lr=5e-4, ema_decay=0.95, warmup=2, objective_args=dict(ot=True, t_sampler="uniform"))
+    train.main(tiny(tmp_path / "run", steps=6, resume="yes", **changed))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
+    assert lines == [f"resume: step 4 of {tmp_path / 'run/checkpoints/last.pt'}; settings changed: --t-sampler "
+                     "logit-normal -> uniform, --ot False -> True, --steps 4 -> 6, --lr 0.001 -> 0.0005, --warmup 3 -> 2, "
+                     "--ema-decay 0.9 -> 0.95"]  # fmt: skip
+    train.main(tiny(tmp_path / "run", steps=8, resume="yes", **changed))
+    assert "settings changed: --steps 6 -> 8\n" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- non-finite losses
@@ -423,7 +437,7 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_to_overwrite(tmp_path,
     train.main(tiny(tmp_path / "out", steps=4))
     before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     code, err = run_cli(cli_args(tiny(tmp_path / "out", steps=8)), capsys)
-    assert_one_error_line(code, err, "already holds checkpoints", "--resume")
+    assert_one_error_line(code, err, "already holds a run", "checkpoints/", "--resume")
     assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
 
 

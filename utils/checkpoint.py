@@ -22,7 +22,9 @@ run code when unpickled) is refused with a CheckpointError.
 from __future__ import annotations
 
 import os
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -87,12 +89,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or holding pickled objects the safe loader refuses to build
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: not a file of tensors and plain values ({type(e).__name__})"
-        ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {damage(path, e)}") from None
     if not isinstance(state, dict) or not {"model_config", "model"} <= state.keys():
         raise CheckpointError(f"{path} is not a checkpoint of this project (needs keys model_config, model)")
     return state
+
+
+def damage(path: Path, error: Exception) -> str:
+    """What is wrong with a checkpoint file that torch.load refused, in words (torch's own message does not say
+    that a file is cut short)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):  # torch.save writes a zip; its index is at the end
+        return f"the file is truncated ({size} bytes, the end of the archive is missing)"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return "not a file of tensors and plain values (it holds pickled objects, which are never loaded)"
+    return f"not a file of tensors and plain values, or damaged ({type(error).__name__}, {size} bytes)"
 
 
 def model_from_checkpoint(state: dict[str, Any] | str | os.PathLike, ema: bool = True,
@@ -132,13 +147,32 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: di
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"--resume: the checkpoint holds weights only, not a training state (no {missing[0]})")
-    if state["model_config"] != model_config:
-        raise ConfigError(f"--resume: the checkpoint's model {state['model_config']} differs from {model_config}")
-    old = state["config"]
-    bad = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {config.get(k)!r}" for k in RESUME_MUST_MATCH
-           if old.get(k, config.get(k)) != config.get(k)]  # fmt: skip
+    old_model = state["model_config"]
+    if old_model != model_config:
+        keys = [k for k in {**old_model, **model_config} if old_model.get(k) != model_config.get(k)]
+        diff = "; ".join(f"{k} {old_model.get(k)!r} -> {model_config.get(k)!r}" for k in keys)
+        raise ConfigError(f"--resume: the checkpoint's model differs from this run's: {diff}")
+    bad = [f"{flag} {a} -> {b}" for key, flag, a, b in changed_settings(state["config"], config)
+           if key in RESUME_MUST_MATCH]  # fmt: skip
     if bad:
         raise ConfigError(f"--resume: these settings differ from the checkpoint's: {'; '.join(bad)}")
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The settings of new that differ from old (run configs as train.py records them), as (key, flag, old value,
+    new value) in the flags' spelling; an objective's own settings by their own flags. Settings the old config
+    does not record (older versions) are left out, and so is --resume itself, which a resume always changes."""
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, tuple | list) else str(v)  # noqa: E731
+    out = []
+    for key, value in new.items():
+        if key == "resume" or key not in old:
+            continue
+        if isinstance(value, dict) and isinstance(old[key], dict):  # nested settings (objective_args)
+            out += [(k, f"--{k.replace('_', '-')}", shown(old[key][k]), shown(v)) for k, v in value.items()
+                    if k in old[key] and old[key][k] != v]  # fmt: skip
+        elif old[key] != value and not (isinstance(value, tuple | list) and list(old[key]) == list(value)):
+            out.append((key, f"--{key.replace('_', '-')}", shown(old[key]), shown(value)))
+    return out
 
 
 class Resumed(NamedTuple):
@@ -168,6 +202,21 @@ def restore_training_state(state: dict[str, Any], *, model: nn.Module, ema: Any,
 
 
 NUMBERED = re.compile(r"(\d{7,})\.pt")  # f"{step:07d}.pt"
+
+
+def newest_readable(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """The numbered checkpoint of the highest step in ckpt_dir that loads as a full training state, with its step,
+    or None: what to continue from when last.pt is damaged (read newest first; stops at the first good one)."""
+    numbered = sorted(((int(m.group(1)), p) for p in ckpt_dir.glob("*.pt") if (m := NUMBERED.fullmatch(p.name))),
+                      reverse=True)  # fmt: skip
+    for _, path in numbered:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError:
+            continue
+        if all(k in state for k in TRAINING_KEYS):
+            return path, int(state["step"])
+    return None
 
 
 def save_training_checkpoint(state: dict[str, Any], ckpt_dir: Path, keep: int) -> Path:

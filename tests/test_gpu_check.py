@@ -1,7 +1,7 @@
-"""benchmarks/gpu_check.py, without a GPU and without re-running what tests/test_train.py and
-tests/test_benchmark.py already run: the timeout handling on small fake commands, the plan of parts (every command
-parses with its script's own flags), the summary from a fake work folder, the wheel install, and one short real
-run of the `tests` part end to end. No timing is asserted."""
+"""benchmarks/gpu_check.py (and the gpu_runner.py and gpu_summary.py it imports), without a GPU and without
+re-running what tests/test_train.py and tests/test_benchmark.py already run: the timeout handling on small fake
+commands, the plan of parts (every command parses with its script's own flags), the summary from a fake work
+folder, the wheel install, and one short real run of the `tests` part end to end. No timing is asserted."""
 
 import json
 import os
@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import gpu_check
-from benchmarks.gpu_check import Log, Part, Runner, child_env, install_wheels, plan, summarize, wheel_key
+from benchmarks import gpu_check, gpu_runner, gpu_summary
+from benchmarks.gpu_check import child_env, install_wheels, plan, wheel_key
+from benchmarks.gpu_runner import Log, Part, Runner
+from benchmarks.gpu_summary import summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -49,7 +51,7 @@ def test_a_part_that_ignores_sigterm_is_killed_with_its_children(tmp_path):
 
 
 def test_what_a_finished_part_leaves_running_is_killed(tmp_path):
-    status, rc = gpu_check.run_command(["sh", "-c", "sleep 120 & echo $!"], 60, (out := []).append)
+    status, rc = gpu_runner.run_command(["sh", "-c", "sleep 120 & echo $!"], 60, (out := []).append)
     assert (status, rc) == ("ok", 0)
     stat = Path(f"/proc/{int(out[0])}/stat")  # the sleep held the output pipe: returning means it is dying
 
@@ -82,7 +84,7 @@ def test_failures_dependencies_and_the_budget(tmp_path):
     assert list(parts) == ["fails", "after", "cuda_row", "capped", "late"]
     assert (parts["fails"]["status"], parts["fails"]["rc"]) == ("failed", 3)
     assert (tmp_path / "fails.log").read_text() == "PASSIVE\n"  # a CPU part's OpenMP threads do not spin
-    assert parts["after"] == gpu_check.part_record("after", "skipped", None, 0, None, "no")
+    assert parts["after"] == gpu_runner.part_record("after", "skipped", None, 0, None, "no")
     assert parts["cuda_row"]["status"] == "skipped" and parts["cuda_row"]["note"] == "needs CUDA"
     assert parts["capped"]["status"] == "ok" and 75 < parts["capped"]["limit_s"] <= 90
     assert parts["late"]["status"] == "skipped" and parts["late"]["note"].startswith("out of time: ")
@@ -143,10 +145,11 @@ def test_the_plan_runs_the_same_parts_with_flags_the_scripts_accept(tmp_path, qu
     assert parts[3].needs({}) == ""
 
 
-def test_the_module_imports_with_the_standard_library_alone():  # `prepare` runs before the project's packages are in
+def test_the_modules_import_with_the_standard_library_alone():  # `prepare` runs before the project's packages are in
     code = "import sys, benchmarks.gpu_check; print(sorted(m for m in sys.modules if m.startswith('benchmarks')))"
     proc = subprocess.run([PY, "-S", "-E", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout == "['benchmarks', 'benchmarks.gpu_check']\n", proc.stderr
+    modules = ["benchmarks", "benchmarks.gpu_check", "benchmarks.gpu_runner", "benchmarks.gpu_summary"]
+    assert proc.returncode == 0 and proc.stdout == f"{modules}\n", proc.stderr
 
 
 def test_child_env_on_the_cpu_has_no_cuda_one_thread_and_passive_openmp(tmp_path, monkeypatch):
@@ -220,13 +223,13 @@ def test_the_summary_gathers_every_part_and_says_what_went_wrong(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     fake_work(work)
     out.mkdir()
-    record = gpu_check.part_record
+    record = gpu_runner.part_record
     parts = [record("tests", "failed", 1, 20.04, 90), record("train", "ok", 0, 60, 120),
              record("resume", "ok", 0, 30, 60), record("sample", "ok", 0, 10, 45),
              record("bench_s2_compiled", "ok", 0, 80, 120), record("bench_b2_eager", "timeout", 124, 60, 60),
              record("bench_meanflow", "ok", 0, 70, 120)]  # fmt: skip
     summary = summarize(work, parts, quick=False, budget_s=450, seconds=400, installed=["torchcfm-1.0.7.whl"])
-    gpu_check.write_summary(summary, out)
+    gpu_summary.write_summary(summary, out)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert list(summary) == ["mode", "seconds", "budget_s", "installed_wheels", "work", "env", "parts", "tests",
                              "train", "bench", "meanflow", "warnings", "ok"]  # fmt: skip
@@ -251,7 +254,7 @@ def test_the_summary_gathers_every_part_and_says_what_went_wrong(tmp_path):
     assert summary["warnings"] == ["train: torch.compile fell back to eager",
                                    "bench_meanflow: 2 host synchronisations per training step"]  # fmt: skip
 
-    text = gpu_check.report(summary, out)
+    text = gpu_summary.report(summary, out)
     assert "failed: test_nccl: no NCCL" in text and "MeanFlow 4000.0 img/s against flow 9000.0 img/s" in text
     assert text.rstrip().endswith(f"FAILED: tests, bench_b2_eager; wrote {out}/summary.json and {out}/gpu_check.log")
 
@@ -260,7 +263,7 @@ def test_all_gpu_tests_skipped_marks_the_part_skipped(tmp_path):
     (tmp_path / "pytest.xml").write_text(
         '<testsuite><testcase name="test_a"><skipped message="needs a CUDA GPU"/></testcase></testsuite>'
     )
-    summary = summarize(tmp_path, [gpu_check.part_record("tests", "ok", 0, 3, 90)], quick=True, budget_s=450,
+    summary = summarize(tmp_path, [gpu_runner.part_record("tests", "ok", 0, 3, 90)], quick=True, budget_s=450,
                         seconds=5, installed=[])  # fmt: skip
     assert summary["parts"][0]["status"] == "skipped" and summary["ok"] is True
     assert summary["parts"][0]["note"] == "all 1 GPU tests skipped: needs a CUDA GPU"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -49,8 +48,6 @@ from utils.checkpoint import (
     CheckpointError,
     changed_settings,
     check_resume,
-    load_checkpoint,
-    newest_readable,
     restore_training_state,
     save_training_checkpoint,
     training_state,
@@ -69,9 +66,9 @@ from utils.distributed import (
 from utils.ema import EMA
 from utils.io import write_json_atomic
 from utils.optim import StepStats, TrainStep, build_adamw, learning_rate
-from utils.preemption import EXIT_CODES, REASONS, StopRequest
+from utils.preemption import EXIT_CODES, REASONS, SetupInterrupted, StopRequest, signals_end_setup
 from utils.rng import rng_state, seed_everything, set_rng_state, training_seed
-from utils.runfolder import check_holds_no_run, hold_run_folder
+from utils.runfolder import LAST_CHECKPOINT, hold_run_folder, outside, resume_state
 from utils.runlog import WANDB_MODES, RunLogger
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -194,31 +191,6 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
         cleanup()
 
 
-class SetupInterrupted(KeyboardInterrupt):
-    """A signal during set-up, where there is nothing to checkpoint yet. A KeyboardInterrupt, so that whatever
-    handles Ctrl-C (loader workers, atomic writes) treats SIGTERM and SIGUSR1 alike."""
-
-    def __init__(self, signum: int):
-        super().__init__(REASONS[signum])
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def signals_end_setup() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block; train's StopRequest then takes over
-    and lets the step in progress finish."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise SetupInterrupted(signum)
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Fill in what depends on the machine (precision, data placement, compilation), the output folder and every
     setting of the objective (its defaults too, so that config.json and the checkpoints record them all)."""
@@ -237,7 +209,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     out, device = Path(cfg.out), dist.device
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
-    state, state_path = resume_state(cfg)
+    state, state_path = resume_state(out, cfg.resume)
     foreign = state_path is not None and outside(state_path, out)  # a fork of another folder's run
     with first_then_others(dist.is_main):  # only one process downloads
         dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
@@ -305,44 +277,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
 
 def last_checkpoint(cfg: TrainConfig) -> Path:
     """OUT/checkpoints/last.pt: what --resume continues from."""
-    return Path(cfg.out) / "checkpoints" / "last.pt"
-
-
-def outside(path: Path, out: Path) -> bool:
-    """Whether a checkpoint lies outside the run folder out: continuing from it starts a new run there."""
-    return not path.resolve().is_relative_to(out.resolve())
-
-
-def resume_state(cfg: TrainConfig) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to continue from and its path (--resume, --resume auto when last.pt exists, --resume PATH),
-    or (None, None) for a fresh run, which must find no run in OUT (nor must a PATH from another folder). A missing
-    or unreadable last.pt names the newest readable numbered checkpoint instead of switching to it unasked."""
-    out, last = Path(cfg.out), last_checkpoint(cfg)
-    if cfg.resume in ("no", "yes", "auto"):
-        path = last if cfg.resume == "yes" or (cfg.resume == "auto" and last.is_file()) else None
-    else:
-        path = Path(cfg.resume)
-        if not path.is_file():
-            raise CheckpointError(f"--resume {path}: no such checkpoint file")
-    if path is None and any(last.parent.glob("*.pt")):
-        check_holds_no_run(out, "pass --resume to continue it, or choose another --out")
-    elif path is None:  # e.g. its checkpoints deleted to save space: the logs are still its
-        check_holds_no_run(out, "it has no checkpoint to continue from: choose another --out, or move those away")
-    elif outside(path, out):
-        check_holds_no_run(out, f"--resume {path} continues into a folder that holds no run: choose another --out")
-    if path is None:
-        return None, None
-    try:
-        if not path.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {path}")
-        return load_checkpoint(path), path
-    except CheckpointError as e:
-        if path.resolve() != last.resolve():
-            raise
-        found = newest_readable(last.parent) if last.parent.is_dir() else None
-        hint = (f"the newest readable checkpoint is {found[0]} (step {found[1]}): continue from it with the same "
-                f"command and --resume {found[0]}" if found else f"no readable numbered checkpoint in {last.parent}")
-        raise CheckpointError(f"{e}; {hint}") from None
+    return Path(cfg.out) / LAST_CHECKPOINT
 
 
 def train(run: Run) -> dict[str, Any]:

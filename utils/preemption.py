@@ -14,9 +14,11 @@ is skipped when its last duration would not fit before the reserve.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -77,4 +79,29 @@ class StopRequest:
     def close(self) -> None:
         """Put the previous signal handlers back."""
         for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class SetupInterrupted(KeyboardInterrupt):
+    """A signal during set-up, where there is nothing to checkpoint yet. A KeyboardInterrupt, so that whatever
+    handles Ctrl-C (loader workers, atomic writes) treats SIGTERM and SIGUSR1 alike."""
+
+    def __init__(self, signum: int):
+        super().__init__(REASONS[signum])
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_end_setup() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block; train's StopRequest then takes over
+    and lets the step in progress finish."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise SetupInterrupted(signum)
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
             signal.signal(s, handler)

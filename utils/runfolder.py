@@ -22,12 +22,15 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from utils.checkpoint import CheckpointError, load_checkpoint, newest_readable
 from utils.config import ConfigError
 from utils.distributed import PeerError, all_ok
 from utils.runlog import warn
 
 LOCK_NAME = ".lock"
+LAST_CHECKPOINT = Path("checkpoints", "last.pt")  # what --resume continues from, relative to OUT
 RUN_FILES = ("config.json", "metrics.jsonl")
 RUN_FILE_PATTERNS = ("config-resume-*.json",)
 RUN_FOLDERS = ("checkpoints", "samples", "wandb")  # a run's when they hold any file
@@ -167,3 +170,40 @@ def hold_run_folder(out: Path, is_main: bool) -> Iterator[FolderLock | None]:
     finally:
         if lock is not None:
             lock.release()
+
+
+def outside(path: Path, out: Path) -> bool:
+    """Whether a checkpoint lies outside the run folder out: continuing from it starts a new run there."""
+    return not path.resolve().is_relative_to(out.resolve())
+
+
+def resume_state(out: Path, resume: str) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to continue from and its path (--resume, --resume auto when last.pt exists, --resume PATH),
+    or (None, None) for a fresh run, which must find no run in OUT (nor must a PATH from another folder). A missing
+    or unreadable last.pt names the newest readable numbered checkpoint instead of switching to it unasked."""
+    last = out / LAST_CHECKPOINT
+    if resume in ("no", "yes", "auto"):
+        path = last if resume == "yes" or (resume == "auto" and last.is_file()) else None
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"--resume {path}: no such checkpoint file")
+    if path is None and any(last.parent.glob("*.pt")):
+        check_holds_no_run(out, "pass --resume to continue it, or choose another --out")
+    elif path is None:  # e.g. its checkpoints deleted to save space: the logs are still its
+        check_holds_no_run(out, "it has no checkpoint to continue from: choose another --out, or move those away")
+    elif outside(path, out):
+        check_holds_no_run(out, f"--resume {path} continues into a folder that holds no run: choose another --out")
+    if path is None:
+        return None, None
+    try:
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        return load_checkpoint(path), path
+    except CheckpointError as e:
+        if path.resolve() != last.resolve():
+            raise
+        found = newest_readable(last.parent) if last.parent.is_dir() else None
+        hint = (f"the newest readable checkpoint is {found[0]} (step {found[1]}): continue from it with the same "
+                f"command and --resume {found[0]}" if found else f"no readable numbered checkpoint in {last.parent}")
+        raise CheckpointError(f"{e}; {hint}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,10 +33,17 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
     )  # fmt: skip
 
 
-def model_from_config(config: dict[str, Any]) -> DiT:
-    """The DiT that a checkpoint's ``model_config`` (``DiT.config``) describes; checkpoints written before the
-    interval input was renamed say ``mean_flow`` for ``average_velocity`` with t embedded unscaled."""
+def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``model_config`` in today's terms, every DiT argument present: checkpoints written before the
+    interval input was renamed say ``mean_flow`` for ``average_velocity`` with t embedded unscaled, and lack the
+    arguments added since (their defaults are what those checkpoints were built with)."""
     config = dict(config)
     if config.pop("mean_flow", False):
         config.update(average_velocity=True, time_scale=1.0)
-    return DiT(**config)
+    defaults = {p.name: p.default for p in inspect.signature(DiT.__init__).parameters.values() if p.name != "self"}
+    return {**defaults, **config}
+
+
+def model_from_config(config: dict[str, Any]) -> DiT:
+    """The DiT that a checkpoint's ``model_config`` (``DiT.config``, maybe of an older version) describes."""
+    return DiT(**upgraded_config(config))

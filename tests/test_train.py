@@ -529,3 +529,20 @@ def test_compile_and_precision_defaults_follow_the_device(monkeypatch):
     cuda = train.resolve(TrainConfig(), torch.device("cuda"))
     assert cuda.compile is True and cuda.precision == "bf16"
     assert train.resolve(TrainConfig(compile=False), torch.device("cuda")).compile is False
+
+
+@pytest.mark.parametrize("objective", ["flow", "meanflow"])
+def test_a_checkpoint_of_the_version_before_the_interval_rename_resumes_exactly(tmp_path, objective):
+    """Checkpoints written before DiT's mean_flow became average_velocity + time_scale (model_config with
+    mean_flow and without the newer arguments) still resume, and the run ends as an uninterrupted one."""
+    whole = train.main(tiny(tmp_path / "whole", steps=8, objective=objective))
+    train.main(tiny(tmp_path / "part", steps=4, objective=objective))
+    path = tmp_path / "part" / "checkpoints" / "last.pt"  # a hard link to 0000004.pt: both are rewritten
+    state = torch.load(path, weights_only=True)
+    config = state["model_config"]
+    old = {k: v for k, v in config.items() if k not in ("average_velocity", "time_scale")}
+    state["model_config"] = old | {"mean_flow": config["average_velocity"]}
+    torch.save(state, path)
+    resumed = train.main(tiny(tmp_path / "part", steps=8, objective=objective, resume="yes"))
+    for a, b in zip(whole["model"].parameters(), resumed["model"].parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, NamedTuple
 import torch
 import torch.nn as nn
 
-from models import DiT, model_from_config
+from models import DiT, model_from_config, upgraded_config
 from utils.config import ConfigError
 from utils.device import unwrap_model
 from utils.io import atomic_write
@@ -147,7 +147,7 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: di
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"--resume: the checkpoint holds weights only, not a training state (no {missing[0]})")
-    old_model = state["model_config"]
+    old_model = upgraded_config(state["model_config"])  # a checkpoint of an older version compares in today's terms
     if old_model != model_config:
         keys = [k for k in {**old_model, **model_config} if old_model.get(k) != model_config.get(k)]
         diff = "; ".join(f"{k} {old_model.get(k)!r} -> {model_config.get(k)!r}" for k in keys)

@@ -32,7 +32,7 @@ from evaluation.fid import FIDError, compute_fid, load_inception, real_statistic
 from evaluation.images import save_grid, to_gif
 from sampling.sampler import Sampler, SamplingStopped
 from utils.device import module_device_dtype
-from utils.distributed import DistInfo, PeerError, all_ok, first_then_others
+from utils.distributed import DistInfo, PeerError, all_ok
 from utils.preemption import REASONS, StopRequest
 from utils.rng import isolated_rng
 from utils.runlog import RunLogger, warn
@@ -74,7 +74,7 @@ class Monitor:
                         who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
                         warn(f"FID at step {step} failed{who}: {type(e).__name__}: {e}")
 
-    def timed(self, what: str, step: int, stop: StopRequest | None, run: Callable[[], None],
+    def timed(self, what: str, step: int, stop: StopRequest | None, run: Callable[[], float | None],
               agreed: bool = False) -> None:  # fmt: skip
         """run() unless a stop request says no: skipped when one is there already or when the last run would not
         fit before a budget's reserve, abandoned (``SamplingStopped``) when one comes while it samples. ``agreed``:
@@ -87,13 +87,13 @@ class Monitor:
                 return
         start = time.perf_counter()
         try:
-            run()
+            took = run()  # a diagnostic may say how long its repeatable part took (FID: without its set-up)
         except SamplingStopped:
             if self.dist.is_main:
                 why = REASONS.get(self.reason, "a stop request")
                 warn(f"{what} at step {step} abandoned ({why}); nothing of them is written or logged")
             return
-        self.seconds[what] = time.perf_counter() - start
+        self.seconds[what] = time.perf_counter() - start if took is None else took
 
     def should_stop(self, stop: StopRequest | None, agreed: bool) -> Callable[[], bool] | None:
         """A ``should_stop`` callback for the sampler and FID that remembers the reason, or None without ``stop``."""
@@ -145,11 +145,12 @@ class Monitor:
         if self.fid_state != "off":
             self.timed("FID", step, stop, lambda: self._fid(step, model, stop), agreed=True)
 
-    def _fid(self, step: int, model: nn.Module, stop: StopRequest | None) -> None:
+    def _fid(self, step: int, model: nn.Module, stop: StopRequest | None) -> float | None:
+        """The FID itself; returns the seconds it took without the one-time set-up (what the next one will take)."""
         if self.fid_state == "not loaded":
             self.fid_state = "ready" if self._load(module_device_dtype(model)[0], stop) else "off"
         if self.fid_state == "off":
-            return
+            return None
         start = time.perf_counter()
         cfg, dist = self.cfg, self.dist
         sampler = self.sampler(model)
@@ -158,28 +159,35 @@ class Monitor:
             progress=dist.is_main, rank=dist.rank, world_size=dist.world_size,
             should_stop=self.should_stop(stop, agreed=True),
         )  # fmt: skip
+        seconds = time.perf_counter() - start
         if dist.is_main:
-            seconds = time.perf_counter() - start
             print(f"step {step}: FID {fid:.3f} ({cfg.fid_samples} samples, NFE {nfe}, {seconds:.0f} s)")
             self.logger.log({"eval/fid": fid, "eval/fid_nfe": nfe, "eval/fid_seconds": seconds}, step)
+        return seconds
 
     def _load(self, device: Any, stop: StopRequest | None = None) -> bool:
         """Load the extractor (and on rank 0 the real statistics): each node's local rank 0 first (it downloads
         the weights if needed), then the others from the caches. False, said once, when it fails anywhere;
         ``SamplingStopped`` everywhere when a stop request came while rank 0 computed the real statistics."""
         error = None
-        with first_then_others(self.dist.local_rank == 0):
-            try:
-                self.extractor = self.extractor or load_inception(device)
-                if self.dist.is_main and self.real is None:
-                    cfg = self.cfg
-                    self.real = real_statistics(
-                        cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, extractor=self.extractor,
-                        num_workers=cfg.num_workers, download=False, should_stop=self.should_stop(stop, agreed=False),
-                    )  # fmt: skip
-            except Exception as e:  # FIDError (weights, data) or anything else: every process must hear of it
-                error = e
-        if all_ok(error is None):
+        # Two turns with an agreed flag between them (not utils.distributed.first_then_others, a bare barrier):
+        # when the first turn fails, for want of the weights say, the other processes must not try again.
+        for first in (True, False):
+            if (self.dist.local_rank == 0) == first:
+                try:
+                    self.extractor = self.extractor or load_inception(device)
+                    if self.dist.is_main and self.real is None:
+                        cfg = self.cfg
+                        self.real = real_statistics(
+                            cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, extractor=self.extractor,
+                            num_workers=cfg.num_workers, download=False,
+                            should_stop=self.should_stop(stop, agreed=False),
+                        )  # fmt: skip
+                except Exception as e:  # FIDError (weights, data) or anything else: every process must hear of it
+                    error = e
+            if not all_ok(error is None):  # a collective: also the barrier between the turns
+                break
+        else:
             return True
         if not all_ok(not isinstance(error, SamplingStopped)):  # not a failure: set up again at the next FID
             raise SamplingStopped("stopped while computing the real statistics")

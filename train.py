@@ -223,6 +223,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     except ValueError as e:
         raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
     if state is not None:
+        state["config"] = upgraded_run_config(state["config"])
         check_resume(state, dataclasses.asdict(cfg), model.config)
         if dist.is_main:  # they apply from here on, so say which (config-resume-STEP.json records them all)
             changed = [f"{flag} {a} -> {b}" for _, flag, a, b in changed_settings(state["config"], dataclasses.asdict(cfg))]
@@ -273,6 +274,15 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor)
     return Run(cfg, dist, model, net, ema, opt, stream, step_fn, logger, monitor, step,
                resumed.skipped_steps if resumed else 0, started)  # fmt: skip
+
+
+def upgraded_run_config(old: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's run config in today's terms: versions before objectives owned their flags kept them at the
+    top level, so they are gathered into objective_args (then compared, and reported when they change)."""
+    if "objective_args" in old or old.get("objective", "flow") not in OBJECTIVES:
+        return old
+    names = {f.name for f in dataclasses.fields(OBJECTIVES[old.get("objective", "flow")])}
+    return {k: v for k, v in old.items() if k not in names} | {"objective_args": {k: old[k] for k in names if k in old}}
 
 
 def last_checkpoint(cfg: TrainConfig) -> Path:

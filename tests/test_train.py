@@ -532,17 +532,22 @@ def test_compile_and_precision_defaults_follow_the_device(monkeypatch):
 
 
 @pytest.mark.parametrize("objective", ["flow", "meanflow"])
-def test_a_checkpoint_of_the_version_before_the_interval_rename_resumes_exactly(tmp_path, objective):
-    """Checkpoints written before DiT's mean_flow became average_velocity + time_scale (model_config with
-    mean_flow and without the newer arguments) still resume, and the run ends as an uninterrupted one."""
+def test_a_checkpoint_of_the_version_before_the_interval_rename_resumes_exactly(tmp_path, objective, capsys):
+    """Checkpoints written before DiT's mean_flow became average_velocity + time_scale (model_config with mean_flow
+    and without the newer arguments) and before objectives owned their flags (run config flat) still resume: the
+    run ends as an uninterrupted one, and an objective flag the resume changes is reported, not dropped."""
     whole = train.main(tiny(tmp_path / "whole", steps=8, objective=objective))
     train.main(tiny(tmp_path / "part", steps=4, objective=objective))
     path = tmp_path / "part" / "checkpoints" / "last.pt"  # a hard link to 0000004.pt: both are rewritten
     state = torch.load(path, weights_only=True)
-    config = state["model_config"]
-    old = {k: v for k, v in config.items() if k not in ("average_velocity", "time_scale")}
-    state["model_config"] = old | {"mean_flow": config["average_velocity"]}
+    model, run = state["model_config"], state["config"]
+    old_model = {k: v for k, v in model.items() if k not in ("average_velocity", "time_scale")}
+    state["model_config"] = old_model | {"mean_flow": model["average_velocity"]}
+    flat = {k: v for k, v in run.items() if k != "objective_args"} | run["objective_args"]
+    state["config"] = flat | {"t_std": 0.5}  # the old layout, and a t_std that this resume changes back
     torch.save(state, path)
+    capsys.readouterr()
     resumed = train.main(tiny(tmp_path / "part", steps=8, objective=objective, resume="yes"))
+    assert "--t-std 0.5 -> 1.0" in capsys.readouterr().out
     for a, b in zip(whole["model"].parameters(), resumed["model"].parameters(), strict=True):
         assert torch.equal(a, b)

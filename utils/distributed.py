@@ -112,9 +112,12 @@ def all_gather_object(obj: Any) -> list[Any]:
 @contextlib.contextmanager
 def first_then_others(first: bool) -> Iterator[None]:
     """Run the block on the processes where ``first`` holds, then on the others: e.g. rank 0 downloads a file that
-    the others then find in the cache. Just the block in a single process."""
+    the others then find in the cache. Just the block in a single process. When the block fails on a first process
+    the others are released all the same and meet the failure themselves, instead of waiting out the timeout."""
     if not first and is_initialized():
         dist.barrier()
-    yield
-    if first and is_initialized():
-        dist.barrier()
+    try:
+        yield
+    finally:
+        if first and is_initialized():
+            dist.barrier()

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from data import DATASETS, BatchStream, DataError, build_dataset
 from evaluation.monitor import Monitor
 from models import ModelConfig, build_model
-from objectives import OBJECTIVES, Objective
+from objectives import OBJECTIVES, ObjectiveConfig
 from utils.checkpoint import (
     CheckpointError,
     changed_settings,
@@ -89,7 +89,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(kw_only=True)
-class TrainConfig(ModelConfig):
+class TrainConfig(ModelConfig, ObjectiveConfig):
     """Every setting of a training run; the resolved copy is saved in OUT/config.json and every checkpoint."""
 
     dataset: str = arg("cifar10", "training set", choices=DATASETS, group="data")
@@ -99,10 +99,6 @@ class TrainConfig(ModelConfig):
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
-    objective: str = arg("flow", "what the network learns: one of objectives.OBJECTIVES (flow: flow matching); each "
-                         "has its own flags, listed by --objective NAME --help", choices=OBJECTIVES,
-                         group="objective")  # fmt: skip
-    objective_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own flags, checked by it
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
     batch_size: int = arg(128, "global batch size, split over DDP processes", min=1)
     lr: float = arg(1e-4, "AdamW learning rate, constant after warm-up", gt=0)
@@ -141,12 +137,6 @@ class TrainConfig(ModelConfig):
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
     dist_timeout: float = arg(30.0, "DDP: minutes a process may wait for the others in a collective", gt=0)
-
-    nested = {"objective_args": ("objective", OBJECTIVES)}
-
-    def build_objective(self) -> Objective:
-        """The objective these settings describe."""
-        return OBJECTIVES[self.objective](**self.objective_args)
 
 
 class NonFiniteLossError(RuntimeError):

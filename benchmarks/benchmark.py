@@ -53,7 +53,7 @@ from benchmarks.official_dit import official_dit, official_update_ema
 from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
 from models import DiT, ModelConfig, build_model, count_params, forward_flops
-from objectives import OBJECTIVES, Objective
+from objectives import ObjectiveConfig
 from sampling import Sampler
 from sampling.solvers import FIXED_GRID_SOLVERS
 from utils.config import ConfigError, arg, flag_values, parse
@@ -64,7 +64,7 @@ from utils.rng import seed_everything, training_seed
 
 
 @dataclass(kw_only=True)
-class BenchConfig(ModelConfig):
+class BenchConfig(ModelConfig, ObjectiveConfig):
     """Every setting of a benchmark run; written into the JSON result."""
 
     image_size: int = arg(32, "image side", min=1, group="data")
@@ -86,10 +86,6 @@ class BenchConfig(ModelConfig):
     repeats: int = arg(1, "run every row this many times, alternating their order; pooled medians", min=1)
     grad_clip: float = arg(1.0, "as train.py (0: none)", min=0)
     compile: bool = arg(False, "torch.compile the model, as train.py")
-    objective: str = arg("flow", "training objective, as train.py, with its own flags (--objective NAME --help); MFU "
-                         "counts 3x the forward FLOPs whatever the objective, so it shows an objective's extra "
-                         "passes", choices=OBJECTIVES)  # fmt: skip
-    objective_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own flags
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     reference: bool = arg(False, "also time the official DiT of the same size")
     train: bool = arg(True, "run the training benchmark")
@@ -104,11 +100,6 @@ class BenchConfig(ModelConfig):
     peak_seconds: float = arg(2.0, "seconds spent measuring the CPU matmul peak", gt=0)
     seed: int = arg(0, "seed of the data, the weights and the noise")
     json: str | None = arg(None, "write the results here (an existing file is never overwritten)")
-
-    nested = {"objective_args": ("objective", OBJECTIVES)}
-
-    def build_objective(self) -> Objective:
-        return OBJECTIVES[self.objective](**self.objective_args)
 
     def __post_init__(self) -> None:
         super().__post_init__()

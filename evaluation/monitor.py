@@ -43,7 +43,7 @@ class Monitor:
     (every process), and both at the last step. ``cfg`` is train.py's config; ``sample_method`` the objective's
     solver; ``fid_extractor`` replaces Inception (tests)."""
 
-    def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, sample_method: str = "heun",
+    def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, sample_method: str | None = None,
                  fid_extractor: nn.Module | None = None):  # fmt: skip
         self.cfg, self.out, self.logger, self.dist, self.sample_method = cfg, out, logger, dist, sample_method
         self.extractor = fid_extractor

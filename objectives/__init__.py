@@ -3,13 +3,36 @@
 Adding one is a file here with an ``Objective`` subclass and a line below (the README's "Extending" section).
 """
 
+import dataclasses
+from typing import Any
+
 from objectives.base import LossTerms, Objective
 from objectives.flow import FlowMatching
 from objectives.meanflow import MeanFlow
+from utils.config import Config, arg
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "flow": FlowMatching,  # flow matching, the time convention's owner
     "meanflow": MeanFlow,  # MeanFlow: average velocities, for one-step sampling
 }
 
-__all__ = ["OBJECTIVES", "FlowMatching", "LossTerms", "MeanFlow", "Objective"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ObjectiveConfig(Config):
+    """The objective flags of a script's config (train.py, the benchmark): ``--objective NAME`` and that objective's
+    own flags, held in ``objective_args`` (utils.config's ``nested``) and checked by the objective."""
+
+    objective: str = arg("flow", "what the network learns: one of objectives.OBJECTIVES (flow: flow matching); each "
+                         "has its own flags, listed by --objective NAME --help", choices=OBJECTIVES,
+                         group="objective")  # fmt: skip
+    objective_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own flags
+
+    nested = {"objective_args": ("objective", OBJECTIVES)}
+
+    def build_objective(self) -> Objective:
+        """The objective these settings describe."""
+        return OBJECTIVES[self.objective](**self.objective_args)
+
+
+__all__ = ["OBJECTIVES", "FlowMatching", "LossTerms", "MeanFlow", "Objective", "ObjectiveConfig"]

@@ -27,13 +27,13 @@ from torchdiffeq import odeint
 from tqdm import tqdm
 
 from models.cost import count_params
-from objectives import OBJECTIVES
+from objectives import OBJECTIVES, Objective
 from sampling.solvers import ADAPTIVE, GRIDS, METHODS, SOLVERS, frame_indices, get_solver, time_grid
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import Config, ConfigError, arg
 from utils.device import PRECISIONS, autocast, module_device_dtype, resolve_device, resolve_precision, unwrap_model
 
-DEFAULT_METHOD = "heun"  # for a network without a checkpoint (whose objective would name its own)
+DEFAULT_METHOD = Objective.sample_method  # for a network without a checkpoint (whose objective names its own)
 
 METHOD_HELP = (
     "sampling method (default: the sample_method of the checkpoint's objective; heun for a bare network). "

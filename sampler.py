@@ -22,10 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evaluation.images import save_grid, save_npz, to_gif, to_uint8
 from sampling.sampler import Sampler, Samples, SamplingOptions, sampling_options, seeded_noise
 from sampling.solvers import ADAPTIVE, time_grid
 from utils.config import ConfigError, arg, parse
+from utils.io import atomic_write
 
 __all__ = ["Sampler", "Samples", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif",
            "to_uint8"]  # fmt: skip
@@ -47,7 +50,8 @@ class SampleConfig(SamplingOptions):
     nrow: int | None = arg(None, "images per grid row (default: about sqrt(n); --n with --each-class)", min=1)
     gif: str | None = arg(None, "also write the sampling trajectory as a GIF here")
     fps: int = arg(10, "GIF frames per second", min=1)
-    npz: str | None = arg(None, "also write uint8 HWC images and labels to this .npz")
+    npz: str | None = arg(None, "also write uint8 HWC images and labels to this .npz (latents with --no-decode)")
+    vae: str | None = arg(None, "latent models: another copy of the checkpoint's VAE (a folder or hub id)")
     overwrite: bool = arg(False, "replace output files that already exist")
 
     def __post_init__(self) -> None:
@@ -70,7 +74,16 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on the CPU,
     labels (N,) or None, the NFE, the resolved method and precision, and the config (method None there: the
     checkpoint's objective's)."""
-    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, **sampling_options(cfg))
+    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae, **sampling_options(cfg))
+    if sampler.latent and not cfg.decode:
+        if cfg.npz is None or cfg.gif is not None:
+            raise ConfigError("--no-decode gives latents, not images: pass --npz FILE for them (and no --gif)")
+        out = sampler.generate(cfg.n, cfg.class_label, seed=cfg.seed, progress=True)
+        arrays = {"latents": out.images.cpu().numpy(), "labels": out.labels.numpy() if out.labels is not None else []}
+        atomic_write(cfg.npz, lambda f: np.savez(f, **arrays))
+        print(f"{cfg.n} latents {tuple(out.images.shape[1:])}, NFE {out.nfe}: {cfg.npz}")
+        return {"images": out.images.cpu(), "labels": out.labels, "nfe": out.nfe, "method": sampler.options.method,
+                "precision": out.precision, "config": asdict(cfg)}  # fmt: skip
     kw: dict[str, Any] = dict(seed=cfg.seed, trajectory=cfg.gif is not None, progress=True)
     if cfg.each_class:
         out = sampler.generate_each_class(cfg.n, **kw)
@@ -82,7 +95,8 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     save_grid(images, cfg.out, nrow=nrow)
     written = [cfg.out]
     if out.trajectory is not None:
-        to_gif(out.trajectory, cfg.gif, fps=cfg.fps, nrow=nrow)
+        frames = sampler.trajectory_images(out.trajectory) * 2 - 1 if sampler.latent else out.trajectory
+        to_gif(frames, cfg.gif, fps=cfg.fps, nrow=nrow)
         written.append(cfg.gif)
     if cfg.npz is not None:
         save_npz(images, out.labels, cfg.npz)

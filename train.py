@@ -43,6 +43,7 @@ from tqdm import tqdm
 from data import DATASETS, BatchStream, DataError, build_dataset
 from evaluation.monitor import Monitor
 from models import ModelConfig, build_model
+from models.vae import LatentCodec, LatentSpace, VAEError
 from objectives import OBJECTIVES, ObjectiveConfig
 from utils.checkpoint import (
     CheckpointError,
@@ -85,6 +86,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         sample_every=1000, ckpt_every=1000, log_every=100, sample_steps=1, fid_every=0,
         num_workers=0, out="runs/digits-meanflow",
     ),
+    # DiT-XL/2 on ImageNet 256x256 latents (README, "ImageNet 256x256"): the DiT paper's optimisation (AdamW lr 1e-4
+    # constant, no warm-up or weight decay, global batch 256, EMA 0.9999, flips), 400k steps = 80 epochs; 8 GPUs.
+    "imagenet256-xl2": dict(
+        dataset="latents", data_path="latents/imagenet256", model="DiT-XL/2", batch_size=256, lr=1e-4, warmup=0,
+        ema_decay=0.9999, steps=400_000, ckpt_every=10_000, sample_every=20_000, cfg_scales=(1.0, 1.5, 4.0),
+        sample_classes=10, fid_every=50_000, fid_samples=10_000, fid_cfg_scale=1.5, num_workers=8,
+        out="runs/imagenet256-xl2",
+    ),
 }  # fmt: skip
 
 
@@ -93,9 +102,12 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
     """Every setting of a training run; the resolved copy is saved in OUT/config.json and every checkpoint."""
 
     dataset: str = arg("cifar10", "training set", choices=DATASETS, group="data")
-    data_path: str = arg("./datasets", "CIFAR-10 download folder, or the folder of class sub-folders for 'folder'")
-    image_size: int = arg(32, "image side in pixels; the patch size must divide it", min=1)
-    channels: int = arg(3, "image channels (1 gray, 3 RGB)", choices=(1, 3))
+    data_path: str = arg("./datasets", "CIFAR-10 download folder, the folder of class sub-folders for 'folder', or "
+                         "the output folder of extract_latents.py for 'latents'")  # fmt: skip
+    image_size: int | None = arg(None, "image side in pixels; the patch size must divide it (default 32; for latents "
+                                 "the size of the images they encode, from their index)", min=1)  # fmt: skip
+    channels: int | None = arg(None, "image channels, 1 gray or 3 RGB (default 3; for latents the images')",
+                               choices=(1, 3))  # fmt: skip
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
@@ -118,6 +130,8 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
     fid_every: int = arg(20_000, "steps between FID evaluations of the EMA model (0: never)", min=0)
     fid_samples: int = arg(10_000, "generated images per FID evaluation (report this n)", min=2)
     fid_cfg_scale: float = arg(1.0, "guidance scale of the FID samples")
+    fid_ref_stats: str | None = arg(None, "FID reference statistics: an npz with mu and sigma, e.g. ADM's "
+                                    "VIRTUAL_imagenet256_labeled.npz (default: computed from the training images)")  # fmt: skip
     ckpt_every: int = arg(10_000, "steps between checkpoints (0: only at the end)", min=0, group="run")
     keep_checkpoints: int = arg(3, "keep this many newest numbered checkpoints besides last.pt (0: all)", min=0)
     log_every: int = arg(100, "steps between loss read-backs and logs", min=1)
@@ -160,6 +174,7 @@ class Run:
     step: int
     skipped_before: int  # skipped steps of the runs before a resume
     started: float  # time.monotonic() when main() began: --time-limit counts from there
+    latent_space: dict[str, Any] | None  # latent data: what decodes samples (checkpoints record it); None: pixels
 
 
 def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -184,8 +199,13 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
 def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """Fill in what depends on the machine (precision, data placement, compilation), the output folder and every
     setting of the objective (its defaults too, so that config.json and the checkpoints record them all)."""
+    size, channels = cfg.image_size, cfg.channels
+    if size is None or channels is None:  # the data's own (latents: the images they encode), else 32 px RGB
+        native = DATASETS[cfg.dataset].native_size(Path(cfg.data_path)) or (32, 3)
+        size, channels = size or native[0], channels or native[1]
     return dataclasses.replace(
         cfg, out=cfg.out or f"runs/{cfg.dataset}", precision=resolve_precision(cfg.precision, device),
+        image_size=size, channels=channels,
         objective_args=settings(cfg.build_objective()),
         device=device.type,
         # sets that sit in memory anyway are indexed directly; image folders go through loader workers.
@@ -203,22 +223,32 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     foreign = state_path is not None and outside(state_path, out)  # a fork of another folder's run
     with first_then_others(dist.is_main):  # only one process downloads
         dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
-    if (shape := tuple(dataset[0][0].shape)) != (cfg.channels, cfg.image_size, cfg.image_size):
+    shape, latent_space = dataset.sample_shape, dataset.latent_space()  # latents: (C, h, w) of the VAE's
+    if latent_space is None and shape != (cfg.channels, cfg.image_size, cfg.image_size):
         raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
     objective = cfg.build_objective()
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     try:
-        model = build_model(cfg, cfg.image_size, cfg.channels, dataset.num_classes, **objective.network_options())
+        model = build_model(cfg, shape[-1], shape[0], dataset.num_classes, **objective.network_options())
         model.to(device)
     except ValueError as e:
-        raise ConfigError(f"--model {cfg.model} at --image-size {cfg.image_size}: {e}") from None
+        at = f"--image-size {cfg.image_size}" if latent_space is None else f"latents {'x'.join(map(str, shape))}"
+        raise ConfigError(f"--model {cfg.model} at {at}: {e}") from None
     if state is not None:
         state["config"] = upgraded_run_config(state["config"])
-        check_resume(state, dataclasses.asdict(cfg), model.config)
+        check_resume(state, dataclasses.asdict(cfg), model.config, latent_space)
         if dist.is_main:  # they apply from here on, so say which (config-resume-STEP.json records them all)
             changed = [f"{flag} {a} -> {b}" for _, flag, a, b in changed_settings(state["config"], dataclasses.asdict(cfg))]
             print(f"resume: step {state['step']} of {state_path}; settings changed: {', '.join(changed) or 'none'}")
 
+    decoder = None
+    if latent_space is not None and (cfg.sample_every or cfg.fid_every):  # the diagnostics decode their samples
+        try:
+            with first_then_others(dist.local_rank == 0):  # one process per node downloads the VAE
+                decoder = LatentCodec.from_space(LatentSpace.from_dict(latent_space), device)
+        except VAEError as e:
+            raise ConfigError(f"{e} (sample grids and FID decode through it; --sample-every 0 --fid-every 0 train "
+                              "without it)") from None  # fmt: skip
     allow_tf32(device)
     ema = EMA(model, cfg.ema_decay)
     opt = build_adamw(model.parameters(), cfg.lr, cfg.weight_decay)
@@ -261,9 +291,9 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         print(f"resume: the data set has {state['data_state']['num_samples']} images before, {stream.num_samples} "
               f"now: its order changes, so the run goes on from a new epoch (epoch {stream.epoch})")  # fmt: skip
     step_fn = TrainStep(net, objective, opt, ema, StepStats(device), cfg.precision, cfg.grad_clip)
-    monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor)
+    monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor, decoder, dataset)
     return Run(cfg, dist, model, net, ema, opt, stream, step_fn, logger, monitor, step,
-               resumed.skipped_steps if resumed else 0, started)  # fmt: skip
+               resumed.skipped_steps if resumed else 0, started, latent_space)  # fmt: skip
 
 
 def upgraded_run_config(old: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +400,7 @@ def checkpoint(run: Run, step: int, stats: StepStats) -> None:
         state = training_state(
             model=run.model, ema=run.ema, optimizer=run.opt, stream=run.stream, step=step,
             skipped_steps=run.skipped_before + int(stats.skipped.item()), config=dataclasses.asdict(run.cfg), rng=rng,
-            world_size=run.dist.world_size, wandb_id=run.logger.run_id,
+            world_size=run.dist.world_size, wandb_id=run.logger.run_id, latent_space=run.latent_space,
         )  # fmt: skip
         save_training_checkpoint(state, last_checkpoint(run.cfg).parent, run.cfg.keep_checkpoints)
 

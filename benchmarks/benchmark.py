@@ -68,7 +68,7 @@ class BenchConfig(ModelConfig, ObjectiveConfig):
     """Every setting of a benchmark run; written into the JSON result."""
 
     image_size: int = arg(32, "image side", min=1, group="data")
-    channels: int = arg(3, "image channels", choices=(1, 3))
+    channels: int = arg(3, "image channels (4: synthetic latents of SD-VAE's shape)", choices=(1, 3, 4))
     num_classes: int = arg(10, "classes of the synthetic set", min=0)
     dataset: str = arg("synthetic", "synthetic: random uint8 images of the given shape, no download; cifar10 needs "
                        "--data-path", choices=("synthetic", "digits", "cifar10"))  # fmt: skip

@@ -15,7 +15,9 @@ timeout (the smaller of its cap and what is left of the budget), so that one han
   3. bench_*    python -m benchmarks.benchmark: DiT-S/2 and DiT-B/2 at 32x32, batch 256, bf16, compiled and eager
                 (img/s, MFU, peak memory, host syncs per step); sampling at 1, 10 and 50 NFE, with and without
                 guidance
-  4. meanflow   the MeanFlow objective's training img/s next to flow's
+  4. latent     DiT-XL/2 training on synthetic latents of ImageNet 256's shape (4x32x32, 1000 classes), and the
+                VAE's decode throughput (SD-VAE's architecture, random weights: benchmarks/vae_decode.py)
+  5. meanflow   the MeanFlow objective's training img/s next to flow's
 Without CUDA (or with --quick) every part runs at tiny size on the CPU and each CUDA-only row says it was skipped.
 
 Output, in --out (a new temporary folder by default): gpu_check.log (everything printed), summary.json
@@ -25,7 +27,7 @@ status: 0 when no part failed or timed out (skipped parts are fine), else 1.
 
 Every flag defaults to an environment variable: --out OUT; --python PYTHON (default this interpreter, or the
 repository's .venv when this one has no torch); --quick GPU_CHECK_QUICK=1; --budget-s GPU_CHECK_BUDGET_S (default
-450); --parts GPU_CHECK_PARTS (comma list of tests,train,bench,meanflow: to rerun one part); --work GPU_CHECK_WORK
+450); --parts GPU_CHECK_PARTS (comma list of tests,train,bench,latent,meanflow: to rerun one part); --work GPU_CHECK_WORK
 (checkpoints and raw results, default a new temporary folder); --wheels GPU_CHECK_WHEELS (default .whl).
 
 This file is the command line, the wheels and the plan of parts; benchmarks/gpu_runner.py runs the parts under
@@ -66,10 +68,14 @@ PACKAGES = [
     ("pygments", "2.21.0", "pygments", "pytest (fallback)"),
     ("packaging", "26.4", "packaging", "pytest (fallback)"),
     ("tqdm", "4.70.1", "tqdm", "train.py (fallback)"),
+    ("diffusers", "0.42.1", "diffusers", "the VAE decode row (models/vae.py); the image has safetensors and hub"),
+    ("regex", "2026.11.19", "regex", "diffusers imports it"),
+    ("importlib_metadata", "10.2.0", "importlib_metadata", "diffusers imports it (fallback)"),
+    ("zipp", "4.1.2", "zipp", "importlib_metadata (fallback)"),
 ]
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64", "any")  # fmt: skip
-GROUPS = ("tests", "train", "bench", "meanflow")
+GROUPS = ("tests", "train", "bench", "latent", "meanflow")
 BUDGET_S = 450
 
 
@@ -108,6 +114,10 @@ def plan(py: str, work: Path, out: Path, quick: bool) -> list[Part]:
         argv = (py, "-m", "benchmarks.benchmark", *flags.split(), "--json", str(work / f"bench_{name}.json"))
         return Part(f"bench_{name}", group, cap_s, argv)
 
+    def vae_decode(flags: str) -> Part:  # SD-VAE's architecture, random weights (nothing to download)
+        return Part("vae_decode", "latent", 60, (py, "-m", "benchmarks.vae_decode", *flags.split(), "--json",
+                                                 str(work / "vae_decode.json")))  # fmt: skip
+
     if quick:  # one tiny row, and each CUDA row is listed as skipped
         tiny = ("--device cpu --model DiT-XS/2 --image-size 8 --batch-size 4 --steps 2 --warmup 1 --num-images 16 "
                 "--peak-seconds 0.05 --threads 1 --no-compile")  # fmt: skip
@@ -115,12 +125,18 @@ def plan(py: str, work: Path, out: Path, quick: bool) -> list[Part]:
         why = "needs CUDA (quick CPU mode runs the tiny eager row instead)"
         parts += [Part(f"bench_{row}", "bench", skip=why)
                   for row in ("s2_compiled", "s2_eager", "sample_nfe50", "b2_compiled", "b2_eager")]  # fmt: skip
+        parts.append(bench("latent", "latent", 90, f"{tiny} --channels 4 --num-classes 1000 --no-sample"))
+        parts.append(vae_decode("--quick --device cpu --latent-size 4 --batch-size 2 --steps 1"))
         parts.append(bench("meanflow", "meanflow", 90, f"--objective meanflow {tiny} --no-sample"))
         return parts
     gpu = "--device cuda --batch-size 256 --steps 50 --warmup 10 --precision bf16"
     sampling = f"{gpu} --sample-method euler --cfg-scale 4.0"
     return parts + [  # most wanted first: if time runs short, the rows at the end are the ones skipped
         bench("s2_compiled", "bench", 120, f"--model DiT-S/2 --compile --sample-steps 10 {sampling}"),
+        # DiT-XL/2 on synthetic latents of ImageNet 256's shape (4 x 32 x 32, 1000 classes); fast-DiT's batch 128
+        bench("xl2_latent", "latent", 120, "--model DiT-XL/2 --image-size 32 --channels 4 --num-classes 1000 "
+              "--compile --no-sample --device cuda --batch-size 128 --steps 20 --warmup 5 --precision bf16"),
+        vae_decode("--device cuda --batch-size 32 --steps 10"),
         bench("s2_eager", "bench", 60, f"--model DiT-S/2 --no-compile --sample-steps 1 {sampling}"),
         bench("sample_nfe50", "bench", 60, f"--model DiT-S/2 --no-train --sample-steps 50 {sampling}"),
         bench("b2_compiled", "bench", 120, f"--model DiT-B/2 --compile --no-sample {sampling}"),

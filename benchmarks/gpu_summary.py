@@ -129,6 +129,11 @@ def summarize(work: Path, parts: list[dict], *, quick: bool, budget_s: int, seco
         summary["meanflow"] = {"meanflow_img_per_s": rows["meanflow"]["img_per_s"],
                                "flow_img_per_s": rows["s2_compiled"]["img_per_s"]}  # fmt: skip
 
+    try:  # the latent rows: DiT-XL/2 on ImageNet-shaped latents and the VAE's decode throughput
+        summary["vae_decode"] = json.loads((work / "vae_decode.json").read_text())
+    except (OSError, ValueError):
+        summary["vae_decode"] = None
+
     warnings = []  # findings that fail no part but defeat the purpose of a row: said loudly
     if not quick and train.get("compile", "on") != "on":
         warnings.append("train: torch.compile fell back to eager")
@@ -181,6 +186,11 @@ def report(summary: dict, out: Path) -> str:
                          f"{_num(s['cfg_scale'], 'g'):>4s} {_num(s['n'], 'd'):>5s} {_num(s['img_per_s'], '.1f'):>9s} "
                          f"{_num(s['mfu'] and 100 * s['mfu'], '.1f'):>5s}% "
                          f"{s['peak_memory_gib']:5.2f} GiB")  # fmt: skip
+    if summary.get("vae_decode"):
+        v = summary["vae_decode"]
+        lines += ["", f"VAE decode ({v['vae']}): {_num(v['img_per_s'], '.1f')} img/s, {_num(v['ms_per_batch'], '.1f')} ms "
+                  f"per batch of {v['batch_size']} latents {v['latent_shape']} -> images {v['image_shape']}, "
+                  f"{v['precision']}"]  # fmt: skip
     if "meanflow" in summary:
         m = summary["meanflow"]
         lines += ["", f"MeanFlow {_num(m['meanflow_img_per_s'], '.1f')} img/s against flow "

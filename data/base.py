@@ -11,6 +11,15 @@ real images for FID statistics). What the rest of the project may ask of one, an
 - ``fingerprint()``: a short hex string that changes when the content does (the FID statistics cache key);
 - ``tensors()``: the whole set as (images uint8 (N, C, H, W), labels int64 (N,)) when it is held in memory,
   else None; ``BatchStream(on_device=True)`` then uses them without iterating.
+- ``training_batch(x, flip)``: a batch of items (B, ...) and flip bits (B,) on the device -> the float32 batch
+  (B, C, H, W) the network trains on (pixels: mirrored where flip, scaled to [-1, 1]); ``sample_shape`` is its
+  (C, H, W).
+
+Three more answers with defaults, for datasets whose items are not the images themselves (``data/latents.py``):
+- ``native_size(root)`` (classmethod): the (image_size, channels) the data fixes, or None when the flags choose;
+- ``latent_space()``: what decodes the network's samples to images (``models.vae.LatentSpace`` as a dict), or
+  None for pixels; checkpoints record it;
+- ``fid_images()``: (registry name, root, dataset) of the images FID compares with, or None for the set itself.
 
 ``TensorImageDataset`` implements all of it for a set held as tensors, and ``__getitems__`` so a plain
 DataLoader fetches a batch of it with one gather instead of item by item.
@@ -50,6 +59,36 @@ class ImageDataset(Dataset):
         """All images uint8 (N, C, H, W) and labels int64 (N,) when held in memory; None otherwise."""
         return None
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one training sample as the network sees it."""
+        return tuple(self[0][0].shape)  # type: ignore[return-value]
+
+    def training_batch(self, x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) and flip bits (B,) -> float32 (B, C, H, W) in [-1, 1], mirrored where flip."""
+        return pixel_batch(x, flip)
+
+    @classmethod
+    def native_size(cls, root: Path) -> tuple[int, int] | None:
+        """(image_size, channels) fixed by the data in root, or None when --image-size and --channels choose."""
+        return None
+
+    def latent_space(self) -> dict | None:
+        """How samples decode to images (``models.vae.LatentSpace.to_dict()``); None: the samples are images."""
+        return None
+
+    def fid_images(self) -> tuple[str, Path, ImageDataset] | None:
+        """(name, root, dataset) of the real images FID compares with; None: this dataset's own images."""
+        return None
+
+
+def pixel_batch(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """The training batch of uint8 images x (B, C, H, W): mirrored where flip (B,), scaled 0..255 -> [-1, 1]."""
+    if x.dtype != torch.uint8:
+        raise DataError(f"dataset images must be uint8 (C, H, W) in 0..255; got {x.dtype}")
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x.float().div_(127.5).sub_(1.0)
+
 
 class TensorImageDataset(ImageDataset):
     """A dataset held in memory: images uint8 (N, C, H, W) and labels int64 (N,); subclasses add ``build``."""
@@ -80,6 +119,10 @@ class TensorImageDataset(ImageDataset):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The images uint8 (N, C, H, W) and labels int64 (N,) themselves (not copies)."""
         return self.images, self.labels
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def fingerprint(self) -> str:
         """A hash of the image tensor (dtype, shape, bytes); labels do not enter (FID statistics ignore them)."""

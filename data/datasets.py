@@ -7,6 +7,8 @@ held in memory; each class implements the interface of ``data.base``:
   50k training or the 10k test images. With ``download=False`` an archive placed by hand in ``root`` is
   unpacked (after its md5 is checked).
 - ``folder`` (``data/folder.py``): one sub-folder of images per class, read from disk.
+- ``latents`` (``data/latents.py``): VAE latents written by ``extract_latents.py``; shapes and classes come from
+  its index, and ``image_size`` / ``channels`` must be those of the images they encode.
 - ``digits``: scikit-learn's embedded handwritten digits (1797 images, 8x8, values 0..16, 10 classes), held in
   memory, for a CPU quick start with no download. Values are scaled to 0..255; ``image_size`` other than 8
   resizes bilinearly; ``channels=3`` repeats the gray channel. There is no train/test split: ``root``,
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 
 from data.base import DataError, ImageDataset, TensorImageDataset
 from data.folder import ImageFolderDataset
+from data.latents import LatentDataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -101,6 +104,7 @@ DATASETS: dict[str, type[ImageDataset]] = {
     "cifar10": Cifar10Dataset,
     "folder": ImageFolderDataset,
     "digits": DigitsDataset,
+    "latents": LatentDataset,
 }
 
 

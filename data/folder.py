@@ -4,8 +4,10 @@
 class folder; names starting with "." are skipped. There is no train/test split: ``train`` and ``download``
 are ignored and the whole folder is used.
 
-Pixels. Each image is converted to L (``channels=1``) or RGB (``channels=3``), its shorter side resized to
-``image_size`` (bicubic, antialiased by PIL) and centre-cropped. Single-channel images of a higher bit depth
+Pixels. Each image is converted to L (``channels=1``) or RGB (``channels=3``) and centre-cropped to ``image_size``
+as ADM and DiT do it (``center_crop_arr``: box-filter halving while the shorter side is at least twice the size,
+a bicubic resize of the shorter side to the size, the centre square), so statistics of an ImageNet folder match
+the published protocol and the latents of ``extract_latents.py``. Single-channel images of a higher bit depth
 are scaled to 8 bits first, never clipped (PIL's own conversion clips them at 255): 16-bit ones (PIL modes
 I;16*, and I, which PIL also uses for 16-bit PGM/PNM files) as round(v * 255 / 65535), float ones (F) as
 round(v * 255) with v read as 0..1. Values outside that range (a 32-bit integer image beyond 16 bits, floats
@@ -69,7 +71,7 @@ class ImageFolderDataset(ImageDataset):
             raise
         except Exception as e:  # PIL raises many types for damaged files; all mean the same to the user
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
-        img = resize_center_crop(img, self.image_size)
+        img = center_crop_arr(img, self.image_size)
         array = np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3); a copy, so torch may own it
         if array.ndim == 2:
             array = array[:, :, None]
@@ -77,7 +79,7 @@ class ImageFolderDataset(ImageDataset):
 
     def fingerprint(self) -> str:
         """A hash of every file's absolute path, label, size and modification time (no pixel is read)."""
-        h = hashlib.sha256(f"len={len(self)}".encode())
+        h = hashlib.sha256(f"len={len(self)}|crop=adm".encode())  # the preprocessing enters: caches follow it
         for path, label in self.samples:
             st = os.stat(path)
             h.update(f"{os.path.abspath(path)}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -107,17 +109,15 @@ def to_8_bits(img: Image.Image, path: str | os.PathLike) -> Image.Image:
     return Image.fromarray(np.rint(a * (255.0 / top)).astype(np.uint8))  # uint8 (H, W): mode L
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bicubic; PIL antialiases when shrinking), then crop the centre.
-
-    An image whose shorter side already is ``size`` is only cropped, pixel for pixel.
-    """
+def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop (Dhariwal & Nichol 2021; DiT trains and evaluates ImageNet with it): halve the image with
+    a box filter while its shorter side is at least 2 * size, resize (bicubic) so the shorter side is ``size``,
+    then crop the centre ``size`` x ``size`` (offsets rounded down)."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
     w, h = img.size
-    if min(w, h) != size:
-        scale = size / min(w, h)
-        # max(size, ...) guards the shorter side against rounding below size
-        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        w, h = img.size
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
 

@@ -16,7 +16,8 @@ Two ways to fetch the images give identical batches:
 - on_device=True: the whole set is loaded once as uint8 onto ``device`` (CIFAR-10 is 150 MB) and
   batches are gathered there, so loading never limits throughput. A dataset held in memory hands over
   its tensors (``tensors()``); any other is gathered through a DataLoader once.
-Flip and scaling to [-1, 1] are tensor ops applied to the uint8 batch on ``device`` in both cases.
+Flip and scaling to [-1, 1] are tensor ops applied to the uint8 batch on ``device`` in both cases (the dataset's
+``training_batch``: a latent dataset picks the stored encoding of the mirrored image where the flip bit says so).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from data.base import DataError, ImageDataset
+from data.base import DataError, ImageDataset, pixel_batch
 
 EPOCH_SEED_STRIDE = 1_000_003  # seed * stride + epoch: no two (seed, epoch) pairs share a permutation (epoch < stride)
 
@@ -92,6 +93,7 @@ class BatchStream:
         self._order = torch.empty(0, dtype=torch.long)  # this rank's dataset indices for the epoch
         self._flips = torch.empty(0, dtype=torch.bool)  # flip bit per dataset index for the epoch
         self._iter: Iterator | None = None
+        self._batch = dataset.training_batch if isinstance(dataset, ImageDataset) else pixel_batch
         if on_device:
             images, labels = _materialize(dataset, num_workers)
             self._images = images.to(self.device)
@@ -155,12 +157,8 @@ class BatchStream:
             x = x.to(self.device, non_blocking=non_blocking)
             y = y.to(self.device, non_blocking=non_blocking)
             flip = self._flips[self._order[lo:hi]].to(self.device, non_blocking=non_blocking)
-        if x.dtype != torch.uint8:
-            raise DataError(f"dataset images must be uint8 (C, H, W) in 0..255; got {x.dtype}")
         self._index += 1
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        x = x.float().div_(127.5).sub_(1.0)  # 0..255 -> [-1, 1]
-        return x, y.long()
+        return self._batch(x, flip), y.long()  # pixels: mirrored where flip, 0..255 -> [-1, 1]
 
     def state_dict(self) -> dict:
         """{"epoch": int, "index": int (batches consumed in this epoch), "num_samples": int (the dataset's size)}."""
@@ -191,7 +189,8 @@ def usable_workers(num_workers: int) -> int:
 
 
 def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images uint8 (N, C, H, W) and labels int64 (N,), in dataset order (see the module docstring)."""
+    """All items (N, ...) (uint8 images (N, C, H, W) for pixels) and labels int64 (N,), in dataset order (see the
+    module docstring)."""
     whole = dataset.tensors() if isinstance(dataset, ImageDataset) else None
     if whole is not None:
         images, labels = whole
@@ -204,6 +203,4 @@ def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torc
         except DataError as e:
             raise _worker_error(e) from None
         images, labels = torch.cat(xs), torch.cat(ys)
-    if images.dtype != torch.uint8:
-        raise DataError(f"dataset images must be uint8 (C, H, W) in 0..255; got {images.dtype}")
     return images, labels.long()

@@ -231,6 +231,35 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
     return inception.to(device).eval()
 
 
+def load_inception_logits(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """The same Inception-v3 giving its 1008 class logits ("logits_unbiased", torch-fidelity's Inception Score
+    feature), legacy resize, on device; weights as for ``load_inception``."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    weights = str(Path(weights_path).expanduser()) if weights_path is not None else None
+    try:
+        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
+                                 feature_extractor_weights_path=weights, antialias=False)  # fmt: skip
+    except Exception as e:
+        raise FIDError(f"cannot get the Inception-v3 weights for the Inception Score ({type(e).__name__}: {e}); "
+                       f"download {INCEPTION_URL} into {inception_weights_path().parent}/") from None  # fmt: skip
+    return net.to(device).eval()
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """Inception Score (Salimans et al. 2016) of class logits (N, K): exp(E_x KL(p(y|x) || p(y))) on each of
+    ``splits`` equal parts, float64; returns the mean and standard deviation over the parts, as torch-fidelity."""
+    p = torch.softmax(logits.double(), dim=1)
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    scores = []
+    for part, log_part in zip(p.chunk(splits), log_p.chunk(splits), strict=True):
+        marginal = part.mean(0, keepdim=True)
+        kl = (part * (log_part - marginal.log())).sum(1).mean()
+        scores.append(kl.exp())
+    scores_t = torch.stack(scores)
+    return float(scores_t.mean()), float(scores_t.std(unbiased=True)) if len(scores) > 1 else 0.0
+
+
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
     """Images (N, C, H, W), C in {1, 3}, float in [0, 1] or uint8 -> uint8 (N, 3, H, W), gray repeated."""
     if images.dim() != 4 or images.shape[1] not in (1, 3):
@@ -363,6 +392,28 @@ def real_statistics(
     return mu, sigma
 
 
+def reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma``, and what it is.
+
+    Takes the reference batches of ADM's evaluation suite (``VIRTUAL_imagenet256_labeled.npz``: its ``mu`` and
+    ``sigma`` are the pool features of the same TF Inception-v3 weights as ours, of 50k centre-cropped ImageNet
+    training images) and this module's own cache files. With ``extractor`` its feature size must match."""
+    path = Path(path).expanduser()
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise FIDError(f"{path} holds no reference statistics (mu and sigma); it has {', '.join(f.files)}")
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            what = str(f["key"]) if "key" in f.files else f"{path.name} (mu, sigma)"
+    except (OSError, ValueError, EOFError) as e:
+        raise FIDError(f"cannot read reference statistics {path}: {type(e).__name__}: {e}") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
+    dim = getattr(extractor, "num_features", None)
+    if dim is not None and mu.shape[0] != dim:
+        raise FIDError(f"{path} has {mu.shape[0]}-d statistics; the feature extractor gives {dim}")
+    return mu, sigma, what
+
 
 #################################################################################
 #                          Generated statistics and FID                         #
@@ -377,7 +428,8 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
 @torch.no_grad()
 def generated_statistics(
     sampler: Sampler, num_samples: int, *, extractor: nn.Module, seed: int = 0, progress: bool = True, rank: int = 0,
-    world_size: int = 1, should_stop: Callable[[], bool] | None = None, **options: Any,
+    world_size: int = 1, should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None, **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
     """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
 
@@ -390,6 +442,9 @@ def generated_statistics(
     float64, so every process returns the statistics of the same num_samples images as a single process would
     (equal up to float64 round-off from the order of the sums). When sampling fails on any process, all of them
     raise: the failing one its own error, the others ``PeerError``.
+
+    on_batch: called with each batch's images (b, C, H, W) in [0, 1] and labels (evaluate.py keeps them for the ADM
+    npz and the Inception Score).
 
     should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request). Under DDP
     it must be a collective that gives every process the same answer (``StopRequest.check``): every process asks it
@@ -419,6 +474,8 @@ def generated_statistics(
                 out = sampler.generate(len(idx), y, noise=noise, **options)  # images (b, C, H, W) in [0, 1]
                 nfes.append(out.nfe)
                 stats.update(extract_features(extractor, out.images))
+                if on_batch is not None:
+                    on_batch(out.images, out.labels)
                 bar.update(len(idx))
             except Exception as e:
                 if world_size == 1:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from evaluation.fid import FIDError, compute_fid, load_inception, real_statistics
+from data import ImageDataset
+from evaluation.fid import FIDError, compute_fid, load_inception, real_statistics, reference_statistics
 from evaluation.images import save_grid, to_gif
 from sampling.sampler import Sampler, SamplingStopped
 from utils.device import module_device_dtype
@@ -37,6 +38,8 @@ from utils.preemption import REASONS, StopRequest
 from utils.rng import isolated_rng
 from utils.runlog import RunLogger, warn
 
+GIF_FRAMES = 10  # frames a latent model's trajectory GIF decodes
+
 
 class Monitor:
     """Sample grids every ``cfg.sample_every`` steps (rank 0) and FID of the EMA model every ``cfg.fid_every`` steps
@@ -44,9 +47,12 @@ class Monitor:
     solver; ``fid_extractor`` replaces Inception (tests)."""
 
     def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, sample_method: str | None = None,
-                 fid_extractor: nn.Module | None = None):  # fmt: skip
+                 fid_extractor: nn.Module | None = None, decoder: Any | None = None,
+                 dataset: ImageDataset | None = None):  # fmt: skip
         self.cfg, self.out, self.logger, self.dist, self.sample_method = cfg, out, logger, dist, sample_method
         self.extractor = fid_extractor
+        self.decoder = decoder  # latent models: the models.vae.LatentCodec that turns samples into images
+        self.dataset = dataset  # the training set: asked which real images FID compares with (fid_images)
         self.real: tuple[Any, Any] | None = None  # rank 0's real statistics, loaded at the first FID
         self.fid_state = "not loaded"  # "ready" or "off" after the first FID
         self.seconds = {"sample grids": 0.0, "FID": 0.0}  # how long each took last time: what a budget must fit
@@ -129,6 +135,8 @@ class Monitor:
             blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
             save_grid(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), f"{stem}.png", nrow=2 * k + 1)
+            if ema.latent:  # a VAE pass per frame: GIF_FRAMES of them, not every step's
+                traj = ema.trajectory_images(traj, GIF_FRAMES) * 2 - 1
             to_gif(traj, f"{stem}.gif", nrow=k)
             how = f"step {step}, cfg {scale:g}, {ema.options.method} {cfg.sample_steps} steps, NFE {ema_out.nfe}"
             rows_are = f"one class per row ({', '.join(map(str, classes))})"
@@ -138,7 +146,7 @@ class Monitor:
 
     def sampler(self, model: nn.Module) -> Sampler:
         """The sampler of the diagnostics: the objective's solver at --sample-steps."""
-        return Sampler(model, steps=self.cfg.sample_steps, method=self.sample_method)
+        return Sampler(model, self.decoder, steps=self.cfg.sample_steps, method=self.sample_method)
 
     def fid(self, step: int, model: nn.Module, stop: StopRequest | None = None) -> None:
         """FID of the model's samples against the training set; rank 0 prints and logs it. Every process calls it."""
@@ -165,6 +173,18 @@ class Monitor:
             self.logger.log({"eval/fid": fid, "eval/fid_nfe": nfe, "eval/fid_seconds": seconds}, step)
         return seconds
 
+    def real_statistics(self, stop: StopRequest | None) -> tuple[Any, Any]:
+        """The reference statistics: --fid-ref-stats, else those of the training set's real images (for latents
+        the images they were extracted from, ``fid_images``), cached (``evaluation.fid.real_statistics``)."""
+        cfg = self.cfg
+        if getattr(cfg, "fid_ref_stats", None):
+            return reference_statistics(cfg.fid_ref_stats, self.extractor)[:2]
+        ref = self.dataset.fid_images() if self.dataset is not None else None
+        name, root, dataset = ref if ref is not None else (cfg.dataset, cfg.data_path, None)
+        size, channels = (dataset.image_size, dataset.channels) if ref is not None else (cfg.image_size, cfg.channels)
+        return real_statistics(name, root, size, channels, extractor=self.extractor, num_workers=cfg.num_workers,
+                               download=False, dataset=dataset, should_stop=self.should_stop(stop, agreed=False))  # fmt: skip
+
     def _load(self, device: Any, stop: StopRequest | None = None) -> bool:
         """Load the extractor (and on rank 0 the real statistics): each node's local rank 0 first (it downloads
         the weights if needed), then the others from the caches. False, said once, when it fails anywhere;
@@ -177,12 +197,7 @@ class Monitor:
                 try:
                     self.extractor = self.extractor or load_inception(device)
                     if self.dist.is_main and self.real is None:
-                        cfg = self.cfg
-                        self.real = real_statistics(
-                            cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, extractor=self.extractor,
-                            num_workers=cfg.num_workers, download=False,
-                            should_stop=self.should_stop(stop, agreed=False),
-                        )  # fmt: skip
+                        self.real = self.real_statistics(stop)
                 except Exception as e:  # FIDError (weights, data) or anything else: every process must hear of it
                     error = e
             if not all_ok(error is None):  # a collective: also the barrier between the turns

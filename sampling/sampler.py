@@ -27,6 +27,7 @@ from torchdiffeq import odeint
 from tqdm import tqdm
 
 from models.cost import count_params
+from models.vae import LatentCodec, LatentSpace
 from objectives import OBJECTIVES, Objective
 from sampling.solvers import ADAPTIVE, GRIDS, METHODS, SOLVERS, frame_indices, get_solver, time_grid
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -64,6 +65,8 @@ class SamplingOptions(Config):
                          "stays float32", choices=PRECISIONS)  # fmt: skip
     batch_size: int = arg(256, "samples per forward batch (bounds memory)", min=1)
     max_frames: int = arg(50, "at most this many trajectory frames (GIFs)", min=2)
+    decode: bool = arg(True, "latent models: decode the samples to images through the checkpoint's VAE (--no-decode: "
+                       "return the latents)")  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +78,15 @@ class SamplingOptions(Config):
 def sampling_options(cfg: SamplingOptions) -> dict[str, Any]:
     """The ``SamplingOptions`` fields of cfg (a script's config that extends them), as ``Sampler`` keywords."""
     return {f.name: getattr(cfg, f.name) for f in fields(SamplingOptions)}
+
+
+def checkpoint_decoder(state: dict[str, Any], device: torch.device, vae: str | None = None) -> Any | None:
+    """The ``models.vae.LatentCodec`` that decodes the samples of a checkpoint trained on latents (its
+    "latent_space"; ``vae`` another copy of its VAE), on device; None for a pixel-space checkpoint."""
+    space = state.get("latent_space")
+    if not space:
+        return None
+    return LatentCodec.from_space(LatentSpace.from_dict(space), device, vae=vae)
 
 
 def checkpoint_sample_method(state: dict[str, Any]) -> str:
@@ -95,7 +107,8 @@ class SamplingStopped(Exception):
 class Samples:
     """What one ``Sampler.generate`` call made.
 
-    images: (n, C, H, W) float32 in [0, 1], on the model's device. labels: (n,) int64 on the CPU, those given or
+    images: (n, C, H, W) float32 in [0, 1], on the model's device; for a latent model the images its VAE decodes
+    (``decode`` off: the latents themselves, unclipped). labels: (n,) int64 on the CPU, those given or
     drawn; None for an unconditional model. trajectory: raw states (K, n, C, H, W) float32 on the CPU, K <=
     max_frames, the first frame the noise and the last the final state; None unless asked for. nfe: network
     evaluations per sample path, the largest over the chunks of batch_size; nfe_per_chunk: each chunk's.
@@ -147,7 +160,8 @@ class Sampler:
     every call. ``method`` None (the default) is heun here and the objective's own method in ``from_checkpoint``;
     ``options.method`` always holds the resolved one. Works on any model with ``input_size``, ``in_channels`` and
     ``num_classes`` (0 for an unconditional model) that maps (x, t, y) to a velocity; one with
-    ``average_velocity = True`` also takes ``interval=``.
+    ``average_velocity = True`` also takes ``interval=``. A latent model (``latent``, or a ``decoder``: a
+    ``models.vae.LatentCodec``) generates latents that ``decoder`` turns into images (``SamplingOptions.decode``).
 
     NFE (``Samples.nfe``) counts evaluations of the velocity field per sample path: one call on the whole batch
     counts once, a guided call (one pass of 2N) too; fixed-grid methods make ``nfe_per_step * steps``
@@ -157,8 +171,10 @@ class Sampler:
     its ``Samples``; the Sampler keeps no state between calls.
     """
 
-    def __init__(self, model: nn.Module, **options: Any):
+    def __init__(self, model: nn.Module, decoder: Any | None = None, latent: bool = False, **options: Any):
         self.model = unwrap_model(model)
+        self.decoder = decoder  # latent models: a models.vae.LatentCodec whose decode() makes images of samples
+        self.latent = latent or decoder is not None  # the network generates latents, not pixels
         o = SamplingOptions(**options)
         self.options = o if o.method is not None else dataclasses.replace(o, method=DEFAULT_METHOD)
         self.input_size = int(self.model.input_size)
@@ -170,18 +186,22 @@ class Sampler:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = True, device: str | torch.device = "auto",
-                        **options: Any) -> Sampler:  # fmt: skip
+                        vae: str | None = None, **options: Any) -> Sampler:  # fmt: skip
         """A Sampler for the DiT of a training checkpoint, with its EMA (default) or raw weights, on device
         ("auto", "cpu", "cuda", "cuda:N" or "mps"; the file loads on any device whatever device saved it).
-        Without a ``method`` (or with None) it samples with its objective's ``sample_method``."""
+        Without a ``method`` (or with None) it samples with its objective's ``sample_method``. A latent DiT's
+        samples are decoded by the VAE its checkpoint names (``vae``: another copy of it, a folder or hub id),
+        loaded only when ``decode`` is on."""
         device = resolve_device(str(device))
         state = load_checkpoint(path)
         if options.get("method") is None:
             options = {**options, "method": checkpoint_sample_method(state)}
-        return cls(model_from_checkpoint(state, ema=ema, device=device), **options)
+        model = model_from_checkpoint(state, ema=ema, device=device)
+        decoder = checkpoint_decoder(state, device, vae) if options.get("decode", True) else None
+        return cls(model, decoder, latent=bool(state.get("latent_space")), **options)
 
     def __repr__(self) -> str:
-        shape = f"{self.in_channels}x{self.input_size}x{self.input_size}"
+        shape = f"{self.in_channels}x{self.input_size}x{self.input_size}{' latent' if self.latent else ''}"
         classes = f"{self.num_classes} classes" if self.num_classes else "unconditional"
         kind = "average-velocity " if self.average_velocity else ""
         o = self.options
@@ -271,7 +291,7 @@ class Sampler:
                 yb = y[start:stop].to(self.device) if y is not None else None
                 x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, ts, frames, o)
                 nfe_per_chunk.append(nfe)
-                images.append(((x.float() + 1) / 2).clamp_(0, 1))
+                images.append(self.to_images(x, o))
                 kept_frames += [torch.stack(kept)] if frames else []  # (K, b, C, H, W)
         finally:
             self.model.train(was_training)
@@ -280,6 +300,28 @@ class Sampler:
             nfe=max(nfe_per_chunk), nfe_per_chunk=nfe_per_chunk, seed=seed,
             precision=resolve_precision(o.precision, self.device),
         )  # fmt: skip
+
+    def to_images(self, x: torch.Tensor, options: SamplingOptions | None = None) -> torch.Tensor:
+        """Final states x (n, C, H, W) -> images float32 in [0, 1]: decoded by a latent model's VAE, else mapped from
+        [-1, 1]; with ``decode`` off a latent model's states are returned as they are."""
+        o = options or self.options
+        if not self.latent:
+            return ((x.float() + 1) / 2).clamp_(0, 1)
+        if not o.decode:
+            return x.float()
+        if self.decoder is None:
+            raise ValueError("this latent model has no decoder: pass decoder= (a models.vae.LatentCodec), load it with "
+                             "Sampler.from_checkpoint, or sample with decode=False")  # fmt: skip
+        return self.decoder.decode(x)
+
+    def trajectory_images(self, trajectory: torch.Tensor, max_frames: int | None = None) -> torch.Tensor:
+        """A trajectory (K, n, C, H, W) as images in [0, 1], decoded for a latent model (at most ``max_frames``
+        frames, spread evenly and always the first and last: decoding every frame costs a VAE pass each)."""
+        k = trajectory.shape[0]
+        if max_frames is not None and k > max_frames:
+            trajectory = trajectory[torch.linspace(0, k - 1, max_frames).round().long()]
+        frames = [self.to_images(frame.to(self.device)).cpu() for frame in trajectory]
+        return torch.stack(frames)
 
     def generate_each_class(self, n_per_class: int, classes: Sequence[int] | None = None, **kwargs: Any) -> Samples:
         """n_per_class samples of every class (or of ``classes``, in their order), the i-th class in rows

@@ -8,6 +8,7 @@ import torch
 from data import BatchStream, build_dataset
 from models.dit import DiT
 from utils.checkpoint import (
+    OPTIONAL_KEYS,
     TRAINING_KEYS,
     CheckpointError,
     check_resume,
@@ -119,7 +120,7 @@ def test_training_state_holds_every_key_and_restores_every_object(tmp_path):
     config = {"dataset": "digits", "batch_size": 16}
     state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=3, skipped_steps=1, config=config,
                            rng=[rng_state()], world_size=1, wandb_id="abc")  # fmt: skip
-    assert set(state) == set(TRAINING_KEYS)  # the module docstring lists exactly these
+    assert set(state) == set(TRAINING_KEYS + OPTIONAL_KEYS)  # the module docstring lists exactly these
     save_checkpoint(state, tmp_path / "c.pt")
     loaded = load_checkpoint(tmp_path / "c.pt")
     check_resume(loaded, config, model.config)

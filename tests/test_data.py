@@ -131,8 +131,8 @@ def test_cifar10_download_failure_names_the_folder(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_and_bad_settings():
-    assert list(DATASETS) == ["cifar10", "folder", "digits"]
-    with pytest.raises(DataError, match="unknown dataset 'mnist'; choose from cifar10, folder, digits$"):
+    assert list(DATASETS) == ["cifar10", "folder", "digits", "latents"]
+    with pytest.raises(DataError, match="unknown dataset 'mnist'; choose from cifar10, folder, digits, latents$"):
         build_dataset("mnist")
     with pytest.raises(DataError, match="channels"):
         build_dataset("digits", channels=2)
@@ -510,7 +510,7 @@ def test_a_dataset_registered_with_one_line_is_built_and_accepted_by_the_config(
     assert ds[5][1] == 1 and torch.equal(ds[5][0], torch.full((3, 4, 4), 5, dtype=torch.uint8))
     with pytest.raises(DataError, match="channels must be 1 or 3"):  # the common checks come before build
         build_dataset("toy", channels=2)
-    with pytest.raises(DataError, match="choose from cifar10, folder, digits, toy$"):
+    with pytest.raises(DataError, match="choose from cifar10, folder, digits, latents, toy$"):
         build_dataset("mnist")
     # the config takes the registry itself as its choices, so the new name is accepted from then on
     assert train.TrainConfig(dataset="toy").dataset == "toy"
@@ -521,7 +521,8 @@ def test_a_dataset_registered_with_one_line_is_built_and_accepted_by_the_config(
 
 
 def test_in_memory_is_declared_by_each_dataset_class(image_folder):
-    assert {name: cls.in_memory for name, cls in DATASETS.items()} == {"cifar10": True, "folder": False, "digits": True}
+    assert {name: cls.in_memory for name, cls in DATASETS.items()} == {"cifar10": True, "folder": False, "digits": True,
+                                                                   "latents": True}
     digits = build_dataset("digits", image_size=8, channels=1)
     folder = build_dataset("folder", root=image_folder, image_size=8, channels=3)
     assert isinstance(digits, DATASETS["digits"]) and isinstance(folder, DATASETS["folder"])

@@ -104,7 +104,8 @@ def test_the_plan_runs_the_same_parts_with_flags_the_scripts_accept(tmp_path, qu
 
     work, out = tmp_path / "work", tmp_path / "out"
     parts = plan(PY, work, out, quick)
-    rows = ("bench_tiny", *CUDA_ROWS) if quick else CUDA_ROWS
+    rows = ("bench_tiny", *CUDA_ROWS, "bench_latent", "vae_decode") if quick else (
+        CUDA_ROWS[0], "bench_xl2_latent", "vae_decode", *CUDA_ROWS[1:])
     assert [p.name for p in parts] == ["tests", "train", "resume", "sample", *rows, "bench_meanflow"]
     assert {p.group for p in parts} == set(gpu_check.GROUPS) and not parts[-1].skip
     device = "cpu" if quick else "cuda"
@@ -118,13 +119,16 @@ def test_the_plan_runs_the_same_parts_with_flags_the_scripts_accept(tmp_path, qu
             assert p.argv[1:6] == ("-m", "pytest", "-m", "gpu", "tests/test_gpu.py")
             assert f"--junitxml={work / 'pytest.xml'}" in flags
             continue
+        if p.name == "vae_decode":
+            assert p.argv[1:3] == ("-m", "benchmarks.vae_decode") and flags[flags.index("--device") + 1] == device
+            continue
         if p.name.startswith("bench_"):
             flags = list(p.argv[3:])
             assert p.argv[1:3] == ("-m", "benchmarks.benchmark")
             cfg = benchmark.parse_args(flags)
             assert cfg.json == str(work / f"{p.name}.json")
             assert cfg.objective == ("meanflow" if p.name == "bench_meanflow" else "flow")
-            assert cfg.compile == ("compiled" in p.name or (p.name == "bench_meanflow" and not quick))
+            assert cfg.compile == ("compiled" in p.name or (p.name in ("bench_meanflow", "bench_xl2_latent") and not quick))
         else:
             cfg = (train if p.argv[1] == "train.py" else sampler).parse_args(flags)
         assert cfg.device == device
@@ -232,7 +236,7 @@ def test_the_summary_gathers_every_part_and_says_what_went_wrong(tmp_path):
     gpu_summary.write_summary(summary, out)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert list(summary) == ["mode", "seconds", "budget_s", "installed_wheels", "work", "env", "parts", "tests",
-                             "train", "bench", "meanflow", "warnings", "ok"]  # fmt: skip
+                             "train", "bench", "meanflow", "vae_decode", "warnings", "ok"]  # fmt: skip
     assert (summary["mode"], summary["ok"], summary["env"]["gpu"]) == ("gpu", False, "NVIDIA H100")
     assert summary["parts"][0] == record("tests", "failed", 1, 20.0, 90, "1 passed, 1 failed")
 

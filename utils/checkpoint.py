@@ -13,7 +13,9 @@ A training checkpoint is a dict of tensors and plain values:
     "data_state"       the data stream's position, {"epoch", "index", "num_samples"} (data.loader.BatchStream)
     "world_size"       how many processes wrote it
     "wandb_id"         the wandb run to continue (str or None)
-Only "model_config" and "model" are needed to sample; a resume needs them all.
+    "latent_space"     for a latent DiT, what decodes its samples (``models.vae.LatentSpace`` as a dict: VAE id and
+                       revision, shift and scale, shapes); absent or None for a pixel-space one
+Only "model_config" and "model" (and "latent_space") are needed to sample; a resume needs them all.
 
 Loading is safe: ``torch.load(weights_only=True)``, so a file that holds pickled python objects (which could
 run code when unpickled) is refused with a CheckpointError.
@@ -38,6 +40,7 @@ from utils.io import atomic_write
 
 TRAINING_KEYS = ("model_config", "model", "ema", "ema_num_updates", "optimizer", "step", "skipped_steps", "config",
                  "rng", "data_state", "world_size", "wandb_id")  # fmt: skip
+OPTIONAL_KEYS = ("latent_space",)  # written since latent datasets exist; older checkpoints lack them
 # Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
 RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective")
 
@@ -131,19 +134,21 @@ def model_from_checkpoint(state: dict[str, Any] | str | os.PathLike, ema: bool =
 
 def training_state(*, model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer, stream: Any, step: int,
                    skipped_steps: int, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int,
-                   wandb_id: str | None) -> dict[str, Any]:  # fmt: skip
+                   wandb_id: str | None, latent_space: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The checkpoint dict of a training run (the keys of the module docstring)."""
     model = unwrap_model(model)
     return {
         "model_config": model.config, "model": model.state_dict(), "ema": ema.model.state_dict(),
         "ema_num_updates": ema.num_updates, "optimizer": optimizer.state_dict(), "step": step,
         "skipped_steps": skipped_steps, "config": config, "rng": rng, "data_state": stream.state_dict(),
-        "world_size": world_size, "wandb_id": wandb_id,
+        "world_size": world_size, "wandb_id": wandb_id, "latent_space": latent_space,
     }  # fmt: skip
 
 
-def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: dict[str, Any]) -> None:
-    """CheckpointError unless state is a full training state; ConfigError unless it fits this run's settings."""
+def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: dict[str, Any],
+                 latent_space: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """CheckpointError unless state is a full training state; ConfigError unless it fits this run's settings (and
+    its latents: ``latent_space`` of the training data, None for pixels)."""
     missing = [k for k in TRAINING_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"--resume: the checkpoint holds weights only, not a training state (no {missing[0]})")
@@ -156,6 +161,11 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: di
            if key in RESUME_MUST_MATCH]  # fmt: skip
     if bad:
         raise ConfigError(f"--resume: these settings differ from the checkpoint's: {'; '.join(bad)}")
+    old_space, space = state.get("latent_space"), latent_space
+    if old_space != space:  # the same model on other latents (another VAE or normalisation) would learn nonsense
+        keys = [k for k in {**(old_space or {}), **(space or {})} if (old_space or {}).get(k) != (space or {}).get(k)]
+        diff = "; ".join(f"{k} {(old_space or {}).get(k)!r} -> {(space or {}).get(k)!r}" for k in keys)
+        raise ConfigError(f"--resume: the checkpoint was trained on other latents than --data-path holds: {diff}")
 
 
 def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, str, str, str]]:

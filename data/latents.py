@@ -1,0 +1,180 @@
+"""Pre-extracted VAE latents (``extract_latents.py``) as a dataset: ``--dataset latents --data-path FOLDER``.
+
+The folder holds safetensors shards and ``index.json``. Shard k (``shard-0000k.safetensors``) holds the images
+k * shard_size ... of the source folder in its (sorted) order:
+- ``latents``: float16 (n, 2, C, h, w): the VAE posterior's mean of each image (view 0) and of its mirror image
+  (view 1), unnormalised;
+- ``labels``: int64 (n,), the class index (sorted class-folder names);
+- ``sum``, ``sum_sq``: float64 (C,), the sums of the values and of their squares per channel over both views
+  (the per-channel statistics of the index are merged from them).
+Its safetensors metadata repeat the extraction settings' digest, so shards of other settings are never mixed.
+
+``index.json`` is written last, when every shard is there: format, count, classes, shards (file, first image,
+count, sha256), the source folder and its preprocessing, the latent statistics (mean and std per channel), and
+``latent_space`` (``models.vae.LatentSpace``: VAE id and revision, image and latent shapes, and the shift and
+scale training applies, z = (z_vae - shift) * scale). Without a complete index the folder is not a dataset.
+
+Why the mean, twice, in float16: the posterior's std of SD-VAE is small beside its mean, so sampling it adds
+little beside the flow's own noise while storing it would double the size; both flips are kept instead (as
+LightningDiT does), and the training stream's per-epoch flip bit picks the view, from the training seed, so a
+resumed run reads exactly what the uninterrupted one would. ImageNet's 1,281,167 images at 256 px make 4 x 32 x
+32 latents: 1,281,167 x 2 views x 4,096 values x 2 bytes = 21.0 GB (42 GB with the std as well); float16 keeps
+11 significant bits where bfloat16 keeps 8, at the same size, and SD-VAE's latents (|z| < 60) are far inside its
+range.
+
+Training holds the set in memory (``in_memory``; on a GPU by default, 21 GB for ImageNet) or reads items from
+the memory-mapped shards (``--no-data-on-device``): the shards are mapped, never copied, so loader workers
+share the pages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data.base import DataError, ImageDataset
+from data.folder import ImageFolderDataset
+
+INDEX = "index.json"
+FORMAT = "dit-latents-1"
+PREPROCESSING = "center_crop_arr (ADM): box halving while the short side >= 2 x size, bicubic resize, centre crop"
+
+
+def shard_name(k: int) -> str:
+    """The file name of shard k."""
+    return f"shard-{k:05d}.safetensors"
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset of its data (8 + header length)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise DataError(f"{path} is not a safetensors file (it has {len(head)} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise DataError(f"{path} is not a safetensors file (a header of {n} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(f"{path} is not a safetensors file (its header is not JSON)") from None
+    return header, 8 + n
+
+
+def map_tensor(path: Path, name: str, dtype: np.dtype) -> np.ndarray:
+    """The tensor ``name`` of a safetensors file as a read-only numpy memory map (no copy)."""
+    header, start = safetensors_header(path)
+    if name not in header:
+        raise DataError(f"{path} holds no tensor {name!r}")
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or start + end > path.stat().st_size:
+        raise DataError(f"{path} is damaged: tensor {name!r} does not fit its file ({path.stat().st_size} bytes)")
+    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The index of a latents folder; DataError (saying how to make one) when it is missing or not one."""
+    path = root / INDEX
+    if not path.is_file():
+        hint = " (an extraction was started there: run the same extract_latents.py command again to finish it)"
+        started = any(root.glob("shard-*.safetensors")) if root.is_dir() else False
+        raise DataError(f"no latents in {root}: {INDEX} is missing{hint if started else ''}; make them with "
+                        f"python extract_latents.py --data-path IMAGES --out {root}")  # fmt: skip
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not a latents index ({type(e).__name__})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise DataError(f"{path} is not a latents index of format {FORMAT}")
+    return index
+
+
+class LatentDataset(ImageDataset):
+    """The latents of an ``extract_latents.py`` folder: items (float16 (2, C, h, w): the image's and its mirror's
+    latents, label), training batches float32 (B, C, h, w) normalised as the index says."""
+
+    in_memory = True  # ImageNet's 21 GB fit on a training GPU; --no-data-on-device reads the mapped shards
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        self.index = read_index(self.root)
+        self.space = self.index["latent_space"]  # models.vae.LatentSpace as a dict
+        self.latent_shape = tuple(int(v) for v in self.space["latent_shape"])
+        self.classes = list(self.index["classes"])
+        self.num_classes = len(self.classes)
+        self._latents, labels, starts = [], [], [0]
+        for shard in self.index["shards"]:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise DataError(f"latents shard {path} is missing (listed in {self.root / INDEX})")
+            latents = map_tensor(path, "latents", np.float16)
+            if latents.shape != (shard["count"], 2, *self.latent_shape):
+                raise DataError(f"latents shard {path} holds {latents.shape}, its index says "
+                                f"({shard['count']}, 2, {', '.join(map(str, self.latent_shape))})")  # fmt: skip
+            self._latents.append(latents)
+            labels.append(np.asarray(map_tensor(path, "labels", np.int64)))
+            starts.append(starts[-1] + shard["count"])
+        self._starts = np.asarray(starts)
+        self.labels = torch.from_numpy(np.concatenate(labels)) if labels else torch.empty(0, dtype=torch.long)
+        if len(self.labels) != self.index["count"] or len(self.labels) == 0:
+            raise DataError(f"{self.root / INDEX} lists {self.index['count']} latents; its shards hold {len(self.labels)}")
+        self._shift = torch.tensor(self.space["shift"], dtype=torch.float32).view(1, -1, 1, 1)
+        self._scale = torch.tensor(self.space["scale"], dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> LatentDataset:
+        """The latents in root; image_size and channels must be those of the images they encode (the index's)."""
+        dataset = cls(root)
+        want = (int(dataset.space["image_size"]), int(dataset.space["image_channels"]))
+        if (image_size, channels) != want:
+            raise DataError(f"the latents in {root} encode {want[1]}-channel {want[0]}px images; got --image-size "
+                            f"{image_size} --channels {channels} (leave both unset to take the index's)")  # fmt: skip
+        return dataset
+
+    @classmethod
+    def native_size(cls, root: Path) -> tuple[int, int]:
+        space = read_index(Path(root).expanduser())["latent_space"]
+        return int(space["image_size"]), int(space["image_channels"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return torch.from_numpy(np.array(self._latents[k][index - self._starts[k]])), int(self.labels[index])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All latents float16 (N, 2, C, h, w) (read into memory once) and labels int64 (N,)."""
+        return torch.from_numpy(np.concatenate(self._latents)), self.labels
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.latent_shape  # type: ignore[return-value]
+
+    def training_batch(self, x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Latent pairs (B, 2, C, h, w) and flip bits (B,) -> the chosen view, normalised: float32 (B, C, h, w)."""
+        view = x[torch.arange(x.shape[0], device=x.device), flip.long()].float()
+        return (view - self._shift.to(x.device)) * self._scale.to(x.device)
+
+    def latent_space(self) -> dict[str, Any]:
+        return dict(self.space)
+
+    def fingerprint(self) -> str:
+        """A hash of the index (which lists every shard's sha256)."""
+        return hashlib.sha256((self.root / INDEX).read_bytes()).hexdigest()[:16]
+
+    def fid_images(self) -> tuple[str, Path, ImageDataset]:
+        """The source folder the latents were extracted from, centre-cropped the same way (ADM's protocol)."""
+        source = Path(self.index["source"]["data_path"])
+        if not source.is_dir():
+            raise DataError(f"the images the latents in {self.root} came from ({source}) are not on this machine; "
+                            "pass reference statistics (--fid-ref-stats, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")  # fmt: skip
+        return "folder", source, ImageFolderDataset(source, int(self.space["image_size"]), int(self.space["image_channels"]))

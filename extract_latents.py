@@ -1,0 +1,280 @@
+"""Encode an image folder into VAE latents for latent DiT training: both flips, safetensors shards and an index.
+
+    python extract_latents.py --data-path /imagenet/train --image-size 256 --out latents/imagenet256
+    torchrun --nproc_per_node 8 extract_latents.py --data-path /imagenet/train --image-size 256 --out latents/imagenet256
+    python train.py --dataset latents --data-path latents/imagenet256 --model DiT-XL/2     # then train on them
+
+Images are read as ``--dataset folder`` reads them (sorted class folders give the labels) and centre-cropped as ADM
+and DiT do it (``data.folder.center_crop_arr``); each image and its mirror image are encoded by the VAE (``--vae``:
+a diffusers id or a local folder; default SD-VAE ft-EMA, DiT's) and the posterior means stored in float16
+(``data/latents.py`` has the format and why). Shard k holds images k * --shard-size ...; each is written
+atomically, and so is the index, last, once every shard is there.
+
+A killed extraction continues from its complete shards when the same command runs again and ends with the same
+bytes as an uninterrupted one (each shard's batches start at its first image, so every shard is computed alike).
+OUT/extraction.json holds the settings; a folder of other settings is refused. Under torchrun process r encodes
+shards r, r + world_size, ...; rank 0 writes the index. ``--normalization`` (config: the VAE's scaling factor;
+stats: per-channel mean and std of the latents) only changes the index, so running again with the other one
+rewrites the index without encoding anything. Exit codes: 0 done, 2 bad input (a missing or corrupt image, an
+empty folder, a VAE that cannot be loaded, a folder of other settings), 1 other failures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.base import DataError
+from data.folder import ImageFolderDataset
+from data.latents import FORMAT, INDEX, PREPROCESSING, map_tensor, safetensors_header, shard_name
+from data.loader import _worker_error, usable_workers
+from models.vae import (
+    DEFAULT_VAE,
+    NORMALIZATIONS,
+    LatentCodec,
+    LatentSpace,
+    VAEError,
+    config_normalization,
+    downsampling,
+    load_autoencoder,
+    vae_revision,
+)
+from utils.config import Config, ConfigError, arg, parse
+from utils.device import PRECISIONS, resolve_precision
+from utils.distributed import PeerError, all_ok, cleanup, first_then_others, init_distributed
+from utils.io import atomic_write, write_json_atomic
+
+SETTINGS = "extraction.json"
+
+
+@dataclass(kw_only=True)
+class ExtractConfig(Config):
+    """The settings of an extraction; those that change the bytes of a shard are checked on a rerun."""
+
+    data_path: str = arg(None, "folder of class sub-folders of images (e.g. ImageNet's train/)", required=True,
+                         group="data")  # fmt: skip
+    out: str = arg(None, "folder for the shards and index.json", required=True)
+    image_size: int = arg(256, "side of the centre crop in pixels (a multiple of the VAE's downsampling, 8)", min=8)
+    vae: str = arg(DEFAULT_VAE, "diffusers AutoencoderKL: a hub id or a local folder (save_pretrained)", group="VAE")
+    vae_revision: str | None = arg(None, "hub revision of --vae (default: the newest)")
+    normalization: str = arg("config", "how training normalises the latents: config (the VAE's scaling_factor, "
+                             "0.18215 for SD-VAE) or stats (per-channel mean and std of these latents, LightningDiT)",
+                             choices=NORMALIZATIONS)  # fmt: skip
+    precision: str = arg("auto", "VAE precision: auto is bf16 on CUDA, fp32 elsewhere", choices=PRECISIONS)
+    shard_size: int = arg(10_000, "images per shard", min=1, group="run")
+    batch_size: int = arg(64, "images per VAE batch (each also encoded mirrored)", min=1)
+    num_workers: int = arg(8, "image decoding processes", min=0)
+    device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
+    progress: bool = arg(True, "show a progress bar")
+
+
+def settings_of(cfg: ExtractConfig, dataset: ImageFolderDataset, vae: str, revision: str | None,
+                latent_shape: tuple[int, ...], precision: str) -> dict[str, Any]:  # fmt: skip
+    """What a shard's bytes depend on (OUT/extraction.json); a rerun must have the same."""
+    return {
+        "format": FORMAT, "source": str(Path(cfg.data_path).expanduser().resolve()), "images": len(dataset),
+        "source_fingerprint": dataset.fingerprint(), "image_size": cfg.image_size, "preprocessing": PREPROCESSING,
+        "vae": vae, "revision": revision, "latent_shape": list(latent_shape), "dtype": "float16",
+        "shard_size": cfg.shard_size, "batch_size": cfg.batch_size, "precision": precision,
+    }  # fmt: skip
+
+
+def digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse a folder whose extraction had other settings (naming them); record them in a fresh one."""
+    path = out / SETTINGS
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise ConfigError(f"{path} is damaged; remove {out} or choose another --out") from None
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        if changed:
+            raise ConfigError(f"{out} holds latents of other settings ({'; '.join(changed)}); choose another --out "
+                              "or remove it")  # fmt: skip
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no {SETTINGS}; choose an empty or new --out")
+    write_json_atomic(settings, path)
+
+
+def shard_complete(path: Path, key: str, count: int) -> bool:
+    """Whether a shard file is there, of these settings, with its count of latents (atomic writes: no half files)."""
+    if not path.is_file():
+        return False
+    try:
+        header, _ = safetensors_header(path)
+        return header.get("__metadata__", {}).get("settings") == key and header["labels"]["shape"] == [count]
+    except (DataError, KeyError, OSError):
+        return False
+
+
+@torch.no_grad()
+def encode_shard(codec: LatentCodec, dataset: ImageFolderDataset, first: int, count: int, cfg: ExtractConfig,
+                 bar: tqdm) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The tensors of one shard: the latents of images first ... first + count - 1 and of their mirror images."""
+    subset = torch.utils.data.Subset(dataset, range(first, first + count))
+    loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
+    latents, labels = [], []
+    try:
+        for images, y in loader:
+            x = images.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
+            z = codec.encode(torch.cat([x, x.flip(-1)])).cpu()  # (2b, C, h, w): the images, then their mirrors
+            latents.append(torch.stack(z.chunk(2), dim=1).to(torch.float16))  # (b, 2, C, h, w)
+            labels.append(y.long())
+            bar.update(len(y))
+    except DataError as e:
+        raise _worker_error(e) from None
+    z = torch.cat(latents)
+    z64 = z.double()
+    return {"latents": z.contiguous(), "labels": torch.cat(labels), "sum": z64.sum(dim=(0, 1, 3, 4)),
+            "sum_sq": z64.square().sum(dim=(0, 1, 3, 4))}  # fmt: skip
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
+    from safetensors.torch import save
+
+    data = save(tensors, metadata={"settings": key})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def write_index(out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes: list[str], vae: Any,
+                num_shards: int) -> dict[str, Any]:  # fmt: skip
+    """Merge the shards' statistics, hash them and write index.json (atomically); returns the index."""
+    total, total_sq, values, shards = 0.0, 0.0, 0, []
+    for k in range(num_shards):
+        path = out / shard_name(k)
+        s, sq = map_tensor(path, "sum", np.float64), map_tensor(path, "sum_sq", np.float64)
+        count = int(map_tensor(path, "labels", np.int64).shape[0])
+        total, total_sq = total + np.asarray(s), total_sq + np.asarray(sq)
+        values += count * 2 * math.prod(settings["latent_shape"][1:])
+        shards.append({"file": path.name, "first": k * cfg.shard_size, "count": count,
+                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})  # fmt: skip
+    mean = total / values
+    std = np.sqrt(np.maximum(total_sq / values - mean**2, 0.0))
+    if cfg.normalization == "stats":
+        shift, scale = mean.tolist(), (1.0 / np.maximum(std, 1e-12)).tolist()
+    else:
+        shift, scale = config_normalization(vae)
+    space = LatentSpace(
+        vae=settings["vae"], revision=settings["revision"], normalization=cfg.normalization, shift=tuple(shift),
+        scale=tuple(scale), image_size=cfg.image_size, image_channels=3, latent_shape=tuple(settings["latent_shape"]),
+    )  # fmt: skip
+    index = {
+        "format": FORMAT, "count": sum(s["count"] for s in shards), "classes": classes, "flips": True,
+        "dtype": "float16", "shard_size": cfg.shard_size, "shards": shards,
+        "source": {"data_path": settings["source"], "images": settings["images"], "preprocessing": PREPROCESSING},
+        "stats": {"mean": mean.tolist(), "std": std.tolist()}, "latent_space": space.to_dict(),
+        "settings": digest(settings),
+    }  # fmt: skip
+    write_json_atomic(index, out / INDEX)
+    return index
+
+
+def main(cfg: ExtractConfig) -> dict[str, Any]:
+    """Extract (or finish extracting) the latents cfg describes; returns the index (on every process)."""
+    dist = init_distributed(cfg.device)
+    try:
+        return extract(cfg, dist)
+    finally:
+        cleanup()
+
+
+def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
+    out, device = Path(cfg.out).expanduser(), dist.device
+    dataset = ImageFolderDataset(Path(cfg.data_path).expanduser(), cfg.image_size, 3)  # DataError: empty, missing
+    local = Path(cfg.vae).expanduser()
+    name = str(local.resolve()) if local.is_dir() else cfg.vae
+    with first_then_others(dist.local_rank == 0):  # one process per node downloads the weights
+        vae = load_autoencoder(name, cfg.vae_revision, device)
+    f = downsampling(vae)
+    if cfg.image_size % f:
+        raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling {f}")
+    latent_shape = (int(vae.config.latent_channels), cfg.image_size // f, cfg.image_size // f)
+    precision = resolve_precision(cfg.precision, device)
+    settings = settings_of(cfg, dataset, name, vae_revision(vae, name) or cfg.vae_revision, latent_shape, precision)
+    key = digest(settings)
+    error: Exception | None = None
+    if dist.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            check_settings(out, settings)
+        except (ConfigError, OSError) as e:
+            error = e
+    if not all_ok(error is None):
+        raise error or PeerError("rank 0 refused the output folder")
+    codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, precision)
+    n, size = len(dataset), cfg.shard_size
+    num_shards = -(-n // size)
+    mine = [k for k in range(dist.rank, num_shards, dist.world_size)
+            if not shard_complete(out / shard_name(k), key, min(size, n - k * size))]  # fmt: skip
+    todo = sum(min(size, n - k * size) for k in mine)
+    if dist.is_main:
+        done = sum(shard_complete(out / shard_name(k), key, min(size, n - k * size)) for k in range(num_shards))
+        if done:
+            print(f"extract_latents.py: {done} of {num_shards} shards already in {out}; encoding the rest")
+    bar = tqdm(total=todo, desc=f"encoding{'' if dist.world_size == 1 else f' (rank 0 of {dist.world_size})'}",
+               unit="img", disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)  # fmt: skip
+    started = time.perf_counter()
+    try:
+        for k in mine:
+            tensors = encode_shard(codec, dataset, k * size, min(size, n - k * size), cfg, bar)
+            write_shard(out / shard_name(k), tensors, key)
+    except (DataError, OSError) as e:  # every process must hear of it before rank 0 waits for the shards
+        error = e
+    finally:
+        bar.close()
+    if not all_ok(error is None):
+        if error is not None:
+            raise error
+        raise PeerError("another process failed")
+    index = None
+    if dist.is_main:
+        index = write_index(out, cfg, settings, dataset.classes, vae, num_shards)
+        took = time.perf_counter() - started
+        rate = f", {todo / took:.1f} img/s" if todo and took > 0 else ""
+        print(f"{index['count']} images ({len(dataset.classes)} classes) as {num_shards} shards of "
+              f"2 x {'x'.join(map(str, latent_shape))} float16 latents in {out}{rate}; normalization "
+              f"{cfg.normalization}; train with: python train.py --dataset latents --data-path {out}")  # fmt: skip
+    all_ok(True)  # the others wait for the index
+    return index if index is not None else json.loads((out / INDEX).read_text())
+
+
+def parse_args(argv: list[str] | None = None) -> ExtractConfig:
+    return parse(ExtractConfig, argv, "extract_latents.py", __doc__.split("\n\n")[0])
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point: bad input is one line on stderr and exit 2; other failures exit 1."""
+    rank0 = os.environ.get("RANK", "0") == "0"
+    try:
+        main(parse_args(argv))
+    except (ConfigError, DataError, VAEError) as e:
+        if rank0 or not isinstance(e, ConfigError):
+            print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except PeerError:
+        return 1
+    except OSError as e:
+        print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
+

@@ -1,0 +1,164 @@
+"""The pretrained autoencoder of latent DiTs: a diffusers ``AutoencoderKL`` and the latent normalisation.
+
+A latent DiT never sees pixels: ``extract_latents.py`` encodes every training image once (the posterior mean,
+``LatentCodec.encode``), training reads those latents normalised per channel,
+
+    z = (z_vae - shift) * scale                               (C,) each, broadcast over H and W
+
+and sampling decodes what the DiT generates with the same numbers (``LatentCodec.decode``), so the DiT's data
+has about unit variance, as the flow's noise does. Two choices of (shift, scale), both recorded in the latents'
+index and in every checkpoint trained on them (``LatentSpace``):
+- ``config``: the VAE's own ``shift_factor`` (0 when it has none) and ``scaling_factor``, the same for every
+  channel (SD-VAE: 0, 0.18215, as DiT and fast-DiT use);
+- ``stats``: the per-channel mean and 1 / std measured over the extracted latents, flips included (LightningDiT).
+
+The VAE is any diffusers ``AutoencoderKL``: a hub id (default ``stabilityai/sd-vae-ft-ema``, DiT's) or a local
+folder written by ``save_pretrained``, loaded by the same call. Nothing here downloads unless the weights are
+missing from the Hugging Face cache ($HF_HOME) and the network is there; without either, ``VAEError`` says how
+to fetch them. diffusers is imported when a VAE is loaded, so pixel-space runs never import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+NORMALIZATIONS = ("config", "stats")
+
+
+class VAEError(ValueError):
+    """The VAE cannot be loaded (not on this machine, no network) or does not fit the latents."""
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """What decodes a latent DiT's samples: the VAE (id or folder, and its revision), the per-channel shift and
+    scale of the normalisation, and the shapes on both sides (images (image_channels, image_size, image_size),
+    latents latent_shape). Stored in the latents' index and in checkpoints as a plain dict (``asdict``)."""
+
+    vae: str
+    revision: str | None
+    normalization: str
+    shift: tuple[float, ...]
+    scale: tuple[float, ...]
+    image_size: int
+    image_channels: int
+    latent_shape: tuple[int, int, int]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatentSpace:
+        """The LatentSpace of a stored dict (lists back to tuples)."""
+        return cls(vae=str(d["vae"]), revision=d.get("revision"), normalization=str(d["normalization"]),
+                   shift=tuple(float(v) for v in d["shift"]), scale=tuple(float(v) for v in d["scale"]),
+                   image_size=int(d["image_size"]), image_channels=int(d["image_channels"]),
+                   latent_shape=tuple(int(v) for v in d["latent_shape"]))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON- and checkpoint-friendly dict (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def load_autoencoder(name: str, revision: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The diffusers AutoencoderKL ``name`` (hub id or local folder) in float32 and eval mode on device.
+
+    Raises VAEError (one line) when diffusers is missing, when a local folder holds no such model, or when the
+    weights are neither in the Hugging Face cache nor downloadable (the message says how to fetch them)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as e:
+        raise VAEError(f"latent models need diffusers: pip install diffusers ({e})") from None
+    local = Path(name).expanduser()
+    try:
+        if local.is_dir():
+            vae = AutoencoderKL.from_pretrained(str(local), low_cpu_mem_usage=False)
+        else:
+            vae = AutoencoderKL.from_pretrained(name, revision=revision, low_cpu_mem_usage=False)
+    except Exception as e:  # OSError, ValueError, hub and HTTP errors: all mean this model cannot be had here
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        if local.is_dir():
+            raise VAEError(f"{local} is not a diffusers AutoencoderKL folder (config.json and weights): {reason}") from None
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise VAEError(
+            f"the VAE {name!r} is not on this machine and could not be downloaded ({reason}); fetch it where there "
+            f"is network with `huggingface-cli download {name}` (into $HF_HOME, here {home}) and copy that folder "
+            "here, or pass --vae FOLDER (a folder written by AutoencoderKL.save_pretrained)"
+        ) from None
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_revision(vae: nn.Module, name: str) -> str | None:
+    """The hub commit a VAE was loaded from when diffusers recorded it, else None (a local folder)."""
+    commit = getattr(vae.config, "_commit_hash", None) if not Path(name).expanduser().is_dir() else None
+    return str(commit) if commit else None
+
+
+def downsampling(vae: nn.Module) -> int:
+    """The VAE's spatial reduction: 2 ** (number of encoder blocks - 1) (8 for SD-VAE)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def config_normalization(vae: nn.Module) -> tuple[list[float], list[float]]:
+    """The ``config`` shift and scale, per channel: the VAE's shift_factor (0 if none) and scaling_factor."""
+    c = int(vae.config.latent_channels)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return [float(shift)] * c, [float(vae.config.scaling_factor)] * c
+
+
+class LatentCodec:
+    """A loaded VAE with a latent space's normalisation: ``encode`` images to raw latents, ``normalize`` them, and
+    ``decode`` normalised latents back to images. Chunks of ``batch_size`` bound memory. ``precision`` "auto" is
+    bf16 autocast on CUDA (the convolutions run several times faster) and float32 elsewhere; "bf16" or "fp32"."""
+
+    def __init__(self, vae: nn.Module, shift: Sequence[float], scale: Sequence[float], batch_size: int = 32,
+                 precision: str = "auto"):  # fmt: skip
+        self.vae = vae
+        self.device = next(vae.parameters()).device
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.shift = torch.tensor(list(shift), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.scale = torch.tensor(list(scale), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_space(cls, space: LatentSpace, device: str | torch.device = "cpu", vae: str | None = None,
+                   batch_size: int = 32, precision: str = "auto") -> LatentCodec:  # fmt: skip
+        """The codec of a LatentSpace, its VAE loaded on device (``vae``: another copy of the same model, e.g. a
+        local folder on a machine without network); the VAE must have the space's latent channels."""
+        model = load_autoencoder(vae or space.vae, None if vae else space.revision, device)
+        if int(model.config.latent_channels) != space.latent_shape[0]:
+            raise VAEError(f"the VAE {vae or space.vae} has {model.config.latent_channels} latent channels; the "
+                           f"latents have {space.latent_shape[0]}")  # fmt: skip
+        return cls(model, space.shift, space.scale, batch_size, precision)
+
+    def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        bf16 = self.precision == "bf16"
+        for part in x.split(self.batch_size):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                out.append(fn(part.to(self.device, torch.float32)).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw (unnormalised) posterior means (N, C', H/f, W/f) float32 of images (N, C, H, W) in [-1, 1]."""
+        return self._run(lambda x: self.vae.encode(x).latent_dist.mean, images)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the DiT's: (z - shift) * scale, float32."""
+        return (z.float() - self.shift.to(z.device)) * self.scale.to(z.device)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (N, C', h, w) -> images (N, C, h * f, w * f) float32 in [0, 1], on z's device."""
+        raw = z.float().to(self.device) / self.scale + self.shift
+        images = self._run(lambda x: self.vae.decode(x).sample, raw)
+        return ((images + 1) / 2).clamp_(0, 1).to(z.device)

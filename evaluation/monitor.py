@@ -57,6 +57,7 @@ class Monitor:
         self.fid_state = "not loaded"  # "ready" or "off" after the first FID
         self.seconds = {"sample grids": 0.0, "FID": 0.0}  # how long each took last time: what a budget must fit
         self.reason: int | None = None  # why the last diagnostic was abandoned
+        self.warned_scales = False  # said once that some cfg scales are outside a guidance-input network's range
 
     def __call__(self, step: int, model: nn.Module, ema_model: nn.Module, last: bool,
                  stop: StopRequest | None = None) -> None:  # fmt: skip
@@ -123,7 +124,15 @@ class Monitor:
         classes = grid_classes(ema.num_classes, cfg.sample_classes)
         ask = self.should_stop(stop, agreed=False)  # rank 0 alone draws the grids
         drawn = []
-        for scale in cfg.cfg_scales:
+        # A network with the guidance scale as an input samples only the scales it was trained on; the others go.
+        lo, hi = ema.guidance_range or (float("-inf"), float("inf"))
+        scales = [scale for scale in cfg.cfg_scales if lo <= scale <= hi]
+        if len(scales) < len(cfg.cfg_scales) and not self.warned_scales:
+            self.warned_scales = True
+            left_out = ", ".join(f"{s:g}" for s in cfg.cfg_scales if s not in scales)
+            warn(f"sample grids: cfg scales {left_out} left out, outside [{lo:g}, {hi:g}], the guidance scales this "
+                 "network takes as an input")  # fmt: skip
+        for scale in scales:
             ema_out = ema.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True,
                                               should_stop=ask)  # fmt: skip
             raw_out = raw.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, should_stop=ask)

@@ -19,14 +19,14 @@ def forward_macs(model: DiT) -> int:
     values, MLP, adaLN, final layer and the conditioning MLPs); element-wise work is left out.
     """
     d, p, c = model.hidden_size, model.patch_size, model.in_channels
-    tokens = model.num_patches + model.num_registers
-    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    tokens = model.num_patches + model.num_prefix  # patches, registers and in-context class tokens
+    mlp_weights = sum(m.weight.numel() for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear))
     freq = model.t_embedder.frequency_embedding_size
     per_block = (
         tokens * d * 3 * d  # qkv projection
         + 2 * tokens * tokens * d  # q k^T and attention-weighted values
         + tokens * d * d  # output projection
-        + 2 * tokens * d * mlp_hidden  # MLP
+        + tokens * mlp_weights  # MLP (GELU: two matrices; SwiGLU: three)
         + d * 6 * d  # adaLN modulation
     )
     embed = model.num_patches * c * p * p * d + freq * d + d * d  # patches, time MLP

@@ -6,6 +6,14 @@ unpatchify. Additions: register tokens (Darcet et al., "Vision Transformers Need
 qk-norm (RMSNorm on queries and keys per head) and attention through
 ``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels run on GPU.
 
+Options from LightningDiT (Yao et al. 2025) and JiT (Li & He 2025), each off by default (DiT's block): a SwiGLU MLP
+(``mlp_type="swiglu"``), RMSNorm for the block and final norms (``norm_type="rmsnorm"``), 2-D axial RoPE on the
+queries and keys (``rope=True``; registers and class tokens are not rotated: ``models/blocks.py`` says why), and
+JiT's in-context class tokens (``class_tokens=K``): K tokens, the class embedding plus a learned embedding per
+token, prepended like the registers and dropped with them before the final layer, while the class also conditions
+every block through adaLN as before. None of them changes the zero-initialised outputs, so the untrained network
+still outputs exactly zero.
+
 Time convention (the project's one, shared with torchcfm and defined in ``objectives/flow.py``):
 t = 0 is pure noise, t = 1 is data, and the network predicts the velocity dx/dt of the path.
 The network knows nothing else about the objective or the solver: it maps (x, t, y) to a velocity.
@@ -32,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from models.blocks import MLPS, NORMS, SwiGLU, apply_rope, make_norm, rope_tables
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -123,7 +133,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attention over tokens x (N, T, D); rope: cos and sin (T, Dh / 2) that rotate queries and keys (RoPE)."""
         n, t, d = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, H, T, Dh)
@@ -131,6 +142,8 @@ class Attention(nn.Module):
             # Weights in the activations' dtype: under bf16 autocast the fused RMSNorm kernel needs both alike.
             q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        if rope is not None:  # after qk-norm, as in LightningDiT and JiT
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 
@@ -151,17 +164,21 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
+                 mlp_type: str = "gelu", norm_type: str = "layernorm"):  # fmt: skip
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = make_norm(norm_type, hidden_size)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm2 = make_norm(norm_type, hidden_size)
+        # SwiGLU at 2/3 of the GELU MLP's width: about the same parameters (models/blocks.py).
+        mlp = SwiGLU if mlp_type == "swiglu" else Mlp
+        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ) -> torch.Tensor:  # fmt: skip
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
 
@@ -169,9 +186,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """The final adaLN layer that maps each patch token to p * p * C output values."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm_type: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm_type, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -187,7 +204,9 @@ class DiT(nn.Module):
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10,
                  class_dropout_prob: float = 0.1, num_registers: int = 4, qk_norm: bool = True,
-                 average_velocity: bool = False, time_scale: float = 1000.0):  # fmt: skip
+                 average_velocity: bool = False, time_scale: float = 1000.0, guidance_max: float = 0.0,
+                 mlp_type: str = "gelu", norm_type: str = "layernorm", rope: bool = False, class_tokens: int = 0,
+                 ):  # fmt: skip
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -195,11 +214,21 @@ class DiT(nn.Module):
             raise ValueError("num_classes and num_registers must be >= 0; depth and in_channels >= 1")
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        if mlp_type not in MLPS or norm_type not in NORMS:
+            raise ValueError(f"mlp_type must be one of {MLPS} and norm_type one of {NORMS}")
+        if class_tokens < 0 or (class_tokens and num_classes == 0):
+            raise ValueError("class_tokens must be >= 0, and 0 for an unconditional model (num_classes 0)")
+        if guidance_max and (guidance_max < 1.0 or num_classes == 0):
+            raise ValueError(f"guidance_max must be 0 (no guidance input) or >= 1 on a class-conditional model, "
+                             f"got {guidance_max} with num_classes={num_classes}")  # fmt: skip
         # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
         self.input_size, self.patch_size, self.in_channels, self.out_channels = input_size, patch_size, in_channels, in_channels  # fmt: skip
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
         self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
+        self.mlp_type, self.norm_type, self.rope, self.class_tokens = mlp_type, norm_type, rope, class_tokens
+        self.num_prefix = class_tokens + num_registers  # tokens before the patches, dropped before the final layer
+        self.guidance_max = guidance_max
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
 
@@ -207,16 +236,26 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         # The interval h = t_end - t to jump over also conditions an average-velocity network (MeanFlow).
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if average_velocity else None
+        # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow, Geng et al. 2025): one pass gives
+        # the guided velocity. Embedded as w / guidance_max, like a time; 0 (the default) builds none.
+        self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if guidance_max else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
         # Register tokens (Darcet et al. 2024): extra learned tokens that attention can use as scratch space.
         self.registers = nn.Parameter(torch.zeros(1, num_registers, hidden_size)) if num_registers else None
-        self.blocks = nn.ModuleList(
-            [DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm) for _ in range(depth)]
-        )
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        # In-context class tokens (JiT): the class embedding plus one learned embedding per token, (1, K, D).
+        self.class_token_embed = nn.Parameter(torch.zeros(1, class_tokens, hidden_size)) if class_tokens else None
+        if rope:  # cos and sin (P + T, Dh / 2) of the 2-D axial rotations, rebuilt from the config like pos_embed
+            cos, sin = rope_tables(self.grid_size, hidden_size // num_heads, self.num_prefix)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([
+            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type)
+            for _ in range(depth)
+        ])  # fmt: skip
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_type=norm_type)
         self.initialize_weights()
 
     @property
@@ -243,12 +282,14 @@ class DiT(nn.Module):
         # Label, time and register embeddings on the same small scale (std 0.02).
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for embedder in (self.t_embedder, self.h_embedder):
+        for embedder in (self.t_embedder, self.h_embedder, self.w_embedder):
             if embedder is not None:
                 nn.init.normal_(embedder.mlp[0].weight, std=0.02)
                 nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         if self.registers is not None:
             nn.init.normal_(self.registers, std=0.02)
+        if self.class_token_embed is not None:
+            nn.init.normal_(self.class_token_embed, std=0.02)
 
         # Zero-init adaLN modulation so each block starts as the identity.
         for block in self.blocks:
@@ -267,6 +308,7 @@ class DiT(nn.Module):
     def forward(
         self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
         interval: torch.Tensor | float | None = None, drop_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | float | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None when
         unconditional; the index num_classes is the null class).
@@ -274,7 +316,8 @@ class DiT(nn.Module):
         An average-velocity network returns the average velocity over [t, t + interval], interval (N,) or scalar
         (None: 0, the instantaneous velocity), so x + interval * output is the point at t + interval. In train
         mode labels are replaced by the null class with probability class_dropout_prob; drop_mask (N,) bool
-        replaces exactly those labels instead (in any mode, like DiT's force_drop_ids).
+        replaces exactly those labels instead (in any mode, like DiT's force_drop_ids). A network built with
+        ``guidance_max`` also takes the guidance scale, guidance (N,) or scalar in [1, guidance_max] (None: 1).
         """
         n = x.shape[0]
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
@@ -283,11 +326,18 @@ class DiT(nn.Module):
         c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(n))  # (N, D)
         if self.h_embedder is not None:
             c = c + self.h_embedder(torch.as_tensor(0.0 if interval is None else interval, device=x.device).expand(n))
+        if self.w_embedder is not None:  # guidance (N,) or scalar, None: 1 (unguided); ignored by other networks
+            w = torch.as_tensor(1.0 if guidance is None else guidance, device=x.device).expand(n)
+            c = c + self.w_embedder(w / self.guidance_max)
         if self.y_embedder is not None:
-            c = c + self.y_embedder(y, drop=self.training, drop_mask=drop_mask)
+            y_emb = self.y_embedder(y, drop=self.training, drop_mask=drop_mask)  # (N, D); the null class if dropped
+            c = c + y_emb
+            if self.class_token_embed is not None:  # JiT's in-context class tokens, first in the sequence
+                x = torch.cat([y_emb.unsqueeze(1) + self.class_token_embed, x], dim=1)  # (N, K + R + T, D)
+        rope = (self.rope_cos, self.rope_sin) if self.rope else None
         for block in self.blocks:
-            x = block(x, c)
-        x = x[:, self.num_registers :]  # registers never reach the output: (N, T, D)
+            x = block(x, c, rope)
+        x = x[:, self.num_prefix :]  # class tokens and registers never reach the output: (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C)
         return self.unpatchify(x)  # (N, C, H, W)
 
@@ -299,12 +349,15 @@ class DiT(nn.Module):
 
         Runs one batched pass of 2N (conditional and null labels); at cfg_scale == 1 it runs the
         conditional pass alone. Label dropout is not applied here. On an average-velocity network the same
-        combination of average velocities over [t, t + interval] is returned.
+        combination of average velocities over [t, t + interval] is returned. A network with a guidance input
+        (``guidance_max``) returns its output at guidance=cfg_scale instead: one pass of N.
         """
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
         n = x.shape[0]
         keep = torch.zeros(n, dtype=torch.bool, device=x.device)
+        if self.w_embedder is not None:  # a network that takes the scale as an input: one pass of N
+            return self(x, t, y, interval=interval, drop_mask=keep, guidance=cfg_scale)
         if cfg_scale == 1.0:
             return self(x, t, y, interval=interval, drop_mask=keep)
         t2 = torch.as_tensor(t, device=x.device).expand(n).repeat(2)

@@ -8,12 +8,14 @@ from typing import Any
 
 from objectives.base import LossTerms, Objective
 from objectives.flow import FlowMatching
+from objectives.imf import ImprovedMeanFlow
 from objectives.meanflow import MeanFlow
 from utils.config import Config, arg
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "flow": FlowMatching,  # flow matching, the time convention's owner
     "meanflow": MeanFlow,  # MeanFlow: average velocities, for one-step sampling
+    "imf": ImprovedMeanFlow,  # improved MeanFlow: one step at any guidance scale chosen when sampling
 }
 
 
@@ -35,4 +37,4 @@ class ObjectiveConfig(Config):
         return OBJECTIVES[self.objective](**self.objective_args)
 
 
-__all__ = ["OBJECTIVES", "FlowMatching", "LossTerms", "MeanFlow", "Objective", "ObjectiveConfig"]
+__all__ = ["OBJECTIVES", "FlowMatching", "ImprovedMeanFlow", "LossTerms", "MeanFlow", "Objective", "ObjectiveConfig"]

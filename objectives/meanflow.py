@@ -75,28 +75,30 @@ def _expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _call(model: nn.Module, x, s, y, interval, drop_mask) -> torch.Tensor:
-    """model(x, s, y, interval=..., drop_mask=...), leaving drop_mask out when there is none (stand-in models)."""
-    if drop_mask is None:
-        return model(x, s, y, interval=interval)
-    return model(x, s, y, interval=interval, drop_mask=drop_mask)
+def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> torch.Tensor:
+    """model(x, s, y, interval=..., drop_mask=..., guidance=...), leaving drop_mask and guidance out when there are
+    none (stand-in models, networks without a guidance input)."""
+    extra = {} if guidance is None else {"guidance": guidance}
+    if drop_mask is not None:
+        extra["drop_mask"] = drop_mask
+    return model(x, s, y, interval=interval, **extra)
 
 
 def average_velocity_jvp(
     model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-    y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None,
+    y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """u(x, s, t) and its total derivative d/ds u = v . du/dx + du/ds (both (N, C, H, W), no graph).
 
     The forward-mode JVP of (x, s, t) -> model(x, s, y, interval=t - s) with tangent (v, 1, 0), on the plain
     module, under no_grad and on the math attention kernel (the only one with a forward derivative).
     x, v (N, C, H, W); s, t (N,); y, drop_mask (N,) or None. A conditional network in train mode needs drop_mask:
-    without it every call draws its own label dropout.
+    without it every call draws its own label dropout. guidance (N,): the scale input of a network that takes one.
     """
     plain = unwrap_model(model)
 
     def u_fn(x_, s_, t_):
-        return _call(plain, x_, s_, y, t_ - s_, drop_mask)
+        return _call(plain, x_, s_, y, t_ - s_, drop_mask, guidance)
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first use
@@ -107,6 +109,7 @@ def average_velocity_jvp(
 def total_derivative_fd(
     model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
     y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None, eps: float = 5e-3,
+    guidance: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """d/ds u of ``average_velocity_jvp`` by a central finite difference along (v, 1, 0), in float32 (autocast
     off): the fallback where forward-mode AD fails. Two ordinary forwards; error O(eps^2) plus float32 rounding
@@ -114,8 +117,8 @@ def total_derivative_fd(
     plain = unwrap_model(model)
     h = _expand(torch.full_like(s, eps), x)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        up = _call(plain, x + h * v, s + eps, y, t - s - eps, drop_mask)
-        um = _call(plain, x - h * v, s - eps, y, t - s + eps, drop_mask)
+        up = _call(plain, x + h * v, s + eps, y, t - s - eps, drop_mask, guidance)
+        um = _call(plain, x - h * v, s - eps, y, t - s + eps, drop_mask, guidance)
     return (up - um) / (2 * eps)
 
 

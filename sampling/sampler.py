@@ -181,8 +181,13 @@ class Sampler:
         self.in_channels = int(self.model.in_channels)
         self.num_classes = int(getattr(self.model, "num_classes", 0))
         self.average_velocity = bool(getattr(self.model, "average_velocity", False))
+        # A network that takes the guidance scale as an input (its ``guidance_max``) samples guided in one pass of N,
+        # at scales in the range it was trained on; None: ordinary classifier-free guidance, any scale.
+        top = float(getattr(self.model, "guidance_max", 0.0) or 0.0)
+        self.guidance_range: tuple[float, float] | None = (1.0, top) if top else None
         self.device, self.model_dtype = module_device_dtype(self.model)
         self.state_dtype = torch.float64 if self.model_dtype == torch.float64 else torch.float32
+        self._check_scale(self.options)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = True, device: str | torch.device = "auto",
@@ -204,6 +209,8 @@ class Sampler:
         shape = f"{self.in_channels}x{self.input_size}x{self.input_size}{' latent' if self.latent else ''}"
         classes = f"{self.num_classes} classes" if self.num_classes else "unconditional"
         kind = "average-velocity " if self.average_velocity else ""
+        if self.guidance_range is not None:
+            kind += f"guidance-input [{self.guidance_range[0]:g}, {self.guidance_range[1]:g}] "
         o = self.options
         return (
             f"Sampler({type(self.model).__name__} {kind}{count_params(self.model) / 1e6:.2f}M params, {classes}, "
@@ -217,8 +224,9 @@ class Sampler:
         unconditional model), in the state's dtype; inputs are checked (one-line ValueErrors).
 
         Guidance v_u + s (v_c - v_u) runs through the model's ``forward_with_cfg`` only for t inside the guidance
-        interval; elsewhere, and at scale 1, one conditional pass runs. ``interval``: the jump length of an
-        average-velocity network (its average velocity over [t, t + interval]).
+        interval; elsewhere, and at scale 1, one conditional pass runs. A network with a guidance input
+        (``guidance_range``) takes the scale instead, in one pass of N (scale 1 outside the interval). ``interval``:
+        the jump length of an average-velocity network (its average velocity over [t, t + interval]).
         """
         o = options or self.options
         if x.ndim != 4 or tuple(x.shape[1:]) != self._image_shape() or not x.is_floating_point():
@@ -229,6 +237,7 @@ class Sampler:
             raise ValueError(f"t must be one number, got {got}")
         if interval is not None and not self.average_velocity:
             raise ValueError("an interval needs an average-velocity network (model.average_velocity), not this one")
+        self._check_scale(o)
         y = self._labels(y, x.shape[0], o)
         return self._velocity(x, t, None if y is None else y.to(x.device), interval, o)
 
@@ -389,6 +398,7 @@ class Sampler:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        self._check_scale(o)
         solver = SOLVERS.get(o.method)
         if solver is not None and solver.average_velocity and not self.average_velocity:
             raise ValueError(f"method {o.method!r} needs an average-velocity network (one trained with an objective "
@@ -403,6 +413,13 @@ class Sampler:
             seed = int(torch.randint(0, 2**62, (1,)))
         y = seeded_labels(seed, n, self.num_classes) if random_labels else self._labels(y, n, o)
         return y, noise, seed
+
+    def _check_scale(self, o: SamplingOptions) -> None:
+        """A one-line ValueError for a guidance scale outside the range a guidance-input network was trained on."""
+        if self.guidance_range is not None and not self.guidance_range[0] <= o.cfg_scale <= self.guidance_range[1]:
+            lo, hi = self.guidance_range
+            raise ValueError(f"cfg_scale {o.cfg_scale:g} is outside [{lo:g}, {hi:g}], the guidance scales this network "
+                             "takes as an input and was trained on")  # fmt: skip
 
     def _labels(self, y: Any, n: int, o: SamplingOptions) -> torch.Tensor | None:
         """Labels y checked against the model: (n,) int64 on the CPU (an int: every sample), None if unconditional."""

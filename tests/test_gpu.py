@@ -40,11 +40,16 @@ CUDA = torch.device("cuda")
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def dit_s2(seed: int = 0, device: torch.device = CUDA) -> torch.nn.Module:
+# The blocks of --recipe lightning (models/blocks.py: SwiGLU, RMSNorm, RoPE) and JiT's in-context class tokens.
+LIGHTNING_BLOCKS = dict(mlp_type="swiglu", norm_type="rmsnorm", rope=True, class_tokens=4)
+
+
+def dit_s2(seed: int = 0, device: torch.device = CUDA, **blocks) -> torch.nn.Module:
     """DiT-S/2 at 32x32x3, 10 classes (the README's model: head dim 64, 256 patches + 4 registers), with every
-    weight moved off its initial value, so that the zero-initialised output layers do not make outputs zero."""
+    weight moved off its initial value, so that the zero-initialised output layers do not make outputs zero;
+    blocks: further DiT arguments (LIGHTNING_BLOCKS)."""
     torch.manual_seed(seed)
-    model = DiT_models["DiT-S/2"](input_size=32, in_channels=3, num_classes=10)
+    model = DiT_models["DiT-S/2"](input_size=32, in_channels=3, num_classes=10, **blocks)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p), alpha=0.02)
@@ -220,6 +225,49 @@ def test_flash_attention_is_the_sdpa_kernel_of_a_bf16_training_step(record_prope
     if kernels:  # the profiler saw the device's kernels (CUPTI works): flash's own are among them
         assert any("flash" in k.lower() for k in kernels), attention
     assert torch.allclose(out.float(), only_flash.float(), rtol=0, atol=1e-2 * only_flash.float().abs().max().item())
+
+
+def test_lightning_blocks_in_bf16_with_flash_attention_and_compiled(record_property):
+    """SwiGLU, RMSNorm, RoPE and class tokens: bf16 close to fp32 (forward, gradients), forward and backward with
+    flash attention alone (RoPE hands it bf16 queries and keys), guidance equal to its formula, and
+    torch.compile equal to eager."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = dit_s2(**LIGHTNING_BLOCKS)
+    x, t, y = inputs()
+    flow = FlowMatching(cosine_loss_weight=1.0)
+    out, grads = {}, {}
+    for precision in ("fp32", "bf16"):
+        with exact_fp32():
+            model.eval()
+            with torch.no_grad(), bf16(precision == "bf16"):
+                out[precision] = model(x, t, y).float()
+            model.train()
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(2)
+            with bf16(precision == "bf16"):
+                flow.loss(model, x, y).loss.backward()
+        grads[precision] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    forward, grad = rel_err(out["bf16"], out["fp32"]), rel_err(grads["bf16"], grads["fp32"])
+    record_property("lightning_bf16_forward_rel_err", forward)
+    record_property("lightning_bf16_grad_rel_err", grad)
+    assert out["fp32"].abs().max() > 0.1 and forward < 2e-2 and grad < 3e-2, (forward, grad)
+
+    model.zero_grad(set_to_none=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), bf16():
+        model(x, t, y).float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    model.eval()
+    with exact_fp32(), torch.no_grad():
+        v = model.forward_with_cfg(x, t, y, 3.0)
+        v_c, v_u = model.forward_with_cfg(x, t, y, 1.0), model.forward_with_cfg(x, t, y, 0.0)
+        assert max_err(v, v_u + 3.0 * (v_c - v_u)) < 1e-4
+        compiled = torch.compile(model)(x, t, y)
+        eager = model(x, t, y)
+    err = rel_err(compiled.float(), eager.float())
+    record_property("lightning_compiled_rel_err", err)
+    assert err < 1e-4, err
 
 
 # ---------------------------------------------------------------------------------------------- guidance, sampler

@@ -42,7 +42,7 @@ TRAINING_KEYS = ("model_config", "model", "ema", "ema_num_updates", "optimizer",
                  "rng", "data_state", "world_size", "wandb_id")  # fmt: skip
 OPTIONAL_KEYS = ("latent_space",)  # written since latent datasets exist; older checkpoints lack them
 # Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
-RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective")
+RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe")
 
 
 class CheckpointError(ValueError):

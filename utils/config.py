@@ -90,6 +90,17 @@ def settings(cfg: Config) -> dict[str, Any]:
 C = TypeVar("C", bound=Config)
 
 
+def fill_unset(cfg: C, values: dict[str, Any]) -> C:
+    """cfg with the settings that were left unset filled from values (train.py's --recipe): a field whose value is
+    None, and a setting of the nested class (``Config.nested``) that was not given and that this class has; values
+    that fit neither (a field set explicitly, a setting another objective owns) are left out."""
+    top = {k: v for k, v in values.items() if k in {f.name for f in fields(cfg)} and getattr(cfg, k) is None}
+    for name, (key, registry) in cfg.nested.items():
+        given, own = getattr(cfg, name), {f.name for f in fields(registry[getattr(cfg, key)])}
+        top[name] = {**{k: v for k, v in values.items() if k in own and given.get(k) is None}, **given}
+    return dataclasses.replace(cfg, **top)
+
+
 def build_parser(cls: type[Config], prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field of cls (``--field-name``), defaults from the fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

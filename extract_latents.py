@@ -189,7 +189,10 @@ def main(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract (or finish extracting) the latents cfg describes; returns the index (on every process)."""
     dist = init_distributed(cfg.device)
     try:
-        return extract(cfg, dist)
+        index = extract(cfg, dist)
+        if dist.distributed:  # leave the group together: gloo aborted a process whose peer tore down first
+            torch.distributed.barrier()
+        return index
     finally:
         cleanup()
 

@@ -77,8 +77,8 @@ import torch
 import torch.nn as nn
 
 from objectives.base import LossTerms, Objective
-from objectives.flow import FlowMatching, sample_t
-from objectives.meanflow import _call, _expand, average_velocity_jvp, total_derivative_fd
+from objectives.flow import FlowMatching
+from objectives.meanflow import _call, _expand, average_velocity_jvp, interval_times, total_derivative_fd
 from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
@@ -129,13 +129,8 @@ class ImprovedMeanFlow(Objective):
                 else 0.0}  # fmt: skip
 
     def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Current times s (n,) and end times t (n,), s <= t, both logit-normal; the last round(n * equal_fraction)
-        rows have t = s exactly (the rows with s < t come first)."""
-        a = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
-        b = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
-        s, t = torch.minimum(a, b), torch.maximum(a, b)
-        k = self.num_unequal(n)
-        return s, torch.cat([t[:k], s[k:]])
+        """MeanFlow's ``interval_times`` with this objective's times and fraction of rows with s = t."""
+        return interval_times(n, self.t_mean, self.t_std, self.imf_equal_fraction, device)
 
     def num_unequal(self, n: int) -> int:
         """Rows with s < t in a batch of n drawn by ``sample_times``."""

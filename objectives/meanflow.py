@@ -122,6 +122,17 @@ def total_derivative_fd(
     return (up - um) / (2 * eps)
 
 
+def interval_times(n: int, t_mean: float, t_std: float, equal_fraction: float,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Current times s (n,) and end times t (n,), s <= t, both logit-normal; the last round(n * equal_fraction)
+    rows have t = s exactly (the rows with s < t come first, so the JVP can skip the rest without a sync)."""
+    a = sample_t(n, "logit-normal", t_mean, t_std, device=device)
+    b = sample_t(n, "logit-normal", t_mean, t_std, device=device)
+    s, t = torch.minimum(a, b), torch.maximum(a, b)
+    k = n - round(n * equal_fraction)
+    return s, torch.cat([t[:k], s[k:]])
+
+
 @dataclass(kw_only=True)
 class MeanFlow(Objective):
     """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc."""
@@ -157,13 +168,8 @@ class MeanFlow(Objective):
         return self.mf_omega != 1.0 or self.mf_kappa != 0.0
 
     def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Current times s (n,) and end times t (n,), s <= t, both logit-normal; the last round(n * equal_fraction)
-        rows have t = s exactly (the rows with s < t come first, so the JVP can skip the rest without a sync)."""
-        a = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
-        b = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
-        s, t = torch.minimum(a, b), torch.maximum(a, b)
-        k = self.num_unequal(n)
-        return s, torch.cat([t[:k], s[k:]])
+        """``interval_times`` with this objective's times and fraction of rows with s = t."""
+        return interval_times(n, self.t_mean, self.t_std, self.mf_equal_fraction, device)
 
     def num_unequal(self, n: int) -> int:
         """Rows with s < t in a batch of n drawn by ``sample_times``."""

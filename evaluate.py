@@ -50,15 +50,21 @@ from utils.config import ConfigError, arg, parse
 from utils.device import resolve_device, resolve_precision
 from utils.io import atomic_write, write_json_atomic
 
-PROTOCOL = "torchmetrics FrechetInceptionDistance Inception-v3 (torch-fidelity weights), pool 2048, uint8, antialias=False"
+PROTOCOL = (
+    "torchmetrics FrechetInceptionDistance Inception-v3 (torch-fidelity weights), pool 2048, uint8, antialias=False"
+)
 
 
 @dataclass(kw_only=True)
 class EvalConfig(SamplingOptions):
     """Everything evaluate.py needs: the sampling options plus the FID settings."""
 
-    ckpt: str = arg(None, "training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt",
-                    group="model and output", required=True)  # fmt: skip
+    ckpt: str = arg(
+        None,
+        "training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt",
+        group="model and output",
+        required=True,
+    )
     ema: bool = arg(True, "use the EMA weights (--no-ema: the raw weights)")
     num_samples: int = arg(50_000, "generated images (50000 in papers)", min=2)
     seed: int = arg(0, "seed of the noise (sample i starts from noise i)", min=0)
@@ -66,19 +72,24 @@ class EvalConfig(SamplingOptions):
     overwrite: bool = arg(False, "replace the result file if it exists")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     progress: bool = arg(True, "show progress bars")
-    dataset: str | None = arg(None, f"real set: {', '.join(DATASETS)} (default: the checkpoint's)",
-                              group="real statistics")  # fmt: skip
+    dataset: str | None = arg(
+        None, f"real set: {', '.join(DATASETS)} (default: the checkpoint's)", group="real statistics"
+    )
     data_path: str | None = arg(None, "dataset root or image folder (default: the checkpoint's)")
     split: str = arg("train", "real split (CIFAR-10 only)", choices=("train", "test"))
     real_images: int | None = arg(None, "real images to use (default: all)", min=2)
     stats_dir: str | None = arg(None, "cache of real statistics (default: ~/.cache/dit/fid_stats)")
     inception_weights: str | None = arg(None, "local copy of torch-fidelity's Inception weights")
     num_workers: int = arg(0, "data loader workers for image folders", min=0)
-    ref_stats: str | None = arg(None, "reference statistics instead of the real set: an npz with mu and sigma (ADM's "
-                                "VIRTUAL_imagenet256_labeled.npz, or a cache file of evaluation/fid.py)")  # fmt: skip
+    ref_stats: str | None = arg(
+        None,
+        "reference statistics instead of the real set: an npz with mu and sigma (ADM's "
+        "VIRTUAL_imagenet256_labeled.npz, or a cache file of evaluation/fid.py)",
+    )
     inception_score: bool = arg(True, "also compute the Inception Score of the samples", group="outputs")
-    save_npz: str | None = arg(None, "also write the samples here in ADM's format: arr_0 uint8 (N, H, W, 3), arr_1 "
-                               "labels")  # fmt: skip
+    save_npz: str | None = arg(
+        None, "also write the samples here in ADM's format: arr_0 uint8 (N, H, W, 3), arr_1 labels"
+    )
     vae: str | None = arg(None, "latent models: another copy of the checkpoint's VAE (a folder or hub id)")
 
     def __post_init__(self) -> None:
@@ -105,8 +116,9 @@ def result_path(cfg: EvalConfig, method: str, precision: str) -> Path:
     return Path(cfg.ckpt).parent / f"{name}-seed{cfg.seed}.json"
 
 
-def main(cfg: EvalConfig, *, extractor: nn.Module | None = None,
-         logits_extractor: nn.Module | None = None) -> dict[str, Any]:  # fmt: skip
+def main(
+    cfg: EvalConfig, *, extractor: nn.Module | None = None, logits_extractor: nn.Module | None = None
+) -> dict[str, Any]:
     """Compute the FID described by cfg, print it and write the JSON; returns the JSON's contents.
 
     ``extractor`` replaces Inception-v3 (any module mapping uint8 (N, 3, H, W) to (N, D)) and ``logits_extractor``
@@ -147,12 +159,27 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None,
         reference = {"kind": "file", "path": str(Path(cfg.ref_stats).expanduser().resolve()), "about": what}
     else:
         real = real_statistics(
-            dataset, data_path, size, channels, extractor=extractor, split=cfg.split, batch_size=cfg.batch_size,
-            num_images=cfg.real_images, cache_dir=cfg.stats_dir, num_workers=cfg.num_workers, progress=cfg.progress,
-            info=info, dataset=real_set,
-        )  # fmt: skip
-        reference = {"kind": "dataset", "dataset": dataset, "data_path": str(Path(data_path).expanduser().resolve()),
-                     "split": cfg.split, "images": info["num_images"]}  # fmt: skip
+            dataset,
+            data_path,
+            size,
+            channels,
+            extractor=extractor,
+            split=cfg.split,
+            batch_size=cfg.batch_size,
+            num_images=cfg.real_images,
+            cache_dir=cfg.stats_dir,
+            num_workers=cfg.num_workers,
+            progress=cfg.progress,
+            info=info,
+            dataset=real_set,
+        )
+        reference = {
+            "kind": "dataset",
+            "dataset": dataset,
+            "data_path": str(Path(data_path).expanduser().resolve()),
+            "split": cfg.split,
+            "images": info["num_images"],
+        }
     kept: dict[str, list] = {"images": [], "labels": [], "logits": []}
 
     def keep(images: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -163,8 +190,9 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None,
             kept["logits"].append(extract_features(logits_extractor, images).double().cpu())
 
     t_gen = time.perf_counter()
-    fid, nfe = compute_fid(sampler, real, cfg.num_samples, extractor=extractor, seed=cfg.seed, progress=cfg.progress,
-                           on_batch=keep)  # fmt: skip
+    fid, nfe = compute_fid(
+        sampler, real, cfg.num_samples, extractor=extractor, seed=cfg.seed, progress=cfg.progress, on_batch=keep
+    )
     t_end = time.perf_counter()
     score = inception_score(torch.cat(kept["logits"])) if kept["logits"] else None
     if cfg.save_npz is not None:
@@ -173,28 +201,53 @@ def main(cfg: EvalConfig, *, extractor: nn.Module | None = None,
             arrays["arr_0"] = np.repeat(arrays["arr_0"], 3, axis=-1)
         atomic_write(cfg.save_npz, lambda f: np.savez(f, **arrays))
     result = {
-        "fid": fid, "num_samples": cfg.num_samples, "nfe": nfe, "wall_time_s": t_end - t_start,
-        "real_stats_time_s": t_gen - t_real, "sampling_time_s": t_end - t_gen,
-        "checkpoint": str(Path(cfg.ckpt).resolve()), "step": state.get("step"), "ema": cfg.ema,
-        "num_classes": sampler.num_classes, "class_balanced": sampler.num_classes > 0, "dataset": dataset,
-        "data_path": str(Path(data_path).expanduser().resolve()), "split": cfg.split, "image_size": size,
-        "channels": channels, "real_images": info["num_images"], "real_stats_cache": info["cache_path"],
-        "real_stats_cache_hit": info["cache_hit"], "feature_extractor": info["extractor"], "reference": reference,
-        "inception_score": None if score is None else score[0], "inception_score_std": None if score is None else score[1],
-        "latent_space": space, "samples_npz": None if cfg.save_npz is None else str(Path(cfg.save_npz).resolve()),
-        "feature_dim": int(real[0].shape[0]), "protocol": protocol, "method": method,
-        "device": str(device), "precision": precision, "config": asdict(cfg),
+        "fid": fid,
+        "num_samples": cfg.num_samples,
+        "nfe": nfe,
+        "wall_time_s": t_end - t_start,
+        "real_stats_time_s": t_gen - t_real,
+        "sampling_time_s": t_end - t_gen,
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "step": state.get("step"),
+        "ema": cfg.ema,
+        "num_classes": sampler.num_classes,
+        "class_balanced": sampler.num_classes > 0,
+        "dataset": dataset,
+        "data_path": str(Path(data_path).expanduser().resolve()),
+        "split": cfg.split,
+        "image_size": size,
+        "channels": channels,
+        "real_images": info["num_images"],
+        "real_stats_cache": info["cache_path"],
+        "real_stats_cache_hit": info["cache_hit"],
+        "feature_extractor": info["extractor"],
+        "reference": reference,
+        "inception_score": None if score is None else score[0],
+        "inception_score_std": None if score is None else score[1],
+        "latent_space": space,
+        "samples_npz": None if cfg.save_npz is None else str(Path(cfg.save_npz).resolve()),
+        "feature_dim": int(real[0].shape[0]),
+        "protocol": protocol,
+        "method": method,
+        "device": str(device),
+        "precision": precision,
+        "config": asdict(cfg),
         "versions": {"torch": torch.__version__, **{lib: version(lib) for lib in ("torchmetrics", "numpy", "scipy")}},
-    }  # fmt: skip
+    }
     if out_json.exists() and not cfg.overwrite:  # written meanwhile by another run
         raise ConfigError(f"{out_json} already exists; pass --overwrite to replace it (or choose --out-json)")
     write_json_atomic(result, out_json)
-    against = (f"{info['num_images']} real {dataset} {cfg.split} images" if cfg.ref_stats is None
-               else f"the statistics of {cfg.ref_stats}")  # fmt: skip
+    against = (
+        f"{info['num_images']} real {dataset} {cfg.split} images"
+        if cfg.ref_stats is None
+        else f"the statistics of {cfg.ref_stats}"
+    )
     is_text = "" if score is None else f", IS {score[0]:.2f} ± {score[1]:.2f}"
-    print(f"FID {fid:.4f}{is_text} ({cfg.num_samples} samples vs {against}, "
-          f"{method} NFE {nfe}, cfg {cfg.cfg_scale:g}, {precision}, {'EMA' if cfg.ema else 'raw'} weights, "
-          f"{t_end - t_start:.1f}s) -> {out_json}")  # fmt: skip
+    print(
+        f"FID {fid:.4f}{is_text} ({cfg.num_samples} samples vs {against}, "
+        f"{method} NFE {nfe}, cfg {cfg.cfg_scale:g}, {precision}, {'EMA' if cfg.ema else 'raw'} weights, "
+        f"{t_end - t_start:.1f}s) -> {out_json}"
+    )
     return result
 
 

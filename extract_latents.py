@@ -62,15 +62,19 @@ SETTINGS = "extraction.json"
 class ExtractConfig(Config):
     """The settings of an extraction; those that change the bytes of a shard are checked on a rerun."""
 
-    data_path: str = arg(None, "folder of class sub-folders of images (e.g. ImageNet's train/)", required=True,
-                         group="data")  # fmt: skip
+    data_path: str = arg(
+        None, "folder of class sub-folders of images (e.g. ImageNet's train/)", required=True, group="data"
+    )
     out: str = arg(None, "folder for the shards and index.json", required=True)
     image_size: int = arg(256, "side of the centre crop in pixels (a multiple of the VAE's downsampling, 8)", min=8)
     vae: str = arg(DEFAULT_VAE, "diffusers AutoencoderKL: a hub id or a local folder (save_pretrained)", group="VAE")
     vae_revision: str | None = arg(None, "hub revision of --vae (default: the newest)")
-    normalization: str = arg("config", "how training normalises the latents: config (the VAE's scaling_factor, "
-                             "0.18215 for SD-VAE) or stats (per-channel mean and std of these latents, LightningDiT)",
-                             choices=NORMALIZATIONS)  # fmt: skip
+    normalization: str = arg(
+        "config",
+        "how training normalises the latents: config (the VAE's scaling_factor, "
+        "0.18215 for SD-VAE) or stats (per-channel mean and std of these latents, LightningDiT)",
+        choices=NORMALIZATIONS,
+    )
     precision: str = arg("auto", "VAE precision: auto is bf16 on CUDA, fp32 elsewhere", choices=PRECISIONS)
     shard_size: int = arg(10_000, "images per shard", min=1, group="run")
     batch_size: int = arg(64, "images per VAE batch (each also encoded mirrored)", min=1)
@@ -79,15 +83,30 @@ class ExtractConfig(Config):
     progress: bool = arg(True, "show a progress bar")
 
 
-def settings_of(cfg: ExtractConfig, dataset: ImageFolderDataset, vae: str, revision: str | None,
-                latent_shape: tuple[int, ...], precision: str) -> dict[str, Any]:  # fmt: skip
+def settings_of(
+    cfg: ExtractConfig,
+    dataset: ImageFolderDataset,
+    vae: str,
+    revision: str | None,
+    latent_shape: tuple[int, ...],
+    precision: str,
+) -> dict[str, Any]:
     """What a shard's bytes depend on (OUT/extraction.json); a rerun must have the same."""
     return {
-        "format": FORMAT, "source": str(Path(cfg.data_path).expanduser().resolve()), "images": len(dataset),
-        "source_fingerprint": dataset.fingerprint(), "image_size": cfg.image_size, "preprocessing": PREPROCESSING,
-        "vae": vae, "revision": revision, "latent_shape": list(latent_shape), "dtype": "float16",
-        "shard_size": cfg.shard_size, "batch_size": cfg.batch_size, "precision": precision,
-    }  # fmt: skip
+        "format": FORMAT,
+        "source": str(Path(cfg.data_path).expanduser().resolve()),
+        "images": len(dataset),
+        "source_fingerprint": dataset.fingerprint(),
+        "image_size": cfg.image_size,
+        "preprocessing": PREPROCESSING,
+        "vae": vae,
+        "revision": revision,
+        "latent_shape": list(latent_shape),
+        "dtype": "float16",
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+    }
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -104,8 +123,9 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
             raise ConfigError(f"{path} is damaged; remove {out} or choose another --out") from None
         changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
         if changed:
-            raise ConfigError(f"{out} holds latents of other settings ({'; '.join(changed)}); choose another --out "
-                              "or remove it")  # fmt: skip
+            raise ConfigError(
+                f"{out} holds latents of other settings ({'; '.join(changed)}); choose another --out or remove it"
+            )
         return
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} is not empty and holds no {SETTINGS}; choose an empty or new --out")
@@ -124,8 +144,9 @@ def shard_complete(path: Path, key: str, count: int) -> bool:
 
 
 @torch.no_grad()
-def encode_shard(codec: LatentCodec, dataset: ImageFolderDataset, first: int, count: int, cfg: ExtractConfig,
-                 bar: tqdm) -> dict[str, torch.Tensor]:  # fmt: skip
+def encode_shard(
+    codec: LatentCodec, dataset: ImageFolderDataset, first: int, count: int, cfg: ExtractConfig, bar: tqdm
+) -> dict[str, torch.Tensor]:
     """The tensors of one shard: the latents of images first ... first + count - 1 and of their mirror images."""
     subset = torch.utils.data.Subset(dataset, range(first, first + count))
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
@@ -141,8 +162,12 @@ def encode_shard(codec: LatentCodec, dataset: ImageFolderDataset, first: int, co
         raise _worker_error(e) from None
     z = torch.cat(latents)
     z64 = z.double()
-    return {"latents": z.contiguous(), "labels": torch.cat(labels), "sum": z64.sum(dim=(0, 1, 3, 4)),
-            "sum_sq": z64.square().sum(dim=(0, 1, 3, 4))}  # fmt: skip
+    return {
+        "latents": z.contiguous(),
+        "labels": torch.cat(labels),
+        "sum": z64.sum(dim=(0, 1, 3, 4)),
+        "sum_sq": z64.square().sum(dim=(0, 1, 3, 4)),
+    }
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
@@ -152,8 +177,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
-def write_index(out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes: list[str], vae: Any,
-                num_shards: int) -> dict[str, Any]:  # fmt: skip
+def write_index(
+    out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes: list[str], vae: Any, num_shards: int
+) -> dict[str, Any]:
     """Merge the shards' statistics, hash them and write index.json (atomically); returns the index."""
     total, total_sq, values, shards = 0.0, 0.0, 0, []
     for k in range(num_shards):
@@ -162,8 +188,14 @@ def write_index(out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes
         count = int(map_tensor(path, "labels", np.int64).shape[0])
         total, total_sq = total + np.asarray(s), total_sq + np.asarray(sq)
         values += count * 2 * math.prod(settings["latent_shape"][1:])
-        shards.append({"file": path.name, "first": k * cfg.shard_size, "count": count,
-                       "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})  # fmt: skip
+        shards.append(
+            {
+                "file": path.name,
+                "first": k * cfg.shard_size,
+                "count": count,
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            }
+        )
     mean = total / values
     std = np.sqrt(np.maximum(total_sq / values - mean**2, 0.0))
     if cfg.normalization == "stats":
@@ -171,16 +203,28 @@ def write_index(out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes
     else:
         shift, scale = config_normalization(vae)
     space = LatentSpace(
-        vae=settings["vae"], revision=settings["revision"], normalization=cfg.normalization, shift=tuple(shift),
-        scale=tuple(scale), image_size=cfg.image_size, image_channels=3, latent_shape=tuple(settings["latent_shape"]),
-    )  # fmt: skip
+        vae=settings["vae"],
+        revision=settings["revision"],
+        normalization=cfg.normalization,
+        shift=tuple(shift),
+        scale=tuple(scale),
+        image_size=cfg.image_size,
+        image_channels=3,
+        latent_shape=tuple(settings["latent_shape"]),
+    )
     index = {
-        "format": FORMAT, "count": sum(s["count"] for s in shards), "classes": classes, "flips": True,
-        "dtype": "float16", "shard_size": cfg.shard_size, "shards": shards,
+        "format": FORMAT,
+        "count": sum(s["count"] for s in shards),
+        "classes": classes,
+        "flips": True,
+        "dtype": "float16",
+        "shard_size": cfg.shard_size,
+        "shards": shards,
         "source": {"data_path": settings["source"], "images": settings["images"], "preprocessing": PREPROCESSING},
-        "stats": {"mean": mean.tolist(), "std": std.tolist()}, "latent_space": space.to_dict(),
+        "stats": {"mean": mean.tolist(), "std": std.tolist()},
+        "latent_space": space.to_dict(),
         "settings": digest(settings),
-    }  # fmt: skip
+    }
     write_json_atomic(index, out / INDEX)
     return index
 
@@ -223,15 +267,23 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
     codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, precision)
     n, size = len(dataset), cfg.shard_size
     num_shards = -(-n // size)
-    mine = [k for k in range(dist.rank, num_shards, dist.world_size)
-            if not shard_complete(out / shard_name(k), key, min(size, n - k * size))]  # fmt: skip
+    mine = [
+        k
+        for k in range(dist.rank, num_shards, dist.world_size)
+        if not shard_complete(out / shard_name(k), key, min(size, n - k * size))
+    ]
     todo = sum(min(size, n - k * size) for k in mine)
     if dist.is_main:
         done = sum(shard_complete(out / shard_name(k), key, min(size, n - k * size)) for k in range(num_shards))
         if done:
             print(f"extract_latents.py: {done} of {num_shards} shards already in {out}; encoding the rest")
-    bar = tqdm(total=todo, desc=f"encoding{'' if dist.world_size == 1 else f' (rank 0 of {dist.world_size})'}",
-               unit="img", disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=todo,
+        desc=f"encoding{'' if dist.world_size == 1 else f' (rank 0 of {dist.world_size})'}",
+        unit="img",
+        disable=not (cfg.progress and dist.is_main),
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     try:
         for k in mine:
@@ -250,9 +302,11 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
         index = write_index(out, cfg, settings, dataset.classes, vae, num_shards)
         took = time.perf_counter() - started
         rate = f", {todo / took:.1f} img/s" if todo and took > 0 else ""
-        print(f"{index['count']} images ({len(dataset.classes)} classes) as {num_shards} shards of "
-              f"2 x {'x'.join(map(str, latent_shape))} float16 latents in {out}{rate}; normalization "
-              f"{cfg.normalization}; train with: python train.py --dataset latents --data-path {out}")  # fmt: skip
+        print(
+            f"{index['count']} images ({len(dataset.classes)} classes) as {num_shards} shards of "
+            f"2 x {'x'.join(map(str, latent_shape))} float16 latents in {out}{rate}; normalization "
+            f"{cfg.normalization}; train with: python train.py --dataset latents --data-path {out}"
+        )
     all_ok(True)  # the others wait for the index
     return index if index is not None else json.loads((out / INDEX).read_text())
 
@@ -280,4 +334,3 @@ def cli(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
-

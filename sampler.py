@@ -30,16 +30,29 @@ from sampling.solvers import ADAPTIVE, time_grid
 from utils.config import ConfigError, arg, parse
 from utils.io import atomic_write
 
-__all__ = ["Sampler", "Samples", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif",
-           "to_uint8"]  # fmt: skip
+__all__ = [
+    "Sampler",
+    "Samples",
+    "SamplingOptions",
+    "save_grid",
+    "save_npz",
+    "seeded_noise",
+    "time_grid",
+    "to_gif",
+    "to_uint8",
+]
 
 
 @dataclass(kw_only=True)
 class SampleConfig(SamplingOptions):
     """The sampler CLI: the sampling options plus what to load and where to write."""
 
-    ckpt: str = arg(None, "training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt",
-                    group="input and output", required=True)  # fmt: skip
+    ckpt: str = arg(
+        None,
+        "training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt",
+        group="input and output",
+        required=True,
+    )
     ema: bool = arg(True, "use the EMA weights (--no-ema: the raw weights)")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
     n: int = arg(64, "number of samples, per class with --each-class", min=1)
@@ -82,8 +95,14 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
         arrays = {"latents": out.images.cpu().numpy(), "labels": out.labels.numpy() if out.labels is not None else []}
         atomic_write(cfg.npz, lambda f: np.savez(f, **arrays))
         print(f"{cfg.n} latents {tuple(out.images.shape[1:])}, NFE {out.nfe}: {cfg.npz}")
-        return {"images": out.images.cpu(), "labels": out.labels, "nfe": out.nfe, "method": sampler.options.method,
-                "precision": out.precision, "config": asdict(cfg)}  # fmt: skip
+        return {
+            "images": out.images.cpu(),
+            "labels": out.labels,
+            "nfe": out.nfe,
+            "method": sampler.options.method,
+            "precision": out.precision,
+            "config": asdict(cfg),
+        }
     kw: dict[str, Any] = dict(seed=cfg.seed, trajectory=cfg.gif is not None, progress=True)
     if cfg.each_class:
         out = sampler.generate_each_class(cfg.n, **kw)
@@ -104,8 +123,14 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     o = sampler.options
     how = o.method if o.method in ADAPTIVE else f"{o.method} on a {o.grid} grid"
     print(f"{len(images)} samples, {how}, NFE {out.nfe}, {out.precision} on {sampler.device}: {', '.join(written)}")
-    return {"images": images, "labels": out.labels, "nfe": out.nfe, "method": o.method, "precision": out.precision,
-            "config": asdict(cfg)}  # fmt: skip
+    return {
+        "images": images,
+        "labels": out.labels,
+        "nfe": out.nfe,
+        "method": o.method,
+        "precision": out.precision,
+        "config": asdict(cfg),
+    }
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -114,6 +139,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
         main(parse_args(argv))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError: ValueErrors
         raise SystemExit(f"error: {e}") from None
+
 
 if __name__ == "__main__":
     cli(sys.argv[1:])

@@ -75,34 +75,101 @@ from utils.runlog import WANDB_MODES, RunLogger
 PRESETS: dict[str, dict[str, Any]] = {
     # Recognisable digits within a few minutes on a 2-core laptop CPU (see README).
     "digits-quick": dict(
-        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=64, depth=3,
-        num_heads=4, steps=2000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, sample_every=500,
-        ckpt_every=500, log_every=50, sample_steps=20, fid_every=0, num_workers=0, out="runs/digits-quick",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        flip=False,
+        model="DiT-XS/2",
+        hidden_size=64,
+        depth=3,
+        num_heads=4,
+        steps=2000,
+        batch_size=128,
+        lr=1e-3,
+        warmup=100,
+        ema_decay=0.999,
+        sample_every=500,
+        ckpt_every=500,
+        log_every=50,
+        sample_steps=20,
+        fid_every=0,
+        num_workers=0,
+        out="runs/digits-quick",
     ),
     # One-step generation on the digits (README, "One-step generation"): a MeanFlow DiT sampled in 1 NFE.
     "digits-meanflow": dict(
-        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=128, depth=4,
-        num_heads=4, steps=3000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, objective="meanflow",
-        sample_every=1000, ckpt_every=1000, log_every=100, sample_steps=1, fid_every=0,
-        num_workers=0, out="runs/digits-meanflow",
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        flip=False,
+        model="DiT-XS/2",
+        hidden_size=128,
+        depth=4,
+        num_heads=4,
+        steps=3000,
+        batch_size=128,
+        lr=1e-3,
+        warmup=100,
+        ema_decay=0.999,
+        objective="meanflow",
+        sample_every=1000,
+        ckpt_every=1000,
+        log_every=100,
+        sample_steps=1,
+        fid_every=0,
+        num_workers=0,
+        out="runs/digits-meanflow",
     ),
     # One step at a guidance scale chosen when sampling (README, "One-step generation"): an iMF DiT on the digits.
     "digits-imf": dict(
-        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=128, depth=4,
-        num_heads=4, steps=3000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, objective="imf",
-        imf_equal_fraction=0.75, imf_guidance_fraction=0.5, imf_guidance_max=4.0, cfg_scales=(1.0, 2.0, 4.0),
-        sample_every=1000, ckpt_every=1000, log_every=100, sample_steps=1, fid_every=0, num_workers=0,
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        flip=False,
+        model="DiT-XS/2",
+        hidden_size=128,
+        depth=4,
+        num_heads=4,
+        steps=3000,
+        batch_size=128,
+        lr=1e-3,
+        warmup=100,
+        ema_decay=0.999,
+        objective="imf",
+        imf_equal_fraction=0.75,
+        imf_guidance_fraction=0.5,
+        imf_guidance_max=4.0,
+        cfg_scales=(1.0, 2.0, 4.0),
+        sample_every=1000,
+        ckpt_every=1000,
+        log_every=100,
+        sample_steps=1,
+        fid_every=0,
+        num_workers=0,
         out="runs/digits-imf",
     ),
     # DiT-XL/2 on ImageNet 256x256 latents (README, "ImageNet 256x256"): the DiT paper's optimisation (AdamW lr 1e-4
     # constant, no warm-up or weight decay, global batch 256, EMA 0.9999, flips), 400k steps = 80 epochs; 8 GPUs.
     "imagenet256-xl2": dict(
-        dataset="latents", data_path="latents/imagenet256", model="DiT-XL/2", batch_size=256, lr=1e-4, warmup=0,
-        ema_decay=0.9999, steps=400_000, ckpt_every=10_000, sample_every=20_000, cfg_scales=(1.0, 1.5, 4.0),
-        sample_classes=10, fid_every=50_000, fid_samples=10_000, fid_cfg_scale=1.5, num_workers=8,
+        dataset="latents",
+        data_path="latents/imagenet256",
+        model="DiT-XL/2",
+        batch_size=256,
+        lr=1e-4,
+        warmup=0,
+        ema_decay=0.9999,
+        steps=400_000,
+        ckpt_every=10_000,
+        sample_every=20_000,
+        cfg_scales=(1.0, 1.5, 4.0),
+        sample_classes=10,
+        fid_every=50_000,
+        fid_samples=10_000,
+        fid_cfg_scale=1.5,
+        num_workers=8,
         out="runs/imagenet256-xl2",
     ),
-}  # fmt: skip
+}
 
 # --recipe: values for the flags it names that a run leaves unset (None), resolved into config.json and the
 # checkpoints. dit is the DiT paper's block and optimizer; lightning is LightningDiT's (Table 1's last row: AdamW
@@ -112,23 +179,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 RECIPES: dict[str, dict[str, Any]] = {
     "dit": dict(mlp="gelu", norm="layernorm", rope=False, class_tokens=0, adam_beta2=0.999, cosine_loss_weight=0.0),
     "lightning": dict(mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=0, adam_beta2=0.95, cosine_loss_weight=1.0),
-}  # fmt: skip
+}
 
 
 @dataclass(kw_only=True)
 class TrainConfig(ModelConfig, ObjectiveConfig):
     """Every setting of a training run; the resolved copy is saved in OUT/config.json and every checkpoint."""
 
-    recipe: str = arg("dit", "defaults of the block, loss and optimizer flags left unset: dit (the DiT paper) or "
-                      "lightning (LightningDiT's changes; README, \"Faster convergence\")", choices=RECIPES,
-                      group="recipe")  # fmt: skip
+    recipe: str = arg(
+        "dit",
+        "defaults of the block, loss and optimizer flags left unset: dit (the DiT paper) or "
+        'lightning (LightningDiT\'s changes; README, "Faster convergence")',
+        choices=RECIPES,
+        group="recipe",
+    )
     dataset: str = arg("cifar10", "training set", choices=DATASETS, group="data")
-    data_path: str = arg("./datasets", "CIFAR-10 download folder, the folder of class sub-folders for 'folder', or "
-                         "the output folder of extract_latents.py for 'latents'")  # fmt: skip
-    image_size: int | None = arg(None, "image side in pixels; the patch size must divide it (default 32; for latents "
-                                 "the size of the images they encode, from their index)", min=1)  # fmt: skip
-    channels: int | None = arg(None, "image channels, 1 gray or 3 RGB (default 3; for latents the images')",
-                               choices=(1, 3))  # fmt: skip
+    data_path: str = arg(
+        "./datasets",
+        "CIFAR-10 download folder, the folder of class sub-folders for 'folder', or "
+        "the output folder of extract_latents.py for 'latents'",
+    )
+    image_size: int | None = arg(
+        None,
+        "image side in pixels; the patch size must divide it (default 32; for latents "
+        "the size of the images they encode, from their index)",
+        min=1,
+    )
+    channels: int | None = arg(
+        None, "image channels, 1 gray or 3 RGB (default 3; for latents the images')", choices=(1, 3)
+    )
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
@@ -137,40 +216,58 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
     lr: float = arg(1e-4, "AdamW learning rate, constant after warm-up", gt=0)
     warmup: int = arg(1000, "linear learning-rate warm-up steps", min=0)
     weight_decay: float = arg(0.0, "AdamW weight decay", min=0)
-    adam_beta2: float | None = arg(None, "AdamW beta2 (default: the recipe's: 0.999 for dit, 0.95 for lightning)",
-                                   gt=0, lt=1)  # fmt: skip
+    adam_beta2: float | None = arg(
+        None, "AdamW beta2 (default: the recipe's: 0.999 for dit, 0.95 for lightning)", gt=0, lt=1
+    )
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     ema_decay: float = arg(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", min=0, lt=1)
     nan_patience: int = arg(5, "stop after this many non-finite losses in a row", min=1)
-    cfg_scales: tuple[float, ...] = arg((1.0, 2.5, 5.0), "guidance scales of the periodic EMA samples",
-                                        group="samples and FID")  # fmt: skip
+    cfg_scales: tuple[float, ...] = arg(
+        (1.0, 2.5, 5.0), "guidance scales of the periodic EMA samples", group="samples and FID"
+    )
     sample_every: int = arg(5000, "steps between EMA samples (0: never)", min=0)
     samples_per_class: int = arg(8, "samples per class (one row per class)", min=1)
-    sample_classes: int = arg(10, "classes in the sample grids, spread evenly over all classes and the same at every "
-                              "step: class i * num_classes // N (0: every class)", min=0)  # fmt: skip
-    sample_steps: int = arg(50, "steps of the periodic samples and of FID, with the objective's solver (heun for "
-                            "flow)", min=1)  # fmt: skip
+    sample_classes: int = arg(
+        10,
+        "classes in the sample grids, spread evenly over all classes and the same at every "
+        "step: class i * num_classes // N (0: every class)",
+        min=0,
+    )
+    sample_steps: int = arg(
+        50, "steps of the periodic samples and of FID, with the objective's solver (heun for flow)", min=1
+    )
     fid_every: int = arg(20_000, "steps between FID evaluations of the EMA model (0: never)", min=0)
     fid_samples: int = arg(10_000, "generated images per FID evaluation (report this n)", min=2)
     fid_cfg_scale: float = arg(1.0, "guidance scale of the FID samples")
-    fid_ref_stats: str | None = arg(None, "FID reference statistics: an npz with mu and sigma, e.g. ADM's "
-                                    "VIRTUAL_imagenet256_labeled.npz (default: computed from the training images)")  # fmt: skip
+    fid_ref_stats: str | None = arg(
+        None,
+        "FID reference statistics: an npz with mu and sigma, e.g. ADM's "
+        "VIRTUAL_imagenet256_labeled.npz (default: computed from the training images)",
+    )
     ckpt_every: int = arg(10_000, "steps between checkpoints (0: only at the end)", min=0, group="run")
     keep_checkpoints: int = arg(3, "keep this many newest numbered checkpoints besides last.pt (0: all)", min=0)
     log_every: int = arg(100, "steps between loss read-backs and logs", min=1)
     out: str | None = arg(None, "run folder (default runs/<dataset>)")
     seed: int = arg(0, "global seed (process r uses seed + r)")
-    resume: str = arg("no", "no: a fresh run; yes (--resume alone): continue from OUT/checkpoints/last.pt; auto: "
-                      "continue when it exists, else start fresh; PATH: continue from that checkpoint, into OUT "
-                      "(which must hold no run when PATH lies outside it)", nargs="?", const="yes",
-                      metavar="no|yes|auto|PATH")  # fmt: skip
+    resume: str = arg(
+        "no",
+        "no: a fresh run; yes (--resume alone): continue from OUT/checkpoints/last.pt; auto: "
+        "continue when it exists, else start fresh; PATH: continue from that checkpoint, into OUT "
+        "(which must hold no run when PATH lies outside it)",
+        nargs="?",
+        const="yes",
+        metavar="no|yes|auto|PATH",
+    )
     time_limit: float | None = arg(None, "minutes this job may run: checkpoint and stop (exit 124) before then", gt=0)
-    wandb: str = arg(os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") in WANDB_MODES else "online",
-                     "online (falls back to offline without credentials), offline, disabled; default $WANDB_MODE "
-                     "or online", choices=WANDB_MODES)  # fmt: skip
+    wandb: str = arg(
+        os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") in WANDB_MODES else "online",
+        "online (falls back to offline without credentials), offline, disabled; default $WANDB_MODE or online",
+        choices=WANDB_MODES,
+    )
     wandb_project: str = arg("dit-flow-matching", "wandb project name")
-    compile: bool | None = arg(None, "torch.compile the model (default: on CUDA, off on CPU, where compiling takes "
-                               "minutes)")  # fmt: skip
+    compile: bool | None = arg(
+        None, "torch.compile the model (default: on CUDA, off on CPU, where compiling takes minutes)"
+    )
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
     dist_timeout: float = arg(30.0, "DDP: minutes a process may wait for the others in a collective", gt=0)
@@ -229,14 +326,17 @@ def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
         native = DATASETS[cfg.dataset].native_size(Path(cfg.data_path)) or (32, 3)
         size, channels = size or native[0], channels or native[1]
     return dataclasses.replace(
-        cfg, out=cfg.out or f"runs/{cfg.dataset}", precision=resolve_precision(cfg.precision, device),
-        image_size=size, channels=channels,
+        cfg,
+        out=cfg.out or f"runs/{cfg.dataset}",
+        precision=resolve_precision(cfg.precision, device),
+        image_size=size,
+        channels=channels,
         objective_args=settings(cfg.build_objective()),
         device=device.type,
         # sets that sit in memory anyway are indexed directly; image folders go through loader workers.
         data_on_device=DATASETS[cfg.dataset].in_memory if cfg.data_on_device is None else cfg.data_on_device,
         compile=device.type == "cuda" if cfg.compile is None else cfg.compile,  # compiling on a CPU takes minutes
-    )  # fmt: skip
+    )
 
 
 def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | None, started: float) -> Run:
@@ -263,7 +363,9 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         state["config"] = upgraded_run_config(state["config"])
         check_resume(state, dataclasses.asdict(cfg), model.config, latent_space)
         if dist.is_main:  # they apply from here on, so say which (config-resume-STEP.json records them all)
-            changed = [f"{flag} {a} -> {b}" for _, flag, a, b in changed_settings(state["config"], dataclasses.asdict(cfg))]
+            changed = [
+                f"{flag} {a} -> {b}" for _, flag, a, b in changed_settings(state["config"], dataclasses.asdict(cfg))
+            ]
             print(f"resume: step {state['step']} of {state_path}; settings changed: {', '.join(changed) or 'none'}")
 
     decoder = None
@@ -272,22 +374,33 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             with first_then_others(dist.local_rank == 0):  # one process per node downloads the VAE
                 decoder = LatentCodec.from_space(LatentSpace.from_dict(latent_space), device)
         except VAEError as e:
-            raise ConfigError(f"{e} (sample grids and FID decode through it; --sample-every 0 --fid-every 0 train "
-                              "without it)") from None  # fmt: skip
+            raise ConfigError(
+                f"{e} (sample grids and FID decode through it; --sample-every 0 --fid-every 0 train without it)"
+            ) from None
     allow_tf32(device)
     ema = EMA(model, cfg.ema_decay)
     opt = build_adamw(model.parameters(), cfg.lr, cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
     stream = BatchStream(
-        dataset, cfg.batch_size // dist.world_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-        device=device, flip=cfg.flip, on_device=cfg.data_on_device, num_workers=cfg.num_workers,
-    )  # fmt: skip
+        dataset,
+        cfg.batch_size // dist.world_size,
+        seed=cfg.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        device=device,
+        flip=cfg.flip,
+        on_device=cfg.data_on_device,
+        num_workers=cfg.num_workers,
+    )
     resumed = None
     if state is not None:
-        resumed = restore_training_state(state, model=model, ema=ema, optimizer=opt, stream=stream, rank=dist.rank,
-                                         world_size=dist.world_size)  # fmt: skip
+        resumed = restore_training_state(
+            state, model=model, ema=ema, optimizer=opt, stream=stream, rank=dist.rank, world_size=dist.world_size
+        )
     net = model
     if dist.distributed:  # LOCAL_RANK's GPU (utils/device.py)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if cfg.compile:
         net = compile_or_eager(net, stream.batch_size, cfg.precision, verbose=dist.is_main)
 
@@ -301,9 +414,16 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             error = e
     if not all_ok(error is None):
         raise error or PeerError("rank 0 could not write the run folder")
-    logger = RunLogger(out, cfg.wandb, cfg.wandb_project, name=out.name, config=dataclasses.asdict(cfg),
-                       run_id=resumed.wandb_id if resumed and not foreign else None,  # a fork: its own wandb run
-                       enabled=dist.is_main, start_step=step)  # fmt: skip
+    logger = RunLogger(
+        out,
+        cfg.wandb,
+        cfg.wandb_project,
+        name=out.name,
+        config=dataclasses.asdict(cfg),
+        run_id=resumed.wandb_id if resumed and not foreign else None,  # a fork: its own wandb run
+        enabled=dist.is_main,
+        start_step=step,
+    )
     # Randomness is set last, so nothing above (model init, compile) shifts it between fresh and resumed runs.
     seed = training_seed(cfg.seed, dist.rank, step)
     if resumed and resumed.rng is not None:
@@ -313,12 +433,28 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             print(f"resume: {state['world_size']} processes before, {dist.world_size} now: new epoch, reseeded")
         seed_everything(seed)
     if resumed and dist.is_main and stream.resized_since(state["data_state"]):  # e.g. a damaged image removed
-        print(f"resume: the data set has {state['data_state']['num_samples']} images before, {stream.num_samples} "
-              f"now: its order changes, so the run goes on from a new epoch (epoch {stream.epoch})")  # fmt: skip
+        print(
+            f"resume: the data set has {state['data_state']['num_samples']} images before, {stream.num_samples} "
+            f"now: its order changes, so the run goes on from a new epoch (epoch {stream.epoch})"
+        )
     step_fn = TrainStep(net, objective, opt, ema, StepStats(device), cfg.precision, cfg.grad_clip)
     monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor, decoder, dataset)
-    return Run(cfg, dist, model, net, ema, opt, stream, step_fn, logger, monitor, step,
-               resumed.skipped_steps if resumed else 0, started, latent_space)  # fmt: skip
+    return Run(
+        cfg,
+        dist,
+        model,
+        net,
+        ema,
+        opt,
+        stream,
+        step_fn,
+        logger,
+        monitor,
+        step,
+        resumed.skipped_steps if resumed else 0,
+        started,
+        latent_space,
+    )
 
 
 def upgraded_run_config(old: dict[str, Any]) -> dict[str, Any]:
@@ -339,8 +475,14 @@ def train(run: Run) -> dict[str, Any]:
     """The training loop: a step, then logs, checkpoints and diagnostics when due; stops early on a signal."""
     cfg, model, step = run.cfg, run.model, run.step
     stats, history, stop = run.step_fn.stats, [], StopRequest(cfg.time_limit, run.started)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not run.dist.is_main, dynamic_ncols=True, desc="train",
-               mininterval=0.5 if sys.stderr.isatty() else 60)  # a redirected log gets a line a minute  # fmt: skip
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        disable=not run.dist.is_main,
+        dynamic_ncols=True,
+        desc="train",
+        mininterval=0.5 if sys.stderr.isatty() else 60,
+    )  # a redirected log gets a line a minute
     clock, reason = Clock(step), None
     if step >= cfg.steps and run.dist.is_main:
         print(f"already at step {step} of {cfg.steps}; nothing to do (raise --steps to train on)")
@@ -372,10 +514,22 @@ def train(run: Run) -> dict[str, Any]:
         run.logger.finish()
     last_ckpt = last_checkpoint(cfg)
     if reason is not None and run.dist.is_main:
-        print(f"train.py: stopped by {REASONS[reason]} after step {step}; checkpoint {last_ckpt}; continue with the "
-              "same command and --resume (or --resume auto)", file=sys.stderr, flush=True)  # fmt: skip
-    return {"step": step, "losses": history, "skipped_steps": run.skipped_before + int(stats.skipped.item()),
-            "out": Path(cfg.out), "model": model, "ema": run.ema.model, "checkpoint": last_ckpt, "stopped_by": reason}
+        print(
+            f"train.py: stopped by {REASONS[reason]} after step {step}; checkpoint {last_ckpt}; continue with the "
+            "same command and --resume (or --resume auto)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {
+        "step": step,
+        "losses": history,
+        "skipped_steps": run.skipped_before + int(stats.skipped.item()),
+        "out": Path(cfg.out),
+        "model": model,
+        "ema": run.ema.model,
+        "checkpoint": last_ckpt,
+        "stopped_by": reason,
+    }
 
 
 def save_before_data_error(run: Run, step: int, clock: Clock, bar: tqdm, e: DataError) -> DataError:
@@ -394,8 +548,10 @@ def save_before_data_error(run: Run, step: int, clock: Clock, bar: tqdm, e: Data
         if step % cfg.log_every:
             log(run, step, stats, learning_rate(step - 1, cfg.lr, cfg.warmup), clock, bar)
         checkpoint(run, step, stats)
-    return DataError(f"{e}; checkpoint of step {step}: {last_checkpoint(cfg)}. Remove or replace the file, then "
-                     "continue with the same command and --resume")  # fmt: skip
+    return DataError(
+        f"{e}; checkpoint of step {step}: {last_checkpoint(cfg)}. Remove or replace the file, then "
+        "continue with the same command and --resume"
+    )
 
 
 def log(run: Run, step: int, stats: StepStats, lr: float, clock: Clock, bar: tqdm) -> list[tuple[int, float]]:
@@ -403,13 +559,21 @@ def log(run: Run, step: int, stats: StepStats, lr: float, clock: Clock, bar: tqd
     s = stats.read()
     if s["worst_streak"] >= run.cfg.nan_patience:
         last = last_checkpoint(run.cfg)
-        raise NonFiniteLossError(f"{int(s['worst_streak'])} non-finite losses in a row by step {step}; stopped "
-                                 f"without saving. Last good checkpoint: {last if last.exists() else 'none'}")  # fmt: skip
+        raise NonFiniteLossError(
+            f"{int(s['worst_streak'])} non-finite losses in a row by step {step}; stopped "
+            f"without saving. Last good checkpoint: {last if last.exists() else 'none'}"
+        )
     steps_per_s = clock.rate(step)
     img_per_s = steps_per_s * run.cfg.batch_size
-    metrics = {"train/loss": s["loss"], "train/grad_norm": s["grad_norm"], "train/lr": lr,
-               "train/steps_per_s": steps_per_s, "train/img_per_s": img_per_s,
-               "train/skipped_steps": run.skipped_before + s["skipped"], "train/epoch": run.stream.epoch}  # fmt: skip
+    metrics = {
+        "train/loss": s["loss"],
+        "train/grad_norm": s["grad_norm"],
+        "train/lr": lr,
+        "train/steps_per_s": steps_per_s,
+        "train/img_per_s": img_per_s,
+        "train/skipped_steps": run.skipped_before + s["skipped"],
+        "train/epoch": run.stream.epoch,
+    }
     metrics.update({f"loss_by_t/t{i}": v for i, v in enumerate(s["loss_by_t"])})
     if run.dist.device.type == "cuda":
         metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2**30
@@ -423,10 +587,18 @@ def checkpoint(run: Run, step: int, stats: StepStats) -> None:
     rng = all_gather_object(rng_state(run.dist.device))  # a collective: every process takes part
     if run.dist.is_main:
         state = training_state(
-            model=run.model, ema=run.ema, optimizer=run.opt, stream=run.stream, step=step,
-            skipped_steps=run.skipped_before + int(stats.skipped.item()), config=dataclasses.asdict(run.cfg), rng=rng,
-            world_size=run.dist.world_size, wandb_id=run.logger.run_id, latent_space=run.latent_space,
-        )  # fmt: skip
+            model=run.model,
+            ema=run.ema,
+            optimizer=run.opt,
+            stream=run.stream,
+            step=step,
+            skipped_steps=run.skipped_before + int(stats.skipped.item()),
+            config=dataclasses.asdict(run.cfg),
+            rng=rng,
+            world_size=run.dist.world_size,
+            wandb_id=run.logger.run_id,
+            latent_space=run.latent_space,
+        )
         save_training_checkpoint(state, last_checkpoint(run.cfg).parent, run.cfg.keep_checkpoints)
 
 
@@ -477,8 +649,11 @@ def cli(argv: list[str] | None = None) -> int:
         return 1
     except SetupInterrupted as e:  # nothing to save yet: exit now, with the code of the signal, as a stop would
         if rank0:
-            print(f"train.py: stopped by {e} during set-up, before any step; nothing to save: run the same command "
-                  "again to start (or continue)", file=sys.stderr)  # fmt: skip
+            print(
+                f"train.py: stopped by {e} during set-up, before any step; nothing to save: run the same command "
+                "again to start (or continue)",
+                file=sys.stderr,
+            )
         return EXIT_CODES[e.signum]
     return 0 if result["stopped_by"] is None else EXIT_CODES[result["stopped_by"]]
 

@@ -70,8 +70,11 @@ class BenchConfig(ModelConfig, ObjectiveConfig):
     image_size: int = arg(32, "image side", min=1, group="data")
     channels: int = arg(3, "image channels (4: synthetic latents of SD-VAE's shape)", choices=(1, 3, 4))
     num_classes: int = arg(10, "classes of the synthetic set", min=0)
-    dataset: str = arg("synthetic", "synthetic: random uint8 images of the given shape, no download; cifar10 needs "
-                       "--data-path", choices=("synthetic", "digits", "cifar10"))  # fmt: skip
+    dataset: str = arg(
+        "synthetic",
+        "synthetic: random uint8 images of the given shape, no download; cifar10 needs --data-path",
+        choices=("synthetic", "digits", "cifar10"),
+    )
     data_path: str = arg("./datasets", "where CIFAR-10 lies (it is not downloaded here)")
     num_images: int = arg(10_000, "size of the synthetic set", min=1)
     data_on_device: bool = arg(True, "hold the set on the device")
@@ -177,9 +180,13 @@ def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
         return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes, **options)
     sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
     return official_dit(
-        cfg.model, input_size=cfg.image_size, in_channels=cfg.channels, num_classes=cfg.num_classes,
-        class_dropout_prob=cfg.class_dropout, **{k: v for k, v in sizes.items() if v is not None},
-    )  # fmt: skip
+        cfg.model,
+        input_size=cfg.image_size,
+        in_channels=cfg.channels,
+        num_classes=cfg.num_classes,
+        class_dropout_prob=cfg.class_dropout,
+        **{k: v for k, v in sizes.items() if v is not None},
+    )
 
 
 def model_flops(cfg: BenchConfig, impl: str) -> int:
@@ -202,9 +209,14 @@ def bench_train(
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, impl).to(device).train()
     stream = BatchStream(
-        dataset, cfg.batch_size, seed=cfg.seed, device=device, flip=cfg.flip, on_device=cfg.data_on_device,
+        dataset,
+        cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        flip=cfg.flip,
+        on_device=cfg.data_on_device,
         num_workers=cfg.num_workers,
-    )  # fmt: skip
+    )
     net = model
     if cfg.compile and impl == "dit":  # train.py's own probe-and-fall-back, so it compiles exactly as training does
         net = compile_or_eager(model, cfg.batch_size, precision)
@@ -253,10 +265,20 @@ def bench_train(
     row = summarize(phase_seconds, cfg.batch_size)
     mem, mem_kind = peak_memory(device)
     row.update(
-        impl=impl, step=step, batch_size=cfg.batch_size, steps=cfg.steps, warmup=cfg.warmup, precision=precision,
-        compiled=compiled, params=count_params(model), forward_flops_per_image=model_flops(cfg, impl),
-        peak_memory_bytes=mem, peak_memory_kind=mem_kind, host_syncs_per_step=syncs, phase_seconds=phase_seconds,
-    )  # fmt: skip
+        impl=impl,
+        step=step,
+        batch_size=cfg.batch_size,
+        steps=cfg.steps,
+        warmup=cfg.warmup,
+        precision=precision,
+        compiled=compiled,
+        params=count_params(model),
+        forward_flops_per_image=model_flops(cfg, impl),
+        peak_memory_bytes=mem,
+        peak_memory_kind=mem_kind,
+        host_syncs_per_step=syncs,
+        phase_seconds=phase_seconds,
+    )
     row["train_flops_per_image"] = 3 * row["forward_flops_per_image"]
     row["achieved_flops"] = row["train_flops_per_image"] * row["img_per_s"]
     return row, model
@@ -394,7 +416,7 @@ def main(cfg: BenchConfig) -> dict[str, Any]:
             "num_classes": cfg.num_classes,
             "params": count_params(model),
             "forward_flops_per_image": model_flops(cfg, "dit"),
-        },  # fmt: skip
+        },
         "train": [],
         "sample": [],
     }

@@ -52,10 +52,28 @@ STEPS: list[tuple[str, str, dict[str, Any]]] = [
     ("jit", "+ in-context class tokens (JiT)", dict(class_tokens=4)),
 ]
 BASE = dict(
-    dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=128, depth=4, num_heads=4,
-    batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, steps=1500, fid_every=0, sample_every=0, ckpt_every=250,
-    keep_checkpoints=0, log_every=250, num_workers=0, wandb="disabled", recipe="dit",
-)  # fmt: skip
+    dataset="digits",
+    image_size=8,
+    channels=1,
+    flip=False,
+    model="DiT-XS/2",
+    hidden_size=128,
+    depth=4,
+    num_heads=4,
+    batch_size=128,
+    lr=1e-3,
+    warmup=100,
+    ema_decay=0.999,
+    steps=1500,
+    fid_every=0,
+    sample_every=0,
+    ckpt_every=250,
+    keep_checkpoints=0,
+    log_every=250,
+    num_workers=0,
+    wandb="disabled",
+    recipe="dit",
+)
 
 
 def row_flags(key: str) -> dict[str, Any]:
@@ -85,8 +103,9 @@ def train_and_judge(settings: dict[str, Any], at: list[int], methods: dict[str, 
     if cache.exists() and (cached := json.loads(cache.read_text()))["at"] == at and cached["n"] == n:
         return cached
     if not (out / "checkpoints" / f"{at[-1]:07d}.pt").exists():
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *train_args({**settings, "resume": "auto"})],
-                       cwd=ROOT, check=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *train_args({**settings, "resume": "auto"})], cwd=ROOT, check=True
+        )
     rates = [r["train/steps_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     quality = {}
     for step in at:
@@ -135,8 +154,18 @@ def meanflow_run(key: str, out: Path, n: int) -> dict[str, Any]:
     """Row key's network and optimizer flags with the MeanFlow objective (the digits-meanflow preset: 3000 steps),
     judged at 1 and 2 NFE with the mean solver. The cosine loss is flow matching's: MeanFlow has its own loss."""
     flags = {k: v for k, v in row_flags(key).items() if k != "cosine_loss_weight"}
-    settings = dict(preset="digits-meanflow", sample_every=0, ckpt_every=1000, keep_checkpoints=0, log_every=250,
-                    wandb="disabled", recipe="dit", seed=0, out=str(out / f"meanflow-{key}"), **flags)  # fmt: skip
+    settings = dict(
+        preset="digits-meanflow",
+        sample_every=0,
+        ckpt_every=1000,
+        keep_checkpoints=0,
+        log_every=250,
+        wandb="disabled",
+        recipe="dit",
+        seed=0,
+        out=str(out / f"meanflow-{key}"),
+        **flags,
+    )
     return train_and_judge(settings, [3000], {"mean": [1, 2]}, n)
 
 
@@ -144,8 +173,22 @@ def time_rows(keys: list[str], rounds: int, steps: int = 20) -> dict[str, dict[s
     """ms per training step of each row by benchmarks/benchmark.py, the rows alternating for rounds rounds:
     pooled median and minimum over all timed steps (the minimum is the steadier on a shared machine)."""
     times: dict[str, list[float]] = {k: [] for k in keys}
-    net = {k: BASE[k] for k in ("model", "hidden_size", "depth", "num_heads", "image_size", "channels", "batch_size",
-                                "lr", "ema_decay", "flip", "dataset")}  # fmt: skip
+    net = {
+        k: BASE[k]
+        for k in (
+            "model",
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "image_size",
+            "channels",
+            "batch_size",
+            "lr",
+            "ema_decay",
+            "flip",
+            "dataset",
+        )
+    }
     for r in range(rounds):
         for key in keys if r % 2 == 0 else keys[::-1]:
             flags = {k: v for k, v in row_flags(key).items() if k != "adam_beta2"}  # beta2 costs nothing
@@ -153,8 +196,12 @@ def time_rows(keys: list[str], rounds: int, steps: int = 20) -> dict[str, dict[s
                 args = train_args(
                     {**net, **flags, "steps": steps, "warmup": 3, "sample": False, "json": f"{tmp}/b.json"}
                 )
-                subprocess.run([sys.executable, "-m", "benchmarks.benchmark", *args], cwd=ROOT, check=True,
-                               stdout=subprocess.DEVNULL)  # fmt: skip
+                subprocess.run(
+                    [sys.executable, "-m", "benchmarks.benchmark", *args],
+                    cwd=ROOT,
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                )
                 times[key] += json.loads(Path(f"{tmp}/b.json").read_text())["train"][0]["step_ms_all"]
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v)} for k, v in times.items()}
 
@@ -199,8 +246,10 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
         report["timing"] = time_rows([r["key"] for r in rows], args.timing)
         base = next(iter(report["timing"].values()))
         for key, t in report["timing"].items():
-            print(f"{key:>10s}: median {t['median_ms']:.0f} ms ({t['median_ms'] / base['median_ms']:.2f}x), "
-                  f"fastest {t['min_ms']:.0f} ms ({t['min_ms'] / base['min_ms']:.2f}x)")  # fmt: skip
+            print(
+                f"{key:>10s}: median {t['median_ms']:.0f} ms ({t['median_ms'] / base['median_ms']:.2f}x), "
+                f"fastest {t['min_ms']:.0f} ms ({t['min_ms'] / base['min_ms']:.2f}x)"
+            )
     if rows:
         report["table"] = markdown(rows, at, report.get("timing"))
         print(report["table"])

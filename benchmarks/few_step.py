@@ -38,8 +38,13 @@ def passes_per_evaluation(sampler: Sampler, cfg_scale: float) -> int:
     return 2 if cfg_scale != 1.0 and sampler.guidance_range is None and sampler.num_classes > 0 else 1
 
 
-def digits_quality(sampler: Sampler, methods: dict[str, list[int]], n: int = 2000, seed: int = 0,
-                   cfg_scales: tuple[float, ...] = (1.0,)) -> list[dict]:  # fmt: skip
+def digits_quality(
+    sampler: Sampler,
+    methods: dict[str, list[int]],
+    n: int = 2000,
+    seed: int = 0,
+    cfg_scales: tuple[float, ...] = (1.0,),
+) -> list[dict]:
     """One row per (method, steps, cfg scale) the model can run: NFE, pixel Fréchet distance to the real digits,
     class accuracy and the samples' total pixel variance (the trace of their covariance; the real digits' 4.70)."""
     digits = load_digits()
@@ -64,17 +69,31 @@ def digits_quality(sampler: Sampler, methods: dict[str, list[int]], n: int = 200
                 fd = frechet_distance(real.mean(0), np.cov(real, rowvar=False), pixels.mean(0), cov)
                 accuracy = float((clf.predict(pixels) == y.numpy()).mean())
                 variance = float(np.trace(cov))  # the real digits': 4.70; lower is under-dispersed
-                rows.append({"method": method, "steps": steps, "cfg_scale": scale, "nfe": nfe, "fd": fd,
-                             "accuracy": accuracy, "variance": variance})  # fmt: skip
-                print(f"{method:>8s} {steps:3d} steps  cfg {scale:<4g} NFE {nfe:3d}  pixel FD {fd:.3f}  "
-                      f"accuracy {accuracy:.3f}  variance {variance:.2f}", flush=True)  # fmt: skip
+                rows.append(
+                    {
+                        "method": method,
+                        "steps": steps,
+                        "cfg_scale": scale,
+                        "nfe": nfe,
+                        "fd": fd,
+                        "accuracy": accuracy,
+                        "variance": variance,
+                    }
+                )
+                print(
+                    f"{method:>8s} {steps:3d} steps  cfg {scale:<4g} NFE {nfe:3d}  pixel FD {fd:.3f}  "
+                    f"accuracy {accuracy:.3f}  variance {variance:.2f}",
+                    flush=True,
+                )
     return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Command line: the rows of ``digits_quality`` for each checkpoint, printed and optionally written as JSON."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.few_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, nargs="+", help="digits checkpoints of train.py (8x8, 1 channel, 10 classes)")
+    p.add_argument(
+        "--ckpt", required=True, nargs="+", help="digits checkpoints of train.py (8x8, 1 channel, 10 classes)"
+    )
     p.add_argument("--methods", nargs="+", default=["euler:1,2,4,8,16,64"], help="METHOD:STEPS,STEPS,...")
     p.add_argument("--cfg-scales", nargs="+", type=float, default=[1.0], help="guidance scales (1: none)")
     p.add_argument("--n", type=int, default=2000, help="samples per setting (class-balanced)")

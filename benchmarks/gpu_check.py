@@ -73,8 +73,15 @@ PACKAGES = [
     ("importlib_metadata", "10.2.0", "importlib_metadata", "diffusers imports it (fallback)"),
     ("zipp", "4.1.2", "zipp", "importlib_metadata (fallback)"),
 ]
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux1_x86_64", "any")  # fmt: skip
+PLATFORMS = (
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_24_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+    "any",
+)
 GROUPS = ("tests", "train", "bench", "latent", "meanflow")
 BUDGET_S = 450
 
@@ -96,18 +103,56 @@ def plan(py: str, work: Path, out: Path, quick: bool) -> list[Part]:
     else:
         common = "--steps 300 --ckpt-every 150 --log-every 50 --device cuda --precision bf16 --compile"
         more, sample = "--steps 500", "--n 10 --steps 20 --method heun --device cuda"
-    train = (py, "train.py", "--preset", "digits-quick", "--out", str(run), "--sample-every", "0", "--fid-every", "0",
-             "--wandb", "disabled", *common.split())  # fmt: skip
+    train = (
+        py,
+        "train.py",
+        "--preset",
+        "digits-quick",
+        "--out",
+        str(run),
+        "--sample-every",
+        "0",
+        "--fid-every",
+        "0",
+        "--wandb",
+        "disabled",
+        *common.split(),
+    )
     parts += [
         Part("train", "train", 120, train),
-        Part("resume", "train", 60, (*train, *more.split(), "--resume"),
-             needs=lambda done: "" if done.get("train", {}).get("status") == "ok" else
-             "the first training run failed or did not run"),
-        Part("sample", "train", 45, (py, "sampler.py", "--ckpt", str(ckpt), "--each-class", "--cfg-scale", "2.5",
-                                     "--seed", "0", *sample.split(), "--out", str(out / "digits_samples.png"),
-                                     "--npz", str(work / "digits_samples.npz"), "--overwrite"),
-             needs=lambda done: "" if ckpt.is_file() else "no checkpoint to sample from"),
-    ]  # fmt: skip
+        Part(
+            "resume",
+            "train",
+            60,
+            (*train, *more.split(), "--resume"),
+            needs=lambda done: (
+                "" if done.get("train", {}).get("status") == "ok" else "the first training run failed or did not run"
+            ),
+        ),
+        Part(
+            "sample",
+            "train",
+            45,
+            (
+                py,
+                "sampler.py",
+                "--ckpt",
+                str(ckpt),
+                "--each-class",
+                "--cfg-scale",
+                "2.5",
+                "--seed",
+                "0",
+                *sample.split(),
+                "--out",
+                str(out / "digits_samples.png"),
+                "--npz",
+                str(work / "digits_samples.npz"),
+                "--overwrite",
+            ),
+            needs=lambda done: "" if ckpt.is_file() else "no checkpoint to sample from",
+        ),
+    ]
 
     # 3. training and sampling throughput, one JSON each in work; 4. MeanFlow next to flow's bench_s2_compiled
     def bench(name: str, group: str, cap_s: int, flags: str) -> Part:
@@ -115,16 +160,24 @@ def plan(py: str, work: Path, out: Path, quick: bool) -> list[Part]:
         return Part(f"bench_{name}", group, cap_s, argv)
 
     def vae_decode(flags: str) -> Part:  # SD-VAE's architecture, random weights (nothing to download)
-        return Part("vae_decode", "latent", 60, (py, "-m", "benchmarks.vae_decode", *flags.split(), "--json",
-                                                 str(work / "vae_decode.json")))  # fmt: skip
+        return Part(
+            "vae_decode",
+            "latent",
+            60,
+            (py, "-m", "benchmarks.vae_decode", *flags.split(), "--json", str(work / "vae_decode.json")),
+        )
 
     if quick:  # one tiny row, and each CUDA row is listed as skipped
-        tiny = ("--device cpu --model DiT-XS/2 --image-size 8 --batch-size 4 --steps 2 --warmup 1 --num-images 16 "
-                "--peak-seconds 0.05 --threads 1 --no-compile")  # fmt: skip
+        tiny = (
+            "--device cpu --model DiT-XS/2 --image-size 8 --batch-size 4 --steps 2 --warmup 1 --num-images 16 "
+            "--peak-seconds 0.05 --threads 1 --no-compile"
+        )
         parts.append(bench("tiny", "bench", 90, f"{tiny} --sample-steps 1 --sample-n 2"))
         why = "needs CUDA (quick CPU mode runs the tiny eager row instead)"
-        parts += [Part(f"bench_{row}", "bench", skip=why)
-                  for row in ("s2_compiled", "s2_eager", "sample_nfe50", "b2_compiled", "b2_eager")]  # fmt: skip
+        parts += [
+            Part(f"bench_{row}", "bench", skip=why)
+            for row in ("s2_compiled", "s2_eager", "sample_nfe50", "b2_compiled", "b2_eager")
+        ]
         parts.append(bench("latent", "latent", 90, f"{tiny} --channels 4 --num-classes 1000 --no-sample"))
         parts.append(vae_decode("--quick --device cpu --latent-size 4 --batch-size 2 --steps 1"))
         parts.append(bench("meanflow", "meanflow", 90, f"--objective meanflow {tiny} --no-sample"))
@@ -134,8 +187,13 @@ def plan(py: str, work: Path, out: Path, quick: bool) -> list[Part]:
     return parts + [  # most wanted first: if time runs short, the rows at the end are the ones skipped
         bench("s2_compiled", "bench", 120, f"--model DiT-S/2 --compile --sample-steps 10 {sampling}"),
         # DiT-XL/2 on synthetic latents of ImageNet 256's shape (4 x 32 x 32, 1000 classes); fast-DiT's batch 128
-        bench("xl2_latent", "latent", 120, "--model DiT-XL/2 --image-size 32 --channels 4 --num-classes 1000 "
-              "--compile --no-sample --device cuda --batch-size 128 --steps 20 --warmup 5 --precision bf16"),
+        bench(
+            "xl2_latent",
+            "latent",
+            120,
+            "--model DiT-XL/2 --image-size 32 --channels 4 --num-classes 1000 "
+            "--compile --no-sample --device cuda --batch-size 128 --steps 20 --warmup 5 --precision bf16",
+        ),
         vae_decode("--device cuda --batch-size 32 --steps 10"),
         bench("s2_eager", "bench", 60, f"--model DiT-S/2 --no-compile --sample-steps 1 {sampling}"),
         bench("sample_nfe50", "bench", 60, f"--model DiT-S/2 --no-train --sample-steps 50 {sampling}"),
@@ -158,20 +216,33 @@ def probe(work: str, modules: list[str]) -> None:
     except ImportError as e:
         Path(work, "env.json").write_text(json.dumps({**env, "torch": None, "cuda_available": False, "error": str(e)}))
         sys.exit(f"torch does not import: {e}")
-    env.update(torch=torch.__version__, cuda_available=torch.cuda.is_available(), cuda=torch.version.cuda,
-               cpu_threads=torch.get_num_threads())  # fmt: skip
+    env.update(
+        torch=torch.__version__,
+        cuda_available=torch.cuda.is_available(),
+        cuda=torch.version.cuda,
+        cpu_threads=torch.get_num_threads(),
+    )
     if env["cuda_available"]:
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), capability=f"{p.major}.{p.minor}",
-                   multiprocessors=p.multi_processor_count, cudnn=torch.backends.cudnn.version())  # fmt: skip
+        env.update(
+            gpu=p.name,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            capability=f"{p.major}.{p.minor}",
+            multiprocessors=p.multi_processor_count,
+            cudnn=torch.backends.cudnn.version(),
+        )
         try:
             nccl = torch.cuda.nccl.version()  # a tuple, or an int in older torch
             env["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
         except Exception as e:
             env["nccl"] = f"unavailable ({type(e).__name__})"
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=20).stdout.strip()  # fmt: skip
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     Path(work, "env.json").write_text(json.dumps(env, indent=1))
@@ -259,8 +330,10 @@ def run(args: argparse.Namespace) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_work.")).resolve()
     groups = [g.strip() for g in args.parts.split(",") if g.strip()]
     if unknown := set(groups) - set(GROUPS):
-        print(f"gpu_check run: unknown part {', '.join(sorted(unknown))} (choose from {','.join(GROUPS)})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"gpu_check run: unknown part {', '.join(sorted(unknown))} (choose from {','.join(GROUPS)})",
+            file=sys.stderr,
+        )
         return 2
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -293,8 +366,9 @@ def run(args: argparse.Namespace) -> int:
                 quick = True
             runner.env = child_env(quick, site)
             runner.run([p for p in plan(py, work, out, quick) if p.group in groups])
-        summary = summarize(work, runner.records, quick=quick, budget_s=args.budget_s, seconds=log.elapsed(),
-                            installed=installed)  # fmt: skip
+        summary = summarize(
+            work, runner.records, quick=quick, budget_s=args.budget_s, seconds=log.elapsed(), installed=installed
+        )
         write_summary(summary, out)
         log.write(report(summary, out))
         return 0 if summary["ok"] else 1
@@ -338,25 +412,41 @@ digits_samples.png to $OUT and ends within {args.budget_s}s (--budget-s).
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0],
-                                     epilog="Details: the docstring of benchmarks/gpu_check.py.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description=__doc__.split("\n\n")[0],
+        epilog="Details: the docstring of benchmarks/gpu_check.py.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("prepare", "download the wheels the GPU image lacks (needs PyPI)"),
-                       ("run", "run every part and write summary.json")):  # fmt: skip
+    for name, text in (
+        ("prepare", "download the wheels the GPU image lacks (needs PyPI)"),
+        ("run", "run every part and write summary.json"),
+    ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument(
             "--wheels", default=env("GPU_CHECK_WHEELS", ".whl"), help="wheel folder (GPU_CHECK_WHEELS, .whl)"
         )
         sub.add_argument("--python", default=env("PYTHON"), help="the interpreter of the parts, or of pip (PYTHON)")
-        sub.add_argument("--budget-s", type=int, default=int(env("GPU_CHECK_BUDGET_S", BUDGET_S)),
-                         help=f"wall-time budget of run (GPU_CHECK_BUDGET_S; default {BUDGET_S})")  # fmt: skip
+        sub.add_argument(
+            "--budget-s",
+            type=int,
+            default=int(env("GPU_CHECK_BUDGET_S", BUDGET_S)),
+            help=f"wall-time budget of run (GPU_CHECK_BUDGET_S; default {BUDGET_S})",
+        )
         if name == "run":
-            sub.add_argument("--quick", action="store_true", default=env("GPU_CHECK_QUICK", "0") == "1",
-                             help="tiny sizes on the CPU, the default without CUDA (GPU_CHECK_QUICK=1)")  # fmt: skip
+            sub.add_argument(
+                "--quick",
+                action="store_true",
+                default=env("GPU_CHECK_QUICK", "0") == "1",
+                help="tiny sizes on the CPU, the default without CUDA (GPU_CHECK_QUICK=1)",
+            )
             sub.add_argument("--out", default=env("OUT"), help="summary.json, gpu_check.log and samples go here (OUT)")
             sub.add_argument("--work", default=env("GPU_CHECK_WORK"), help="checkpoints, raw results (GPU_CHECK_WORK)")
-            sub.add_argument("--parts", default=env("GPU_CHECK_PARTS", ",".join(GROUPS)),
-                             help=f"comma list of {','.join(GROUPS)} (GPU_CHECK_PARTS; default all)")  # fmt: skip
+            sub.add_argument(
+                "--parts",
+                default=env("GPU_CHECK_PARTS", ",".join(GROUPS)),
+                help=f"comma list of {','.join(GROUPS)} (GPU_CHECK_PARTS; default all)",
+            )
     return parser.parse_args(argv)
 
 

@@ -57,8 +57,14 @@ class Log:
 
 def part_record(name: str, status: str, rc: int | None, seconds: float, limit_s: int | None, note: str = "") -> dict:
     """One entry of summary.json's "parts": status is ok, failed, timeout or skipped."""
-    return {"name": name, "status": status, "rc": rc, "seconds": round(float(seconds), 1), "limit_s": limit_s,
-            "note": " ".join(note.split())}  # fmt: skip
+    return {
+        "name": name,
+        "status": status,
+        "rc": rc,
+        "seconds": round(float(seconds), 1),
+        "limit_s": limit_s,
+        "note": " ".join(note.split()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ subprocesses
@@ -71,15 +77,27 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def run_command(argv: list[str], limit_s: float, write: Callable[[str], None], env: dict[str, str] | None = None,
-                kill_after_s: float = KILL_AFTER_S) -> tuple[str, int]:  # fmt: skip
+def run_command(
+    argv: list[str],
+    limit_s: float,
+    write: Callable[[str], None],
+    env: dict[str, str] | None = None,
+    kill_after_s: float = KILL_AFTER_S,
+) -> tuple[str, int]:
     """Runs argv in the repository root with its output (stdout and stderr) passed line by line to write, as
     `timeout --kill-after` does: SIGTERM to its process group after limit_s, SIGKILL kill_after_s later.
     Returns (status, exit code): ("ok", 0), ("failed", code; 128 + N for signal N) or ("timeout", 124, or 137 when
     it had to be killed). Whatever the command leaves behind in its process group is killed when it ends."""
     try:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     except OSError as e:
         write(f"cannot start {argv[0]}: {e}\n")
         return "failed", 127
@@ -128,9 +146,16 @@ class Runner:
     """Runs parts in order within a wall-time budget and keeps their records; each part's output goes to the
     log and to work/NAME.log."""
 
-    def __init__(self, log: Log, work: Path, budget_s: int, env: dict[str, str] | None = None,
-                 reserve_s: int = RESERVE_S, min_step_s: int = MIN_STEP_S,
-                 kill_after_s: float = KILL_AFTER_S):  # fmt: skip
+    def __init__(
+        self,
+        log: Log,
+        work: Path,
+        budget_s: int,
+        env: dict[str, str] | None = None,
+        reserve_s: int = RESERVE_S,
+        min_step_s: int = MIN_STEP_S,
+        kill_after_s: float = KILL_AFTER_S,
+    ):
         self.log, self.work, self.budget_s, self.env = log, work, budget_s, env
         self.reserve_s, self.min_step_s, self.kill_after_s = reserve_s, min_step_s, kill_after_s
         self.records: list[dict] = []

@@ -28,8 +28,15 @@ def _test_cases(junit_xml: Path) -> list[dict]:
                 if node is not None:
                     outcome, message = name, node.get("message", "")
             props = {p.get("name"): p.get("value") for p in case.iter("property")}
-            cases.append({"name": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
-                          "message": message[:500], "properties": props})  # fmt: skip
+            cases.append(
+                {
+                    "name": case.get("name"),
+                    "outcome": outcome,
+                    "seconds": float(case.get("time", 0)),
+                    "message": message[:500],
+                    "properties": props,
+                }
+            )
     return cases
 
 
@@ -44,15 +51,21 @@ def _train_summary(work: Path, quick: bool, by_name: dict[str, dict]) -> dict:
                 pass
     except OSError:
         pass
-    losses = [(r.get("step"), v) for r in rows for k, v in r.items()
-              if k.split("/")[-1] == "loss" and isinstance(v, int | float)]  # non-finite ones are strings  # fmt: skip
+    losses = [
+        (r.get("step"), v)
+        for r in rows
+        for k, v in r.items()
+        if k.split("/")[-1] == "loss" and isinstance(v, int | float)
+    ]  # non-finite ones are strings
     if losses:
-        train.update(first_step=losses[0][0], first_loss=losses[0][1], final_step=losses[-1][0],
-                     final_loss=losses[-1][1])  # fmt: skip
+        train.update(
+            first_step=losses[0][0], first_loss=losses[0][1], final_step=losses[-1][0], final_loss=losses[-1][1]
+        )
     if "train" in by_name:
         logs = " ".join(p.read_text() for p in (work / "train.log", work / "resume.log") if p.exists())
-        train["compile"] = ("off (quick CPU mode)" if quick else
-                            "fell back to eager" if "torch.compile failed" in logs else "on")  # fmt: skip
+        train["compile"] = (
+            "off (quick CPU mode)" if quick else "fell back to eager" if "torch.compile failed" in logs else "on"
+        )
         train["exit_codes"] = {k: by_name[k]["rc"] for k in ("train", "resume", "sample") if k in by_name}
     if (work / "digits_samples.npz").exists():
         try:  # the EMA samples, told apart by a classifier of the real digits (chance: 0.1); not after 30 quick steps
@@ -84,27 +97,50 @@ def _bench_summary(work: Path, parts: list[dict]) -> dict:
         bench["results"][name] = result
         model = result.get("model", {}).get("name")
         for r in result.get("train", []):
-            bench["train"].append({
-                "run": name, "model": model, "objective": result.get("config", {}).get("objective", "flow"),
-                "compiled": r.get("compiled"), "precision": r.get("precision"), "batch": r.get("batch_size"),
-                "img_per_s": r.get("img_per_s"), "mfu": r.get("mfu"), "step_ms": r.get("step_ms"),
-                "peak_memory_gib": (r.get("peak_memory_bytes") or 0) / 2**30,
-                "peak_memory_kind": r.get("peak_memory_kind"),
-                "host_syncs_per_step": r.get("host_syncs_per_step")})  # fmt: skip
+            bench["train"].append(
+                {
+                    "run": name,
+                    "model": model,
+                    "objective": result.get("config", {}).get("objective", "flow"),
+                    "compiled": r.get("compiled"),
+                    "precision": r.get("precision"),
+                    "batch": r.get("batch_size"),
+                    "img_per_s": r.get("img_per_s"),
+                    "mfu": r.get("mfu"),
+                    "step_ms": r.get("step_ms"),
+                    "peak_memory_gib": (r.get("peak_memory_bytes") or 0) / 2**30,
+                    "peak_memory_kind": r.get("peak_memory_kind"),
+                    "host_syncs_per_step": r.get("host_syncs_per_step"),
+                }
+            )
         for s in result.get("sample", []):
-            bench["sample"].append({
-                "run": name, "model": model, "nfe": s.get("nfe"), "cfg_scale": s.get("cfg_scale"), "n": s.get("n"),
-                "precision": s.get("precision"), "img_per_s": s.get("img_per_s"), "mfu": s.get("mfu"),
-                "seconds": s.get("seconds"), "peak_memory_gib": (s.get("peak_memory_bytes") or 0) / 2**30})  # fmt: skip
+            bench["sample"].append(
+                {
+                    "run": name,
+                    "model": model,
+                    "nfe": s.get("nfe"),
+                    "cfg_scale": s.get("cfg_scale"),
+                    "n": s.get("n"),
+                    "precision": s.get("precision"),
+                    "img_per_s": s.get("img_per_s"),
+                    "mfu": s.get("mfu"),
+                    "seconds": s.get("seconds"),
+                    "peak_memory_gib": (s.get("peak_memory_bytes") or 0) / 2**30,
+                }
+            )
     return bench
 
 
-def summarize(work: Path, parts: list[dict], *, quick: bool, budget_s: int, seconds: int,
-              installed: list[str]) -> dict:  # fmt: skip
+def summarize(work: Path, parts: list[dict], *, quick: bool, budget_s: int, seconds: int, installed: list[str]) -> dict:
     """summary.json from the records of the parts and what they left in work. Marks the tests part skipped when
     every GPU test was skipped."""
-    summary = {"mode": "quick-cpu" if quick else "gpu", "seconds": seconds, "budget_s": budget_s,
-               "installed_wheels": installed, "work": str(work)}  # fmt: skip
+    summary = {
+        "mode": "quick-cpu" if quick else "gpu",
+        "seconds": seconds,
+        "budget_s": budget_s,
+        "installed_wheels": installed,
+        "work": str(work),
+    }
     try:
         summary["env"] = json.loads((work / "env.json").read_text())
     except (OSError, ValueError):
@@ -126,8 +162,10 @@ def summarize(work: Path, parts: list[dict], *, quick: bool, budget_s: int, seco
     summary["bench"] = bench = _bench_summary(work, parts)
     rows = {r["run"]: r for r in bench["train"]}
     if "meanflow" in rows and "s2_compiled" in rows:
-        summary["meanflow"] = {"meanflow_img_per_s": rows["meanflow"]["img_per_s"],
-                               "flow_img_per_s": rows["s2_compiled"]["img_per_s"]}  # fmt: skip
+        summary["meanflow"] = {
+            "meanflow_img_per_s": rows["meanflow"]["img_per_s"],
+            "flow_img_per_s": rows["s2_compiled"]["img_per_s"],
+        }
 
     try:  # the latent rows: DiT-XL/2 on ImageNet-shaped latents and the VAE's decode throughput
         summary["vae_decode"] = json.loads((work / "vae_decode.json").read_text())
@@ -151,55 +189,83 @@ def report(summary: dict, out: Path) -> str:
     """The key numbers, printed last so that a log's tail shows them."""
     env, parts, train, bench = summary["env"], summary["parts"], summary["train"], summary["bench"]
     cases = summary["tests"]["cases"]
-    lines = ["", "=" * 100,
-             f"gpu_check {summary['mode']}: {env.get('gpu', 'no GPU')}, driver {env.get('driver', 'n/a')}, torch "
-             f"{env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}; {summary['seconds']}s of a "
-             f"{summary['budget_s']}s budget", "",
-             f"{'part':22s} {'status':8s} {'exit':>4s} {'seconds':>8s} {'limit':>6s}  note"]  # fmt: skip
+    lines = [
+        "",
+        "=" * 100,
+        f"gpu_check {summary['mode']}: {env.get('gpu', 'no GPU')}, driver {env.get('driver', 'n/a')}, torch "
+        f"{env.get('torch')}, CUDA {env.get('cuda')}, Python {env.get('python')}; {summary['seconds']}s of a "
+        f"{summary['budget_s']}s budget",
+        "",
+        f"{'part':22s} {'status':8s} {'exit':>4s} {'seconds':>8s} {'limit':>6s}  note",
+    ]
     for p in parts:
-        lines.append(f"{p['name']:22s} {p['status']:8s} {_num(p['rc'], 'd'):>4s} {p['seconds']:8.1f} "
-                     f"{_num(p['limit_s'], 'd'):>6s}  {p['note']}")  # fmt: skip
+        lines.append(
+            f"{p['name']:22s} {p['status']:8s} {_num(p['rc'], 'd'):>4s} {p['seconds']:8.1f} "
+            f"{_num(p['limit_s'], 'd'):>6s}  {p['note']}"
+        )
     if any(c["outcome"] != "skipped" for c in cases):
         props = {k: v for c in cases for k, v in c["properties"].items()}
         lines += ["", "tests: " + "; ".join(f"{k} {v}" for k, v in props.items() if k != "attention_ops_and_kernels")]
-        lines += [f"  {c['outcome']}: {c['name']}: {c['message'][:300]}" for c in cases
-                  if c["outcome"] in ("failed", "error")]  # fmt: skip
+        lines += [
+            f"  {c['outcome']}: {c['name']}: {c['message'][:300]}" for c in cases if c["outcome"] in ("failed", "error")
+        ]
     if train:
-        lines += ["", f"train (digits): loss {_num(train.get('first_loss'))} at step {train.get('first_step')} -> "
-                  f"{_num(train.get('final_loss'))} at step {train.get('final_step')}; compile {train.get('compile')}; "
-                  f"exit codes {train.get('exit_codes')}; EMA sample accuracy {_num(train.get('sample_accuracy'))} "
-                  "(chance 0.1)"]  # fmt: skip
+        lines += [
+            "",
+            f"train (digits): loss {_num(train.get('first_loss'))} at step {train.get('first_step')} -> "
+            f"{_num(train.get('final_loss'))} at step {train.get('final_step')}; compile {train.get('compile')}; "
+            f"exit codes {train.get('exit_codes')}; EMA sample accuracy {_num(train.get('sample_accuracy'))} "
+            "(chance 0.1)",
+        ]
     if bench["train"]:
-        lines += ["", f"{'training run':16s} {'model':8s} {'objective':9s} {'mode':8s} {'batch':>5s} {'img/s':>9s} "
-                  f"{'MFU':>6s} {'step ms':>8s} {'peak mem':>9s} {'syncs/step':>10s}"]  # fmt: skip
+        lines += [
+            "",
+            f"{'training run':16s} {'model':8s} {'objective':9s} {'mode':8s} {'batch':>5s} {'img/s':>9s} "
+            f"{'MFU':>6s} {'step ms':>8s} {'peak mem':>9s} {'syncs/step':>10s}",
+        ]
         for r in bench["train"]:
             mode = "compiled" if r["compiled"] else "eager"
-            lines.append(f"{r['run']:16s} {str(r['model']):8s} {str(r['objective']):9s} {mode:8s} "
-                         f"{_num(r['batch'], 'd'):>5s} {_num(r['img_per_s'], '.1f'):>9s} "
-                         f"{_num(r['mfu'] and 100 * r['mfu'], '.1f'):>5s}% {_num(r['step_ms'], '.1f'):>8s} "
-                         f"{r['peak_memory_gib']:5.2f} GiB {_num(r['host_syncs_per_step'], 'd'):>10s}")  # fmt: skip
+            lines.append(
+                f"{r['run']:16s} {str(r['model']):8s} {str(r['objective']):9s} {mode:8s} "
+                f"{_num(r['batch'], 'd'):>5s} {_num(r['img_per_s'], '.1f'):>9s} "
+                f"{_num(r['mfu'] and 100 * r['mfu'], '.1f'):>5s}% {_num(r['step_ms'], '.1f'):>8s} "
+                f"{r['peak_memory_gib']:5.2f} GiB {_num(r['host_syncs_per_step'], 'd'):>10s}"
+            )
     if bench["sample"]:
-        lines += ["", f"{'sampling run':16s} {'model':8s} {'NFE':>4s} {'cfg':>4s} {'n':>5s} {'img/s':>9s} {'MFU':>6s} "
-                  f"{'peak mem':>9s}"]  # fmt: skip
+        lines += [
+            "",
+            f"{'sampling run':16s} {'model':8s} {'NFE':>4s} {'cfg':>4s} {'n':>5s} {'img/s':>9s} {'MFU':>6s} "
+            f"{'peak mem':>9s}",
+        ]
         for s in bench["sample"]:
-            lines.append(f"{s['run']:16s} {str(s['model']):8s} {_num(s['nfe'], 'd'):>4s} "
-                         f"{_num(s['cfg_scale'], 'g'):>4s} {_num(s['n'], 'd'):>5s} {_num(s['img_per_s'], '.1f'):>9s} "
-                         f"{_num(s['mfu'] and 100 * s['mfu'], '.1f'):>5s}% "
-                         f"{s['peak_memory_gib']:5.2f} GiB")  # fmt: skip
+            lines.append(
+                f"{s['run']:16s} {str(s['model']):8s} {_num(s['nfe'], 'd'):>4s} "
+                f"{_num(s['cfg_scale'], 'g'):>4s} {_num(s['n'], 'd'):>5s} {_num(s['img_per_s'], '.1f'):>9s} "
+                f"{_num(s['mfu'] and 100 * s['mfu'], '.1f'):>5s}% "
+                f"{s['peak_memory_gib']:5.2f} GiB"
+            )
     if summary.get("vae_decode"):
         v = summary["vae_decode"]
-        lines += ["", f"VAE decode ({v['vae']}): {_num(v['img_per_s'], '.1f')} img/s, {_num(v['ms_per_batch'], '.1f')} ms "
-                  f"per batch of {v['batch_size']} latents {v['latent_shape']} -> images {v['image_shape']}, "
-                  f"{v['precision']}"]  # fmt: skip
+        lines += [
+            "",
+            f"VAE decode ({v['vae']}): {_num(v['img_per_s'], '.1f')} img/s, {_num(v['ms_per_batch'], '.1f')} ms "
+            f"per batch of {v['batch_size']} latents {v['latent_shape']} -> images {v['image_shape']}, "
+            f"{v['precision']}",
+        ]
     if "meanflow" in summary:
         m = summary["meanflow"]
-        lines += ["", f"MeanFlow {_num(m['meanflow_img_per_s'], '.1f')} img/s against flow "
-                  f"{_num(m['flow_img_per_s'], '.1f')} img/s (DiT-S/2, batch 256, bf16, compiled)"]  # fmt: skip
+        lines += [
+            "",
+            f"MeanFlow {_num(m['meanflow_img_per_s'], '.1f')} img/s against flow "
+            f"{_num(m['flow_img_per_s'], '.1f')} img/s (DiT-S/2, batch 256, bf16, compiled)",
+        ]
     if summary["warnings"]:
         lines += [""] + [f"warning: {w}" for w in summary["warnings"]]
     bad = [p["name"] for p in parts if p["status"] in ("failed", "timeout")]
-    lines += ["", f"{'OK' if summary['ok'] else 'FAILED: ' + ', '.join(bad)}; wrote {out}/summary.json and "
-              f"{out}/gpu_check.log"]  # fmt: skip
+    lines += [
+        "",
+        f"{'OK' if summary['ok'] else 'FAILED: ' + ', '.join(bad)}; wrote {out}/summary.json and {out}/gpu_check.log",
+    ]
     return "\n".join(lines) + "\n"
 
 

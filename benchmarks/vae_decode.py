@@ -22,12 +22,27 @@ from models.vae import LatentCodec
 
 # stabilityai/sd-vae-ft-ema/config.json (the AutoencoderKL arguments that shape the network)
 SD_VAE = dict(
-    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512], layers_per_block=2, act_fn="silu", latent_channels=4, norm_num_groups=32,
-    sample_size=256, scaling_factor=0.18215,
-)  # fmt: skip
-TINY = {**SD_VAE, "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-        "up_block_types": ["UpDecoderBlock2D"] * 2, "norm_num_groups": 4, "layers_per_block": 1, "sample_size": 16}  # fmt: skip
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.18215,
+)
+TINY = {
+    **SD_VAE,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "norm_num_groups": 4,
+    "layers_per_block": 1,
+    "sample_size": 16,
+}
 
 
 def measure(device: torch.device, batch_size: int, latent_size: int, steps: int, quick: bool) -> dict:
@@ -50,12 +65,17 @@ def measure(device: torch.device, batch_size: int, latent_size: int, steps: int,
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     return {
-        "device": str(device), "precision": codec.precision, "batch_size": batch_size,
-        "latent_shape": [4, latent_size, latent_size], "image_shape": list(images.shape[1:]), "steps": steps,
-        "ms_per_batch": 1000 * seconds / steps, "img_per_s": batch_size * steps / seconds,
+        "device": str(device),
+        "precision": codec.precision,
+        "batch_size": batch_size,
+        "latent_shape": [4, latent_size, latent_size],
+        "image_shape": list(images.shape[1:]),
+        "steps": steps,
+        "ms_per_batch": 1000 * seconds / steps,
+        "img_per_s": batch_size * steps / seconds,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "vae": "SD-VAE architecture (stabilityai/sd-vae-ft-ema config), random weights" if not quick else "tiny",
-    }  # fmt: skip
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,8 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     result = measure(torch.device(args.device), args.batch_size, args.latent_size, args.steps, args.quick)
-    print(f"VAE decode: {result['img_per_s']:.1f} img/s ({result['ms_per_batch']:.1f} ms per batch of "
-          f"{args.batch_size}, {result['precision']}, {result['device']}; images {result['image_shape']})")  # fmt: skip
+    print(
+        f"VAE decode: {result['img_per_s']:.1f} img/s ({result['ms_per_batch']:.1f} ms per batch of "
+        f"{args.batch_size}, {result['precision']}, {result['device']}; images {result['image_shape']})"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

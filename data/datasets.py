@@ -108,8 +108,14 @@ DATASETS: dict[str, type[ImageDataset]] = {
 }
 
 
-def build_dataset(name: str, root: str | Path = "./datasets", image_size: int = 32, channels: int = 3,
-                  train: bool = True, download: bool = True) -> ImageDataset:  # fmt: skip
+def build_dataset(
+    name: str,
+    root: str | Path = "./datasets",
+    image_size: int = 32,
+    channels: int = 3,
+    train: bool = True,
+    download: bool = True,
+) -> ImageDataset:
     """The un-augmented dataset ``name`` (a key of DATASETS): items (uint8 (channels, image_size, image_size), int).
 
     ``root`` is where CIFAR-10 lives or is downloaded to, and for "folder" the folder with class

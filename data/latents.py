@@ -86,8 +86,10 @@ def read_index(root: Path) -> dict[str, Any]:
     if not path.is_file():
         hint = " (an extraction was started there: run the same extract_latents.py command again to finish it)"
         started = any(root.glob("shard-*.safetensors")) if root.is_dir() else False
-        raise DataError(f"no latents in {root}: {INDEX} is missing{hint if started else ''}; make them with "
-                        f"python extract_latents.py --data-path IMAGES --out {root}")  # fmt: skip
+        raise DataError(
+            f"no latents in {root}: {INDEX} is missing{hint if started else ''}; make them with "
+            f"python extract_latents.py --data-path IMAGES --out {root}"
+        )
     try:
         index = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -117,15 +119,19 @@ class LatentDataset(ImageDataset):
                 raise DataError(f"latents shard {path} is missing (listed in {self.root / INDEX})")
             latents = map_tensor(path, "latents", np.float16)
             if latents.shape != (shard["count"], 2, *self.latent_shape):
-                raise DataError(f"latents shard {path} holds {latents.shape}, its index says "
-                                f"({shard['count']}, 2, {', '.join(map(str, self.latent_shape))})")  # fmt: skip
+                raise DataError(
+                    f"latents shard {path} holds {latents.shape}, its index says "
+                    f"({shard['count']}, 2, {', '.join(map(str, self.latent_shape))})"
+                )
             self._latents.append(latents)
             labels.append(np.asarray(map_tensor(path, "labels", np.int64)))
             starts.append(starts[-1] + shard["count"])
         self._starts = np.asarray(starts)
         self.labels = torch.from_numpy(np.concatenate(labels)) if labels else torch.empty(0, dtype=torch.long)
         if len(self.labels) != self.index["count"] or len(self.labels) == 0:
-            raise DataError(f"{self.root / INDEX} lists {self.index['count']} latents; its shards hold {len(self.labels)}")
+            raise DataError(
+                f"{self.root / INDEX} lists {self.index['count']} latents; its shards hold {len(self.labels)}"
+            )
         self._shift = torch.tensor(self.space["shift"], dtype=torch.float32).view(1, -1, 1, 1)
         self._scale = torch.tensor(self.space["scale"], dtype=torch.float32).view(1, -1, 1, 1)
 
@@ -135,8 +141,10 @@ class LatentDataset(ImageDataset):
         dataset = cls(root)
         want = (int(dataset.space["image_size"]), int(dataset.space["image_channels"]))
         if (image_size, channels) != want:
-            raise DataError(f"the latents in {root} encode {want[1]}-channel {want[0]}px images; got --image-size "
-                            f"{image_size} --channels {channels} (leave both unset to take the index's)")  # fmt: skip
+            raise DataError(
+                f"the latents in {root} encode {want[1]}-channel {want[0]}px images; got --image-size "
+                f"{image_size} --channels {channels} (leave both unset to take the index's)"
+            )
         return dataset
 
     @classmethod
@@ -175,6 +183,12 @@ class LatentDataset(ImageDataset):
         """The source folder the latents were extracted from, centre-cropped the same way (ADM's protocol)."""
         source = Path(self.index["source"]["data_path"])
         if not source.is_dir():
-            raise DataError(f"the images the latents in {self.root} came from ({source}) are not on this machine; "
-                            "pass reference statistics (--fid-ref-stats, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")  # fmt: skip
-        return "folder", source, ImageFolderDataset(source, int(self.space["image_size"]), int(self.space["image_channels"]))
+            raise DataError(
+                f"the images the latents in {self.root} came from ({source}) are not on this machine; "
+                "pass reference statistics (--fid-ref-stats, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)"
+            )
+        return (
+            "folder",
+            source,
+            ImageFolderDataset(source, int(self.space["image_size"]), int(self.space["image_channels"])),
+        )

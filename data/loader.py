@@ -67,9 +67,18 @@ class BatchStream:
     ``num_workers`` workers feeds it. ``steps_per_epoch`` is the number of batches per epoch on each rank.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", flip: bool = True, on_device: bool = False,
-                 num_workers: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        flip: bool = True,
+        on_device: bool = False,
+        num_workers: int = 0,
+    ) -> None:
         num_workers = usable_workers(num_workers)
         self.dataset = dataset
         self.batch_size = batch_size

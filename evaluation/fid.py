@@ -216,11 +216,15 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
                 held = torch.load(weights_path, map_location="cpu", weights_only=True)
             except Exception:
                 held = None
-            what = ("it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
-                    if isinstance(held, dict) and {"model_config", "model"} <= held.keys() else
-                    f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})")  # fmt: skip
-            raise FIDError(f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
-                           f"from {INCEPTION_URL}") from None  # fmt: skip
+            what = (
+                "it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
+                if isinstance(held, dict) and {"model_config", "model"} <= held.keys()
+                else f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})"
+            )
+            raise FIDError(
+                f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
+                f"from {INCEPTION_URL}"
+            ) from None
         target = inception_weights_path()
         raise FIDError(
             f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "
@@ -231,18 +235,26 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
     return inception.to(device).eval()
 
 
-def load_inception_logits(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
+def load_inception_logits(
+    device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None
+) -> nn.Module:
     """The same Inception-v3 giving its 1008 class logits ("logits_unbiased", torch-fidelity's Inception Score
     feature), legacy resize, on device; weights as for ``load_inception``."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     weights = str(Path(weights_path).expanduser()) if weights_path is not None else None
     try:
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
-                                 feature_extractor_weights_path=weights, antialias=False)  # fmt: skip
+        net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["logits_unbiased"],
+            feature_extractor_weights_path=weights,
+            antialias=False,
+        )
     except Exception as e:
-        raise FIDError(f"cannot get the Inception-v3 weights for the Inception Score ({type(e).__name__}: {e}); "
-                       f"download {INCEPTION_URL} into {inception_weights_path().parent}/") from None  # fmt: skip
+        raise FIDError(
+            f"cannot get the Inception-v3 weights for the Inception Score ({type(e).__name__}: {e}); "
+            f"download {INCEPTION_URL} into {inception_weights_path().parent}/"
+        ) from None
     return net.to(device).eval()
 
 
@@ -314,9 +326,16 @@ def dataset_fingerprint(dataset: ImageDataset) -> str:
 
 
 @torch.no_grad()
-def dataset_statistics(dataset: ImageDataset, extractor: nn.Module, *, batch_size: int = 250,
-                       num_images: int | None = None, num_workers: int = 0, progress: bool = True,
-                       should_stop: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def dataset_statistics(
+    dataset: ImageDataset,
+    extractor: nn.Module,
+    *,
+    batch_size: int = 250,
+    num_images: int | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items.
 
     ``num_images`` < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut
@@ -345,11 +364,23 @@ def dataset_statistics(dataset: ImageDataset, extractor: nn.Module, *, batch_siz
 
 
 def real_statistics(
-    dataset_name: str, root: str | os.PathLike, image_size: int, channels: int, *, extractor: nn.Module,
-    split: str = "train", batch_size: int = 250, num_images: int | None = None, cache_dir: str | os.PathLike | None = None,
-    download: bool = True, num_workers: int = 0, progress: bool = True, info: dict[str, Any] | None = None,
-    dataset: Any | None = None, should_stop: Callable[[], bool] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    dataset_name: str,
+    root: str | os.PathLike,
+    image_size: int,
+    channels: int,
+    *,
+    extractor: nn.Module,
+    split: str = "train",
+    batch_size: int = 250,
+    num_images: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    num_workers: int = 0,
+    progress: bool = True,
+    info: dict[str, Any] | None = None,
+    dataset: Any | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set, cached on disk.
 
     The dataset comes from ``data.build_dataset`` (a fresh one: the training stream is never touched).
@@ -362,12 +393,24 @@ def real_statistics(
     """
     if dataset is None:
         dataset = build_dataset(
-            dataset_name, root=root, image_size=image_size, channels=channels, train=split == "train",
+            dataset_name,
+            root=root,
+            image_size=image_size,
+            channels=channels,
+            train=split == "train",
             download=download,
-        )  # fmt: skip
+        )
     n = len(dataset) if num_images is None else int(num_images)
-    key = dict(version=STATS_VERSION, dataset=dataset_name, split=split, image_size=int(image_size),
-               channels=int(channels), data=dataset_fingerprint(dataset), extractor=extractor_id(extractor), num_images=n)
+    key = dict(
+        version=STATS_VERSION,
+        dataset=dataset_name,
+        split=split,
+        image_size=int(image_size),
+        channels=int(channels),
+        data=dataset_fingerprint(dataset),
+        extractor=extractor_id(extractor),
+        num_images=n,
+    )
     key_json = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
@@ -383,7 +426,12 @@ def real_statistics(
         pass
     start = time.perf_counter()
     mu, sigma = dataset_statistics(
-        dataset, extractor, batch_size=batch_size, num_images=n, num_workers=num_workers, progress=progress,
+        dataset,
+        extractor,
+        batch_size=batch_size,
+        num_images=n,
+        num_workers=num_workers,
+        progress=progress,
         should_stop=should_stop,
     )
     # Written atomically (utils.io), so a killed run leaves no half file.
@@ -392,7 +440,9 @@ def real_statistics(
     return mu, sigma
 
 
-def reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_statistics(
+    path: str | os.PathLike, extractor: nn.Module | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma``, and what it is.
 
     Takes the reference batches of ADM's evaluation suite (``VIRTUAL_imagenet256_labeled.npz``: its ``mu`` and
@@ -427,10 +477,18 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def generated_statistics(
-    sampler: Sampler, num_samples: int, *, extractor: nn.Module, seed: int = 0, progress: bool = True, rank: int = 0,
-    world_size: int = 1, should_stop: Callable[[], bool] | None = None,
-    on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None, **options: Any,
-) -> tuple[np.ndarray, np.ndarray, int]:  # fmt: skip
+    sampler: Sampler,
+    num_samples: int,
+    *,
+    extractor: nn.Module,
+    seed: int = 0,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    should_stop: Callable[[], bool] | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
+    **options: Any,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
 
     Labels are class-balanced (``balanced_labels``) for a conditional model. Sample i starts from the noise
@@ -495,9 +553,13 @@ def generated_statistics(
 
 
 def compute_fid(
-    sampler: Sampler, real_stats: tuple[np.ndarray, np.ndarray] | None, num_samples: int, *, extractor: nn.Module,
+    sampler: Sampler,
+    real_stats: tuple[np.ndarray, np.ndarray] | None,
+    num_samples: int,
+    *,
+    extractor: nn.Module,
     **kwargs: Any,
-) -> tuple[float | None, int]:  # fmt: skip
+) -> tuple[float | None, int]:
     """FID of ``num_samples`` samples from ``sampler`` against real (mu (D,), sigma (D, D)); returns (fid, nfe).
 
     ``kwargs`` are those of ``generated_statistics`` (seed, progress, rank, world_size, sampling options).

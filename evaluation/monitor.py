@@ -46,9 +46,17 @@ class Monitor:
     (every process), and both at the last step. ``cfg`` is train.py's config; ``sample_method`` the objective's
     solver; ``fid_extractor`` replaces Inception (tests)."""
 
-    def __init__(self, cfg: Any, out: Path, logger: RunLogger, dist: DistInfo, sample_method: str | None = None,
-                 fid_extractor: nn.Module | None = None, decoder: Any | None = None,
-                 dataset: ImageDataset | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: Any,
+        out: Path,
+        logger: RunLogger,
+        dist: DistInfo,
+        sample_method: str | None = None,
+        fid_extractor: nn.Module | None = None,
+        decoder: Any | None = None,
+        dataset: ImageDataset | None = None,
+    ):
         self.cfg, self.out, self.logger, self.dist, self.sample_method = cfg, out, logger, dist, sample_method
         self.extractor = fid_extractor
         self.decoder = decoder  # latent models: the models.vae.LatentCodec that turns samples into images
@@ -59,8 +67,9 @@ class Monitor:
         self.reason: int | None = None  # why the last diagnostic was abandoned
         self.warned_scales = False  # said once that some cfg scales are outside a guidance-input network's range
 
-    def __call__(self, step: int, model: nn.Module, ema_model: nn.Module, last: bool,
-                 stop: StopRequest | None = None) -> None:  # fmt: skip
+    def __call__(
+        self, step: int, model: nn.Module, ema_model: nn.Module, last: bool, stop: StopRequest | None = None
+    ) -> None:
         """The diagnostics due at this step; ``stop`` abandons or skips them (None: they always run to the end)."""
         cfg = self.cfg
         samples = self.dist.is_main and cfg.sample_every and (step % cfg.sample_every == 0 or last)
@@ -81,8 +90,9 @@ class Monitor:
                         who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
                         warn(f"FID at step {step} failed{who}: {type(e).__name__}: {e}")
 
-    def timed(self, what: str, step: int, stop: StopRequest | None, run: Callable[[], float | None],
-              agreed: bool = False) -> None:  # fmt: skip
+    def timed(
+        self, what: str, step: int, stop: StopRequest | None, run: Callable[[], float | None], agreed: bool = False
+    ) -> None:
         """run() unless a stop request says no: skipped when one is there already or when the last run would not
         fit before a budget's reserve, abandoned (``SamplingStopped``) when one comes while it samples. ``agreed``:
         every process calls this together and asks ``stop.check`` (a collective), else ``stop.requested``."""
@@ -130,11 +140,14 @@ class Monitor:
         if len(scales) < len(cfg.cfg_scales) and not self.warned_scales:
             self.warned_scales = True
             left_out = ", ".join(f"{s:g}" for s in cfg.cfg_scales if s not in scales)
-            warn(f"sample grids: cfg scales {left_out} left out, outside [{lo:g}, {hi:g}], the guidance scales this "
-                 "network takes as an input")  # fmt: skip
+            warn(
+                f"sample grids: cfg scales {left_out} left out, outside [{lo:g}, {hi:g}], the guidance scales this "
+                "network takes as an input"
+            )
         for scale in scales:
-            ema_out = ema.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True,
-                                              should_stop=ask)  # fmt: skip
+            ema_out = ema.generate_each_class(
+                k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True, should_stop=ask
+            )
             raw_out = raw.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, should_stop=ask)
             drawn.append((scale, ema_out, raw_out.images))
         images, videos = {}, {}
@@ -172,10 +185,17 @@ class Monitor:
         cfg, dist = self.cfg, self.dist
         sampler = self.sampler(model)
         fid, nfe = compute_fid(
-            sampler, self.real, cfg.fid_samples, extractor=self.extractor, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed,
-            progress=dist.is_main, rank=dist.rank, world_size=dist.world_size,
+            sampler,
+            self.real,
+            cfg.fid_samples,
+            extractor=self.extractor,
+            cfg_scale=cfg.fid_cfg_scale,
+            seed=cfg.seed,
+            progress=dist.is_main,
+            rank=dist.rank,
+            world_size=dist.world_size,
             should_stop=self.should_stop(stop, agreed=True),
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - start
         if dist.is_main:
             print(f"step {step}: FID {fid:.3f} ({cfg.fid_samples} samples, NFE {nfe}, {seconds:.0f} s)")
@@ -191,8 +211,17 @@ class Monitor:
         ref = self.dataset.fid_images() if self.dataset is not None else None
         name, root, dataset = ref if ref is not None else (cfg.dataset, cfg.data_path, None)
         size, channels = (dataset.image_size, dataset.channels) if ref is not None else (cfg.image_size, cfg.channels)
-        return real_statistics(name, root, size, channels, extractor=self.extractor, num_workers=cfg.num_workers,
-                               download=False, dataset=dataset, should_stop=self.should_stop(stop, agreed=False))  # fmt: skip
+        return real_statistics(
+            name,
+            root,
+            size,
+            channels,
+            extractor=self.extractor,
+            num_workers=cfg.num_workers,
+            download=False,
+            dataset=dataset,
+            should_stop=self.should_stop(stop, agreed=False),
+        )
 
     def _load(self, device: Any, stop: StopRequest | None = None) -> bool:
         """Load the extractor (and on rank 0 the real statistics): each node's local rank 0 first (it downloads

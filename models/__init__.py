@@ -4,4 +4,14 @@ from models.config import ModelConfig, build_model, model_from_config, upgraded_
 from models.cost import count_params, forward_flops, forward_macs
 from models.dit import DiT, DiT_models
 
-__all__ = ["DiT", "DiT_models", "ModelConfig", "build_model", "model_from_config", "upgraded_config", "count_params", "forward_flops", "forward_macs"]  # fmt: skip
+__all__ = [
+    "DiT",
+    "DiT_models",
+    "ModelConfig",
+    "build_model",
+    "model_from_config",
+    "upgraded_config",
+    "count_params",
+    "forward_flops",
+    "forward_macs",
+]

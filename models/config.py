@@ -23,25 +23,40 @@ class ModelConfig(Config):
     class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
     qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
     # None: the value of train.py's --recipe (DiT's block without one).
-    mlp: str | None = arg(None, "block MLP: gelu (DiT) or swiglu (LightningDiT, 2/3 width); default: the recipe's",
-                          choices=MLPS)  # fmt: skip
-    norm: str | None = arg(None, "block norm: layernorm (DiT) or rmsnorm (LightningDiT); default: the recipe's",
-                           choices=NORMS)  # fmt: skip
+    mlp: str | None = arg(
+        None, "block MLP: gelu (DiT) or swiglu (LightningDiT, 2/3 width); default: the recipe's", choices=MLPS
+    )
+    norm: str | None = arg(
+        None, "block norm: layernorm (DiT) or rmsnorm (LightningDiT); default: the recipe's", choices=NORMS
+    )
     rope: bool | None = arg(None, "2-D axial RoPE on queries and keys (LightningDiT, JiT); default: the recipe's")
-    class_tokens: int | None = arg(None, "in-context class tokens prepended to the patches (JiT); default: the "
-                                   "recipe's", min=0)  # fmt: skip
+    class_tokens: int | None = arg(
+        None, "in-context class tokens prepended to the patches (JiT); default: the recipe's", min=0
+    )
 
 
 def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:
     """A DiT from the model flags and the data's shape; ``extra`` are further DiT arguments."""
     # Flags left at None keep the named size's or DiT's own default.
-    optional = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_type=cfg.mlp,
-                    norm_type=cfg.norm, rope=cfg.rope, class_tokens=cfg.class_tokens)  # fmt: skip
+    optional = dict(
+        hidden_size=cfg.hidden_size,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_type=cfg.mlp,
+        norm_type=cfg.norm,
+        rope=cfg.rope,
+        class_tokens=cfg.class_tokens,
+    )
     return DiT_models[cfg.model](
-        input_size=input_size, in_channels=in_channels, num_classes=num_classes, num_registers=cfg.num_registers,
-        class_dropout_prob=cfg.class_dropout, qk_norm=cfg.qk_norm, **{k: v for k, v in optional.items() if v is not None},
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        num_registers=cfg.num_registers,
+        class_dropout_prob=cfg.class_dropout,
+        qk_norm=cfg.qk_norm,
+        **{k: v for k, v in optional.items() if v is not None},
         **extra,
-    )  # fmt: skip
+    )
 
 
 def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:

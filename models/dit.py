@@ -164,8 +164,15 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = True,
-                 mlp_type: str = "gelu", norm_type: str = "layernorm"):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        mlp_type: str = "gelu",
+        norm_type: str = "layernorm",
+    ):
         super().__init__()
         self.norm1 = make_norm(norm_type, hidden_size)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
@@ -175,8 +182,12 @@ class DiTBlock(nn.Module):
         self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                ) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -201,12 +212,27 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt (or an average velocity)."""
 
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 3, hidden_size: int = 384,
-                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 10,
-                 class_dropout_prob: float = 0.1, num_registers: int = 4, qk_norm: bool = True,
-                 average_velocity: bool = False, time_scale: float = 1000.0, guidance_max: float = 0.0,
-                 mlp_type: str = "gelu", norm_type: str = "layernorm", rope: bool = False, class_tokens: int = 0,
-                 ):  # fmt: skip
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 3,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 10,
+        class_dropout_prob: float = 0.1,
+        num_registers: int = 4,
+        qk_norm: bool = True,
+        average_velocity: bool = False,
+        time_scale: float = 1000.0,
+        guidance_max: float = 0.0,
+        mlp_type: str = "gelu",
+        norm_type: str = "layernorm",
+        rope: bool = False,
+        class_tokens: int = 0,
+    ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
@@ -219,10 +245,17 @@ class DiT(nn.Module):
         if class_tokens < 0 or (class_tokens and num_classes == 0):
             raise ValueError("class_tokens must be >= 0, and 0 for an unconditional model (num_classes 0)")
         if guidance_max and (guidance_max < 1.0 or num_classes == 0):
-            raise ValueError(f"guidance_max must be 0 (no guidance input) or >= 1 on a class-conditional model, "
-                             f"got {guidance_max} with num_classes={num_classes}")  # fmt: skip
+            raise ValueError(
+                f"guidance_max must be 0 (no guidance input) or >= 1 on a class-conditional model, "
+                f"got {guidance_max} with num_classes={num_classes}"
+            )
         # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
-        self.input_size, self.patch_size, self.in_channels, self.out_channels = input_size, patch_size, in_channels, in_channels  # fmt: skip
+        self.input_size, self.patch_size, self.in_channels, self.out_channels = (
+            input_size,
+            patch_size,
+            in_channels,
+            in_channels,
+        )
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
         self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
@@ -251,10 +284,14 @@ class DiT(nn.Module):
             cos, sin = rope_tables(self.grid_size, hidden_size // num_heads, self.num_prefix)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList([
-            DiTBlock(hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type)
-            for _ in range(depth)
-        ])  # fmt: skip
+        self.blocks = nn.ModuleList(
+            [
+                DiTBlock(
+                    hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type
+                )
+                for _ in range(depth)
+            ]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_type=norm_type)
         self.initialize_weights()
 
@@ -306,10 +343,14 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid_size, p=p, q=p)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
-        interval: torch.Tensor | float | None = None, drop_mask: torch.Tensor | None = None,
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor | None = None,
+        interval: torch.Tensor | float | None = None,
+        drop_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None when
         unconditional; the index num_classes is the null class).
 
@@ -342,9 +383,13 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (N, C, H, W)
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, cfg_scale: float,
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor,
+        cfg_scale: float,
         interval: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Classifier-free guided velocity v_u + cfg_scale * (v_c - v_u) on all channels.
 
         Runs one batched pass of 2N (conditional and null labels); at cfg_scale == 1 it runs the

@@ -56,10 +56,16 @@ class LatentSpace:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentSpace:
         """The LatentSpace of a stored dict (lists back to tuples)."""
-        return cls(vae=str(d["vae"]), revision=d.get("revision"), normalization=str(d["normalization"]),
-                   shift=tuple(float(v) for v in d["shift"]), scale=tuple(float(v) for v in d["scale"]),
-                   image_size=int(d["image_size"]), image_channels=int(d["image_channels"]),
-                   latent_shape=tuple(int(v) for v in d["latent_shape"]))  # fmt: skip
+        return cls(
+            vae=str(d["vae"]),
+            revision=d.get("revision"),
+            normalization=str(d["normalization"]),
+            shift=tuple(float(v) for v in d["shift"]),
+            scale=tuple(float(v) for v in d["scale"]),
+            image_size=int(d["image_size"]),
+            image_channels=int(d["image_channels"]),
+            latent_shape=tuple(int(v) for v in d["latent_shape"]),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON- and checkpoint-friendly dict (tuples as lists)."""
@@ -84,7 +90,9 @@ def load_autoencoder(name: str, revision: str | None = None, device: str | torch
     except Exception as e:  # OSError, ValueError, hub and HTTP errors: all mean this model cannot be had here
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         if local.is_dir():
-            raise VAEError(f"{local} is not a diffusers AutoencoderKL folder (config.json and weights): {reason}") from None
+            raise VAEError(
+                f"{local} is not a diffusers AutoencoderKL folder (config.json and weights): {reason}"
+            ) from None
         home = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise VAEError(
             f"the VAE {name!r} is not on this machine and could not be downloaded ({reason}); fetch it where there "
@@ -117,8 +125,14 @@ class LatentCodec:
     ``decode`` normalised latents back to images. Chunks of ``batch_size`` bound memory. ``precision`` "auto" is
     bf16 autocast on CUDA (the convolutions run several times faster) and float32 elsewhere; "bf16" or "fp32"."""
 
-    def __init__(self, vae: nn.Module, shift: Sequence[float], scale: Sequence[float], batch_size: int = 32,
-                 precision: str = "auto"):  # fmt: skip
+    def __init__(
+        self,
+        vae: nn.Module,
+        shift: Sequence[float],
+        scale: Sequence[float],
+        batch_size: int = 32,
+        precision: str = "auto",
+    ):
         self.vae = vae
         self.device = next(vae.parameters()).device
         if precision not in ("auto", "bf16", "fp32"):
@@ -129,14 +143,22 @@ class LatentCodec:
         self.batch_size = batch_size
 
     @classmethod
-    def from_space(cls, space: LatentSpace, device: str | torch.device = "cpu", vae: str | None = None,
-                   batch_size: int = 32, precision: str = "auto") -> LatentCodec:  # fmt: skip
+    def from_space(
+        cls,
+        space: LatentSpace,
+        device: str | torch.device = "cpu",
+        vae: str | None = None,
+        batch_size: int = 32,
+        precision: str = "auto",
+    ) -> LatentCodec:
         """The codec of a LatentSpace, its VAE loaded on device (``vae``: another copy of the same model, e.g. a
         local folder on a machine without network); the VAE must have the space's latent channels."""
         model = load_autoencoder(vae or space.vae, None if vae else space.revision, device)
         if int(model.config.latent_channels) != space.latent_shape[0]:
-            raise VAEError(f"the VAE {vae or space.vae} has {model.config.latent_channels} latent channels; the "
-                           f"latents have {space.latent_shape[0]}")  # fmt: skip
+            raise VAEError(
+                f"the VAE {vae or space.vae} has {model.config.latent_channels} latent channels; the "
+                f"latents have {space.latent_shape[0]}"
+            )
         return cls(model, space.shift, space.scale, batch_size, precision)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:

@@ -19,15 +19,18 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-
 @dataclasses.dataclass(kw_only=True)
 class ObjectiveConfig(Config):
     """The objective flags of a script's config (train.py, the benchmark): ``--objective NAME`` and that objective's
     own flags, held in ``objective_args`` (utils.config's ``nested``) and checked by the objective."""
 
-    objective: str = arg("flow", "what the network learns: one of objectives.OBJECTIVES (flow: flow matching); each "
-                         "has its own flags, listed by --objective NAME --help", choices=OBJECTIVES,
-                         group="objective")  # fmt: skip
+    objective: str = arg(
+        "flow",
+        "what the network learns: one of objectives.OBJECTIVES (flow: flow matching); each "
+        "has its own flags, listed by --objective NAME --help",
+        choices=OBJECTIVES,
+        group="objective",
+    )
     objective_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # the objective's own flags
 
     nested = {"objective_args": ("objective", OBJECTIVES)}

@@ -59,8 +59,12 @@ class FlowMatching(Objective):
     t_std: float = arg(1.0, "logit-normal scale s in t = sigmoid(m + s n) (SD3)", gt=0)
     ot: bool = arg(False, "exact minibatch OT pairing (OT-CFM)")
     # None: the value of train.py's --recipe (0 without one).
-    cosine_loss_weight: float | None = arg(None, "weight w of the velocity-direction loss w (1 - cos(v_pred, u_t)) "
-                                           "(LightningDiT); default: the recipe's (0 for dit)", min=0)  # fmt: skip
+    cosine_loss_weight: float | None = arg(
+        None,
+        "weight w of the velocity-direction loss w (1 - cos(v_pred, u_t)) "
+        "(LightningDiT); default: the recipe's (0 for dit)",
+        min=0,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,9 +78,12 @@ class FlowMatching(Objective):
         self.matcher = matcher(sigma=self.sigma)
 
     def sample_path(
-        self, x1: torch.Tensor, y: torch.Tensor | None = None, x0: torch.Tensor | None = None,
+        self,
+        x1: torch.Tensor,
+        y: torch.Tensor | None = None,
+        x0: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Points on the path and their targets for data x1 (N, C, H, W) with labels y (N,).
 
         x0 (noise, default N(0, I)) and t (N,) (default from the t sampler) may be given.

@@ -96,25 +96,36 @@ class ImprovedMeanFlow(Objective):
 
     sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
 
-    t_mean: float = arg(0.4, "logit-normal location m of both times, t = sigmoid(m + s n) (the paper's -0.4 with "
-                        "noise at t=1 is +0.4 here, t=1 data)", group="objective")  # fmt: skip
+    t_mean: float = arg(
+        0.4,
+        "logit-normal location m of both times, t = sigmoid(m + s n) (the paper's -0.4 with "
+        "noise at t=1 is +0.4 here, t=1 data)",
+        group="objective",
+    )
     t_std: float = arg(1.0, "logit-normal scale s of both times", gt=0)
-    imf_equal_fraction: float = arg(0.5, "fraction of each batch with equal times (the flow-matching rows)", min=0,
-                                    max=1)  # fmt: skip
-    imf_velocity_weight: float = arg(1.0, "weight of the flow-matching rows' loss (the velocity term) against the "
-                                     "rows with s < t", min=0)  # fmt: skip
+    imf_equal_fraction: float = arg(
+        0.5, "fraction of each batch with equal times (the flow-matching rows)", min=0, max=1
+    )
+    imf_velocity_weight: float = arg(
+        1.0, "weight of the flow-matching rows' loss (the velocity term) against the rows with s < t", min=0
+    )
     imf_weight_power: float = arg(1.0, "adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)", min=0)
     imf_weight_eps: float = arg(0.01, "the c of the adaptive weight", gt=0)
-    imf_guidance_max: float = arg(8.0, "top w_max of the guidance scales trained on, [1, w_max], log-uniform (1: no "
-                                  "guidance input; the network then samples with ordinary CFG)")  # fmt: skip
-    imf_guidance_fraction: float = arg(1.0, "fraction of each batch whose guidance scale is drawn from [1, w_max] "
-                                       "(the rest: w = 1)", min=0, max=1)  # fmt: skip
+    imf_guidance_max: float = arg(
+        8.0,
+        "top w_max of the guidance scales trained on, [1, w_max], log-uniform (1: no "
+        "guidance input; the network then samples with ordinary CFG)",
+    )
+    imf_guidance_fraction: float = arg(
+        1.0, "fraction of each batch whose guidance scale is drawn from [1, w_max] (the rest: w = 1)", min=0, max=1
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (self.imf_guidance_max >= 1.0 and math.isfinite(self.imf_guidance_max)):
-            raise ConfigError(f"imf_guidance_max must be a finite number >= 1 (the range is [1, w_max]), got "
-                              f"{self.imf_guidance_max}")  # fmt: skip
+            raise ConfigError(
+                f"imf_guidance_max must be a finite number >= 1 (the range is [1, w_max]), got {self.imf_guidance_max}"
+            )
         self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
         self._use_fd = False  # set, with one warning, if forward-mode AD fails
 
@@ -125,8 +136,11 @@ class ImprovedMeanFlow(Objective):
 
     def network_options(self) -> dict[str, Any]:
         """An interval input, t embedded unscaled (MeanFlow's reasons) and, when guided, the guidance input."""
-        return {"average_velocity": True, "time_scale": 1.0, "guidance_max": self.imf_guidance_max if self.guided
-                else 0.0}  # fmt: skip
+        return {
+            "average_velocity": True,
+            "time_scale": 1.0,
+            "guidance_max": self.imf_guidance_max if self.guided else 0.0,
+        }
 
     def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """MeanFlow's ``interval_times`` with this objective's times and fraction of rows with s = t."""
@@ -149,17 +163,29 @@ class ImprovedMeanFlow(Objective):
         return torch.cat([draw[:gk], one[: k - gk], draw[gk:], one[k - gk :]])
 
     def velocity(
-        self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None, w: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        y: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The network's velocity estimate u(x, s, s | y, w) (N, C, H, W), no graph: the tangent and v_c, v_u."""
         with torch.no_grad():
             return _call(unwrap_model(model), x, s, y, torch.zeros_like(s), drop_mask, w)
 
     def total_derivative(
-        self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, tangent: torch.Tensor,
-        y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None, w: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        tangent: torch.Tensor,
+        y: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """D u = tangent . du/dx + du/ds of u(x, s, t | y, w) (N, C, H, W), no graph: a forward-mode JVP, or a
         finite difference from the first time that fails (one warning)."""
         if not self._use_fd:
@@ -170,14 +196,22 @@ class ImprovedMeanFlow(Objective):
             except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
                 self._use_fd = True
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.warn(f"iMF: forward-mode AD failed ({first}); using a finite-difference derivative from "
-                              "now on", stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"iMF: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
+                    stacklevel=2,
+                )
         return total_derivative_fd(model, x, s, t, tangent, y, drop_mask, guidance=w)
 
     def velocity_estimate(
-        self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None, w: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The compound V = u(x, s, t) - (t - s) sg(D u) (N, C, H, W) with the network's own velocity as the tangent,
         the gradient through u; what ``loss`` regresses onto the (guided) per-sample velocity, row by row."""
         tangent = self.velocity(model, x, s, y, drop_mask, w)
@@ -186,9 +220,15 @@ class ImprovedMeanFlow(Objective):
         return u - _expand(t - s, u) * duds.to(u.dtype)
 
     def loss(
-        self, model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None = None, *,
-        x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
-    ) -> LossTerms:  # fmt: skip
+        self,
+        model: nn.Module,
+        x1: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        x0: torch.Tensor | None = None,
+        s: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> LossTerms:
         """iMF loss for data x1 (N, C, H, W) with labels y (N,) (None for an unconditional model, unguided only).
 
         model may be wrapped by DDP and/or torch.compile: the prediction goes through it, the other passes through
@@ -200,8 +240,10 @@ class ImprovedMeanFlow(Objective):
         if getattr(plain, "average_velocity", None) is False:
             raise ValueError("the iMF objective needs a network with an interval input (network_options())")
         if self.guided and (y is None or not getattr(plain, "guidance_max", 1.0)):
-            raise ValueError("iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
-                             "with a guidance input (network_options())")  # fmt: skip
+            raise ValueError(
+                "iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
+                "with a guidance input (network_options())"
+            )
         if (s is None) != (t is None):
             raise ValueError("give both times s and t, or neither")
         n = x1.shape[0]
@@ -235,8 +277,11 @@ class ImprovedMeanFlow(Objective):
         tangent = v_u = None
         if k + g > 0:
             yy = None if y is None else pick(y)
-            dd = None if drop_mask is None else torch.cat([drop_mask[:k], torch.ones(g, dtype=torch.bool,
-                                                                                     device=x1.device)])  # fmt: skip
+            dd = (
+                None
+                if drop_mask is None
+                else torch.cat([drop_mask[:k], torch.ones(g, dtype=torch.bool, device=x1.device)])
+            )
             ww = None if w is None else torch.cat([w[:k], torch.ones(g, device=x1.device)])
             out = self.velocity(plain, pick(xs), pick(s), yy, dd, ww).to(v.dtype)
             tangent, v_u = out[:k], out[k:]

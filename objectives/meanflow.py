@@ -85,9 +85,15 @@ def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> torc
 
 
 def average_velocity_jvp(
-    model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-    y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    model: nn.Module,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor | None = None,
+    drop_mask: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """u(x, s, t) and its total derivative d/ds u = v . du/dx + du/ds (both (N, C, H, W), no graph).
 
     The forward-mode JVP of (x, s, t) -> model(x, s, y, interval=t - s) with tangent (v, 1, 0), on the plain
@@ -107,10 +113,16 @@ def average_velocity_jvp(
 
 
 def total_derivative_fd(
-    model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-    y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None, eps: float = 5e-3,
+    model: nn.Module,
+    x: torch.Tensor,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    v: torch.Tensor,
+    y: torch.Tensor | None = None,
+    drop_mask: torch.Tensor | None = None,
+    eps: float = 5e-3,
     guidance: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """d/ds u of ``average_velocity_jvp`` by a central finite difference along (v, 1, 0), in float32 (autocast
     off): the fallback where forward-mode AD fails. Two ordinary forwards; error O(eps^2) plus float32 rounding
     over eps (about 1e-4 relative at eps 5e-3)."""
@@ -122,8 +134,9 @@ def total_derivative_fd(
     return (up - um) / (2 * eps)
 
 
-def interval_times(n: int, t_mean: float, t_std: float, equal_fraction: float,
-                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def interval_times(
+    n: int, t_mean: float, t_std: float, equal_fraction: float, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Current times s (n,) and end times t (n,), s <= t, both logit-normal; the last round(n * equal_fraction)
     rows have t = s exactly (the rows with s < t come first, so the JVP can skip the rest without a sync)."""
     a = sample_t(n, "logit-normal", t_mean, t_std, device=device)
@@ -139,16 +152,21 @@ class MeanFlow(Objective):
 
     sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
 
-    t_mean: float = arg(0.4, "logit-normal location m of both times, t = sigmoid(m + s n) (the paper's -0.4 with "
-                        "noise at t=1 is +0.4 here, t=1 data)", group="objective")  # fmt: skip
+    t_mean: float = arg(
+        0.4,
+        "logit-normal location m of both times, t = sigmoid(m + s n) (the paper's -0.4 with "
+        "noise at t=1 is +0.4 here, t=1 data)",
+        group="objective",
+    )
     t_std: float = arg(1.0, "logit-normal scale s of both times", gt=0)
     mf_equal_fraction: float = arg(0.75, "fraction of each batch with equal times (flow matching rows)", min=0, max=1)
     mf_weight_power: float = arg(1.0, "adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)", min=0)
     mf_weight_eps: float = arg(1e-3, "the c of the adaptive weight", gt=0)
     mf_omega: float = arg(1.0, "training-time guidance scale omega (1: off)", gt=0)
     mf_kappa: float = arg(0.0, "training-time guidance kappa (0: off)", min=0, lt=1)
-    mf_guidance_interval: tuple[float, float] = arg((0.0, 1.0), "apply training-time guidance only for s in "
-                                                    "[LO, HI]", metavar=("LO", "HI"))  # fmt: skip
+    mf_guidance_interval: tuple[float, float] = arg(
+        (0.0, 1.0), "apply training-time guidance only for s in [LO, HI]", metavar=("LO", "HI")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -176,9 +194,14 @@ class MeanFlow(Objective):
         return n - round(n * self.mf_equal_fraction)
 
     def guided_velocity(
-        self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, v: torch.Tensor, y: torch.Tensor,
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        v: torch.Tensor,
+        y: torch.Tensor,
         drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """v~ = omega v + kappa u(x, s, s | y) + (1 - omega - kappa) u(x, s, s | null) (N, C, H, W), no graph.
 
         Rows with a dropped label (drop_mask) or s outside mf_guidance_interval keep v. Needs a class-conditional
@@ -204,9 +227,15 @@ class MeanFlow(Objective):
         return torch.where(_expand(active, v), mixed, v)
 
     def target(
-        self, model: nn.Module, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor, v: torch.Tensor,
-        y: torch.Tensor | None = None, drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        v: torch.Tensor,
+        y: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The regression target sg(v + (t - s) d/ds u(x, s, t)) (N, C, H, W) at points x (N, C, H, W) of time s (N,).
 
         v (N, C, H, W) is the velocity at (x, s): the per-sample x1 - x0 (or its guided v~) in training, or the
@@ -222,15 +251,23 @@ class MeanFlow(Objective):
             except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
                 self._use_fd = True
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.warn(f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative "
-                              "from now on", stacklevel=2)  # fmt: skip
+                warnings.warn(
+                    f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
+                    stacklevel=2,
+                )
                 duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
         return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 
     def loss(
-        self, model: nn.Module, x1: torch.Tensor, y: torch.Tensor | None = None, *,
-        x0: torch.Tensor | None = None, s: torch.Tensor | None = None, t: torch.Tensor | None = None,
-    ) -> LossTerms:  # fmt: skip
+        self,
+        model: nn.Module,
+        x1: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        x0: torch.Tensor | None = None,
+        s: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+    ) -> LossTerms:
         """MeanFlow loss for data x1 (N, C, H, W) with labels y (N,) (None for an unconditional model).
 
         model may be wrapped by DDP and/or torch.compile: the prediction goes through it, the target through the
@@ -265,8 +302,15 @@ class MeanFlow(Objective):
             v = self.guided_velocity(plain, xs, s, v, y, drop_mask)
         target = v
         if k > 0:
-            head = self.target(plain, xs[:k], s[:k], t[:k], v[:k], None if y is None else y[:k],
-                               None if drop_mask is None else drop_mask[:k])  # fmt: skip
+            head = self.target(
+                plain,
+                xs[:k],
+                s[:k],
+                t[:k],
+                v[:k],
+                None if y is None else y[:k],
+                None if drop_mask is None else drop_mask[:k],
+            )
             target = torch.cat([head, v[k:]]) if k < n else head
         pred = _call(model, xs, s, y, t - s, drop_mask)
         err = (pred.float() - target.float()).square().flatten(1)  # (N, D)

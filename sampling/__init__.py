@@ -4,5 +4,14 @@ methods and time grids live in ``sampling.solvers``."""
 from sampling.sampler import Sampler, Samples, SamplingOptions, sampling_options, seeded_labels, seeded_noise
 from sampling.solvers import FIXED_GRID_SOLVERS, SOLVERS, time_grid
 
-__all__ = ["FIXED_GRID_SOLVERS", "SOLVERS", "Sampler", "Samples", "SamplingOptions", "sampling_options",
-           "seeded_labels", "seeded_noise", "time_grid"]  # fmt: skip
+__all__ = [
+    "FIXED_GRID_SOLVERS",
+    "SOLVERS",
+    "Sampler",
+    "Samples",
+    "SamplingOptions",
+    "sampling_options",
+    "seeded_labels",
+    "seeded_noise",
+    "time_grid",
+]

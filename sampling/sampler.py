@@ -38,9 +38,12 @@ DEFAULT_METHOD = Objective.sample_method  # for a network without a checkpoint (
 
 METHOD_HELP = (
     "sampling method (default: the sample_method of the checkpoint's objective; heun for a bare network). "
-    "Fixed-grid, NFE = steps x: " + "; ".join(f"{name} {s.nfe_per_step} ({s.about})" for name, s in SOLVERS.items())
-    + "; " + ", ".join(ADAPTIVE) + ": adaptive ODE solver (rtol, atol), NFE its own"
-)  # fmt: skip
+    "Fixed-grid, NFE = steps x: "
+    + "; ".join(f"{name} {s.nfe_per_step} ({s.about})" for name, s in SOLVERS.items())
+    + "; "
+    + ", ".join(ADAPTIVE)
+    + ": adaptive ODE solver (rtol, atol), NFE its own"
+)
 
 
 @dataclass(kw_only=True)
@@ -51,22 +54,32 @@ class SamplingOptions(Config):
     steps: int = arg(50, "steps on the time grid (not dopri5)", min=1, group="sampling")
     method: str | None = arg(None, METHOD_HELP, choices=METHODS)
     grid: str = arg("uniform", "time grid of the fixed-grid methods", choices=GRIDS)
-    grid_shift: float = arg(3.0, "shift s of --grid shifted: s > 1 puts more steps near the data (t=1); this is "
-                            "SD3/Flux's shift run the other way (their shift > 1 puts steps near the noise): s here is "
-                            "their 1/shift", gt=0)  # fmt: skip
+    grid_shift: float = arg(
+        3.0,
+        "shift s of --grid shifted: s > 1 puts more steps near the data (t=1); this is "
+        "SD3/Flux's shift run the other way (their shift > 1 puts steps near the noise): s here is "
+        "their 1/shift",
+        gt=0,
+    )
     cfg_scale: float = arg(1.0, "classifier-free guidance scale; 1 disables it")
     guidance_interval: tuple[float, float] = arg(
-        (0.0, 1.0), "apply guidance only for t in [T_LO, T_HI] (Kynkäänniemi et al. 2024); t=0 noise, t=1 data",
+        (0.0, 1.0),
+        "apply guidance only for t in [T_LO, T_HI] (Kynkäänniemi et al. 2024); t=0 noise, t=1 data",
         metavar=("T_LO", "T_HI"),
-    )  # fmt: skip
+    )
     rtol: float = arg(1e-5, "dopri5 relative tolerance", gt=0)
     atol: float = arg(1e-5, "dopri5 absolute tolerance", gt=0)
-    precision: str = arg("auto", "network precision: auto is bf16 autocast on CUDA, fp32 elsewhere; the ODE state "
-                         "stays float32", choices=PRECISIONS)  # fmt: skip
+    precision: str = arg(
+        "auto",
+        "network precision: auto is bf16 autocast on CUDA, fp32 elsewhere; the ODE state stays float32",
+        choices=PRECISIONS,
+    )
     batch_size: int = arg(256, "samples per forward batch (bounds memory)", min=1)
     max_frames: int = arg(50, "at most this many trajectory frames (GIFs)", min=2)
-    decode: bool = arg(True, "latent models: decode the samples to images through the checkpoint's VAE (--no-decode: "
-                       "return the latents)")  # fmt: skip
+    decode: bool = arg(
+        True,
+        "latent models: decode the samples to images through the checkpoint's VAE (--no-decode: return the latents)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,8 +203,14 @@ class Sampler:
         self._check_scale(self.options)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, ema: bool = True, device: str | torch.device = "auto",
-                        vae: str | None = None, **options: Any) -> Sampler:  # fmt: skip
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        ema: bool = True,
+        device: str | torch.device = "auto",
+        vae: str | None = None,
+        **options: Any,
+    ) -> Sampler:
         """A Sampler for the DiT of a training checkpoint, with its EMA (default) or raw weights, on device
         ("auto", "cpu", "cuda", "cuda:N" or "mps"; the file loads on any device whatever device saved it).
         Without a ``method`` (or with None) it samples with its objective's ``sample_method``. A latent DiT's
@@ -218,8 +237,14 @@ class Sampler:
             f"precision {o.precision}, batch {o.batch_size})"
         )
 
-    def velocity(self, x: torch.Tensor, t: float, y: torch.Tensor | None = None, interval: float | None = None,
-                 options: SamplingOptions | None = None) -> torch.Tensor:  # fmt: skip
+    def velocity(
+        self,
+        x: torch.Tensor,
+        t: float,
+        y: torch.Tensor | None = None,
+        interval: float | None = None,
+        options: SamplingOptions | None = None,
+    ) -> torch.Tensor:
         """Guided velocity (N, C, H, W) at states x (N, C, H, W), one time t and labels y (N,) (None for an
         unconditional model), in the state's dtype; inputs are checked (one-line ValueErrors).
 
@@ -230,8 +255,10 @@ class Sampler:
         """
         o = options or self.options
         if x.ndim != 4 or tuple(x.shape[1:]) != self._image_shape() or not x.is_floating_point():
-            raise ValueError(f"x must be a float tensor of shape (N, {', '.join(map(str, self._image_shape()))}), "
-                             f"got {tuple(x.shape)} {x.dtype}")  # fmt: skip
+            raise ValueError(
+                f"x must be a float tensor of shape (N, {', '.join(map(str, self._image_shape()))}), "
+                f"got {tuple(x.shape)} {x.dtype}"
+            )
         if not isinstance(t, int | float) and not (isinstance(t, torch.Tensor) and t.numel() == 1):
             got = f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"t must be one number, got {got}")
@@ -241,8 +268,9 @@ class Sampler:
         y = self._labels(y, x.shape[0], o)
         return self._velocity(x, t, None if y is None else y.to(x.device), interval, o)
 
-    def _velocity(self, x: torch.Tensor, t: float, y: torch.Tensor | None, interval: float | None,
-                  o: SamplingOptions) -> torch.Tensor:  # fmt: skip
+    def _velocity(
+        self, x: torch.Tensor, t: float, y: torch.Tensor | None, interval: float | None, o: SamplingOptions
+    ) -> torch.Tensor:
         """``velocity`` without the checks: the solvers' inner loop."""
         lo, hi = o.guidance_interval
         scale = o.cfg_scale if lo <= float(t) <= hi else 1.0
@@ -258,10 +286,18 @@ class Sampler:
         return v.to(x.dtype)  # the ODE state never drops to the network's bf16
 
     @torch.inference_mode()
-    def generate(self, n: int, y: torch.Tensor | Sequence[int] | int | None = None, *,
-                 noise: torch.Tensor | None = None, seed: int | None = None, trajectory: bool = False,
-                 progress: bool = False, should_stop: Callable[[], bool] | None = None,
-                 **options: Any) -> Samples:  # fmt: skip
+    def generate(
+        self,
+        n: int,
+        y: torch.Tensor | Sequence[int] | int | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        trajectory: bool = False,
+        progress: bool = False,
+        should_stop: Callable[[], bool] | None = None,
+        **options: Any,
+    ) -> Samples:
         """Generate n images (n, C, H, W) in [0, 1] and what the call did (``Samples``).
 
         y: labels (n,) of any integer dtype, or one int for every sample; None draws uniform random classes for a
@@ -305,10 +341,14 @@ class Sampler:
         finally:
             self.model.train(was_training)
         return Samples(
-            images=torch.cat(images), labels=y, trajectory=torch.cat(kept_frames, dim=1) if frames else None,
-            nfe=max(nfe_per_chunk), nfe_per_chunk=nfe_per_chunk, seed=seed,
+            images=torch.cat(images),
+            labels=y,
+            trajectory=torch.cat(kept_frames, dim=1) if frames else None,
+            nfe=max(nfe_per_chunk),
+            nfe_per_chunk=nfe_per_chunk,
+            seed=seed,
             precision=resolve_precision(o.precision, self.device),
-        )  # fmt: skip
+        )
 
     def to_images(self, x: torch.Tensor, options: SamplingOptions | None = None) -> torch.Tensor:
         """Final states x (n, C, H, W) -> images float32 in [0, 1]: decoded by a latent model's VAE, else mapped from
@@ -319,8 +359,10 @@ class Sampler:
         if not o.decode:
             return x.float()
         if self.decoder is None:
-            raise ValueError("this latent model has no decoder: pass decoder= (a models.vae.LatentCodec), load it with "
-                             "Sampler.from_checkpoint, or sample with decode=False")  # fmt: skip
+            raise ValueError(
+                "this latent model has no decoder: pass decoder= (a models.vae.LatentCodec), load it with "
+                "Sampler.from_checkpoint, or sample with decode=False"
+            )
         return self.decoder.decode(x)
 
     def trajectory_images(self, trajectory: torch.Tensor, max_frames: int | None = None) -> torch.Tensor:
@@ -345,23 +387,33 @@ class Sampler:
         y = each.repeat_interleave(n_per_class)
         return self.generate(len(y), y, **kwargs)
 
-    def sample(self, n: int, y: torch.Tensor | Sequence[int] | int | None = None, *, noise: torch.Tensor | None = None,
-               seed: int | None = None, return_trajectory: bool = False, progress: bool = False,
-               **options: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def sample(
+        self,
+        n: int,
+        y: torch.Tensor | Sequence[int] | int | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        seed: int | None = None,
+        return_trajectory: bool = False,
+        progress: bool = False,
+        **options: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``generate``'s images (n, C, H, W) in [0, 1]; with return_trajectory=True (images, trajectory (K, n, C,
         H, W)). For notebooks: ``generate`` also returns the labels, NFE, seed and precision."""
         out = self.generate(n, y, noise=noise, seed=seed, trajectory=return_trajectory, progress=progress, **options)
         return (out.images, out.trajectory) if return_trajectory else out.images
 
-    def sample_each_class(self, n_per_class: int, *, return_trajectory: bool = False,
-                          **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def sample_each_class(
+        self, n_per_class: int, *, return_trajectory: bool = False, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``generate_each_class``'s images (classes * n_per_class, C, H, W), with return_trajectory=True also the
         trajectory (K, classes * n_per_class, C, H, W)."""
         out = self.generate_each_class(n_per_class, trajectory=return_trajectory, **kwargs)
         return (out.images, out.trajectory) if return_trajectory else out.images
 
-    def _integrate(self, x: torch.Tensor, y: torch.Tensor | None, ts: list[float], frames: list[int],
-                   o: SamplingOptions) -> tuple[torch.Tensor, list[torch.Tensor], int]:  # fmt: skip
+    def _integrate(
+        self, x: torch.Tensor, y: torch.Tensor | None, ts: list[float], frames: list[int], o: SamplingOptions
+    ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE."""
         nfe = 0
 
@@ -391,8 +443,9 @@ class Sampler:
     def _image_shape(self) -> tuple[int, int, int]:
         return self.in_channels, self.input_size, self.input_size
 
-    def _check(self, n: int, y: Any, noise: torch.Tensor | None, seed: int | None,
-               o: SamplingOptions) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:  # fmt: skip
+    def _check(
+        self, n: int, y: Any, noise: torch.Tensor | None, seed: int | None, o: SamplingOptions
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int | None]:
         """One-line ValueErrors for arguments that cannot work; labels (n,) int64 on the CPU and the seed."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
@@ -401,11 +454,14 @@ class Sampler:
         self._check_scale(o)
         solver = SOLVERS.get(o.method)
         if solver is not None and solver.average_velocity and not self.average_velocity:
-            raise ValueError(f"method {o.method!r} needs an average-velocity network (one trained with an objective "
-                             f"whose sample_method is {o.method!r})")  # fmt: skip
+            raise ValueError(
+                f"method {o.method!r} needs an average-velocity network (one trained with an objective "
+                f"whose sample_method is {o.method!r})"
+            )
         expected = (n, *self._image_shape())
-        if noise is not None and (not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected
-                                  or not noise.is_floating_point()):  # fmt: skip
+        if noise is not None and (
+            not isinstance(noise, torch.Tensor) or tuple(noise.shape) != expected or not noise.is_floating_point()
+        ):
             got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise must be a float tensor of shape {expected}, got {got}")
         random_labels = self.num_classes > 0 and y is None
@@ -418,8 +474,10 @@ class Sampler:
         """A one-line ValueError for a guidance scale outside the range a guidance-input network was trained on."""
         if self.guidance_range is not None and not self.guidance_range[0] <= o.cfg_scale <= self.guidance_range[1]:
             lo, hi = self.guidance_range
-            raise ValueError(f"cfg_scale {o.cfg_scale:g} is outside [{lo:g}, {hi:g}], the guidance scales this network "
-                             "takes as an input and was trained on")  # fmt: skip
+            raise ValueError(
+                f"cfg_scale {o.cfg_scale:g} is outside [{lo:g}, {hi:g}], the guidance scales this network "
+                "takes as an input and was trained on"
+            )
 
     def _labels(self, y: Any, n: int, o: SamplingOptions) -> torch.Tensor | None:
         """Labels y checked against the model: (n,) int64 on the CPU (an int: every sample), None if unconditional."""

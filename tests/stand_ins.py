@@ -57,7 +57,9 @@ def wandb_history(run_dir, timeout: float = 60) -> list[dict]:
                 record.ParseFromString(parts)
                 kinds.add(record.WhichOneof("record_type"))
                 if record.WhichOneof("record_type") == "history":
-                    rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+                    rows.append(
+                        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                    )
                 parts = b""
         if "exit" in kinds or time.monotonic() > deadline:
             return rows

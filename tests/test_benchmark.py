@@ -20,9 +20,22 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def tiny(**overrides) -> BenchConfig:
     cfg = BenchConfig(
-        model="DiT-XS/2", hidden_size=32, depth=1, num_heads=2, image_size=8, batch_size=4, steps=2, warmup=1,
-        num_images=16, sample_steps=2, sample_n=3, cfg_scale=3.0, peak_seconds=0.05, threads=1, device="cpu",
-    )  # fmt: skip
+        model="DiT-XS/2",
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        image_size=8,
+        batch_size=4,
+        steps=2,
+        warmup=1,
+        num_images=16,
+        sample_steps=2,
+        sample_n=3,
+        cfg_scale=3.0,
+        peak_seconds=0.05,
+        threads=1,
+        device="cpu",
+    )
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -33,12 +46,37 @@ def test_the_benchmark_times_train_pys_own_step(objective, args, tmp_path):
     """3 steps of the benchmark and 3 steps of train.py from the same seed and settings: the same weights, bit for
     bit (the benchmark counts its host syncs on the last warm-up step, which trains like the others)."""
     model = dict(model="DiT-XS/2", hidden_size=32, depth=1, num_heads=2, num_registers=2, class_dropout=0.2)
-    same = dict(image_size=8, channels=1, flip=False, batch_size=16, lr=2e-3, ema_decay=0.9, grad_clip=0.5, seed=3,
-                objective=objective, objective_args=args, compile=False, precision="fp32", device="cpu", **model)  # fmt: skip
-    run = train.main(train.TrainConfig(
-        dataset="digits", steps=3, warmup=0, sample_every=0, fid_every=0, ckpt_every=0, log_every=1,
-        out=str(tmp_path / "run"), wandb="disabled", num_workers=0, **same,
-    ))  # fmt: skip
+    same = dict(
+        image_size=8,
+        channels=1,
+        flip=False,
+        batch_size=16,
+        lr=2e-3,
+        ema_decay=0.9,
+        grad_clip=0.5,
+        seed=3,
+        objective=objective,
+        objective_args=args,
+        compile=False,
+        precision="fp32",
+        device="cpu",
+        **model,
+    )
+    run = train.main(
+        train.TrainConfig(
+            dataset="digits",
+            steps=3,
+            warmup=0,
+            sample_every=0,
+            fid_every=0,
+            ckpt_every=0,
+            log_every=1,
+            out=str(tmp_path / "run"),
+            wandb="disabled",
+            num_workers=0,
+            **same,
+        )
+    )
     cfg = BenchConfig(dataset="digits", num_classes=10, warmup=1, steps=2, sample=False, **same)
     row, trained = bench_train(cfg, torch.device("cpu"), "fp32", make_dataset(cfg))
     for (name, a), b in zip(run["model"].state_dict().items(), trained.state_dict().values(), strict=True):
@@ -112,9 +150,15 @@ def test_official_reference_equals_dit_without_registers_and_qk_norm():
     # The reference is the same function as the project's DiT with its additions off: same weights, same output.
     torch.manual_seed(0)
     ours = DiT_models["DiT-XS/2"](
-        input_size=8, in_channels=3, num_classes=10, hidden_size=32, depth=2, num_heads=2, num_registers=0,
+        input_size=8,
+        in_channels=3,
+        num_classes=10,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_registers=0,
         qk_norm=False,
-    )  # fmt: skip
+    )
     ref = official_dit("DiT-XS/2", input_size=8, in_channels=3, num_classes=10, hidden_size=32, depth=2, num_heads=2)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

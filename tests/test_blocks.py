@@ -156,8 +156,10 @@ def test_lightning_resumes_bit_exactly_and_refuses_another_recipe(tmp_path):
 
 
 def test_explicit_flags_override_the_recipe():
-    cfg = train.resolve(train.parse_args(["--recipe", "lightning", "--no-rope", "--cosine-loss-weight", "0",
-                                          "--adam-beta2", "0.99"]), torch.device("cpu"))  # fmt: skip
+    cfg = train.resolve(
+        train.parse_args(["--recipe", "lightning", "--no-rope", "--cosine-loss-weight", "0", "--adam-beta2", "0.99"]),
+        torch.device("cpu"),
+    )
     assert (cfg.mlp, cfg.norm, cfg.rope, cfg.class_tokens, cfg.adam_beta2) == ("swiglu", "rmsnorm", False, 0, 0.99)
     assert cfg.objective_args["cosine_loss_weight"] == 0
     meanflow = train.resolve(

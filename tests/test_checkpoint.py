@@ -87,8 +87,18 @@ def test_garbage_and_missing_files(tmp_path):
 def test_a_damaged_file_is_described_and_the_newest_readable_one_found(tmp_path):
     model, ema, opt, stream = run_objects(seed=0)
     for step in (4, 8):
-        state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=step, skipped_steps=0,
-                               config={}, rng=[rng_state()], world_size=1, wandb_id=None)  # fmt: skip
+        state = training_state(
+            model=model,
+            ema=ema,
+            optimizer=opt,
+            stream=stream,
+            step=step,
+            skipped_steps=0,
+            config={},
+            rng=[rng_state()],
+            world_size=1,
+            wandb_id=None,
+        )
         save_checkpoint(state, tmp_path / f"{step:07d}.pt")
     data = (tmp_path / "0000008.pt").read_bytes()
     (tmp_path / "0000008.pt").write_bytes(data[: len(data) - 100])  # the end cut off, as a full disk or a kill
@@ -118,8 +128,18 @@ def test_training_state_holds_every_key_and_restores_every_object(tmp_path):
         opt.zero_grad()
         ema.update(model)
     config = {"dataset": "digits", "batch_size": 16}
-    state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=3, skipped_steps=1, config=config,
-                           rng=[rng_state()], world_size=1, wandb_id="abc")  # fmt: skip
+    state = training_state(
+        model=model,
+        ema=ema,
+        optimizer=opt,
+        stream=stream,
+        step=3,
+        skipped_steps=1,
+        config=config,
+        rng=[rng_state()],
+        world_size=1,
+        wandb_id="abc",
+    )
     assert set(state) == set(TRAINING_KEYS + OPTIONAL_KEYS)  # the module docstring lists exactly these
     save_checkpoint(state, tmp_path / "c.pt")
     loaded = load_checkpoint(tmp_path / "c.pt")
@@ -129,8 +149,9 @@ def test_training_state_holds_every_key_and_restores_every_object(tmp_path):
         assert torch.equal(v, ema.model.state_dict()[k])
 
     model2, ema2, opt2, stream2 = run_objects(seed=1)
-    resumed = restore_training_state(loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0,
-                                     world_size=1)  # fmt: skip
+    resumed = restore_training_state(
+        loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0, world_size=1
+    )
     assert (resumed.step, resumed.skipped_steps, resumed.wandb_id) == (3, 1, "abc") and resumed.rng is not None
     assert ema2.num_updates == 3 and stream2.state_dict() == stream.state_dict()
     for a, b in ((model, model2), (ema.model, ema2.model)):
@@ -139,16 +160,25 @@ def test_training_state_holds_every_key_and_restores_every_object(tmp_path):
     assert torch.equal(next(stream)[0], next(stream2)[0])  # the same next batch
 
     # Another number of processes: the next epoch, and fresh generators.
-    other = restore_training_state(loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0,
-                                   world_size=2)  # fmt: skip
+    other = restore_training_state(loaded, model=model2, ema=ema2, optimizer=opt2, stream=stream2, rank=0, world_size=2)
     assert other.rng is None and stream2.state_dict() == {**stream.state_dict(), "epoch": stream.epoch + 1, "index": 0}
 
 
 def test_check_resume_refuses_weights_only_and_other_settings():
     model, ema, opt, stream = run_objects(seed=0)
     config = {"dataset": "digits", "batch_size": 16}
-    state = training_state(model=model, ema=ema, optimizer=opt, stream=stream, step=0, skipped_steps=0, config=config,
-                           rng=[rng_state()], world_size=1, wandb_id=None)  # fmt: skip
+    state = training_state(
+        model=model,
+        ema=ema,
+        optimizer=opt,
+        stream=stream,
+        step=0,
+        skipped_steps=0,
+        config=config,
+        rng=[rng_state()],
+        world_size=1,
+        wandb_id=None,
+    )
     with pytest.raises(CheckpointError, match="weights only"):
         check_resume({k: state[k] for k in ("model_config", "model", "ema")}, config, model.config)
     with pytest.raises(ConfigError, match="--batch-size 16 -> 32"):

@@ -521,8 +521,12 @@ def test_a_dataset_registered_with_one_line_is_built_and_accepted_by_the_config(
 
 
 def test_in_memory_is_declared_by_each_dataset_class(image_folder):
-    assert {name: cls.in_memory for name, cls in DATASETS.items()} == {"cifar10": True, "folder": False, "digits": True,
-                                                                   "latents": True}
+    assert {name: cls.in_memory for name, cls in DATASETS.items()} == {
+        "cifar10": True,
+        "folder": False,
+        "digits": True,
+        "latents": True,
+    }
     digits = build_dataset("digits", image_size=8, channels=1)
     folder = build_dataset("folder", root=image_folder, image_size=8, channels=3)
     assert isinstance(digits, DATASETS["digits"]) and isinstance(folder, DATASETS["folder"])
@@ -560,9 +564,10 @@ def test_fingerprint_of_tensors_follows_the_images():
     b.images[3, 0, 1, 2] ^= 1  # one bit of one pixel
     assert b.fingerprint() != fp
     assert TensorImageDataset(a.images[:9], a.labels[:9], a.classes).fingerprint() != fp
-    assert build_dataset("digits", image_size=8, channels=1).fingerprint() != build_dataset(
-        "digits", image_size=8, channels=3
-    ).fingerprint()
+    assert (
+        build_dataset("digits", image_size=8, channels=1).fingerprint()
+        != build_dataset("digits", image_size=8, channels=3).fingerprint()
+    )
 
 
 def test_fingerprint_of_a_folder_follows_its_files(image_folder):

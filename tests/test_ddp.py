@@ -27,8 +27,12 @@ def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = CHILD_ENV
     return subprocess.run(
         [*TORCHRUN, str(ROOT / "train.py"), *FLAGS, "--out", str(out), *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")

@@ -304,4 +304,6 @@ def test_checkpoints_of_the_old_interval_option_rebuild_the_same_network():
     clone = model_from_config(old)
     clone.load_state_dict(model.state_dict())
     x, t, y = inputs()
-    assert clone.config == model.config and torch.equal(clone.eval()(x, t, y, interval=0.3), model(x, t, y, interval=0.3))
+    assert clone.config == model.config and torch.equal(
+        clone.eval()(x, t, y, interval=0.3), model(x, t, y, interval=0.3)
+    )

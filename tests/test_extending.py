@@ -71,10 +71,47 @@ def plugin(tmp_path, monkeypatch):
 
 
 def run(out: Path, steps: int, **overrides) -> dict:
-    flags = ["--objective", "l1", "--huber-c", "0.05", "--dataset", "stripes", "--image-size", "8", "--channels",
-             "1", "--no-flip", "--model", "DiT-XS/2", "--hidden-size", "32", "--depth", "1", "--num-heads", "2",
-             "--batch-size", "16", "--lr", "1e-3", "--warmup", "0", "--steps", str(steps), "--ckpt-every", "2",
-             "--log-every", "1", "--sample-every", "0", "--fid-every", "0", "--wandb", "disabled", "--out", str(out)]  # fmt: skip
+    flags = [
+        "--objective",
+        "l1",
+        "--huber-c",
+        "0.05",
+        "--dataset",
+        "stripes",
+        "--image-size",
+        "8",
+        "--channels",
+        "1",
+        "--no-flip",
+        "--model",
+        "DiT-XS/2",
+        "--hidden-size",
+        "32",
+        "--depth",
+        "1",
+        "--num-heads",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "0",
+        "--steps",
+        str(steps),
+        "--ckpt-every",
+        "2",
+        "--log-every",
+        "1",
+        "--sample-every",
+        "0",
+        "--fid-every",
+        "0",
+        "--wandb",
+        "disabled",
+        "--out",
+        str(out),
+    ]
     for key, value in overrides.items():
         flags += [f"--{key.replace('_', '-')}", value]
     return train.main(train.parse_args(flags))
@@ -82,7 +119,9 @@ def run(out: Path, steps: int, **overrides) -> dict:
 
 def test_a_new_objective_and_dataset_train_resume_and_sample(plugin, tmp_path):
     cfg = train.parse_args(["--objective", "l1", "--huber-c", "0.05", "--dataset", "stripes"])
-    assert isinstance(cfg.build_objective(), plugin.L1Flow) and cfg.objective_args == {"huber_c": 0.05, }
+    assert isinstance(cfg.build_objective(), plugin.L1Flow) and cfg.objective_args == {
+        "huber_c": 0.05,
+    }
     whole = run(tmp_path / "whole", 3)
     assert whole["step"] == 3 and len(whole["losses"]) == 3 and all(loss > 0 for _, loss in whole["losses"])
     part = run(tmp_path / "part", 2)

@@ -49,8 +49,12 @@ def test_the_readme_slurm_script_requeues_only_runs_that_stopped_to_continue(tmp
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     (tmp_path / "job.sh").write_text(slurm_script())
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NODELIST": "node1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node1",
+    }
     job = subprocess.run(["bash", str(tmp_path / "job.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
     requeued = calls.exists() and "requeue 4242" in calls.read_text()
     continues = code in set(EXIT_CODES.values())  # 124 time limit, 130/143/138 SIGINT/SIGTERM/SIGUSR1
@@ -104,8 +108,9 @@ sys.exit(train.cli(sys.argv[1:]))
 def test_a_full_disk_while_checkpointing_is_one_line_naming_the_file_and_keeps_last_pt(tmp_path):
     args = cli_args(tiny(tmp_path / "run", steps=12, ckpt_every=4))
     ckpts = tmp_path / "run/checkpoints"
-    full = subprocess.run([sys.executable, "-c", FULL_DISK, *args], cwd=ROOT, env=CHILD_ENV, capture_output=True,
-                          text=True, timeout=240)  # fmt: skip
+    full = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, *args], cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=240
+    )
     lines = messages(full.stderr)
     assert full.returncode == 1 and len(lines) == 1, full.stderr[-3000:]
     assert lines[0].startswith("train.py: error:") and "no space left" in lines[0].lower(), lines[0]
@@ -140,8 +145,12 @@ def image_folder(root: Path, per_class: int) -> Path:
 
 def met_at_step(n: int, batch_size: int, step: int, seed: int = 0) -> int:
     """The index of an image that the data stream first fetches for the given step (1-based) of a fresh run."""
-    stream = BatchStream(TensorImageDataset(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), torch.arange(n), ["x"]),
-                         batch_size, seed=seed, flip=False)  # fmt: skip
+    stream = BatchStream(
+        TensorImageDataset(torch.zeros(n, 1, 8, 8, dtype=torch.uint8), torch.arange(n), ["x"]),
+        batch_size,
+        seed=seed,
+        flip=False,
+    )
     for _ in range(step):
         _, y = next(stream)
     return int(y[0])
@@ -160,8 +169,16 @@ def test_a_damaged_image_mid_run_checkpoints_the_last_step_and_names_the_file(tm
     assert_one_error_line(code, "\n".join(messages(err)), str(bad), "step 5", str(ckpts / "last.pt"))
     assert load_checkpoint(ckpts / "last.pt")["step"] == 5  # the last finished step, beside the regular one
     # Exact up to there: the same as a run of 5 steps on the undamaged data.
-    train.main(tiny(tmp_path / "ref", dataset="folder", data_path=str(tmp_path / "intact"), data_on_device=None,
-                    steps=5, ckpt_every=4))  # fmt: skip
+    train.main(
+        tiny(
+            tmp_path / "ref",
+            dataset="folder",
+            data_path=str(tmp_path / "intact"),
+            data_on_device=None,
+            steps=5,
+            ckpt_every=4,
+        )
+    )
     assert_same(weights(tmp_path / "ref/checkpoints/last.pt"), weights(ckpts / "last.pt"))
     # Without the file the run continues, on a new epoch over the images that are left, and says so.
     bad.unlink()
@@ -197,8 +214,14 @@ sys.exit(train.cli(sys.argv[2:]))
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_set_up_is_one_line_and_its_exit_code(tmp_path, sig):
     marker = tmp_path / "in-set-up"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SETUP, str(marker), *cli_args(tiny(tmp_path / "run"))],
-                            cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SETUP, str(marker), *cli_args(tiny(tmp_path / "run"))],
+        cwd=ROOT,
+        env=CHILD_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -235,6 +235,7 @@ def test_dataset_statistics_of_an_in_memory_set_fetch_whole_batches(monkeypatch)
     real = build_dataset("digits", image_size=8, channels=1)
     gathers = []
     original = TensorImageDataset.__getitems__
+
     def counted(self, indices):
         gathers.append(len(indices))
         return original(self, indices)
@@ -326,8 +327,10 @@ def test_load_inception_offline_names_the_file_and_folder(tmp_path, monkeypatch)
 
 def test_load_inception_from_a_training_checkpoint_is_one_short_line(tmp_path):
     model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=3)
-    save_checkpoint({"model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
-                     "step": 3}, tmp_path / "last.pt")  # fmt: skip
+    save_checkpoint(
+        {"model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(), "step": 3},
+        tmp_path / "last.pt",
+    )
     (tmp_path / "other.pth").write_bytes(b"not weights at all")
     for path, needle in ((tmp_path / "last.pt", "training checkpoint"), (tmp_path / "other.pth", "Inception-v3")):
         with pytest.raises(FIDError) as e:
@@ -388,8 +391,25 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
         return original_generate(self, n, y, **kw)
 
     monkeypatch.setattr(Sampler, "generate", spy)
-    argv = ["--ckpt", str(ckpt), "--num-samples", "45", "--steps", "2", "--method", "euler", "--batch-size", "16",
-            "--seed", "3", "--stats-dir", str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    argv = [
+        "--ckpt",
+        str(ckpt),
+        "--num-samples",
+        "45",
+        "--steps",
+        "2",
+        "--method",
+        "euler",
+        "--batch-size",
+        "16",
+        "--seed",
+        "3",
+        "--stats-dir",
+        str(tmp_path / "stats"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     cfg = evaluate.parse_args(argv)
     assert cfg.ema and cfg.dataset is None
     result = evaluate.main(cfg, extractor=TinyExtractor())
@@ -408,12 +428,30 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     assert data["step"] == 7 and data["ema"] is True and data["class_balanced"] and data["num_classes"] == 10
     assert data["dataset"] == "digits" and data["split"] == "train" and data["image_size"] == 8
     assert data["channels"] == 1 and data["real_images"] == 1797 and data["feature_dim"] == 16
-    sampling = ("method", "steps", "grid", "grid_shift", "cfg_scale", "guidance_interval", "batch_size", "seed", "rtol",
-                "atol")  # fmt: skip
-    assert {k: data["config"][k] for k in sampling} == {"method": "euler", "steps": 2, "grid": "uniform",
-                                                        "grid_shift": 3.0, "cfg_scale": 1.0,
-                                                        "guidance_interval": [0.0, 1.0], "batch_size": 16, "seed": 3,
-                                                        "rtol": 1e-5, "atol": 1e-5}  # fmt: skip
+    sampling = (
+        "method",
+        "steps",
+        "grid",
+        "grid_shift",
+        "cfg_scale",
+        "guidance_interval",
+        "batch_size",
+        "seed",
+        "rtol",
+        "atol",
+    )
+    assert {k: data["config"][k] for k in sampling} == {
+        "method": "euler",
+        "steps": 2,
+        "grid": "uniform",
+        "grid_shift": 3.0,
+        "cfg_scale": 1.0,
+        "guidance_interval": [0.0, 1.0],
+        "batch_size": 16,
+        "seed": 3,
+        "rtol": 1e-5,
+        "atol": 1e-5,
+    }
     assert data["config"] == json.loads(json.dumps(asdict(cfg))) and "sampling" not in data  # the settings once
     assert data["method"] == "euler" and set(data["versions"]) == {"torch", "torchmetrics", "numpy", "scipy"}
     assert data["versions"]["numpy"] == np.__version__
@@ -464,8 +502,21 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch):
     ckpt = tmp_path / "c.pt"
     tiny_checkpoint(ckpt, tmp_path)
     with pytest.raises(SystemExit) as e:  # the digits are gray: CIFAR-10 does not fit a 1-channel model
-        evaluate.cli(["--ckpt", str(ckpt), "--dataset", "cifar10", "--data-path", str(tmp_path / "none"),
-                      "--stats-dir", str(tmp_path), "--device", "cpu", "--no-progress"])  # fmt: skip
+        evaluate.cli(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--dataset",
+                "cifar10",
+                "--data-path",
+                str(tmp_path / "none"),
+                "--stats-dir",
+                str(tmp_path),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
     assert str(e.value).startswith("error:") and "3 channels" in str(e.value)
 
 
@@ -474,8 +525,23 @@ def test_evaluate_records_the_resolved_precision(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: pytest.fail("Inception must not be loaded"))
     ckpt = tmp_path / "run" / "ckpt.pt"
     tiny_checkpoint(ckpt, tmp_path / "data")
-    argv = ["--ckpt", str(ckpt), "--num-samples", "20", "--steps", "1", "--method", "euler", "--batch-size", "20",
-            "--stats-dir", str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]  # fmt: skip
+    argv = [
+        "--ckpt",
+        str(ckpt),
+        "--num-samples",
+        "20",
+        "--steps",
+        "1",
+        "--method",
+        "euler",
+        "--batch-size",
+        "20",
+        "--stats-dir",
+        str(tmp_path / "stats"),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     auto = evaluate.main(evaluate.parse_args(argv), extractor=TinyExtractor())
     bf16 = evaluate.main(evaluate.parse_args([*argv, "--precision", "bf16"]), extractor=TinyExtractor())
     # auto is fp32 on the CPU; the JSON keeps both what was asked and what ran, and bf16 gets its own file
@@ -497,16 +563,38 @@ def test_evaluate_records_the_resolved_method(tmp_path, monkeypatch):
     for objective in (None, *OBJECTIVES):  # None: an older checkpoint that names no objective (a flow model)
         torch.manual_seed(0)
         network = OBJECTIVES[objective or "flow"]().network_options()
-        model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
-                    **network)  # fmt: skip
+        model = DiT(
+            input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10, **network
+        )
         config = {"dataset": "digits", "data_path": str(tmp_path / "data")}
         if objective is not None:
             config["objective"] = objective
         run = tmp_path / str(objective)
-        save_checkpoint({"model_config": model.config, "model": model.state_dict(), "ema": model.state_dict(),
-                         "step": 1, "config": config}, run / "ckpt.pt")  # fmt: skip
-        argv = ["--ckpt", str(run / "ckpt.pt"), "--num-samples", "10", "--steps", "2", "--batch-size", "10",
-                "--stats-dir", str(tmp_path / "stats"), "--device", "cpu", "--no-progress"]  # fmt: skip
+        save_checkpoint(
+            {
+                "model_config": model.config,
+                "model": model.state_dict(),
+                "ema": model.state_dict(),
+                "step": 1,
+                "config": config,
+            },
+            run / "ckpt.pt",
+        )
+        argv = [
+            "--ckpt",
+            str(run / "ckpt.pt"),
+            "--num-samples",
+            "10",
+            "--steps",
+            "2",
+            "--batch-size",
+            "10",
+            "--stats-dir",
+            str(tmp_path / "stats"),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
         result = evaluate.main(evaluate.parse_args(argv), extractor=TinyExtractor())
         method = OBJECTIVES[objective or "flow"].sample_method
         assert result["method"] == method and result["config"]["method"] is None, objective
@@ -579,8 +667,15 @@ def test_every_rank_asks_should_stop_as_often_and_a_stop_returns_nothing(monkeyp
     asked = []
     for rank in range(2):  # 9 samples: shares of 5 and 4, in 3 and 2 batches of 2
         calls = []
-        generated_statistics(sampler, 9, extractor=TinyExtractor(), progress=False, rank=rank, world_size=2,
-                             should_stop=lambda calls=calls: calls.append(1) is None and False)  # fmt: skip
+        generated_statistics(
+            sampler,
+            9,
+            extractor=TinyExtractor(),
+            progress=False,
+            rank=rank,
+            world_size=2,
+            should_stop=lambda calls=calls: calls.append(1) is None and False,
+        )
         asked.append(len(calls))
     assert asked == [3, 3]
     with pytest.raises(SamplingStopped):

@@ -36,8 +36,14 @@ def test_a_part_past_its_timeout_is_recorded_as_timed_out_and_its_output_kept(tm
     slow = "import time; print('started', flush=True); time.sleep(120)"
     record = r.step(Part("slow", "bench", cap_s=1, argv=(PY, "-c", slow)))
     r.log.close()
-    assert record == {"name": "slow", "status": "timeout", "rc": 124, "seconds": record["seconds"], "limit_s": 1,
-                      "note": ""}  # fmt: skip
+    assert record == {
+        "name": "slow",
+        "status": "timeout",
+        "rc": 124,
+        "seconds": record["seconds"],
+        "limit_s": 1,
+        "note": "",
+    }
     assert (tmp_path / "slow.log").read_text() == "started\n"
     log = (tmp_path / "gpu_check.log").read_text()
     assert "start slow (limit 1s): " in log and "started\n" in log and "end slow: timeout (exit 124)" in log
@@ -71,12 +77,16 @@ def test_what_a_finished_part_leaves_running_is_killed(tmp_path):
 def test_failures_dependencies_and_the_budget(tmp_path):
     r = runner(tmp_path, budget_s=100, reserve_s=10, min_step_s=15)
     not_after_a_failure = lambda done: "" if done["fails"]["status"] == "ok" else "no"  # noqa: E731
-    r.run([
-        Part("fails", "train", 60, (PY, "-c", "import os; print(os.environ['OMP_WAIT_POLICY']); raise SystemExit(3)")),
-        Part("after", "train", 60, (PY, "-c", "pass"), needs=not_after_a_failure),
-        Part("cuda_row", "bench", skip="needs CUDA"),
-        Part("capped", "bench", 300, (PY, "-c", "pass")),  # limit: what is left of the 100 s, less the 10 s reserve
-    ])  # fmt: skip
+    r.run(
+        [
+            Part(
+                "fails", "train", 60, (PY, "-c", "import os; print(os.environ['OMP_WAIT_POLICY']); raise SystemExit(3)")
+            ),
+            Part("after", "train", 60, (PY, "-c", "pass"), needs=not_after_a_failure),
+            Part("cuda_row", "bench", skip="needs CUDA"),
+            Part("capped", "bench", 300, (PY, "-c", "pass")),  # limit: what is left of the 100 s, less the 10 s reserve
+        ]
+    )
     r.budget_s = 20  # then 20 - 10 s left, under the 15 s a part needs
     r.step(Part("late", "bench", 60, (PY, "-c", "pass")))
     r.log.close()
@@ -104,8 +114,11 @@ def test_the_plan_runs_the_same_parts_with_flags_the_scripts_accept(tmp_path, qu
 
     work, out = tmp_path / "work", tmp_path / "out"
     parts = plan(PY, work, out, quick)
-    rows = ("bench_tiny", *CUDA_ROWS, "bench_latent", "vae_decode") if quick else (
-        CUDA_ROWS[0], "bench_xl2_latent", "vae_decode", *CUDA_ROWS[1:])
+    rows = (
+        ("bench_tiny", *CUDA_ROWS, "bench_latent", "vae_decode")
+        if quick
+        else (CUDA_ROWS[0], "bench_xl2_latent", "vae_decode", *CUDA_ROWS[1:])
+    )
     assert [p.name for p in parts] == ["tests", "train", "resume", "sample", *rows, "bench_meanflow"]
     assert {p.group for p in parts} == set(gpu_check.GROUPS) and not parts[-1].skip
     device = "cpu" if quick else "cuda"
@@ -128,7 +141,9 @@ def test_the_plan_runs_the_same_parts_with_flags_the_scripts_accept(tmp_path, qu
             cfg = benchmark.parse_args(flags)
             assert cfg.json == str(work / f"{p.name}.json")
             assert cfg.objective == ("meanflow" if p.name == "bench_meanflow" else "flow")
-            assert cfg.compile == ("compiled" in p.name or (p.name in ("bench_meanflow", "bench_xl2_latent") and not quick))
+            assert cfg.compile == (
+                "compiled" in p.name or (p.name in ("bench_meanflow", "bench_xl2_latent") and not quick)
+            )
         else:
             cfg = (train if p.argv[1] == "train.py" else sampler).parse_args(flags)
         assert cfg.device == device
@@ -213,13 +228,27 @@ def fake_work(work: Path) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # real digits as the "samples": the classifier must tell them apart
-    np.savez(work / "digits_samples.npz", images=(digits.images[:10] * 255 / 16).astype(np.uint8),
-             labels=digits.target[:10])  # fmt: skip
+    np.savez(
+        work / "digits_samples.npz", images=(digits.images[:10] * 255 / 16).astype(np.uint8), labels=digits.target[:10]
+    )
     for name, objective, img_per_s, syncs in (("s2_compiled", "flow", 9000.0, 0), ("meanflow", "meanflow", 4000.0, 2)):
-        result = {"model": {"name": "DiT-S/2"}, "config": {"objective": objective},
-                  "train": [{"compiled": True, "precision": "bf16", "batch_size": 256, "img_per_s": img_per_s,
-                             "mfu": 0.4, "step_ms": 28.0, "peak_memory_bytes": 2**31, "host_syncs_per_step": syncs}],
-                  "sample": [{"nfe": 10, "cfg_scale": 4.0, "img_per_s": 5e4}] * (objective == "flow")}  # fmt: skip
+        result = {
+            "model": {"name": "DiT-S/2"},
+            "config": {"objective": objective},
+            "train": [
+                {
+                    "compiled": True,
+                    "precision": "bf16",
+                    "batch_size": 256,
+                    "img_per_s": img_per_s,
+                    "mfu": 0.4,
+                    "step_ms": 28.0,
+                    "peak_memory_bytes": 2**31,
+                    "host_syncs_per_step": syncs,
+                }
+            ],
+            "sample": [{"nfe": 10, "cfg_scale": 4.0, "img_per_s": 5e4}] * (objective == "flow"),
+        }
         (work / f"bench_{name}.json").write_text(json.dumps(result))
 
 
@@ -228,15 +257,34 @@ def test_the_summary_gathers_every_part_and_says_what_went_wrong(tmp_path):
     fake_work(work)
     out.mkdir()
     record = gpu_runner.part_record
-    parts = [record("tests", "failed", 1, 20.04, 90), record("train", "ok", 0, 60, 120),
-             record("resume", "ok", 0, 30, 60), record("sample", "ok", 0, 10, 45),
-             record("bench_s2_compiled", "ok", 0, 80, 120), record("bench_b2_eager", "timeout", 124, 60, 60),
-             record("bench_meanflow", "ok", 0, 70, 120)]  # fmt: skip
+    parts = [
+        record("tests", "failed", 1, 20.04, 90),
+        record("train", "ok", 0, 60, 120),
+        record("resume", "ok", 0, 30, 60),
+        record("sample", "ok", 0, 10, 45),
+        record("bench_s2_compiled", "ok", 0, 80, 120),
+        record("bench_b2_eager", "timeout", 124, 60, 60),
+        record("bench_meanflow", "ok", 0, 70, 120),
+    ]
     summary = summarize(work, parts, quick=False, budget_s=450, seconds=400, installed=["torchcfm-1.0.7.whl"])
     gpu_summary.write_summary(summary, out)
     assert json.loads((out / "summary.json").read_text()) == summary
-    assert list(summary) == ["mode", "seconds", "budget_s", "installed_wheels", "work", "env", "parts", "tests",
-                             "train", "bench", "meanflow", "vae_decode", "warnings", "ok"]  # fmt: skip
+    assert list(summary) == [
+        "mode",
+        "seconds",
+        "budget_s",
+        "installed_wheels",
+        "work",
+        "env",
+        "parts",
+        "tests",
+        "train",
+        "bench",
+        "meanflow",
+        "vae_decode",
+        "warnings",
+        "ok",
+    ]
     assert (summary["mode"], summary["ok"], summary["env"]["gpu"]) == ("gpu", False, "NVIDIA H100")
     assert summary["parts"][0] == record("tests", "failed", 1, 20.0, 90, "1 passed, 1 failed")
 
@@ -252,11 +300,15 @@ def test_the_summary_gathers_every_part_and_says_what_went_wrong(tmp_path):
     bench = summary["bench"]
     assert list(bench["results"]) == ["s2_compiled", "meanflow"]  # in the order run
     assert [(r["run"], r["objective"], r["img_per_s"]) for r in bench["train"]] == [
-        ("s2_compiled", "flow", 9000.0), ("meanflow", "meanflow", 4000.0)]  # fmt: skip
+        ("s2_compiled", "flow", 9000.0),
+        ("meanflow", "meanflow", 4000.0),
+    ]
     assert bench["train"][0]["peak_memory_gib"] == 2.0 and bench["sample"][0]["nfe"] == 10
     assert summary["meanflow"] == {"meanflow_img_per_s": 4000.0, "flow_img_per_s": 9000.0}
-    assert summary["warnings"] == ["train: torch.compile fell back to eager",
-                                   "bench_meanflow: 2 host synchronisations per training step"]  # fmt: skip
+    assert summary["warnings"] == [
+        "train: torch.compile fell back to eager",
+        "bench_meanflow: 2 host synchronisations per training step",
+    ]
 
     text = gpu_summary.report(summary, out)
     assert "failed: test_nccl: no NCCL" in text and "MeanFlow 4000.0 img/s against flow 9000.0 img/s" in text
@@ -267,8 +319,9 @@ def test_all_gpu_tests_skipped_marks_the_part_skipped(tmp_path):
     (tmp_path / "pytest.xml").write_text(
         '<testsuite><testcase name="test_a"><skipped message="needs a CUDA GPU"/></testcase></testsuite>'
     )
-    summary = summarize(tmp_path, [gpu_runner.part_record("tests", "ok", 0, 3, 90)], quick=True, budget_s=450,
-                        seconds=5, installed=[])  # fmt: skip
+    summary = summarize(
+        tmp_path, [gpu_runner.part_record("tests", "ok", 0, 3, 90)], quick=True, budget_s=450, seconds=5, installed=[]
+    )
     assert summary["parts"][0]["status"] == "skipped" and summary["ok"] is True
     assert summary["parts"][0]["note"] == "all 1 GPU tests skipped: needs a CUDA GPU"
     assert summary["train"] == {} and summary["bench"] == {"results": {}, "train": [], "sample": []}
@@ -281,11 +334,17 @@ def test_all_gpu_tests_skipped_marks_the_part_skipped(tmp_path):
 def test_run_of_the_tests_part_on_the_cpu_end_to_end(tmp_path):
     out, wheels = tmp_path / "out", tmp_path / "wheels"
     wheels.mkdir()  # a wheel folder whose packages all import already: nothing may be installed
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "CUDA_VISIBLE_DEVICES": "",
-           "GPU_CHECK_PARTS": "tests"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "CUDA_VISIBLE_DEVICES": "",
+        "GPU_CHECK_PARTS": "tests",
+    }
     argv = ["run", "--out", str(out), "--work", str(tmp_path / "work"), "--wheels", str(wheels), "--python", PY]
-    proc = subprocess.run([PY, "-m", "benchmarks.gpu_check", *argv], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [PY, "-m", "benchmarks.gpu_check", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "summary.json"]
     log = (out / "gpu_check.log").read_text()

@@ -117,8 +117,12 @@ def test_the_loss_is_the_estimate_regressed_on_the_guided_velocity_row_by_row():
     v_c = model(xs, s, y, interval=0.0, drop_mask=drop, guidance=w)
     v_u = model(xs, s, y, interval=0.0, drop_mask=null, guidance=one)
     target = guided_target(v, v_c, v_u, w)
-    est = torch.cat([imf.velocity_estimate(model, xs[:k], s[:k], t[:k], y[:k], drop[:k], w[:k]),
-                     model(xs[k:], s[k:], y[k:], interval=0.0, drop_mask=drop[k:], guidance=w[k:])])  # fmt: skip
+    est = torch.cat(
+        [
+            imf.velocity_estimate(model, xs[:k], s[:k], t[:k], y[:k], drop[:k], w[:k]),
+            model(xs[k:], s[k:], y[k:], interval=0.0, drop_mask=drop[k:], guidance=w[k:]),
+        ]
+    )
     assert all_close(terms.mse, (est - target).square().flatten(1).mean(1), rel=1e-4)
     assert torch.equal(terms.t, s)
 
@@ -151,8 +155,20 @@ def test_guidance_as_an_input_samples_in_one_pass_of_n_and_equals_the_unguided_m
     old = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=4).eval()
     old_config = {k: v for k, v in old.config.items() if k != "guidance_max"}
     assert model_from_config(old_config).w_embedder is None and Sampler(old).guidance_range is None
-    assert DiT(**ImprovedMeanFlow().network_options(), input_size=8, patch_size=2, in_channels=1, hidden_size=32,
-               depth=1, num_heads=4)(z, 0.5, y, interval=0.5, guidance=3.0).abs().max() == 0  # untrained: zero
+    assert (
+        DiT(
+            **ImprovedMeanFlow().network_options(),
+            input_size=8,
+            patch_size=2,
+            in_channels=1,
+            hidden_size=32,
+            depth=1,
+            num_heads=4,
+        )(z, 0.5, y, interval=0.5, guidance=3.0)
+        .abs()
+        .max()
+        == 0
+    )  # untrained: zero
 
 
 def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thread):
@@ -163,8 +179,17 @@ def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thr
 
     torch.manual_seed(0)
     imf = ImprovedMeanFlow(imf_guidance_max=2.0, imf_equal_fraction=0.75, imf_guidance_fraction=0.25)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                num_registers=0, **imf.network_options())  # fmt: skip
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        num_registers=0,
+        **imf.network_options(),
+    )
     stream = iter(
         BatchStream(build_dataset("digits", image_size=8, channels=1), 32, seed=0, flip=False, on_device=True)
     )
@@ -239,10 +264,18 @@ def test_a_guidance_input_is_no_flag_of_other_objectives(tmp_path, capsys):
 def test_bad_loss_calls_raise_value_error():
     x1, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="interval input"):
-        ImprovedMeanFlow().loss(DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=4),
-                                x1, y)  # fmt: skip
-    unguided_net = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=4,
-                       **ImprovedMeanFlow(**UNGUIDED).network_options())  # fmt: skip
+        ImprovedMeanFlow().loss(
+            DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=4), x1, y
+        )
+    unguided_net = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=1,
+        num_heads=4,
+        **ImprovedMeanFlow(**UNGUIDED).network_options(),
+    )
     with pytest.raises(ValueError, match="guidance input"):
         ImprovedMeanFlow().loss(unguided_net, x1, y)
     with pytest.raises(ValueError, match="needs class labels"):

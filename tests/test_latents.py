@@ -43,9 +43,17 @@ def make_vae(folder: Path) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=SIZE)  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=SIZE,
+    )
     vae.save_pretrained(folder)
 
 
@@ -61,8 +69,24 @@ def make_images(folder: Path, per_class: int = 5) -> None:
 
 
 def extract(data: Path, out: Path, vae: Path, *extra: str) -> int:
-    args = ["--data-path", str(data), "--out", str(out), "--vae", str(vae), "--image-size", str(SIZE),
-            "--shard-size", "4", "--batch-size", "3", "--num-workers", "0", "--no-progress", *extra]  # fmt: skip
+    args = [
+        "--data-path",
+        str(data),
+        "--out",
+        str(out),
+        "--vae",
+        str(vae),
+        "--image-size",
+        str(SIZE),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
     return extract_latents.cli(args)
 
 
@@ -162,10 +186,33 @@ def test_a_killed_extraction_continues_to_the_same_bytes(world, tmp_path):
 
 def test_two_processes_extract_the_same_bytes_as_one(world, tmp_path):
     out = tmp_path / "latents"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "extract_latents.py"), "--data-path", str(world / "images"), "--out", str(out), "--vae",
-           str(world / "vae"), "--image-size", str(SIZE), "--shard-size", "4", "--batch-size", "3",
-           "--num-workers", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(ROOT / "extract_latents.py"),
+        "--data-path",
+        str(world / "images"),
+        "--out",
+        str(out),
+        "--vae",
+        str(world / "vae"),
+        "--image-size",
+        str(SIZE),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--num-workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     env = {**CHILD_ENV, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -185,8 +232,12 @@ def test_stats_normalization_rewrites_only_the_index(world, tmp_path):
     # normalised latents have zero mean and unit variance per channel
     data = LatentDataset(out)
     latents, _ = data.tensors()
-    z = torch.cat([data.training_batch(latents, torch.zeros(10, dtype=torch.bool)),
-                   data.training_batch(latents, torch.ones(10, dtype=torch.bool))])  # fmt: skip
+    z = torch.cat(
+        [
+            data.training_batch(latents, torch.zeros(10, dtype=torch.bool)),
+            data.training_batch(latents, torch.ones(10, dtype=torch.bool)),
+        ]
+    )
     assert torch.allclose(z.double().mean(dim=(0, 2, 3)), torch.zeros(4, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(z.double().std(dim=(0, 2, 3), unbiased=False), torch.ones(4, dtype=torch.float64), atol=1e-4)
 
@@ -223,8 +274,16 @@ def test_bad_input_is_one_line_and_keeps_what_was_written(world, tmp_path, capsy
 
 
 def latent_run(world: Path, out: Path, **overrides) -> train.TrainConfig:
-    settings = dict(dataset="latents", data_path=str(world / "latents"), image_size=None, channels=None, flip=True,
-                    batch_size=4, steps=6, ckpt_every=3)  # fmt: skip
+    settings = dict(
+        dataset="latents",
+        data_path=str(world / "latents"),
+        image_size=None,
+        channels=None,
+        flip=True,
+        batch_size=4,
+        steps=6,
+        ckpt_every=3,
+    )
     return tiny(out, **{**settings, **overrides})
 
 
@@ -265,11 +324,28 @@ def test_training_on_latents_resumes_exactly_and_samples_images(world, tmp_path)
     raw = s.generate(3, [0, 1, 0], seed=0, decode=False).images
     assert raw.shape == (3, 4, 8, 8)
     assert torch.allclose(s.decoder.decode(raw), out.images, atol=1e-6)
-    assert torch.equal(Sampler.from_checkpoint(tmp_path / "full/checkpoints/last.pt", device="cpu", steps=2,
-                                               decode=False).generate(3, [0, 1, 0], seed=0).images, raw)  # fmt: skip
-    result = sampler_cli.main(sampler_cli.parse_args(["--ckpt", str(tmp_path / "full/checkpoints/last.pt"), "--n", "4",
-                                                      "--steps", "2", "--out", str(tmp_path / "s.png"), "--gif",
-                                                      str(tmp_path / "s.gif")]))  # fmt: skip
+    assert torch.equal(
+        Sampler.from_checkpoint(tmp_path / "full/checkpoints/last.pt", device="cpu", steps=2, decode=False)
+        .generate(3, [0, 1, 0], seed=0)
+        .images,
+        raw,
+    )
+    result = sampler_cli.main(
+        sampler_cli.parse_args(
+            [
+                "--ckpt",
+                str(tmp_path / "full/checkpoints/last.pt"),
+                "--n",
+                "4",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "s.png"),
+                "--gif",
+                str(tmp_path / "s.gif"),
+            ]
+        )
+    )
     assert result["images"].shape == (4, 3, SIZE, SIZE) and (tmp_path / "s.gif").is_file()
 
 
@@ -299,8 +375,10 @@ def test_fid_during_training_decodes_against_the_source_images_or_given_statisti
     own = [row["eval/fid"] for row in logged if "eval/fid" in row]
     assert len(own) == 1 and np.isfinite(own[0])
     # the same statistics given as a file (as ADM's reference batch would be) give the same FID
-    train.main(latent_run(world, tmp_path / "ref", steps=2, fid_every=2, fid_samples=4, fid_ref_stats=str(stats[0])),
-               fid_extractor=feats)  # fmt: skip
+    train.main(
+        latent_run(world, tmp_path / "ref", steps=2, fid_every=2, fid_samples=4, fid_ref_stats=str(stats[0])),
+        fid_extractor=feats,
+    )
     logged = [json.loads(line) for line in (tmp_path / "ref/metrics.jsonl").read_text().splitlines()]
     assert [row["eval/fid"] for row in logged if "eval/fid" in row] == own
 
@@ -326,8 +404,21 @@ def test_evaluate_decodes_against_an_adm_reference_and_writes_the_adm_npz(world,
     f = feats(torch.stack([real[i][0] for i in range(10)])).detach().double().numpy()
     ref = tmp_path / "VIRTUAL_tiny.npz"
     np.savez(ref, arr_0=np.zeros((2, SIZE, SIZE, 3), np.uint8), mu=f.mean(0), sigma=np.cov(f, rowvar=False))
-    args = ["--ckpt", str(ckpt), "--num-samples", "6", "--steps", "2", "--ref-stats", str(ref), "--save-npz",
-            str(tmp_path / "samples.npz"), "--out-json", str(tmp_path / "fid.json"), "--no-progress"]  # fmt: skip
+    args = [
+        "--ckpt",
+        str(ckpt),
+        "--num-samples",
+        "6",
+        "--steps",
+        "2",
+        "--ref-stats",
+        str(ref),
+        "--save-npz",
+        str(tmp_path / "samples.npz"),
+        "--out-json",
+        str(tmp_path / "fid.json"),
+        "--no-progress",
+    ]
     result = evaluate.main(evaluate.parse_args(args), extractor=feats, logits_extractor=Logits())
     assert np.isfinite(result["fid"]) and result["reference"]["kind"] == "file"
     assert 1.0 <= result["inception_score"] <= 5.0 and result["latent_space"]["latent_shape"] == [4, 8, 8]
@@ -335,8 +426,13 @@ def test_evaluate_decodes_against_an_adm_reference_and_writes_the_adm_npz(world,
         assert npz["arr_0"].shape == (6, SIZE, SIZE, 3) and npz["arr_0"].dtype == np.uint8
         assert npz["arr_1"].tolist() == [0, 1, 0, 1, 0, 1]
     # against the images the latents came from, the same way (the default)
-    default = evaluate.main(evaluate.parse_args(args[:6] + ["--out-json", str(tmp_path / "fid2.json"), "--no-progress",
-                                                            "--stats-dir", str(tmp_path / "stats")]), extractor=feats)  # fmt: skip
+    default = evaluate.main(
+        evaluate.parse_args(
+            args[:6]
+            + ["--out-json", str(tmp_path / "fid2.json"), "--no-progress", "--stats-dir", str(tmp_path / "stats")]
+        ),
+        extractor=feats,
+    )
     assert default["reference"]["dataset"] == "folder" and default["real_images"] == 10
     assert default["inception_score"] is None  # an injected extractor and no logits: no Inception score
     assert abs(default["fid"] - result["fid"]) <= 1e-6 * max(1.0, abs(result["fid"]))

@@ -312,8 +312,17 @@ def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thr
     from data import BatchStream, build_dataset
 
     torch.manual_seed(0)
-    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                num_registers=0, **MeanFlow().network_options())  # fmt: skip
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        num_registers=0,
+        **MeanFlow().network_options(),
+    )
     stream = iter(
         BatchStream(build_dataset("digits", image_size=8, channels=1), 32, seed=0, flip=False, on_device=True)
     )

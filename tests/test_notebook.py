@@ -24,11 +24,46 @@ def code_cells(nb: nbformat.NotebookNode) -> list[str]:
 
 def tiny_run(out: Path, objective: str) -> Path:
     """A 20-step DiT on the digits, small enough for a test; returns its checkpoint (OUT/checkpoints/last.pt)."""
-    argv = ["--dataset", "digits", "--image-size", "8", "--channels", "1", "--no-flip", "--model", "DiT-XS/2",
-            "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--steps", "20", "--batch-size", "32",
-            "--warmup", "5", "--log-every", "5", "--sample-every", "0", "--fid-every", "0", "--wandb", "disabled",
-            "--num-workers", "0", "--device", "cpu", "--no-compile", "--objective", objective,
-            "--out", str(out)]  # fmt: skip
+    argv = [
+        "--dataset",
+        "digits",
+        "--image-size",
+        "8",
+        "--channels",
+        "1",
+        "--no-flip",
+        "--model",
+        "DiT-XS/2",
+        "--hidden-size",
+        "32",
+        "--depth",
+        "1",
+        "--num-heads",
+        "2",
+        "--steps",
+        "20",
+        "--batch-size",
+        "32",
+        "--warmup",
+        "5",
+        "--log-every",
+        "5",
+        "--sample-every",
+        "0",
+        "--fid-every",
+        "0",
+        "--wandb",
+        "disabled",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--objective",
+        objective,
+        "--out",
+        str(out),
+    ]
     train.main(train.parse_args(argv))
     return out / "checkpoints" / "last.pt"
 

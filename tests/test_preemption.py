@@ -27,8 +27,9 @@ ENV = CHILD_ENV
 
 def interrupt(command: list[str], sig: int, once: Path, timeout: float = 240, **popen) -> subprocess.CompletedProcess:
     """Run command, send sig to it once the file ``once`` exists (from outside, as a scheduler would), wait."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **popen)  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen
+    )
     deadline = time.monotonic() + timeout
     while not once.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -52,8 +53,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert 8 <= load_checkpoint(ckpts / "last.pt")["step"] < 60
     # A kill during a write leaves a temporary file behind: it must not disturb the resume.
     (ckpts / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
-    resumed = subprocess.run([sys.executable, "train.py", *args, "--resume"], cwd=ROOT, env=ENV, capture_output=True,
-                             text=True, timeout=240)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "train.py", *args, "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(ckpts / "last.pt"))
 
@@ -69,16 +71,28 @@ def test_a_signal_checkpoints_the_step_in_progress_and_the_resume_is_exact(tmp_p
     assert 8 <= step < 60 and (ckpts / f"{step:07d}.pt").is_file()  # the step in progress, beside the regular ones
     lines = [line for line in stopped.stderr.splitlines() if line.startswith("train.py: stopped")]
     assert len(lines) == 1 and f"after step {step}" in lines[0] and str(ckpts / "last.pt") in lines[0]
-    resumed = subprocess.run([sys.executable, "train.py", *args, "--resume", "auto"], cwd=ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=240)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "train.py", *args, "--resume", "auto"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(ckpts / "last.pt"))
 
 
 def test_a_second_ctrl_c_while_stopping_changes_nothing(tmp_path):
     ckpts = tmp_path / "run/checkpoints"
-    proc = subprocess.Popen([sys.executable, "train.py", *cli_args(long_run(tmp_path / "run"))], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *cli_args(long_run(tmp_path / "run"))],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not (ckpts / "0000004.pt").exists() and proc.poll() is None:
         time.sleep(0.005)
     for _ in range(3):
@@ -133,7 +147,10 @@ def test_extension_with_samples_gifs_and_fid_at_the_last_step_is_bit_identical(t
     assert len(list((tmp_path / "ext/samples").glob("step0000006_*.gif"))) == 2  # the diagnostics did run
     train.main(tiny(tmp_path / "ext", steps=12, resume="yes", **on), fid_extractor=Features())
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "ext/checkpoints/last.pt"))
-    full, ext = load_checkpoint(tmp_path / "full/checkpoints/last.pt"), load_checkpoint(tmp_path / "ext/checkpoints/last.pt")
+    full, ext = (
+        load_checkpoint(tmp_path / "full/checkpoints/last.pt"),
+        load_checkpoint(tmp_path / "ext/checkpoints/last.pt"),
+    )
     assert full["data_state"] == ext["data_state"] and torch.equal(full["rng"][0]["torch"], ext["rng"][0]["torch"])
 
     # The issue's reproduction: FID at its default (set up at the last step, failing offline) and samples off.
@@ -152,8 +169,9 @@ def test_diagnostics_on_failing_or_off_end_bit_identical(tmp_path, monkeypatch):
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     off = train.main(tiny(tmp_path / "off", steps=8))
-    working = train.main(tiny(tmp_path / "working", steps=8, sample_every=2, fid_every=4, fid_samples=10),
-                         fid_extractor=Features())  # fmt: skip
+    working = train.main(
+        tiny(tmp_path / "working", steps=8, sample_every=2, fid_every=4, fid_samples=10), fid_extractor=Features()
+    )
     assert len(list((tmp_path / "working/samples").glob("*.png"))) == 8  # they ran: steps 2, 4, 6, 8 at 2 scales
     assert_same(weights(tmp_path / "off/checkpoints/last.pt"), weights(tmp_path / "working/checkpoints/last.pt"))
     monkeypatch.setattr(evaluation.monitor.Monitor, "samples", broken_samples)
@@ -186,8 +204,9 @@ def worker_pid(parent: int, rank: int, timeout: float = 120) -> int:
 def test_sigterm_to_one_ddp_process_stops_both_at_the_same_step(tmp_path):
     args = cli_args(long_run(tmp_path / "run", steps=400, device="cpu"))
     ckpts = tmp_path / "run/checkpoints"
-    proc = subprocess.Popen([*TORCHRUN, "train.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*TORCHRUN, "train.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     rank1 = worker_pid(proc.pid, 1)
     while not (ckpts / "0000008.pt").exists() and proc.poll() is None:
         time.sleep(0.005)
@@ -236,8 +255,9 @@ sys.exit(train.cli(sys.argv[1:]))
 """
 
 
-def marked_run(tmp_path: Path, args: list[str], sig: int, launcher: list[str] | None = None,
-               wait: float = 30) -> tuple[subprocess.CompletedProcess, float]:  # fmt: skip
+def marked_run(
+    tmp_path: Path, args: list[str], sig: int, launcher: list[str] | None = None, wait: float = 30
+) -> tuple[subprocess.CompletedProcess, float]:
     """Run train.py's CLI (through MARKED_SCRIPT), send sig once the diagnostics sample; the process and the seconds
     from the signal to its exit (the test fails when it outlives ``wait``)."""
     script = tmp_path / "train_marked.py"
@@ -268,8 +288,10 @@ def test_a_signal_during_fid_or_a_sample_grid_abandons_it_and_checkpoints_within
     """The issue's measurement: a stop request during an FID of a million samples (minutes) or a sample grid of a
     slow solver (tens of seconds) is noticed between sample chunks; the diagnostic logs nothing, the next step is
     checkpointed and the run exits with the signal's code, and the resume loses nothing."""
-    diagnostics = {"fid": dict(fid_every=6, fid_samples=10**6),
-                   "grid": dict(sample_every=6, samples_per_class=100, sample_steps=100)}[what]  # fmt: skip
+    diagnostics = {
+        "fid": dict(fid_every=6, fid_samples=10**6),
+        "grid": dict(sample_every=6, samples_per_class=100, sample_steps=100),
+    }[what]
     cfg = long_run(tmp_path / "run", **diagnostics)
     stopped, seconds = marked_run(tmp_path, cli_args(cfg), sig)
     assert stopped.returncode == EXIT_CODES[sig], stopped.stderr[-2000:]
@@ -280,8 +302,14 @@ def test_a_signal_during_fid_or_a_sample_grid_abandons_it_and_checkpoints_within
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert not any("eval/fid" in r for r in rows) and not (tmp_path / "run/samples").exists()  # nothing partial
     train.main(long_run(tmp_path / "full"))
-    resumed = subprocess.run([sys.executable, "train.py", *cli_args(cfg), "--resume", "auto", "--fid-every", "0",
-                              "--sample-every", "0"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)  # fmt: skip
+    resumed = subprocess.run(
+        [sys.executable, "train.py", *cli_args(cfg), "--resume", "auto", "--fid-every", "0", "--sample-every", "0"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(ckpts / "last.pt"))
 
@@ -292,8 +320,9 @@ def test_time_limit_abandons_a_diagnostic_that_would_outlast_the_budget(tmp_path
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     budget = 0.1  # minutes, counted from the start of main()
     start = time.monotonic()
-    cfg = tiny(tmp_path / "run", steps=10**6, ckpt_every=0, log_every=50, time_limit=budget, fid_every=20,
-               fid_samples=10**6)  # fmt: skip
+    cfg = tiny(
+        tmp_path / "run", steps=10**6, ckpt_every=0, log_every=50, time_limit=budget, fid_every=20, fid_samples=10**6
+    )
     result = train.main(cfg, fid_extractor=Features())
     elapsed = time.monotonic() - start
     assert result["stopped_by"] == TIME_LIMIT and elapsed < 60 * budget + 1, f"{elapsed:.1f} s"

@@ -2,6 +2,7 @@
 
 import ast
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ NOT_IMPORTED = {
     "imageio": "moviepy writes GIFs through it (evaluation/images.py)",
     "scipy": "torchdiffeq and torchmetrics use it; named for its lower bound",
     "ipykernel": "the kernel tests/test_notebook.py runs the notebook in",
-    "ruff": "the linter of the README's test command",
+    "ruff": "the linter and formatter of the README's test command",
     "matplotlib": "notebooks/sampling.ipynb plots with it",
 }
 
@@ -61,8 +62,11 @@ def third_party_imports(paths: list[Path]) -> set[str]:
     """Distribution names (lower case) of every non-project, non-standard-library module the files import."""
     from importlib.metadata import packages_distributions
 
-    dists, own = packages_distributions(), {"models", "data", "utils", "objectives", "sampling", "evaluation",
-                                             "benchmarks", "tests", "stand_ins"} | {p.stem for p in ROOT.glob("*.py")}  # fmt: skip
+    dists, own = (
+        packages_distributions(),
+        {"models", "data", "utils", "objectives", "sampling", "evaluation", "benchmarks", "tests", "stand_ins"}
+        | {p.stem for p in ROOT.glob("*.py")},
+    )
     found = set()
     for path in paths:
         for module, _ in imports(path):
@@ -88,8 +92,18 @@ def test_requirements_are_what_the_code_imports():
     unused -= needed | set(NOT_IMPORTED)
     assert unused == set(), f"required but never imported (and not in NOT_IMPORTED): {unused}"
     # the seed's dependencies stay
-    for name in "torch torchvision torchcfm timm einops wandb moviepy torchmetrics scipy numpy tqdm torchdiffeq".split():
+    seed = "torch torchvision torchcfm timm einops wandb moviepy torchmetrics scipy numpy tqdm torchdiffeq"
+    for name in seed.split():
         assert name in runtime, name
+
+
+def test_code_is_formatted_by_ruff_format():
+    """ruff format decides the layout (pyproject.toml's line length); no file is left for it to change."""
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fmt: " + "skip" not in "".join(p.read_text() for p in ROOT.rglob("*.py") if ".venv" not in p.parts)
 
 
 def test_dev_requirements_add_pytest_on_top_of_runtime():
@@ -151,7 +165,9 @@ SPELLED = {  # objective name -> the files (None: anywhere in them) and lines th
     "meanflow": {
         "objectives/meanflow.py": None,  # its own file
         "objectives/imf.py": None,  # improved MeanFlow builds on MeanFlow's JVP helpers, imported by name
-        "objectives/__init__.py": re.compile(r'^(from objectives\.meanflow import MeanFlow|    "meanflow": MeanFlow,.*)$'),
+        "objectives/__init__.py": re.compile(
+            r'^(from objectives\.meanflow import MeanFlow|    "meanflow": MeanFlow,.*)$'
+        ),
         "train.py": re.compile(r'^    "digits-meanflow": dict\(|.*objective="meanflow",|.*out="runs/digits-meanflow",'),
         "benchmarks/gpu_check.py": None,  # a part of the GPU check measures that objective by name, like a preset
         "benchmarks/gpu_summary.py": None,  # and its summary reports that part's numbers by name
@@ -159,8 +175,12 @@ SPELLED = {  # objective name -> the files (None: anywhere in them) and lines th
     },
     "imf": {
         "objectives/imf.py": None,  # its own file
-        "objectives/__init__.py": re.compile(r'^(from objectives\.imf import ImprovedMeanFlow|    "imf": ImprovedMeanFlow,.*)$'),
-        "train.py": re.compile(r'^    "digits-imf": dict\(|.*objective="imf",|^        imf_\w+=|.*out="runs/digits-imf",'),
+        "objectives/__init__.py": re.compile(
+            r'^(from objectives\.imf import ImprovedMeanFlow|    "imf": ImprovedMeanFlow,.*)$'
+        ),
+        "train.py": re.compile(
+            r'^    "digits-imf": dict\(|.*objective="imf",|^        imf_\w+=|.*out="runs/digits-imf",'
+        ),
     },
 }
 

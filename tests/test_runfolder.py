@@ -38,7 +38,9 @@ def test_a_second_run_on_a_live_folder_refuses_and_a_killed_runs_lock_does_not_b
     out = tmp_path / "run"
     args = cli_args(tiny(out, steps=10**6, ckpt_every=4, log_every=2))
     command = [sys.executable, "train.py", *args]
-    first = subprocess.Popen(command, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        command, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     seconds: list[subprocess.Popen] = []
     try:
         deadline = time.monotonic() + 120
@@ -46,12 +48,17 @@ def test_a_second_run_on_a_live_folder_refuses_and_a_killed_runs_lock_does_not_b
             time.sleep(0.01)
         config = (out / "config.json").read_bytes()
         # A double submit and a requeue that overlaps the running job, at once.
-        seconds += [subprocess.Popen(command + extra, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True) for extra in ([], ["--resume", "auto"])]  # fmt: skip
+        seconds += [
+            subprocess.Popen(
+                command + extra, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            for extra in ([], ["--resume", "auto"])
+        ]
         for second in seconds:
             _, err = second.communicate(timeout=60)  # a refusal takes seconds; a second run would train on
-            assert_one_error_line(second.returncode, err, f"{out} is in use by host {socket.gethostname()} "
-                                  f"pid {first.pid}")  # fmt: skip
+            assert_one_error_line(
+                second.returncode, err, f"{out} is in use by host {socket.gethostname()} pid {first.pid}"
+            )
             assert second.returncode == 2
         assert first.poll() is None, first.stderr.read()[-2000:]  # the first run goes on, its files its own
         assert (out / "config.json").read_bytes() == config and not list(out.glob("config-resume-*"))
@@ -63,8 +70,14 @@ def test_a_second_run_on_a_live_folder_refuses_and_a_killed_runs_lock_does_not_b
         first.communicate()
     assert (out / ".lock").is_file()
     step = load_checkpoint(out / "checkpoints/last.pt")["step"]
-    requeued = subprocess.run(command + ["--resume", "auto", "--steps", str(step + 2)], cwd=ROOT, env=CHILD_ENV,
-                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    requeued = subprocess.run(
+        command + ["--resume", "auto", "--steps", str(step + 2)],
+        cwd=ROOT,
+        env=CHILD_ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert requeued.returncode == 0, requeued.stderr[-2000:]
     assert load_checkpoint(out / "checkpoints/last.pt")["step"] == step + 2
     steps = metric_steps(out)
@@ -78,8 +91,14 @@ def test_ddp_rank_0_meets_the_lock_and_every_process_stops(tmp_path):
     lock = FolderLock(out)  # this test process holds the folder, as a running job would
     try:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        proc = subprocess.run([*torchrun, "train.py", *cli_args(tiny(out, device="cpu"))], cwd=ROOT, env=CHILD_ENV,
-                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        proc = subprocess.run(
+            [*torchrun, "train.py", *cli_args(tiny(out, device="cpu"))],
+            cwd=ROOT,
+            env=CHILD_ENV,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
     finally:
         lock.release()
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error")]
@@ -107,7 +126,9 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_even_without_checkpoints(
     before = snapshot(out)
     for resume in ("no", "auto"):
         code, err = run_cli(cli_args(tiny(out, steps=8, resume=resume)), capsys)
-        assert_one_error_line(code, err, "already holds a run (config.json, metrics.jsonl)", "no checkpoint to continue")
+        assert_one_error_line(
+            code, err, "already holds a run (config.json, metrics.jsonl)", "no checkpoint to continue"
+        )
     assert snapshot(out) == before and metric_steps(out) == [1, 2, 3, 4]
     # A folder with no run in it is fine: a Slurm log written there first, empty folders.
     other = tmp_path / "other"
@@ -117,8 +138,17 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_even_without_checkpoints(
     assert train.main(tiny(other, steps=2))["step"] == 2 and (other / "slurm-123.out").read_text() == "job log"
 
 
-@pytest.mark.parametrize("name", ["config.json", "config-resume-0000004.json", "metrics.jsonl", "samples/x.png",
-                                  "checkpoints/0000004.pt", "wandb/run-1/files/a"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "config.json",
+        "config-resume-0000004.json",
+        "metrics.jsonl",
+        "samples/x.png",
+        "checkpoints/0000004.pt",
+        "wandb/run-1/files/a",
+    ],
+)
 def test_each_kind_of_run_file_counts(tmp_path, name):
     assert run_files(tmp_path) == []
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -130,8 +160,13 @@ def test_stale_temporary_files_of_killed_writes_are_removed_at_start_up(tmp_path
     out = tmp_path / "run"
     train.main(tiny(out, steps=4))
     ckpts = out / "checkpoints"
-    stale = [ckpts / ".0000008.pt.k2j3h4g5.tmp", ckpts / ".last.pt.x9y8z7w6.tmp", ckpts / ".last.pt.4242.link",
-             out / ".config-resume-0000004.json.a1b2c3d4.tmp", out / ".metrics.jsonl.q1w2e3r4.tmp"]  # fmt: skip
+    stale = [
+        ckpts / ".0000008.pt.k2j3h4g5.tmp",
+        ckpts / ".last.pt.x9y8z7w6.tmp",
+        ckpts / ".last.pt.4242.link",
+        out / ".config-resume-0000004.json.a1b2c3d4.tmp",
+        out / ".metrics.jsonl.q1w2e3r4.tmp",
+    ]
     for path in stale:  # what SIGKILL leaves mid-write (tests/test_preemption.py kills runs for real)
         path.write_bytes(b"half a file" * 1000)
     keep = [out / "notes.tmp", ckpts / "mine.tmp"]  # not the run's temporary files
@@ -158,9 +193,13 @@ def test_a_truncated_last_pt_names_the_newest_readable_checkpoint_and_resume_pat
     before = snapshot(out)
     for resume in ("auto", "yes"):
         code, err = run_cli(cli_args(tiny(out, steps=12, resume=resume)), capsys)
-        assert_one_error_line(code, err, f"cannot read checkpoint {ckpts / 'last.pt'}: the file is truncated",
-                              f"newest readable checkpoint is {ckpts / '0000004.pt'} (step 4)",
-                              f"--resume {ckpts / '0000004.pt'}")  # fmt: skip
+        assert_one_error_line(
+            code,
+            err,
+            f"cannot read checkpoint {ckpts / 'last.pt'}: the file is truncated",
+            f"newest readable checkpoint is {ckpts / '0000004.pt'} (step 4)",
+            f"--resume {ckpts / '0000004.pt'}",
+        )
         assert code == 2
     assert snapshot(out) == before  # no silent switch: nothing written
     code, err = run_cli(cli_args(tiny(out, steps=12, resume=str(ckpts / "0000004.pt"))), capsys)
@@ -174,7 +213,9 @@ def test_resume_path_from_another_folder_starts_a_new_run_folder(tmp_path, capsy
     train.main(tiny(tmp_path / "a", steps=4))
     source = tmp_path / "a/checkpoints/0000004.pt"
     code, err = run_cli(cli_args(tiny(tmp_path / "full", steps=8, resume=str(source))), capsys)
-    assert_one_error_line(code, err, "already holds a run", f"--resume {source} continues into a folder that holds no run")
+    assert_one_error_line(
+        code, err, "already holds a run", f"--resume {source} continues into a folder that holds no run"
+    )
     code, err = run_cli(cli_args(tiny(tmp_path / "nowhere", resume=str(tmp_path / "none.pt"))), capsys)
     assert_one_error_line(code, err, f"--resume {tmp_path / 'none.pt'}: no such checkpoint file")
     fork = train.main(tiny(tmp_path / "fork", steps=8, resume=str(source)))

@@ -69,8 +69,16 @@ class Exponential(nn.Module):
 def tiny_dit(num_classes: int = 3, seed: int = 0) -> DiT:
     """A small DiT with random (non-zero) weights, so its velocity depends on x, t and y."""
     torch.manual_seed(seed)
-    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                num_classes=num_classes, num_registers=2)  # fmt: skip
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=num_classes,
+        num_registers=2,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -354,9 +362,11 @@ def interrupted_encoder(fp, *args, **kwargs):
 def test_an_interrupted_write_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch, writer):
     images = torch.rand(4, 1, 8, 8)
     path = tmp_path / {"grid": "g.png", "gif": "t.gif", "npz": "s.npz"}[writer]
-    write = {"grid": lambda: save_grid(images, path, nrow=2),
-             "gif": lambda: to_gif(images.unsqueeze(0).repeat(3, 1, 1, 1, 1) * 2 - 1, path, nrow=2),
-             "npz": lambda: save_npz(images, None, path)}[writer]  # fmt: skip
+    write = {
+        "grid": lambda: save_grid(images, path, nrow=2),
+        "gif": lambda: to_gif(images.unsqueeze(0).repeat(3, 1, 1, 1, 1) * 2 - 1, path, nrow=2),
+        "npz": lambda: save_npz(images, None, path),
+    }[writer]
     write()
     before = path.read_bytes()
     monkeypatch.setattr(np, "savez", lambda file, **arrays: interrupted_encoder(file))
@@ -393,12 +403,14 @@ def test_ctrl_c_while_the_cli_writes_its_grid_leaves_no_file_to_block_the_rerun(
         "sampler.cli(sys.argv[1:])\n"
     )
     root = Path(__file__).resolve().parents[1]
-    stopped = subprocess.run([sys.executable, "-c", runner, *argv], cwd=root, env=CHILD_ENV, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+    stopped = subprocess.run(
+        [sys.executable, "-c", runner, *argv], cwd=root, env=CHILD_ENV, capture_output=True, text=True, timeout=120
+    )
     assert stopped.returncode != 0, stopped.stderr[-2000:]  # stopped by the Ctrl-C, not finished
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]  # no truncated grid.png, no temporary file
-    rerun = subprocess.run([sys.executable, "sampler.py", *argv], cwd=root, env=CHILD_ENV, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
+    rerun = subprocess.run(
+        [sys.executable, "sampler.py", *argv], cwd=root, env=CHILD_ENV, capture_output=True, text=True, timeout=120
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert Image.open(out).size == (2 * 66 + 2, 2 * 66 + 2)
 
@@ -408,8 +420,9 @@ def test_ctrl_c_while_the_cli_writes_its_grid_leaves_no_file_to_block_the_rerun(
 
 def write_checkpoint(path, model: DiT) -> dict:
     ema = {k: v + 0.01 for k, v in model.state_dict().items()}
-    save_checkpoint({"model_config": model.config, "model": model.state_dict(), "ema": ema, "step": 3,
-                     "config": {}}, path)  # fmt: skip
+    save_checkpoint(
+        {"model_config": model.config, "model": model.state_dict(), "ema": ema, "step": 3, "config": {}}, path
+    )
     return ema
 
 
@@ -435,9 +448,32 @@ def test_from_checkpoint_loads_ema_or_raw(tmp_path):
 def test_cli_writes_grid_gif_npz(tmp_path, capsys):
     write_checkpoint(tmp_path / "ckpt.pt", tiny_dit())
     out, gif, npz = tmp_path / "grid.png", tmp_path / "traj.gif", tmp_path / "s.npz"
-    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--n", "5", "--cfg-scale", "2.5", "--steps", "4", "--method", "heun",
-            "--seed", "0", "--out", str(out), "--gif", str(gif), "--npz", str(npz), "--class-label", "1",
-            "--device", "cpu", "--nrow", "5"]  # fmt: skip
+    argv = [
+        "--ckpt",
+        str(tmp_path / "ckpt.pt"),
+        "--n",
+        "5",
+        "--cfg-scale",
+        "2.5",
+        "--steps",
+        "4",
+        "--method",
+        "heun",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--gif",
+        str(gif),
+        "--npz",
+        str(npz),
+        "--class-label",
+        "1",
+        "--device",
+        "cpu",
+        "--nrow",
+        "5",
+    ]
     cfg = sampler_mod.parse_args(argv)
     assert cfg.cfg_scale == 2.5 and cfg.steps == 4 and cfg.class_label == 1
     result = sampler_mod.main(cfg)
@@ -484,8 +520,21 @@ def test_help_documents_every_flag_and_defaults_match(capsys):
     with pytest.raises(SystemExit):
         sampler_mod.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--ckpt", "--n", "--cfg-scale", "--steps", "--method", "--seed", "--out", "--gif", "--npz",
-                 "--class-label", "--guidance-interval", "--grid", "--batch-size"):  # fmt: skip
+    for flag in (
+        "--ckpt",
+        "--n",
+        "--cfg-scale",
+        "--steps",
+        "--method",
+        "--seed",
+        "--out",
+        "--gif",
+        "--npz",
+        "--class-label",
+        "--guidance-interval",
+        "--grid",
+        "--batch-size",
+    ):
         assert flag in text
     # The sampling flags are the Sampler's own options: one declaration, one set of defaults.
     cfg = sampler_mod.parse_args(["--ckpt", "x"])
@@ -711,7 +760,16 @@ def test_mean_method_lands_on_the_exact_endpoint():
 
 def test_repr_names_the_model_and_the_defaults():
     text = repr(Sampler(tiny_dit(), steps=7, method="midpoint", cfg_scale=2.5))
-    for part in ("DiT", "M params", "3 classes", "3x8x8 images", "cpu", "midpoint 7 steps", "cfg 2.5", "precision auto"):
+    for part in (
+        "DiT",
+        "M params",
+        "3 classes",
+        "3x8x8 images",
+        "cpu",
+        "midpoint 7 steps",
+        "cfg 2.5",
+        "precision auto",
+    ):
         assert part in text, (part, text)
 
 
@@ -741,8 +799,15 @@ def test_generate_returns_samples_equal_to_what_sample_gives():
         out.nfe = 0
     # The sampler keeps nothing of its calls.
     assert not [name for name in vars(sampler) if name.startswith("last") or name == "_nfe"]
-    assert set(f.name for f in fields(Samples)) == {"images", "labels", "trajectory", "nfe", "nfe_per_chunk", "seed",
-                                                   "precision"}  # fmt: skip
+    assert set(f.name for f in fields(Samples)) == {
+        "images",
+        "labels",
+        "trajectory",
+        "nfe",
+        "nfe_per_chunk",
+        "seed",
+        "precision",
+    }
 
 
 def test_samples_seed_is_the_one_that_repeats_the_call():
@@ -785,8 +850,9 @@ class CountingVelocity(nn.Module):
         self.average_velocity = average_velocity
         self.intervals: list[bool] = []
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                interval: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None, interval: torch.Tensor | None = None
+    ) -> torch.Tensor:
         assert interval is None or self.average_velocity
         self.intervals.append(interval is not None)
         return torch.zeros_like(x)
@@ -842,8 +908,14 @@ def test_mean_method_on_a_network_without_average_velocity_is_one_line():
         with pytest.raises(ValueError) as e:
             Sampler(model, method="mean", steps=1).generate(1, y=0 if getattr(model, "num_classes", 0) else None)
         text = str(e.value)
-        assert text == ("method 'mean' needs an average-velocity network (one trained with an objective whose "
-                        "sample_method is 'mean')") and "meanflow" not in text.lower()  # fmt: skip
+        assert (
+            text
+            == (
+                "method 'mean' needs an average-velocity network (one trained with an objective whose "
+                "sample_method is 'mean')"
+            )
+            and "meanflow" not in text.lower()
+        )
     # An average-velocity network jumps with "mean" and takes every ODE solver at interval 0.
     model = CountingVelocity(average_velocity=True)
     for method in METHODS:
@@ -861,8 +933,17 @@ def objective_checkpoint(path, objective: str | None) -> DiT:
 
     torch.manual_seed(0)
     options = OBJECTIVES[objective or "flow"]().network_options()
-    model = DiT(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3,
-                num_registers=2, **options)  # fmt: skip
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=3,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+        num_registers=2,
+        **options,
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
@@ -893,8 +974,10 @@ def test_default_method_is_the_checkpoints_objectives(tmp_path):
         assert Sampler(model).options.method == "heun" and Sampler(model, method=None).options.method == "heun"
     meanflow = Sampler.from_checkpoint(tmp_path / "meanflow.pt", device="cpu", steps=1)
     assert meanflow.average_velocity and "average-velocity" in repr(meanflow) and meanflow.generate(2, seed=0).nfe == 1
-    save_checkpoint({"model_config": tiny_dit().config, "model": tiny_dit().state_dict(), "config": {"objective": "x"}},
-                    tmp_path / "odd.pt")  # fmt: skip
+    save_checkpoint(
+        {"model_config": tiny_dit().config, "model": tiny_dit().state_dict(), "config": {"objective": "x"}},
+        tmp_path / "odd.pt",
+    )
     with pytest.raises(ValueError, match="objective 'x' is unknown"):
         Sampler.from_checkpoint(tmp_path / "odd.pt", ema=False, device="cpu")
 
@@ -902,8 +985,20 @@ def test_default_method_is_the_checkpoints_objectives(tmp_path):
 def test_cli_without_method_uses_the_checkpoints_objective(tmp_path, capsys):
     for objective, method, nfe in (("flow", "heun", 6), ("meanflow", "mean", 3)):
         objective_checkpoint(tmp_path / f"{objective}.pt", objective)
-        cfg = sampler_mod.parse_args(["--ckpt", str(tmp_path / f"{objective}.pt"), "--n", "2", "--steps", "3",
-                                      "--device", "cpu", "--out", str(tmp_path / f"{objective}.png")])  # fmt: skip
+        cfg = sampler_mod.parse_args(
+            [
+                "--ckpt",
+                str(tmp_path / f"{objective}.pt"),
+                "--n",
+                "2",
+                "--steps",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / f"{objective}.png"),
+            ]
+        )
         assert cfg.method is None
         result = sampler_mod.main(cfg)
         assert result["method"] == method and result["nfe"] == nfe and result["config"]["method"] is None
@@ -959,8 +1054,11 @@ def test_sampler_checks_what_the_network_no_longer_does():
         assert "\n" not in str(e.value), str(e.value)
     assert calls == []  # refused before the network ran
     uncond = Sampler(tiny_dit(num_classes=0), steps=1)
-    for call in (lambda: uncond.generate(2, torch.zeros(2, dtype=torch.long)), lambda: uncond.velocity(x, 0.5, 0),
-                 lambda: uncond.generate(2, cfg_scale=2.0)):  # fmt: skip
+    for call in (
+        lambda: uncond.generate(2, torch.zeros(2, dtype=torch.long)),
+        lambda: uncond.velocity(x, 0.5, 0),
+        lambda: uncond.generate(2, cfg_scale=2.0),
+    ):
         with pytest.raises(ValueError, match="unconditional"):
             call()
     # What passes: labels of any integer dtype, on any device, and the checked velocity equals the network's.

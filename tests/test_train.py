@@ -29,11 +29,32 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def tiny(out: Path, **overrides) -> TrainConfig:
     """A seconds-long digits run: 8x8 gray images, a one-block DiT."""
     cfg = TrainConfig(
-        dataset="digits", image_size=8, channels=1, flip=False, model="DiT-XS/2", hidden_size=32, depth=1,
-        num_heads=2, num_registers=2, steps=12, batch_size=32, lr=1e-3, warmup=3, ema_decay=0.9,
-        sample_every=0, ckpt_every=4, log_every=2, out=str(out), wandb="disabled", num_workers=0, seed=0,
-        samples_per_class=1, sample_steps=2, cfg_scales=(1.0, 3.0), fid_every=0,
-    )  # fmt: skip
+        dataset="digits",
+        image_size=8,
+        channels=1,
+        flip=False,
+        model="DiT-XS/2",
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_registers=2,
+        steps=12,
+        batch_size=32,
+        lr=1e-3,
+        warmup=3,
+        ema_decay=0.9,
+        sample_every=0,
+        ckpt_every=4,
+        log_every=2,
+        out=str(out),
+        wandb="disabled",
+        num_workers=0,
+        seed=0,
+        samples_per_class=1,
+        sample_steps=2,
+        cfg_scales=(1.0, 3.0),
+        fid_every=0,
+    )
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -60,9 +81,13 @@ def assert_same(a: dict, b: dict) -> None:
 def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=timeout,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -74,8 +99,19 @@ def test_digits_run_learns_loss_falls_and_samples_classify_as_their_labels(tmp_p
 
     from sampler import Sampler
 
-    cfg = tiny(tmp_path / "run", hidden_size=64, depth=2, num_heads=4, steps=400, batch_size=128, lr=2e-3,
-               warmup=50, ema_decay=0.98, ckpt_every=0, log_every=25)  # fmt: skip
+    cfg = tiny(
+        tmp_path / "run",
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        steps=400,
+        batch_size=128,
+        lr=2e-3,
+        warmup=50,
+        ema_decay=0.98,
+        ckpt_every=0,
+        log_every=25,
+    )
     result = train.main(cfg)
     losses = [loss for _, loss in result["losses"]]
     assert result["step"] == 400 and len(losses) == 16
@@ -97,7 +133,9 @@ def test_digits_run_learns_loss_falls_and_samples_classify_as_their_labels(tmp_p
 @pytest.mark.parametrize("variant", ["loader", "on-device+ot"])
 def test_resume_after_stopping_at_k_is_bit_identical(tmp_path, variant):
     extra = (
-        dict(data_on_device=False) if variant == "loader" else dict(data_on_device=True, objective_args=dict(ot=True, t_sampler="uniform"))
+        dict(data_on_device=False)
+        if variant == "loader"
+        else dict(data_on_device=True, objective_args=dict(ot=True, t_sampler="uniform"))
     )
     # Samples every 4 steps: drawing them must not disturb the training randomness.
     full = train.main(tiny(tmp_path / "full", sample_every=4, **extra))
@@ -142,9 +180,11 @@ def test_resume_says_in_one_line_which_settings_changed(tmp_path, capsys):
     changed = dict(lr=5e-4, ema_decay=0.95, warmup=2, objective_args=dict(ot=True, t_sampler="uniform"))
     train.main(tiny(tmp_path / "run", steps=6, resume="yes", **changed))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resume:")]
-    assert lines == [f"resume: step 4 of {tmp_path / 'run/checkpoints/last.pt'}; settings changed: --t-sampler "
-                     "logit-normal -> uniform, --ot False -> True, --steps 4 -> 6, --lr 0.001 -> 0.0005, --warmup 3 -> 2, "
-                     "--ema-decay 0.9 -> 0.95"]  # fmt: skip
+    assert lines == [
+        f"resume: step 4 of {tmp_path / 'run/checkpoints/last.pt'}; settings changed: --t-sampler "
+        "logit-normal -> uniform, --ot False -> True, --steps 4 -> 6, --lr 0.001 -> 0.0005, --warmup 3 -> 2, "
+        "--ema-decay 0.9 -> 0.95"
+    ]
     train.main(tiny(tmp_path / "run", steps=8, resume="yes", **changed))
     assert "settings changed: --steps 6 -> 8\n" in capsys.readouterr().out
 
@@ -220,7 +260,11 @@ def test_wandb_offline_run_holds_captioned_samples_videos_and_the_metrics_file_n
     image, video = media("samples/cfg3"), media("trajectory/cfg1")
     assert image["_type"] == "image-file" and image["caption"].startswith("step 4, cfg 3, heun 2 steps, NFE 4")
     assert "EMA left, raw weights right" in image["caption"]
-    assert video["_type"] == "video-file" and video["caption"].startswith("step 4, cfg 1") and video["path"].endswith(".gif")
+    assert (
+        video["_type"] == "video-file"
+        and video["caption"].startswith("step 4, cfg 1")
+        and video["path"].endswith(".gif")
+    )
     # The metrics file and wandb carry the same numbers under the same names, the loss by t among them.
     logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [2, 4]
@@ -334,8 +378,13 @@ def test_wandb_that_cannot_start_leaves_the_metrics_file(tmp_path, monkeypatch, 
 def test_defaults_reproduce_the_cifar10_run_and_every_flag_has_help():
     cfg = parse_args([])
     assert (cfg.dataset, cfg.model, cfg.num_registers, cfg.batch_size, cfg.lr, cfg.ema_decay) == (
-        "cifar10", "DiT-S/2", 4, 128, 1e-4, 0.9999,
-    )  # fmt: skip
+        "cifar10",
+        "DiT-S/2",
+        4,
+        128,
+        1e-4,
+        0.9999,
+    )
     objective = cfg.build_objective()
     assert cfg.cfg_scales == (1.0, 2.5, 5.0) and cfg.objective == "flow" and cfg.objective_args == {}
     assert objective.t_sampler == "logit-normal" and objective.sigma == 0.0 and not objective.ot
@@ -443,8 +492,12 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_to_overwrite(tmp_path,
 
 def test_impossible_flags_are_one_line(tmp_path, capsys):
     args = cli_args(tiny(tmp_path / "out"))
-    for flags, needle in [(["--batch-size", "0"], "batch_size must be >= 1"), (["--t-std", "0"], "t_std must be > 0"),
-                          (["--ema-decay", "1"], "ema_decay must be < 1"), (["--lr", "nan"], "lr must be finite")]:
+    for flags, needle in [
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--t-std", "0"], "t_std must be > 0"),
+        (["--ema-decay", "1"], "ema_decay must be < 1"),
+        (["--lr", "nan"], "lr must be finite"),
+    ]:
         code, err = run_cli(args + flags, capsys)  # the last of a repeated flag wins
         assert_one_error_line(code, err, needle)
     assert not (tmp_path / "out").exists()
@@ -476,8 +529,13 @@ def test_prune_never_touches_the_file_last_links_to_nor_later_steps(tmp_path):
     removed = prune_checkpoints(tmp_path, keep=1, step=12)
     assert sorted(p.name for p in removed) == ["0000004.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "0000008.pt", "0000012.pt", "0000016.pt", "0000020.pt", "last.pt", "notes.pt",
-    ]  # fmt: skip
+        "0000008.pt",
+        "0000012.pt",
+        "0000016.pt",
+        "0000020.pt",
+        "last.pt",
+        "notes.pt",
+    ]
     assert (tmp_path / "last.pt").read_bytes() == b"8"
     assert prune_checkpoints(tmp_path, keep=0, step=20) == []  # 0 keeps all
 

@@ -38,8 +38,20 @@ from utils.config import ConfigError
 from utils.device import unwrap_model
 from utils.io import atomic_write
 
-TRAINING_KEYS = ("model_config", "model", "ema", "ema_num_updates", "optimizer", "step", "skipped_steps", "config",
-                 "rng", "data_state", "world_size", "wandb_id")  # fmt: skip
+TRAINING_KEYS = (
+    "model_config",
+    "model",
+    "ema",
+    "ema_num_updates",
+    "optimizer",
+    "step",
+    "skipped_steps",
+    "config",
+    "rng",
+    "data_state",
+    "world_size",
+    "wandb_id",
+)
 OPTIONAL_KEYS = ("latent_space",)  # written since latent datasets exist; older checkpoints lack them
 # Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
 RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe")
@@ -113,8 +125,9 @@ def damage(path: Path, error: Exception) -> str:
     return f"not a file of tensors and plain values, or damaged ({type(error).__name__}, {size} bytes)"
 
 
-def model_from_checkpoint(state: dict[str, Any] | str | os.PathLike, ema: bool = True,
-                          device: str | torch.device = "cpu") -> DiT:  # fmt: skip
+def model_from_checkpoint(
+    state: dict[str, Any] | str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
+) -> DiT:
     """The DiT a checkpoint describes, with its EMA (default) or raw weights, in eval mode on device."""
     state = state if isinstance(state, dict) else load_checkpoint(state)
     if ema and state.get("ema") is None:
@@ -132,21 +145,45 @@ def model_from_checkpoint(state: dict[str, Any] | str | os.PathLike, ema: bool =
 #################################################################################
 
 
-def training_state(*, model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer, stream: Any, step: int,
-                   skipped_steps: int, config: dict[str, Any], rng: list[dict[str, Any]], world_size: int,
-                   wandb_id: str | None, latent_space: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def training_state(
+    *,
+    model: nn.Module,
+    ema: Any,
+    optimizer: torch.optim.Optimizer,
+    stream: Any,
+    step: int,
+    skipped_steps: int,
+    config: dict[str, Any],
+    rng: list[dict[str, Any]],
+    world_size: int,
+    wandb_id: str | None,
+    latent_space: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The checkpoint dict of a training run (the keys of the module docstring)."""
     model = unwrap_model(model)
     return {
-        "model_config": model.config, "model": model.state_dict(), "ema": ema.model.state_dict(),
-        "ema_num_updates": ema.num_updates, "optimizer": optimizer.state_dict(), "step": step,
-        "skipped_steps": skipped_steps, "config": config, "rng": rng, "data_state": stream.state_dict(),
-        "world_size": world_size, "wandb_id": wandb_id, "latent_space": latent_space,
-    }  # fmt: skip
+        "model_config": model.config,
+        "model": model.state_dict(),
+        "ema": ema.model.state_dict(),
+        "ema_num_updates": ema.num_updates,
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "skipped_steps": skipped_steps,
+        "config": config,
+        "rng": rng,
+        "data_state": stream.state_dict(),
+        "world_size": world_size,
+        "wandb_id": wandb_id,
+        "latent_space": latent_space,
+    }
 
 
-def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: dict[str, Any],
-                 latent_space: dict[str, Any] | None = None) -> None:  # fmt: skip
+def check_resume(
+    state: dict[str, Any],
+    config: dict[str, Any],
+    model_config: dict[str, Any],
+    latent_space: dict[str, Any] | None = None,
+) -> None:
     """CheckpointError unless state is a full training state; ConfigError unless it fits this run's settings (and
     its latents: ``latent_space`` of the training data, None for pixels)."""
     missing = [k for k in TRAINING_KEYS if k not in state]
@@ -157,8 +194,11 @@ def check_resume(state: dict[str, Any], config: dict[str, Any], model_config: di
         keys = [k for k in {**old_model, **model_config} if old_model.get(k) != model_config.get(k)]
         diff = "; ".join(f"{k} {old_model.get(k)!r} -> {model_config.get(k)!r}" for k in keys)
         raise ConfigError(f"--resume: the checkpoint's model differs from this run's: {diff}")
-    bad = [f"{flag} {a} -> {b}" for key, flag, a, b in changed_settings(state["config"], config)
-           if key in RESUME_MUST_MATCH]  # fmt: skip
+    bad = [
+        f"{flag} {a} -> {b}"
+        for key, flag, a, b in changed_settings(state["config"], config)
+        if key in RESUME_MUST_MATCH
+    ]
     if bad:
         raise ConfigError(f"--resume: these settings differ from the checkpoint's: {'; '.join(bad)}")
     old_space, space = state.get("latent_space"), latent_space
@@ -178,8 +218,11 @@ def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str
         if key == "resume" or key not in old:
             continue
         if isinstance(value, dict) and isinstance(old[key], dict):  # nested settings (objective_args)
-            out += [(k, f"--{k.replace('_', '-')}", shown(old[key][k]), shown(v)) for k, v in value.items()
-                    if k in old[key] and old[key][k] != v]  # fmt: skip
+            out += [
+                (k, f"--{k.replace('_', '-')}", shown(old[key][k]), shown(v))
+                for k, v in value.items()
+                if k in old[key] and old[key][k] != v
+            ]
         elif old[key] != value and not (isinstance(value, tuple | list) and list(old[key]) == list(value)):
             out.append((key, f"--{key.replace('_', '-')}", shown(old[key]), shown(value)))
     return out
@@ -194,8 +237,16 @@ class Resumed(NamedTuple):
     rng: dict[str, Any] | None  # this process's generator states; None when the number of processes changed
 
 
-def restore_training_state(state: dict[str, Any], *, model: nn.Module, ema: Any, optimizer: torch.optim.Optimizer,
-                           stream: Any, rank: int, world_size: int) -> Resumed:  # fmt: skip
+def restore_training_state(
+    state: dict[str, Any],
+    *,
+    model: nn.Module,
+    ema: Any,
+    optimizer: torch.optim.Optimizer,
+    stream: Any,
+    rank: int,
+    world_size: int,
+) -> Resumed:
     """Load a checkpoint's weights, EMA, optimizer and data position into the run's objects.
 
     With another number of processes the epoch's split over them changes: the data stream starts the next epoch,
@@ -217,8 +268,9 @@ NUMBERED = re.compile(r"(\d{7,})\.pt")  # f"{step:07d}.pt"
 def newest_readable(ckpt_dir: Path) -> tuple[Path, int] | None:
     """The numbered checkpoint of the highest step in ckpt_dir that loads as a full training state, with its step,
     or None: what to continue from when last.pt is damaged (read newest first; stops at the first good one)."""
-    numbered = sorted(((int(m.group(1)), p) for p in ckpt_dir.glob("*.pt") if (m := NUMBERED.fullmatch(p.name))),
-                      reverse=True)  # fmt: skip
+    numbered = sorted(
+        ((int(m.group(1)), p) for p in ckpt_dir.glob("*.pt") if (m := NUMBERED.fullmatch(p.name))), reverse=True
+    )
     for _, path in numbered:
         try:
             state = load_checkpoint(path)

@@ -32,9 +32,18 @@ class ConfigError(ValueError):
 BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
-def arg(default: Any, help: str, *, choices: Collection[Any] | None = None, group: str | None = None,
-        min: float | None = None, max: float | None = None, gt: float | None = None, lt: float | None = None,
-        **argparse_kwargs: Any) -> Any:  # fmt: skip
+def arg(
+    default: Any,
+    help: str,
+    *,
+    choices: Collection[Any] | None = None,
+    group: str | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    **argparse_kwargs: Any,
+) -> Any:
     """A config field: its default, its --help text, the allowed values (choices and the bounds min <= v <= max,
     gt < v < lt) and extra argparse keywords (nargs, const, metavar). ``choices`` may be a tuple or a registry
     (a dict: its keys, read when the config is made, so names added later count). ``group`` starts a titled
@@ -137,8 +146,13 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], title: str | 
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
-def parse(cls: type[C], argv: Sequence[str] | None, prog: str, description: str,
-          presets: dict[str, dict[str, Any]] | None = None) -> C:  # fmt: skip
+def parse(
+    cls: type[C],
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str,
+    presets: dict[str, dict[str, Any]] | None = None,
+) -> C:
     """Flags -> cls. With presets, ``--preset NAME`` sets defaults that explicit flags override.
 
     The flags of a nested class (``Config.nested``) are those of the class its selector picks, so they are read

@@ -22,7 +22,10 @@ from utils.ema import EMA
 
 
 def build_adamw(
-    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.AdamW:
     """AdamW, fused where torch supports it for these parameters (CUDA, and the CPU since torch 2.4)."""
     params = list(params)
@@ -86,10 +89,13 @@ class StepStats:
         self.by_t.zero_()
         nan = float("nan")
         return {
-            "loss": loss / good if good else nan, "grad_norm": gnorm / good if good else nan,
+            "loss": loss / good if good else nan,
+            "grad_norm": gnorm / good if good else nan,
             "loss_by_t": [s / c if c else nan for s, c in zip(bin_loss, bin_count, strict=True)],
-            "good_steps": good, "skipped": self.skipped.item(), "worst_streak": self.worst_streak.item(),
-        }  # fmt: skip
+            "good_steps": good,
+            "skipped": self.skipped.item(),
+            "worst_streak": self.worst_streak.item(),
+        }
 
 
 def learning_rate(step: int, lr: float, warmup: int) -> float:
@@ -106,16 +112,25 @@ class TrainStep:
     ``mark``, when given, is called after each phase (loss, backward, update): the benchmark's phase timer.
     """
 
-    def __init__(self, net: torch.nn.Module, objective: Any, optimizer: torch.optim.Optimizer, ema: EMA,
-                 stats: StepStats, precision: str, grad_clip: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        objective: Any,
+        optimizer: torch.optim.Optimizer,
+        ema: EMA,
+        stats: StepStats,
+        precision: str,
+        grad_clip: float = 0.0,
+    ):
         self.net, self.objective, self.optimizer, self.ema, self.stats = net, objective, optimizer, ema, stats
         self.model = unwrap_model(net)
         self.device = module_device_dtype(self.model)[0]
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.precision, self.max_norm = precision, grad_clip or math.inf
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, lr: float,
-                 mark: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor | None, lr: float, mark: Callable[[], None] | None = None
+    ) -> torch.Tensor:
         """Train on images x (N, C, H, W) in [-1, 1] with labels y (N,) at learning rate lr; returns whether the
         update was taken (a 0-d bool on the device: reading it is a host sync)."""
         mark = mark or (lambda: None)

@@ -49,8 +49,14 @@ def _numpy_state() -> dict[str, Any]:
 
 def _set_numpy_state(s: dict[str, Any]) -> None:
     key = np.asarray(s["key"].numpy() if isinstance(s["key"], torch.Tensor) else s["key"]).astype(np.uint32)
-    np.random.set_state({"bit_generator": s["bit_generator"], "state": {"key": key, "pos": int(s["pos"])},
-                         "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])})  # fmt: skip
+    np.random.set_state(
+        {
+            "bit_generator": s["bit_generator"],
+            "state": {"key": key, "pos": int(s["pos"])},
+            "has_gauss": int(s["has_gauss"]),
+            "gauss": float(s["gauss"]),
+        }
+    )
 
 
 def _python_state() -> list[Any]:

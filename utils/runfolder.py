@@ -76,8 +76,10 @@ class FolderLock:
             except BlockingIOError:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise RunFolderError(f"{out} is in use by {holder} (it holds {self.path}); wait for that run to "
-                                     "end, or choose another --out") from None  # fmt: skip
+                raise RunFolderError(
+                    f"{out} is in use by {holder} (it holds {self.path}); wait for that run to "
+                    "end, or choose another --out"
+                ) from None
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -128,8 +130,11 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
                 removed.append(path)
     if removed:
         names = ", ".join(str(p.relative_to(out)) for p in removed)
-        print(f"removed {len(removed)} temporary file(s) of writes that a killed run left ({size / 2**20:.1f} MiB): "
-              f"{names}", flush=True)  # fmt: skip
+        print(
+            f"removed {len(removed)} temporary file(s) of writes that a killed run left ({size / 2**20:.1f} MiB): "
+            f"{names}",
+            flush=True,
+        )
     return removed
 
 
@@ -204,6 +209,10 @@ def resume_state(out: Path, resume: str) -> tuple[dict[str, Any] | None, Path | 
         if path.resolve() != last.resolve():
             raise
         found = newest_readable(last.parent) if last.parent.is_dir() else None
-        hint = (f"the newest readable checkpoint is {found[0]} (step {found[1]}): continue from it with the same "
-                f"command and --resume {found[0]}" if found else f"no readable numbered checkpoint in {last.parent}")
+        hint = (
+            f"the newest readable checkpoint is {found[0]} (step {found[1]}): continue from it with the same "
+            f"command and --resume {found[0]}"
+            if found
+            else f"no readable numbered checkpoint in {last.parent}"
+        )
         raise CheckpointError(f"{e}; {hint}") from None

@@ -72,9 +72,17 @@ class RunLogger:
         (with unreadable half lines), so the resumed run does not log those steps twice. None: append only.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, mode: str = "online", project: str = "dit-flow-matching",
-                 name: str | None = None, config: dict[str, Any] | None = None, run_id: str | None = None,
-                 enabled: bool = True, start_step: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        mode: str = "online",
+        project: str = "dit-flow-matching",
+        name: str | None = None,
+        config: dict[str, Any] | None = None,
+        run_id: str | None = None,
+        enabled: bool = True,
+        start_step: int | None = None,
+    ):
         self.out_dir, self.enabled, self.mode, self.run, self.run_id = Path(out_dir), enabled, mode, None, run_id
         self._warned: set[str] = set()
         if not enabled:
@@ -95,11 +103,16 @@ class RunLogger:
             try:
                 wandb_dir.mkdir(parents=True, exist_ok=True)
                 self.run = wandb.init(
-                    project=project, name=name, config=config, dir=str(wandb_dir), mode=attempt, id=run_id,
+                    project=project,
+                    name=name,
+                    config=config,
+                    dir=str(wandb_dir),
+                    mode=attempt,
+                    id=run_id,
                     resume="allow" if run_id else None,
                     # tqdm's carriage returns make captured console logs unreadable; metrics are logged explicitly.
                     settings=wandb.Settings(console="off"),
-                )  # fmt: skip
+                )
                 break
             except Exception as e:  # e.g. no network: an online run falls back to an offline one
                 warn(f"wandb could not start {attempt} ({type(e).__name__}: {e})")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from models.blocks import MLPS, NORMS
 from models.dit import DiT, DiT_models
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import Config, arg
 
 
@@ -73,3 +77,18 @@ def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
 def model_from_config(config: dict[str, Any]) -> DiT:
     """The DiT that a checkpoint's ``model_config`` (``DiT.config``, maybe of an older version) describes."""
     return DiT(**upgraded_config(config))
+
+
+def model_from_checkpoint(
+    state: dict[str, Any] | str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
+) -> DiT:
+    """The DiT a checkpoint (a path or a loaded one) describes, with its EMA (default) or raw weights, in eval mode."""
+    state = state if isinstance(state, dict) else load_checkpoint(state)
+    if ema and state.get("ema") is None:
+        raise CheckpointError("checkpoint holds no EMA weights; load the raw weights with ema=False")
+    model = model_from_config(state["model_config"])
+    try:
+        model.load_state_dict(state["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model config: {e}") from None
+    return model.to(device).eval()

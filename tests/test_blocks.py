@@ -14,6 +14,7 @@ from models import DiT, count_params, model_from_config
 from models.blocks import SwiGLU, apply_rope, make_norm, rope_angles, rope_tables, swiglu_width
 from objectives.flow import FlowMatching, cosine_loss
 from sampling import Sampler
+from training.config import RECIPES
 from utils.config import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -129,10 +130,10 @@ def test_new_blocks_keep_the_cfg_formula_and_a_forward_mode_jvp():
     assert torch.allclose(tangent, diff, atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe", sorted(train.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_every_recipe_network_starts_at_exactly_zero_and_samples(tmp_path, recipe):
     cfg = train.resolve(tiny(tmp_path / "run", recipe=recipe, steps=2, ckpt_every=0), torch.device("cpu"))
-    assert all(getattr(cfg, k) == v for k, v in train.RECIPES[recipe].items() if hasattr(cfg, k))
+    assert all(getattr(cfg, k) == v for k, v in RECIPES[recipe].items() if hasattr(cfg, k))
     model = train.build_model(cfg, 8, 1, 10)
     out = model(torch.randn(4, 1, 8, 8), torch.rand(4), torch.randint(0, 10, (4,)))
     assert torch.equal(out, torch.zeros_like(out))
@@ -148,11 +149,15 @@ def test_lightning_resumes_bit_exactly_and_refuses_another_recipe(tmp_path):
     run = lambda out, **kw: train.main(tiny(tmp_path / out, **{"recipe": "lightning", "steps": 8, **kw}))  # noqa: E731
     run("full")
     run("split", steps=4)
-    run("split", resume="yes")
+    run("split", resume="yes", recipe=None)  # a plain --resume: the settings that define the weights are the run's
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "split/checkpoints/last.pt"))
     same_model = dict(mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=0)
-    with pytest.raises(ConfigError, match="recipe lightning -> dit"):
+    with pytest.raises(ConfigError, match="--recipe lightning -> dit"):
         train.main(tiny(tmp_path / "split", recipe="dit", steps=12, resume="yes", **same_model))
+    with pytest.raises(ConfigError, match="--mlp 'swiglu' -> 'gelu'"):  # refusals name the flags
+        train.main(tiny(tmp_path / "split", recipe=None, mlp="gelu", steps=12, resume="yes"))
+    run("norope", steps=4, rope=False)  # a flag given against the recipe is kept on a plain resume too
+    assert train.main(tiny(tmp_path / "norope", recipe=None, steps=6, resume="yes"))["model"].rope is False
 
 
 def test_explicit_flags_override_the_recipe():

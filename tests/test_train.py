@@ -15,9 +15,10 @@ from PIL import Image
 from stand_ins import Features, wandb_history
 
 import train
+from models import model_from_checkpoint
 from objectives.flow import FlowMatching
 from train import NonFiniteLossError, TrainConfig, parse_args
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, prune_checkpoints
+from utils.checkpoint import load_checkpoint, prune_checkpoints
 from utils.config import ConfigError, build_parser, flag_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,11 +209,13 @@ def inject_nonfinite(monkeypatch, bad_calls: set[int] | None = None, from_call: 
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_a_nonfinite_loss_skips_its_update_exactly_and_is_counted(tmp_path, monkeypatch, value):
+def test_a_nonfinite_loss_skips_its_update_exactly_and_is_counted(tmp_path, monkeypatch, capsys, value):
     reference = train.main(tiny(tmp_path / "ref", steps=2, ckpt_every=0))
     inject_nonfinite(monkeypatch, bad_calls={3}, value=value)
+    capsys.readouterr()
     result = train.main(tiny(tmp_path / "bad", steps=3, ckpt_every=0, log_every=1))
     assert result["skipped_steps"] == 1
+    assert "1 of 3 steps skipped for a non-finite loss" in capsys.readouterr().err  # the console hears of it
     # The skipped third step leaves weights, EMA and optimizer moments exactly as after two steps.
     assert_same(weights(tmp_path / "ref/checkpoints/last.pt"), weights(tmp_path / "bad/checkpoints/last.pt"))
     assert reference["step"] == 2 and result["step"] == 3

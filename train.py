@@ -5,24 +5,10 @@
     python train.py --out runs/cifar10 --resume           # continue from runs/cifar10/checkpoints/last.pt
     torchrun --nproc_per_node 8 train.py --batch-size 1024   # DDP; --batch-size is the global batch
 
-The objectives live in objectives/ (``--objective``, each with its own flags); the time convention (t = 0 noise,
-t = 1 data, target x1 - x0) in objectives/flow.py. One training step is ``utils.optim.TrainStep``.
-OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and the
---keep-checkpoints newest numbered files; utils/checkpoint.py lists what they hold) and wandb/. A resumed run
-keeps config.json as the first run wrote it and records its own settings in config-resume-STEP.json.
-
-Exact resume: every random draw of training comes from torch's, numpy's and python's global generators plus
-the data stream's position, all stored in every checkpoint; samples and FID never move them (evaluation/monitor.py).
-SIGTERM, SIGINT and SIGUSR1 stop the run after the step in progress with a checkpoint, as does --time-limit
-(utils/preemption.py), and abandon sample grids and FID between chunks (evaluation/monitor.py); the exit code
-tells why: 0 done, 1 failed, 2 bad input, 130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 124 time limit. ``--resume auto``
-continues a run when it has a checkpoint, for requeued jobs; ``--resume PATH`` continues from any checkpoint. One run
-per folder: OUT/.lock is held for the life of the run, and a fresh run refuses a folder that holds a run's files
-(utils/runfolder.py).
-
-No host sync per step: the loss, gradient norm and skip counters stay on the device and are read back at
---log-every steps and checkpoints (utils/optim.py), where --nan-patience non-finite steps in a row stop the
-run without writing a checkpoint. DDP: rank 0 alone writes the run folder, logs and draws the sample grids.
+Exact resume: every random draw comes from the global generators and the data stream's position, all in every
+checkpoint (training/resume.py); diagnostics never move them (evaluation/monitor.py). A signal or --time-limit stops
+the run with a checkpoint (utils/preemption.py; exit codes in docs/reliability.md). No host sync per step: the
+statistics stay on the device until --log-every (utils/optim.py). Under DDP rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def test_resume_refuses_a_changed_model_or_batch(tmp_path, capsys):
     with pytest.raises(ConfigError, match="batch-size"):
         train.main(tiny(tmp_path / "run", steps=8, batch_size=16, resume="yes"))
     code, err = run_cli(cli_args(tiny(tmp_path / "run", steps=8, hidden_size=64, num_heads=4, resume="yes")), capsys)
-    assert_one_error_line(code, err, "model differs from this run's: hidden_size 32 -> 64; num_heads 2 -> 4")
+    assert_one_error_line(code, err, "model differs from this run's: --hidden-size 32 -> 64; --num-heads 2 -> 4")
     assert "depth" not in err and len(err) < 300  # the keys that differ, not two whole model dicts
 
 

@@ -179,8 +179,9 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
     """The settings a run trains with: the unset ones that define the weights from ``old`` (the run config of the
     checkpoint a run resumes), then from the recipe; what depends on the machine (precision, data placement,
     compilation); the output folder; every setting of the objective (so config.json records them all)."""
-    if old is not None:  # a resume: what the user did not give is the checkpoint's (also in objective_args)
-        cfg = fill_unset(cfg, {k: old[k] for k in WEIGHT_SETTINGS if k in old} | old.get("objective_args", {}))
+    if old is not None:  # a resume: what the user did not give is the checkpoint's (the recipe's cosine loss too)
+        kept = {k: old[k] for k in WEIGHT_SETTINGS if k in old}
+        cfg = fill_unset(cfg, kept | {k: v for k, v in old.get("objective_args", {}).items() if k in WEIGHT_SETTINGS})
     cfg = fill_unset(dataclasses.replace(cfg, recipe=cfg.recipe or "dit"), RECIPES[cfg.recipe or "dit"])
     size, channels = cfg.image_size, cfg.channels
     if size is None or channels is None:  # the data's own (latents: the images they encode), else 32 px RGB

@@ -73,7 +73,7 @@ from utils.runfolder import LAST_CHECKPOINT, hold_run_folder, outside, resume_st
 from utils.runlog import WANDB_MODES, RunLogger
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Recognisable digits within a few minutes on a 2-core laptop CPU (see README).
+    # Recognisable digits within a few minutes on a 2-core laptop CPU (README, "Quick start").
     "digits-quick": dict(
         dataset="digits",
         image_size=8,
@@ -96,7 +96,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_workers=0,
         out="runs/digits-quick",
     ),
-    # One-step generation on the digits (README, "One-step generation"): a MeanFlow DiT sampled in 1 NFE.
+    # One-step generation on the digits (docs/one-step.md): a MeanFlow DiT sampled in 1 NFE.
     "digits-meanflow": dict(
         dataset="digits",
         image_size=8,
@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_workers=0,
         out="runs/digits-meanflow",
     ),
-    # One step at a guidance scale chosen when sampling (README, "One-step generation"): an iMF DiT on the digits.
+    # One step at a guidance scale chosen when sampling (docs/one-step.md): an iMF DiT on the digits.
     "digits-imf": dict(
         dataset="digits",
         image_size=8,
@@ -148,7 +148,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_workers=0,
         out="runs/digits-imf",
     ),
-    # DiT-XL/2 on ImageNet 256x256 latents (README, "ImageNet 256x256"): the DiT paper's optimisation (AdamW lr 1e-4
+    # DiT-XL/2 on ImageNet 256x256 latents (docs/latents.md): the DiT paper's optimisation (AdamW lr 1e-4
     # constant, no warm-up or weight decay, global batch 256, EMA 0.9999, flips), 400k steps = 80 epochs; 8 GPUs.
     "imagenet256-xl2": dict(
         dataset="latents",
@@ -173,8 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # --recipe: values for the flags it names that a run leaves unset (None), resolved into config.json and the
 # checkpoints. dit is the DiT paper's block and optimizer; lightning is LightningDiT's (Table 1's last row: AdamW
-# beta2 0.95, cosine loss, SwiGLU, RMSNorm, RoPE), the best measured within 1.15x DiT's time per step (README,
-# "Faster convergence"); JiT's in-context class tokens stay an option (--class-tokens). The cosine weight applies to
+# beta2 0.95, cosine loss, SwiGLU, RMSNorm, RoPE), the best measured within 1.15x DiT's time per step
+# (docs/recipes.md); JiT's in-context class tokens stay an option (--class-tokens). The cosine weight applies to
 # objectives that have it (flow matching).
 RECIPES: dict[str, dict[str, Any]] = {
     "dit": dict(mlp="gelu", norm="layernorm", rope=False, class_tokens=0, adam_beta2=0.999, cosine_loss_weight=0.0),
@@ -189,7 +189,7 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
     recipe: str = arg(
         "dit",
         "defaults of the block, loss and optimizer flags left unset: dit (the DiT paper) or "
-        'lightning (LightningDiT\'s changes; README, "Faster convergence")',
+        "lightning (LightningDiT's changes; docs/recipes.md)",
         choices=RECIPES,
         group="recipe",
     )

@@ -14,28 +14,31 @@ torch.compile, bf16 autocast and the forward-mode JVP of MeanFlow (``torch.func.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-MLPS = ("gelu", "swiglu")
-NORMS = ("layernorm", "rmsnorm")
-
-
-def make_norm(kind: str, dim: int) -> nn.Module:
-    """A block norm without learned affine parameters (adaLN supplies shift and scale): DiT's LayerNorm, or
-    RMSNorm (Zhang & Sennrich 2019), which skips the mean subtraction."""
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim, elementwise_affine=False, eps=1e-6)
-    raise ValueError(f"unknown norm {kind!r}; choose from {', '.join(NORMS)}")
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int = 8) -> int:
     """SwiGLU's hidden width for a GELU MLP of width hidden_dim: 2/3 of it (three matrices instead of two, so the
     parameters stay those of the GELU MLP; LLaMA, LightningDiT), rounded to the nearest multiple of multiple_of."""
     return max(multiple_of, multiple_of * round(2 * hidden_dim / 3 / multiple_of))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU, as in DiT."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
@@ -50,6 +53,16 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)  # each (N, T, width)
         return self.w3(F.silu(gate) * value)  # (N, T, D)
+
+
+# name -> MLP class (dim, hidden_dim): the --mlp choices. A new MLP is a class here and a line below.
+MLPS: dict[str, Callable[[int, int], nn.Module]] = {"gelu": Mlp, "swiglu": SwiGLU}
+# name -> norm (dim), without learned affine parameters (adaLN supplies shift and scale): the --norm choices.
+# RMSNorm (Zhang & Sennrich 2019) skips LayerNorm's mean subtraction.
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "layernorm": partial(nn.LayerNorm, elementwise_affine=False, eps=1e-6),
+    "rmsnorm": partial(nn.RMSNorm, elementwise_affine=False, eps=1e-6),
+}
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:

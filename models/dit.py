@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from models.blocks import MLPS, NORMS, SwiGLU, apply_rope, make_norm, rope_tables
+from models.blocks import MLPS, NORMS, apply_rope, rope_tables
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -148,19 +148,6 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
 
 
-class Mlp(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU, as in DiT."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class DiTBlock(nn.Module):
     """A transformer block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
@@ -174,12 +161,10 @@ class DiTBlock(nn.Module):
         norm_type: str = "layernorm",
     ):
         super().__init__()
-        self.norm1 = make_norm(norm_type, hidden_size)
+        self.norm1 = NORMS[norm_type](hidden_size)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
-        self.norm2 = make_norm(norm_type, hidden_size)
-        # SwiGLU at 2/3 of the GELU MLP's width: about the same parameters (models/blocks.py).
-        mlp = SwiGLU if mlp_type == "swiglu" else Mlp
-        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm2 = NORMS[norm_type](hidden_size)
+        self.mlp = MLPS[mlp_type](hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
@@ -199,7 +184,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm_type: str = "layernorm"):
         super().__init__()
-        self.norm_final = make_norm(norm_type, hidden_size)
+        self.norm_final = NORMS[norm_type](hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -241,7 +226,7 @@ class DiT(nn.Module):
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         if mlp_type not in MLPS or norm_type not in NORMS:
-            raise ValueError(f"mlp_type must be one of {MLPS} and norm_type one of {NORMS}")
+            raise ValueError(f"mlp_type must be one of {tuple(MLPS)} and norm_type one of {tuple(NORMS)}")
         if class_tokens < 0 or (class_tokens and num_classes == 0):
             raise ValueError("class_tokens must be >= 0, and 0 for an unconditional model (num_classes 0)")
         if guidance_max and (guidance_max < 1.0 or num_classes == 0):

@@ -88,19 +88,13 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Embeds class labels; index num_classes is the learned null class used for guidance."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
 
-    def forward(self, labels: torch.Tensor, drop: bool, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # A given drop_mask says exactly which labels become the null class (DiT's force_drop_ids): a loss that
-        # evaluates the network twice on one batch (a target pass and a gradient pass) needs the same dropout in both.
-        if drop_mask is None and drop and self.dropout_prob > 0:
-            # Label dropout teaches the null class that classifier-free guidance needs.
-            drop_mask = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        if drop_mask is not None:
+    def forward(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if drop_mask is not None:  # (N,) bool: these labels become the null class
             labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)  # (N, D)
 
@@ -257,7 +251,7 @@ class DiT(nn.Module):
         # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow, Geng et al. 2025): one pass gives
         # the guided velocity. Embedded as w / guidance_max, like a time; 0 (the default) builds none.
         self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if guidance_max else None
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
@@ -356,7 +350,9 @@ class DiT(nn.Module):
             w = torch.as_tensor(1.0 if guidance is None else guidance, device=x.device).expand(n)
             c = c + self.w_embedder(w / self.guidance_max)
         if self.y_embedder is not None:
-            y_emb = self.y_embedder(y, drop=self.training, drop_mask=drop_mask)  # (N, D); the null class if dropped
+            if drop_mask is None and self.training:
+                drop_mask = self.label_drop_mask(y)
+            y_emb = self.y_embedder(y, drop_mask)  # (N, D); the null class where dropped
             c = c + y_emb
             if self.class_token_embed is not None:  # JiT's in-context class tokens, first in the sequence
                 x = torch.cat([y_emb.unsqueeze(1) + self.class_token_embed, x], dim=1)  # (N, K + R + T, D)
@@ -366,6 +362,14 @@ class DiT(nn.Module):
         x = x[:, self.num_prefix :]  # class tokens and registers never reach the output: (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p * p * C)
         return self.unpatchify(x)  # (N, C, H, W)
+
+    def label_drop_mask(self, y: torch.Tensor) -> torch.Tensor:
+        """Which labels y (N,) a forward in this mode replaces by the null class, (N,) bool: in train mode each with
+        probability class_dropout_prob (label dropout teaches the null class that guidance needs), else none. A loss
+        that runs several passes over one batch draws it once and hands it to each (DiT's force_drop_ids)."""
+        if self.training and self.class_dropout_prob > 0:
+            return torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
 
     def forward_with_cfg(
         self,

@@ -69,16 +69,14 @@ All randomness comes from torch's global generator (noise, times, label dropout,
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from objectives.base import LossTerms, Objective
-from objectives.flow import FlowMatching
-from objectives.meanflow import _call, _expand, average_velocity_jvp, interval_times, total_derivative_fd
+from objectives.base import LossTerms
+from objectives.meanflow import AverageVelocityObjective, _call, _expand
 from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
@@ -90,19 +88,12 @@ def guided_target(v: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, w: torc
 
 
 @dataclass(kw_only=True)
-class ImprovedMeanFlow(Objective):
+class ImprovedMeanFlow(AverageVelocityObjective):
     """Improved MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the
     module doc."""
 
-    sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
+    label = "iMF"
 
-    t_mean: float = arg(
-        0.4,
-        "logit-normal location m of both times, t = sigmoid(m + s n) (the paper's -0.4 with "
-        "noise at t=1 is +0.4 here, t=1 data)",
-        group="objective",
-    )
-    t_std: float = arg(1.0, "logit-normal scale s of both times", gt=0)
     imf_equal_fraction: float = arg(
         0.5, "fraction of each batch with equal times (the flow-matching rows)", min=0, max=1
     )
@@ -126,8 +117,10 @@ class ImprovedMeanFlow(Objective):
             raise ConfigError(
                 f"imf_guidance_max must be a finite number >= 1 (the range is [1, w_max]), got {self.imf_guidance_max}"
             )
-        self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
-        self._use_fd = False  # set, with one warning, if forward-mode AD fails
+
+    @property
+    def equal_fraction(self) -> float:
+        return self.imf_equal_fraction
 
     @property
     def guided(self) -> bool:
@@ -135,20 +128,15 @@ class ImprovedMeanFlow(Objective):
         return self.imf_guidance_max > 1.0 and self.imf_guidance_fraction > 0
 
     def network_options(self) -> dict[str, Any]:
-        """An interval input, t embedded unscaled (MeanFlow's reasons) and, when guided, the guidance input."""
-        return {
-            "average_velocity": True,
-            "time_scale": 1.0,
-            "guidance_max": self.imf_guidance_max if self.guided else 0.0,
-        }
+        """MeanFlow's and, when guided, the guidance input."""
+        return {**super().network_options(), "guidance_max": self.imf_guidance_max if self.guided else 0.0}
 
-    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """MeanFlow's ``interval_times`` with this objective's times and fraction of rows with s = t."""
-        return interval_times(n, self.t_mean, self.t_std, self.imf_equal_fraction, device)
-
-    def num_unequal(self, n: int) -> int:
-        """Rows with s < t in a batch of n drawn by ``sample_times``."""
-        return n - round(n * self.imf_equal_fraction)
+    def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
+        if self.guided and (y is None or not getattr(plain, "guidance_max", 1.0)):
+            raise ValueError(
+                "iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
+                "with a guidance input (network_options())"
+            )
 
     def num_guided(self, n: int, k: int) -> tuple[int, int]:
         """Guided rows among the first k (s < t) and among the other n - k rows: (the first gk, the first ge)."""
@@ -174,33 +162,6 @@ class ImprovedMeanFlow(Objective):
         """The network's velocity estimate u(x, s, s | y, w) (N, C, H, W), no graph: the tangent and v_c, v_u."""
         with torch.no_grad():
             return _call(unwrap_model(model), x, s, y, torch.zeros_like(s), drop_mask, w)
-
-    def total_derivative(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        t: torch.Tensor,
-        tangent: torch.Tensor,
-        y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None,
-        w: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """D u = tangent . du/dx + du/ds of u(x, s, t | y, w) (N, C, H, W), no graph: a forward-mode JVP, or a
-        finite difference from the first time that fails (one warning)."""
-        if not self._use_fd:
-            try:
-                return average_velocity_jvp(model, x, s, t, tangent, y, drop_mask, guidance=w)[1]
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
-                self._use_fd = True
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.warn(
-                    f"iMF: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
-                    stacklevel=2,
-                )
-        return total_derivative_fd(model, x, s, t, tangent, y, drop_mask, guidance=w)
 
     def velocity_estimate(
         self,
@@ -236,36 +197,12 @@ class ImprovedMeanFlow(Objective):
         treated as s < t rows). Returns LossTerms: the weighted loss, the raw per-sample squared error of the
         velocity estimate (N,) and the current time s (N,).
         """
-        plain = unwrap_model(model)
-        if getattr(plain, "average_velocity", None) is False:
-            raise ValueError("the iMF objective needs a network with an interval input (network_options())")
-        if self.guided and (y is None or not getattr(plain, "guidance_max", 1.0)):
-            raise ValueError(
-                "iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
-                "with a guidance input (network_options())"
-            )
-        if (s is None) != (t is None):
-            raise ValueError("give both times s and t, or neither")
+        plain, x0, s, t, k, drop_mask = self.draw(model, x1, y, x0, s, t)
         n = x1.shape[0]
-        if x0 is None:
-            x0 = torch.randn_like(x1)
-        if s is None:
-            s, t = self.sample_times(n, device=x1.device)
-            k = self.num_unequal(n)
-        else:
-            k = n
-        drop_mask = None
-        if y is not None:
-            # Drawn here, not inside the network, so that every pass over the batch drops the same labels.
-            p = float(getattr(plain, "class_dropout_prob", 0.0))
-            if plain.training and p > 0:
-                drop_mask = torch.rand(n, device=x1.device) < p
-            else:
-                drop_mask = torch.zeros(n, dtype=torch.bool, device=x1.device)
-        w = None
         gk, ge = self.num_guided(n, k)
-        if self.guided:
-            w = torch.where(drop_mask, 1.0, self.sample_guidance(n, k, device=x1.device))  # dropped label: unguided
+        w = None
+        if self.guided:  # a dropped label is unguided
+            w = torch.where(drop_mask, 1.0, self.sample_guidance(n, k, device=x1.device))
         s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
 
         # One pass at interval 0 without a graph: the tangents of rows [0, k) under their own conditioning, then
@@ -276,13 +213,10 @@ class ImprovedMeanFlow(Objective):
         g = gk + ge
         tangent = v_u = None
         if k + g > 0:
+            ones = torch.ones(g, device=x1.device)
             yy = None if y is None else pick(y)
-            dd = (
-                None
-                if drop_mask is None
-                else torch.cat([drop_mask[:k], torch.ones(g, dtype=torch.bool, device=x1.device)])
-            )
-            ww = None if w is None else torch.cat([w[:k], torch.ones(g, device=x1.device)])
+            dd = None if drop_mask is None else torch.cat([drop_mask[:k], ones.bool()])
+            ww = None if w is None else torch.cat([w[:k], ones])
             out = self.velocity(plain, pick(xs), pick(s), yy, dd, ww).to(v.dtype)
             tangent, v_u = out[:k], out[k:]
         pred = _call(model, xs, s, y, t - s, drop_mask, w)

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -147,10 +147,12 @@ def interval_times(
 
 
 @dataclass(kw_only=True)
-class MeanFlow(Objective):
-    """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc."""
+class AverageVelocityObjective(Objective):
+    """What MeanFlow and iMF share: the two logit-normal times, the JVP with its finite-difference fallback, and the
+    draws of a batch (``draw``)."""
 
     sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
+    label: ClassVar[str] = ""  # the objective's name in messages
 
     t_mean: float = arg(
         0.4,
@@ -159,6 +161,96 @@ class MeanFlow(Objective):
         group="objective",
     )
     t_std: float = arg(1.0, "logit-normal scale s of both times", gt=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
+        self._use_fd = False  # set, with one warning, if forward-mode AD fails
+
+    @property
+    def equal_fraction(self) -> float:
+        """The fraction of each batch with s = t (the subclass's flag)."""
+        raise NotImplementedError
+
+    def network_options(self) -> dict[str, Any]:
+        """An interval input, and t embedded unscaled (the module docstring says why)."""
+        return {"average_velocity": True, "time_scale": 1.0}
+
+    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """``interval_times`` with this objective's times and fraction of rows with s = t."""
+        return interval_times(n, self.t_mean, self.t_std, self.equal_fraction, device)
+
+    def num_unequal(self, n: int) -> int:
+        """Rows with s < t in a batch of n drawn by ``sample_times``."""
+        return n - round(n * self.equal_fraction)
+
+    def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
+        """Raise ValueError when this objective's guidance cannot work with these labels and this network."""
+
+    def draw(
+        self,
+        model: nn.Module,
+        x1: torch.Tensor,
+        y: torch.Tensor | None,
+        x0: torch.Tensor | None,
+        s: torch.Tensor | None,
+        t: torch.Tensor | None,
+    ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
+        """The checks, then the draws of a batch in this order: noise x0, times s <= t (N,), label dropout.
+
+        Returns the plain module, x0, s, t, k (rows [0, k) have s < t; given times all count) and the drop mask (N,)
+        (None without labels), drawn once so that every pass over the batch drops the same labels."""
+        plain = unwrap_model(model)
+        if getattr(plain, "average_velocity", None) is False:
+            raise ValueError(f"the {self.label} objective needs a network with an interval input (network_options())")
+        self.check_labels(plain, y)
+        if (s is None) != (t is None):
+            raise ValueError("give both times s and t, or neither")
+        n = x1.shape[0]
+        if x0 is None:
+            x0 = torch.randn_like(x1)
+        if s is None:
+            s, t = self.sample_times(n, device=x1.device)
+            k = self.num_unequal(n)
+        else:
+            k = n  # given times: no row is known to have s = t without a host sync
+        drop_mask = None if y is None else plain.label_drop_mask(y)
+        return plain, x0, s, t, k, drop_mask
+
+    def total_derivative(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        tangent: torch.Tensor,
+        y: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+        w: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """D u = tangent . du/dx + du/ds of u(x, s, t | y, w) (N, C, H, W), no graph: a forward-mode JVP, or a
+        finite difference from the first time that fails (one warning)."""
+        if not self._use_fd:
+            try:
+                return average_velocity_jvp(model, x, s, t, tangent, y, drop_mask, guidance=w)[1]
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
+                self._use_fd = True
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                warnings.warn(
+                    f"{self.label}: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
+                    stacklevel=2,
+                )
+        return total_derivative_fd(model, x, s, t, tangent, y, drop_mask, guidance=w)
+
+
+@dataclass(kw_only=True)
+class MeanFlow(AverageVelocityObjective):
+    """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc."""
+
+    label = "MeanFlow"
+
     mf_equal_fraction: float = arg(0.75, "fraction of each batch with equal times (flow matching rows)", min=0, max=1)
     mf_weight_power: float = arg(1.0, "adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)", min=0)
     mf_weight_eps: float = arg(1e-3, "the c of the adaptive weight", gt=0)
@@ -173,25 +265,19 @@ class MeanFlow(Objective):
         lo, hi = self.mf_guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"mf_guidance_interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
-        self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
-        self._use_fd = False  # set, with one warning, if forward-mode AD fails
 
-    def network_options(self) -> dict[str, Any]:
-        """An interval input, and t embedded unscaled (the module docstring says why)."""
-        return {"average_velocity": True, "time_scale": 1.0}
+    @property
+    def equal_fraction(self) -> float:
+        return self.mf_equal_fraction
 
     @property
     def guided(self) -> bool:
         """Whether training-time guidance is on."""
         return self.mf_omega != 1.0 or self.mf_kappa != 0.0
 
-    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """``interval_times`` with this objective's times and fraction of rows with s = t."""
-        return interval_times(n, self.t_mean, self.t_std, self.mf_equal_fraction, device)
-
-    def num_unequal(self, n: int) -> int:
-        """Rows with s < t in a batch of n drawn by ``sample_times``."""
-        return n - round(n * self.mf_equal_fraction)
+    def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
+        if self.guided and y is None:
+            raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
 
     def guided_velocity(
         self,
@@ -241,21 +327,7 @@ class MeanFlow(Objective):
         v (N, C, H, W) is the velocity at (x, s): the per-sample x1 - x0 (or its guided v~) in training, or the
         marginal velocity, for which the true average velocity makes the target equal to itself.
         """
-        if self._use_fd:
-            duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
-        else:
-            try:
-                _, duds = average_velocity_jvp(model, x, s, t, v, y, drop_mask)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
-                self._use_fd = True
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.warn(
-                    f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
-                    stacklevel=2,
-                )
-                duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
+        duds = self.total_derivative(model, x, s, t, v, y, drop_mask)
         return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 
     def loss(
@@ -274,44 +346,15 @@ class MeanFlow(Objective):
         plain module. x0 (noise) and the times s, t (N,) are drawn unless given (tests). Returns LossTerms: the
         weighted loss, the raw per-sample mean squared error (N,) and the current time s (N,).
         """
-        plain = unwrap_model(model)
-        if getattr(plain, "average_velocity", None) is False:
-            raise ValueError("the MeanFlow objective needs a network with an interval input (network_options())")
-        if self.guided and y is None:
-            raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
-        if (s is None) != (t is None):
-            raise ValueError("give both times s and t, or neither")
-        n = x1.shape[0]
-        if x0 is None:
-            x0 = torch.randn_like(x1)
-        if s is None:
-            s, t = self.sample_times(n, device=x1.device)
-            k = self.num_unequal(n)
-        else:
-            k = n  # given times: no row is known to have s = t without a host sync
-        drop_mask = None
-        if y is not None:
-            # Drawn here, not inside the network, so the target's pass and the prediction drop the same labels.
-            p = float(getattr(plain, "class_dropout_prob", 0.0))
-            if plain.training and p > 0:
-                drop_mask = torch.rand(n, device=x1.device) < p
-            else:
-                drop_mask = torch.zeros(n, dtype=torch.bool, device=x1.device)
+        plain, x0, s, t, k, drop_mask = self.draw(model, x1, y, x0, s, t)
         s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
         if self.guided:
             v = self.guided_velocity(plain, xs, s, v, y, drop_mask)
         target = v
         if k > 0:
-            head = self.target(
-                plain,
-                xs[:k],
-                s[:k],
-                t[:k],
-                v[:k],
-                None if y is None else y[:k],
-                None if drop_mask is None else drop_mask[:k],
-            )
-            target = torch.cat([head, v[k:]]) if k < n else head
+            y_k, mask_k = (None if a is None else a[:k] for a in (y, drop_mask))
+            head = self.target(plain, xs[:k], s[:k], t[:k], v[:k], y_k, mask_k)
+            target = torch.cat([head, v[k:]]) if k < len(v) else head
         pred = _call(model, xs, s, y, t - s, drop_mask)
         err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
         mse = err.mean(1)  # (N,)

@@ -1,25 +1,19 @@
-"""The flow-matching objective, and the project's one statement of its time convention.
+"""The flow-matching objective, and the project's one statement of its time convention (every other module refers
+here): t = 0 is noise x0 ~ N(0, I), t = 1 is data x1, on the linear path (rectified flow, Liu et al. 2023; conditional
+flow matching, Lipman et al. 2023, Tong et al. 2024) of optional Gaussian width sigma:
 
-Time convention (every other module refers here):
-    t = 0 is pure noise x0 ~ N(0, I), t = 1 is data x1.
-    The path is linear (rectified flow, Liu et al. 2023; conditional flow matching, Lipman et al. 2023 and
-    Tong et al. 2024) with optional Gaussian width sigma:
-        x_t = t * x1 + (1 - t) * x0 + sigma * eps,        eps ~ N(0, I)
-        u_t = x1 - x0                                     (the regression target, dx_t/dt)
-    The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 (noise) to t = 1 (data).
-This is torchcfm's convention, so its ConditionalFlowMatcher builds x_t and u_t here; this module draws
-x0 and t itself (from torch's global RNG, which train.py checkpoints, so a resumed run is exact).
+    x_t = t * x1 + (1 - t) * x0 + sigma * eps,        eps ~ N(0, I)
+    u_t = x1 - x0                                     (the regression target, dx_t/dt)
 
-Timesteps are drawn uniformly or from a logit-normal distribution (Esser et al. 2024, "Scaling Rectified
-Flow Transformers", SD3, section 3.1): t = sigmoid(m + s * n), n ~ N(0, 1), which puts more training
-signal on the middle of the path, where the velocity is hardest to predict.
+The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 to t = 1. This is torchcfm's
+convention, so its ConditionalFlowMatcher builds x_t and u_t; x0 and t come from torch's global generator, which
+train.py checkpoints. Logit-normal times t = sigmoid(m + s n) (SD3, Esser et al. 2024, section 3.1) put more
+training signal mid-path, where the velocity is hardest to predict.
 
-The velocity-direction loss (LightningDiT, Yao et al. 2025, ``use_cosine_loss``; Table 1: FID 13.99 -> 12.52) adds
-w * (1 - cos(v_pred, u_t)) per sample, the cosine taken between the flattened tensors: the squared error weighs a
-sample by the target's magnitude, the cosine term asks for the right direction at every magnitude. It is 0 for a
-prediction along the target and 2 against it. At the untrained network's exact zero output its gradient is
-large (the direction of a zero vector is undefined; torch clamps the norm at 1e-8): gradient clipping (train.py's
---grad-clip, on by default) bounds that first step, and the output is nonzero after it.
+The velocity-direction loss (LightningDiT, Yao et al. 2025, Table 1) adds w * (1 - cos(v_pred, u_t)) per sample: the
+squared error weighs a sample by the target's magnitude, the cosine asks for the right direction at every magnitude.
+At the untrained network's exact zero output its gradient is large (torch clamps the norm at 1e-8): gradient
+clipping (train.py's --grad-clip, on by default) bounds that first step.
 """
 
 from __future__ import annotations
@@ -47,11 +41,8 @@ def sample_t(
 
 @dataclass(kw_only=True)
 class FlowMatching(Objective):
-    """Conditional flow-matching loss on torchcfm's linear path (t = 0 noise, t = 1 data).
-
-    With ``ot`` (OT-CFM, Tong et al. 2024) each image keeps its label; the plan is solved on the CPU with POT and
-    resampled with numpy's global RNG.
-    """
+    """Conditional flow-matching loss on torchcfm's linear path. Under ``ot`` (OT-CFM, Tong et al. 2024) the rows of
+    x1 are re-paired with their labels; POT solves the plan on the CPU, numpy's global generator resamples it."""
 
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
     t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
@@ -84,12 +75,8 @@ class FlowMatching(Objective):
         x0: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Points on the path and their targets for data x1 (N, C, H, W) with labels y (N,).
-
-        x0 (noise, default N(0, I)) and t (N,) (default from the t sampler) may be given.
-        Returns t (N,), x_t (N, C, H, W), u_t (N, C, H, W) and the labels (N,) of the data each row came
-        from (reordered with the rows under OT pairing; y itself otherwise).
-        """
+        """t (N,), x_t and u_t (N, C, H, W), and the labels (N,) of each row's data (re-paired under OT) for data x1
+        (N, C, H, W); x0 and t are drawn unless given."""
         if x0 is None:
             x0 = torch.randn_like(x1)
         if t is None:
@@ -102,8 +89,7 @@ class FlowMatching(Objective):
         return t, xt, ut, y
 
     def loss(self, model: Callable[..., torch.Tensor], x1: torch.Tensor, y: torch.Tensor | None = None) -> LossTerms:
-        """Mean squared error between model(x_t, t, y) and the target velocity u_t (float32), plus the
-        velocity-direction loss when its weight is set (the logged per-sample error stays the squared error)."""
+        """MSE of model(x_t, t, y) against u_t in float32, plus the weighted velocity-direction loss (not logged)."""
         t, xt, ut, y = self.sample_path(x1, y)
         pred, target = model(xt, t, y).float().flatten(1), ut.float().flatten(1)  # (N, C * H * W)
         mse = (pred - target).square().mean(1)  # (N,)

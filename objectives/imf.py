@@ -1,69 +1,40 @@
-"""Improved MeanFlow (iMF): a velocity loss re-parameterised through the average velocity, the network's own velocity
-as the JVP tangent, and the guidance scale as an input of the network.
+"""Improved MeanFlow (iMF; Geng, Lu, Wu, Shechtman, Kolter, He, arXiv 2512.02012, 2025): the loss on a velocity
+built from the average velocity, the network's own velocity as the JVP tangent, and the guidance scale as an input.
+Convention and MeanFlow's derivation: objectives/meanflow.py.
 
-Geng, Lu, Wu, Shechtman, Kolter, He, "Improved Mean Flows: On the Challenges of Fastforward Generative Models"
-(arXiv 2512.02012, 2025). Written here in the project's time convention (``objectives/flow.py``: t = 0 noise, t = 1
-data, x_t = t * x1 + (1 - t) * x0, conditional velocity x1 - x0); the paper puts noise at t = 1. MeanFlow's
-derivation (``objectives/meanflow.py``) is the starting point.
-
-Derivation. The MeanFlow identity u(x_s, s, t) = v(x_s, s) + (t - s) d/ds u(x_s, s, t), with d/ds u the total
-derivative along the trajectory (the JVP of (x, s, t) -> u with tangent (v, 1, 0)), read the other way round says
-what the instantaneous velocity is in terms of u:
-
-    v(x_s, s) = u(x_s, s, t) - (t - s) d/ds u(x_s, s, t).
-
-So a network u_theta defines a velocity estimate, the "compound" function
+The MeanFlow identity read the other way round gives the velocity in terms of u, the "compound" function
 
     V_theta(x_s, s, t) = u_theta(x_s, s, t) - (t - s) sg(D u_theta),   D u_theta = v_theta . du_theta/dx + du_theta/ds,
 
-and iMF regresses it onto the per-sample velocity x1 - x0, an ordinary flow-matching regression. The tangent is the
-network's own estimate of the marginal velocity, v_theta(x_s, s) = u_theta(x_s, s, s) (sg), not the noisy x1 - x0:
-then V_theta is a function of (x_s, s, t) alone, the target holds neither the network nor the sample's velocity
-twice, and the minimiser of E |V_theta - (x1 - x0)|^2 is V_theta = E[x1 - x0 | x_s] = v, which with the tangent v
-is the identity: (t - s) u is then the integral of v from s to t (its s-derivative is -v and it is 0 at s = t), so
-u_theta is the true average velocity. The paper's form V = u + (t - r) du/dt (noise at 1, r < t) is this one after
-tau -> 1 - tau, which flips the signs of v and u. Only u_theta(x_s, s, t) carries a gradient (the derivative is under
-stop-gradient): the gradient is MeanFlow's with the target v + (t - s) D u; what changes the training is the tangent
-(and the guided target below), not the algebra. At s = t, V_theta = u_theta(x_s, s, s): those rows are the
-flow-matching term on the velocity estimate, weighted by ``imf_velocity_weight``.
+which iMF regresses onto x1 - x0, as flow matching does. The tangent is the network's own velocity
+v_theta(x_s, s) = u_theta(x_s, s, s) (sg), not x1 - x0: V_theta is then a function of (x_s, s, t) alone, its minimiser
+is V_theta = E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average
+velocity ((t - s) u is the integral of v from s to t: its s-derivative is -v and it is 0 at s = t). The paper's
+V = u + (t - r) du/dt (noise at 1, r < t) is this after tau -> 1 - tau. Only u_theta(x_s, s, t) carries a gradient, so
+the gradient is MeanFlow's with the target v + (t - s) D u: the tangent and the guided target change the training, not
+the algebra. Rows with s = t are the flow-matching term, weighted by ``imf_velocity_weight``.
 
-Velocity estimate: u at a zero interval, not a second head. The paper adds an auxiliary v-head (8 more blocks)
-with its own flow-matching loss; here the velocity is the same network at interval 0, which the identity
-u(x, s, s) = v(x, s) makes the instantaneous velocity anyway. So the DiT keeps one output (no architecture change,
-flow and MeanFlow networks pay nothing), every ODE solver samples the same function the tangent came from, and the
-flow-matching rows train exactly the function used as the tangent. The price is one forward pass without a graph
-over the rows with s < t before the JVP (the two-head form needs that pass too: the tangent must exist before the
-JVP runs).
+The velocity is u at interval 0, not the paper's auxiliary v-head (8 more blocks): u(x, s, s) = v(x, s) anyway, the
+DiT keeps one output, every ODE solver samples the function the tangent came from, and the flow-matching rows train
+it. The price is one forward pass without a graph over the s < t rows (the two-head form needs it too).
 
-Guidance as an input (the paper's section 5). The network takes the scale w (``guidance_max`` of the DiT: a
-TimestepEmbedder on w / w_max added to the conditioning) and learns the average velocity of the guided field
-v^w = v_u + w (v_c - v_u), so one pass gives a one-step sample at any w chosen at sampling time. A fraction
-``imf_guidance_fraction`` of each batch draws w from [1, w_max] (log-uniform: the paper's power distribution with
-beta = 1, w = w_max ** U), the rest and every row whose label is dropped have w = 1. The per-sample target becomes
+Guidance as an input (section 5): the DiT's ``guidance_max`` embeds w / w_max, and the network learns the average
+velocity of the guided field v^w = v_u + w (v_c - v_u), so one pass samples at any w. A fraction
+``imf_guidance_fraction`` of each batch draws w = w_max ** U (log-uniform: the paper's power law with beta = 1); the
+rest, and every dropped label, have w = 1. The per-sample target becomes
 
-    v_target = (x1 - x0) + (1 - 1/w) (v_c - v_u),   v_c = sg(u_theta(x_s, s, s | y, w)),  v_u = sg(u_theta(x_s, s, s | null, 1)),
+    v_target = (x1 - x0) + (1 - 1/w) (v_c - v_u),  v_c = sg(u_theta(x_s, s, s | y, w)),  v_u = sg(u_theta(. | null, 1)),
 
-whose mean given x_s is v_y + (1 - 1/w)(v_c - v_u). At the fixed point v_c = that mean, so
-v_c / w = v_y - (1 - 1/w) v_u and v_c = v_u + w (v_y - v_u): classifier-free guidance at scale w (MeanFlow's
-training-time guidance with omega = 1, kappa = 1 - 1/w, per row). w = 1 is the plain target. The tangent of a row is
-the network's velocity under that row's own conditioning: v_c for a guided row (the guided flow's velocity, whose
-average velocity u(. | y, w) is), v_u for a row whose label is dropped. A guidance interval as a further network
-input (the paper samples one per row and embeds it too) is not built.
+with mean v_y + (1 - 1/w)(v_c - v_u) given x_s. At the fixed point v_c equals it, so v_c = v_u + w (v_y - v_u):
+CFG at scale w (MeanFlow's training-time guidance with omega = 1, kappa = 1 - 1/w, per row). A row's tangent is the
+velocity under its own conditioning (v_c, or v_u for a dropped label). The paper's guidance interval as a further
+input is not built. Times and the adaptive weight are MeanFlow's (the paper: 50% of rows with s = t; p = 1, c = 0.01).
 
-- Times: both logit-normal (SD3-style, Esser et al. 2024) as in MeanFlow, s the smaller; the paper's (-0.4, 1.0)
-  with noise at 1 is (+0.4, 1.0) here. A fraction ``imf_equal_fraction`` of each batch has s = t (the paper: 50%).
-- Adaptive weight (MeanFlow's section 4.3, kept by iMF): loss_i = sg(w_i) mse_i, w_i = 1 / (|err_i|^2 + c)^p,
-  the paper's p = 1, c = 0.01.
-
-Engineering. The rows are laid out so that no row selection needs a host sync: the rows with s < t come first
-(the JVP runs on them alone), and the guided rows are the first round(f * k) of those and the first
-round(f * (n - k)) of the rest. One pass without a graph at interval 0 gives the tangents of the s < t rows (with
-their own conditioning) and v_u of the guided rows; v_c of a guided s = t row is the prediction itself (the same
-network at the same inputs), taken under stop-gradient, so it costs nothing. Then the JVP on the s < t rows and the
-prediction through the model as given (DDP, torch.compile), as in MeanFlow, whose JVP helpers (math attention
-kernel, finite-difference fallback) run here too. Passes per step against flow matching's forward and backward of
-n: a forward of k + g rows and a JVP of k rows (k = rows with s < t, g = guided rows); the README has the timing.
-All randomness comes from torch's global generator (noise, times, label dropout, guidance scales, in that order).
+No row selection needs a host sync: the s < t rows come first, and the guided rows are the first round(f * k) of
+those and the first round(f * (n - k)) of the rest. One pass at interval 0 without a graph gives the tangents of the
+s < t rows and v_u of the guided rows; v_c of a guided s = t row is the prediction itself under sg, for free. Then
+the JVP on the s < t rows and the prediction through the model as given. Random draws: noise, times, label dropout,
+guidance scales, in that order.
 """
 
 from __future__ import annotations
@@ -82,15 +53,13 @@ from utils.device import unwrap_model
 
 
 def guided_target(v: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The guided per-sample velocity v + (1 - 1/w) (v_c - v_u) (N, C, H, W), for v, v_c, v_u (N, C, H, W) and
-    scales w (N,) >= 1; w = 1 gives v."""
+    """The guided velocity v + (1 - 1/w) (v_c - v_u) (N, C, H, W) for scales w (N,) >= 1; w = 1 gives v."""
     return v + _expand(1 - 1 / w, v) * (v_c - v_u)
 
 
 @dataclass(kw_only=True)
 class ImprovedMeanFlow(AverageVelocityObjective):
-    """Improved MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the
-    module doc."""
+    """Improved MeanFlow loss (Geng et al. 2025) in this project's convention; see the module docstring."""
 
     label = "iMF"
 
@@ -128,7 +97,6 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         return self.imf_guidance_max > 1.0 and self.imf_guidance_fraction > 0
 
     def network_options(self) -> dict[str, Any]:
-        """MeanFlow's and, when guided, the guidance input."""
         return {**super().network_options(), "guidance_max": self.imf_guidance_max if self.guided else 0.0}
 
     def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
@@ -144,7 +112,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         return round(k * f), round((n - k) * f)
 
     def sample_guidance(self, n: int, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Guidance scales w (n,): log-uniform on [1, w_max] for rows [0, gk) and [k, k + ge) (``num_guided``), else 1."""
+        """Scales w (n,): log-uniform on [1, w_max] for rows [0, gk) and [k, k + ge) (``num_guided``), else 1."""
         gk, ge = self.num_guided(n, k)
         draw = self.imf_guidance_max ** torch.rand(gk + ge, device=device)
         one = torch.ones(n - gk - ge, device=device)
@@ -159,7 +127,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         drop_mask: torch.Tensor | None = None,
         w: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The network's velocity estimate u(x, s, s | y, w) (N, C, H, W), no graph: the tangent and v_c, v_u."""
+        """The network's velocity u(x, s, s | y, w) (N, C, H, W), no graph: the tangent, v_c and v_u."""
         with torch.no_grad():
             return _call(unwrap_model(model), x, s, y, torch.zeros_like(s), drop_mask, w)
 
@@ -173,8 +141,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         drop_mask: torch.Tensor | None = None,
         w: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The compound V = u(x, s, t) - (t - s) sg(D u) (N, C, H, W) with the network's own velocity as the tangent,
-        the gradient through u; what ``loss`` regresses onto the (guided) per-sample velocity, row by row."""
+        """V = u(x, s, t) - (t - s) sg(D u) (N, C, H, W), its own velocity as the tangent, a graph through u."""
         tangent = self.velocity(model, x, s, y, drop_mask, w)
         duds = self.total_derivative(model, x, s, t, tangent, y, drop_mask, w)
         u = _call(model, x, s, y, t - s, drop_mask, w)
@@ -190,14 +157,9 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         s: torch.Tensor | None = None,
         t: torch.Tensor | None = None,
     ) -> LossTerms:
-        """iMF loss for data x1 (N, C, H, W) with labels y (N,) (None for an unconditional model, unguided only).
-
-        model may be wrapped by DDP and/or torch.compile: the prediction goes through it, the other passes through
-        the plain module. x0 (noise) and the times s, t (N,) are drawn unless given (tests; given times are all
-        treated as s < t rows). Returns LossTerms: the weighted loss, the raw per-sample squared error of the
-        velocity estimate (N,) and the current time s (N,).
-        """
-        plain, x0, s, t, k, drop_mask = self.draw(model, x1, y, x0, s, t)
+        """The loss for data x1 (N, C, H, W), labels y (N,) or None (unguided only); the per-sample error of V and s
+        go to LossTerms. Passes as in MeanFlow's loss; given times all count as s < t rows."""
+        plain, x0, s, t, drop_mask, k = self.draw(model, x1, y, x0, s, t)
         n = x1.shape[0]
         gk, ge = self.num_guided(n, k)
         w = None

@@ -1,15 +1,10 @@
-"""The block parts that LightningDiT and JiT swap into a DiT: SwiGLU MLP, RMSNorm, 2-D axial RoPE.
+"""The block parts that LightningDiT and JiT swap into a DiT, and the registries the DiT picks its blocks from.
 
-LightningDiT (Yao et al. 2025, "Reconstruction vs. Generation", Table 1) adds them one at a time to a DiT-XL/2 and
-each lowers FID: SwiGLU 12.52 -> 10.10, RMSNorm -> 9.25, RoPE -> 7.13; JiT (Li & He 2025, "Back to Basics") uses
-the same three. ``models/dit.py`` chooses between these and DiT's originals by constructor arguments whose defaults
-are DiT's, so a checkpoint written before them rebuilds unchanged.
-
-RoPE (Su et al. 2021, "RoFormer") rotates each pair of query and key channels by an angle proportional to the
-token's position, so that q_i . k_j depends on the positions only through their offset i - j. The 2-D axial form
-(as in LightningDiT and JiT, after EVA-02) gives half of each head's pairs the row index and the other half the
-column index. It is written with plain tensor operations (no complex numbers, no fused kernel), so that
-torch.compile, bf16 autocast and the forward-mode JVP of MeanFlow (``torch.func.jvp``) all go through it.
+LightningDiT (Yao et al. 2025, Table 1) adds them one at a time to DiT-XL/2 and each lowers FID (SwiGLU, RMSNorm,
+RoPE); JiT (Li & He 2025) uses the same three. RoPE (Su et al. 2021) rotates each query and key channel pair by an
+angle proportional to the token's position, so q_i . k_j depends on positions only through i - j; the 2-D axial form
+(after EVA-02) gives half of each head's pairs the row, half the column. Plain tensor operations (no complex
+numbers, no fused kernel) keep torch.compile, bf16 autocast and MeanFlow's forward-mode JVP working through it.
 """
 
 from __future__ import annotations
@@ -23,8 +18,8 @@ import torch.nn.functional as F
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int = 8) -> int:
-    """SwiGLU's hidden width for a GELU MLP of width hidden_dim: 2/3 of it (three matrices instead of two, so the
-    parameters stay those of the GELU MLP; LLaMA, LightningDiT), rounded to the nearest multiple of multiple_of."""
+    """2/3 of the GELU MLP's width hidden_dim, to a multiple of multiple_of: three matrices for two, the same
+    parameters (LLaMA, LightningDiT)."""
     return max(multiple_of, multiple_of * round(2 * hidden_dim / 3 / multiple_of))
 
 
@@ -66,8 +61,8 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Rotation angles (T, head_dim / 2), float64, of tokens at 2-D positions (T, 2) (row, column): the first
-    head_dim / 4 channel pairs turn with the row, the rest with the column, at frequencies theta^(-2k / (head_dim / 2))."""
+    """Angles (T, head_dim / 2), float64, of tokens at positions (T, 2) (row, column): the first head_dim / 4 pairs
+    turn with the row, the rest with the column, at frequencies theta^(-2k / (head_dim / 2))."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
     axis_pairs = head_dim // 4
@@ -77,13 +72,9 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
 
 
 def rope_tables(grid_size: int, head_dim: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (num_prefix + G * G, head_dim / 2), float32, for num_prefix position-less tokens (registers,
-    in-context class tokens) followed by a G x G grid of patch tokens in the patch embedding's row-major order.
-
-    The prefix tokens get angle 0, the identity rotation: they have no place in the image, and RoPE leaves their
-    queries and keys as they are, so the scores between patches stay functions of their offsets alone and a
-    prefix token reads and is read by every patch through the same vectors wherever the patch lies (as JiT does
-    for its in-context tokens)."""
+    """cos and sin (num_prefix + G * G, head_dim / 2), float32, of num_prefix tokens (registers, class tokens) then
+    a G x G grid of patches in row-major order. The prefix gets angle 0: it has no place in the image, so patch scores
+    stay functions of offsets and a prefix token meets every patch through the same vectors (as in JiT)."""
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     angles = rope_angles(torch.stack([rows.flatten(), cols.flatten()], dim=1), head_dim)  # (G * G, Dh / 2)
     angles = torch.cat([angles.new_zeros(num_prefix, head_dim // 2), angles])  # (P + G * G, Dh / 2)
@@ -91,9 +82,8 @@ def rope_tables(grid_size: int, head_dim: int, num_prefix: int) -> tuple[torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (2i, 2i + 1) of x (N, H, T, Dh) by the angles whose cos and sin (T, Dh / 2) are given.
-
-    Computed in at least float32 and returned in x's dtype (bf16 under autocast, for the flash kernel)."""
+    """x (N, H, T, Dh) with each channel pair (2i, 2i + 1) rotated by angles of cos, sin (T, Dh / 2); computed in
+    at least float32, returned in x's dtype (bf16 under autocast, for the flash kernel)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     x1, x2 = x.to(dtype)[..., 0::2], x.to(dtype)[..., 1::2]  # each (N, H, T, Dh / 2)
     cos, sin = cos.to(dtype), sin.to(dtype)

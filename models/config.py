@@ -36,8 +36,7 @@ class ModelConfig(Config):
 
 
 def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:
-    """A DiT from the model flags and the data's shape; ``extra`` are further DiT arguments."""
-    # Flags left at None keep the named size's or DiT's own default.
+    """A DiT from the model flags and the data's shape; flags left at None keep the size's or DiT's default."""
     optional = dict(
         hidden_size=cfg.hidden_size,
         depth=cfg.depth,
@@ -60,9 +59,8 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
 
 
 def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``model_config`` in today's terms, every DiT argument present: checkpoints written before the
-    interval input was renamed say ``mean_flow`` for ``average_velocity`` with t embedded unscaled, and lack the
-    arguments added since (their defaults are what those checkpoints were built with)."""
+    """A checkpoint's ``model_config`` with every DiT argument: ``mean_flow`` is ``average_velocity`` with t unscaled,
+    and arguments added since an old checkpoint take their defaults (what it was built with)."""
     config = dict(config)
     if config.pop("mean_flow", False):
         config.update(average_velocity=True, time_scale=1.0)

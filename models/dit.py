@@ -1,32 +1,14 @@
-"""DiT: a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
+"""DiT (Peebles & Xie 2023): a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
 
-Architecture after Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023): patch
-embedding, fixed 2-D sin-cos position embedding, adaLN-Zero blocks, a final adaLN layer and
-unpatchify. Additions: register tokens (Darcet et al., "Vision Transformers Need Registers", 2024),
-qk-norm (RMSNorm on queries and keys per head) and attention through
-``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels run on GPU.
+Additions to DiT's patch embedding, sin-cos positions and adaLN-Zero blocks: registers (Darcet et al. 2024),
+qk-norm, attention through scaled_dot_product_attention (flash kernels on GPU), and, off by default, LightningDiT's
+and JiT's blocks (models/blocks.py) and JiT's in-context class tokens. None changes the zero-initialised output.
+The time convention is objectives/flow.py's; the network maps (x, t, y) to a velocity and knows no objective.
 
-Options from LightningDiT (Yao et al. 2025) and JiT (Li & He 2025), each off by default (DiT's block): a SwiGLU MLP
-(``mlp_type="swiglu"``), RMSNorm for the block and final norms (``norm_type="rmsnorm"``), 2-D axial RoPE on the
-queries and keys (``rope=True``; registers and class tokens are not rotated: ``models/blocks.py`` says why), and
-JiT's in-context class tokens (``class_tokens=K``): K tokens, the class embedding plus a learned embedding per
-token, prepended like the registers and dropped with them before the final layer, while the class also conditions
-every block through adaLN as before. None of them changes the zero-initialised outputs, so the untrained network
-still outputs exactly zero.
-
-Time convention (the project's one, shared with torchcfm and defined in ``objectives/flow.py``):
-t = 0 is pure noise, t = 1 is data, and the network predicts the velocity dx/dt of the path.
-The network knows nothing else about the objective or the solver: it maps (x, t, y) to a velocity.
-Inputs are checked where they enter the project (the Sampler, the command lines, train.py's set-up), not here.
-
-Average-velocity networks (``average_velocity=True``, for objectives that jump along a trajectory, such as
-MeanFlow, Geng et al. 2025) map (x, t, y, interval h) to the average velocity over [t, t + h], so that
-x + h * output is the point at t + h; at h = 0 it is the velocity, so every ODE solver still applies. The
-interval gets its own embedder, added to the conditioning with t and y (the paper's best choice: t and t_end - t).
-``time_scale`` multiplies t (and h) before the sinusoids: DiT's 1000 maps t in [0, 1] onto its integer timestep
-range; an objective whose target contains the network's own time derivative asks for 1 instead, since t * 1000
-puts sinusoids of up to 1000 rad per unit time into the conditioning and makes that derivative, and the target
-with it, large (the objective's module says why; the README has the measurement).
+An average-velocity network (MeanFlow) also takes an interval h and returns the average velocity over [t, t + h]
+(at h = 0 the velocity, so every ODE solver still applies). ``time_scale`` multiplies t and h before the sinusoids:
+DiT's 1000 matches its integer timesteps; an objective whose target holds the network's time derivative asks for 1,
+since sinusoids of t * 1000 make that derivative large.
 """
 
 from __future__ import annotations
@@ -55,14 +37,10 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.frequency_embedding_size = frequency_embedding_size
-        # 1000 spans the sinusoid frequencies over the same range as in DiT, whose timesteps are integers in
-        # [0, 1000); see the module docstring for networks that embed t unscaled.
-        self.time_scale = time_scale
+        self.time_scale = time_scale  # 1000: DiT's integer timesteps (the module docstring says when 1)
 
     @staticmethod
     def timestep_embedding(
@@ -162,10 +140,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
@@ -189,7 +164,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt (or an average velocity)."""
+    """Diffusion Transformer mapping (x, t, y) to the velocity dx/dt (or an average velocity)."""
 
     def __init__(
         self,
@@ -229,12 +204,8 @@ class DiT(nn.Module):
                 f"got {guidance_max} with num_classes={num_classes}"
             )
         # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
-        self.input_size, self.patch_size, self.in_channels, self.out_channels = (
-            input_size,
-            patch_size,
-            in_channels,
-            in_channels,
-        )
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
         self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
@@ -246,10 +217,9 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
-        # The interval h = t_end - t to jump over also conditions an average-velocity network (MeanFlow).
+        # The interval h = t_end - t conditions an average-velocity network (MeanFlow).
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if average_velocity else None
-        # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow, Geng et al. 2025): one pass gives
-        # the guided velocity. Embedded as w / guidance_max, like a time; 0 (the default) builds none.
+        # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow), embedded as w / guidance_max.
         self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if guidance_max else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
@@ -263,20 +233,14 @@ class DiT(nn.Module):
             cos, sin = rope_tables(self.grid_size, hidden_size // num_heads, self.num_prefix)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList(
-            [
-                DiTBlock(
-                    hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type
-                )
-                for _ in range(depth)
-            ]
-        )
+        block = dict(mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, **block) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_type=norm_type)
         self.initialize_weights()
 
     @property
     def config(self) -> dict:
-        """Every constructor argument, so that DiT(**model.config) rebuilds the same network (checkpoints store it)."""
+        """Every constructor argument: DiT(**model.config) rebuilds the same network (checkpoints store it)."""
         names = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
         return {name: getattr(self, name) for name in names}
 
@@ -330,15 +294,10 @@ class DiT(nn.Module):
         drop_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None when
-        unconditional; the index num_classes is the null class).
-
-        An average-velocity network returns the average velocity over [t, t + interval], interval (N,) or scalar
-        (None: 0, the instantaneous velocity), so x + interval * output is the point at t + interval. In train
-        mode labels are replaced by the null class with probability class_dropout_prob; drop_mask (N,) bool
-        replaces exactly those labels instead (in any mode, like DiT's force_drop_ids). A network built with
-        ``guidance_max`` also takes the guidance scale, guidance (N,) or scalar in [1, guidance_max] (None: 1).
-        """
+        """Velocity (N, C, H, W) at x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None: unconditional;
+        num_classes is the null class). interval (N,) or scalar: an average-velocity network's h (None: 0). drop_mask
+        (N,) bool: exactly these labels become the null class, in any mode (else ``label_drop_mask`` in train mode).
+        guidance (N,) or scalar in [1, guidance_max] (None: 1): the scale of a network built with ``guidance_max``."""
         n = x.shape[0]
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if self.registers is not None:
@@ -346,7 +305,7 @@ class DiT(nn.Module):
         c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(n))  # (N, D)
         if self.h_embedder is not None:
             c = c + self.h_embedder(torch.as_tensor(0.0 if interval is None else interval, device=x.device).expand(n))
-        if self.w_embedder is not None:  # guidance (N,) or scalar, None: 1 (unguided); ignored by other networks
+        if self.w_embedder is not None:  # other networks ignore guidance
             w = torch.as_tensor(1.0 if guidance is None else guidance, device=x.device).expand(n)
             c = c + self.w_embedder(w / self.guidance_max)
         if self.y_embedder is not None:
@@ -364,9 +323,8 @@ class DiT(nn.Module):
         return self.unpatchify(x)  # (N, C, H, W)
 
     def label_drop_mask(self, y: torch.Tensor) -> torch.Tensor:
-        """Which labels y (N,) a forward in this mode replaces by the null class, (N,) bool: in train mode each with
-        probability class_dropout_prob (label dropout teaches the null class that guidance needs), else none. A loss
-        that runs several passes over one batch draws it once and hands it to each (DiT's force_drop_ids)."""
+        """(N,) bool: the labels y (N,) that label dropout (the null class guidance needs) replaces in this mode, each
+        with probability class_dropout_prob in train mode. A loss with several passes draws it once for all."""
         if self.training and self.class_dropout_prob > 0:
             return torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
         return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
@@ -379,18 +337,13 @@ class DiT(nn.Module):
         cfg_scale: float,
         interval: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        """Classifier-free guided velocity v_u + cfg_scale * (v_c - v_u) on all channels.
-
-        Runs one batched pass of 2N (conditional and null labels); at cfg_scale == 1 it runs the
-        conditional pass alone. Label dropout is not applied here. On an average-velocity network the same
-        combination of average velocities over [t, t + interval] is returned. A network with a guidance input
-        (``guidance_max``) returns its output at guidance=cfg_scale instead: one pass of N.
-        """
+        """Classifier-free guidance v_u + cfg_scale * (v_c - v_u) (N, C, H, W), no label dropout: one pass of 2N (of N
+        at cfg_scale 1, or on a network that takes the scale as an input)."""
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
         n = x.shape[0]
         keep = torch.zeros(n, dtype=torch.bool, device=x.device)
-        if self.w_embedder is not None:  # a network that takes the scale as an input: one pass of N
+        if self.w_embedder is not None:
             return self(x, t, y, interval=interval, drop_mask=keep, guidance=cfg_scale)
         if cfg_scale == 1.0:
             return self(x, t, y, interval=interval, drop_mask=keep)

@@ -15,11 +15,11 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def swiglu_width(hidden_dim: int, multiple_of: int = 8) -> int:
-    """2/3 of the GELU MLP's width hidden_dim, to a multiple of multiple_of: three matrices for two, the same
-    parameters (LLaMA, LightningDiT)."""
+    """2/3 of the GELU MLP's width, to a multiple: three matrices for two keep the parameters (LLaMA, LightningDiT)."""
     return max(multiple_of, multiple_of * round(2 * hidden_dim / 3 / multiple_of))
 
 
@@ -32,7 +32,7 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -45,7 +45,7 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(dim, 2 * width)
         self.w3 = nn.Linear(width, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         gate, value = self.w12(x).chunk(2, dim=-1)  # each (N, T, width)
         return self.w3(F.silu(gate) * value)  # (N, T, D)
 
@@ -60,9 +60,8 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Angles (T, head_dim / 2), float64, of tokens at positions (T, 2) (row, column): the first head_dim / 4 pairs
-    turn with the row, the rest with the column, at frequencies theta^(-2k / (head_dim / 2))."""
+def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Tensor:
+    """Angles (T, head_dim / 2), float64, at positions (T, 2): the first half of the pairs turn with the row."""
     if head_dim % 4:
         raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
     axis_pairs = head_dim // 4
@@ -71,7 +70,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) 
     return torch.cat([positions[:, :1] * freqs, positions[:, 1:] * freqs], dim=1)  # (T, Dh / 2)
 
 
-def rope_tables(grid_size: int, head_dim: int, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(grid_size: int, head_dim: int, num_prefix: int) -> tuple[Tensor, Tensor]:
     """cos and sin (num_prefix + G * G, head_dim / 2), float32, of num_prefix tokens (registers, class tokens) then
     a G x G grid of patches in row-major order. The prefix gets angle 0: it has no place in the image, so patch scores
     stay functions of offsets and a prefix token meets every patch through the same vectors (as in JiT)."""
@@ -81,9 +80,8 @@ def rope_tables(grid_size: int, head_dim: int, num_prefix: int) -> tuple[torch.T
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (N, H, T, Dh) with each channel pair (2i, 2i + 1) rotated by angles of cos, sin (T, Dh / 2); computed in
-    at least float32, returned in x's dtype (bf16 under autocast, for the flash kernel)."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (N, H, T, Dh), channel pairs (2i, 2i + 1) rotated in float32 at least, in x's dtype (bf16 for flash)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     x1, x2 = x.to(dtype)[..., 0::2], x.to(dtype)[..., 1::2]  # each (N, H, T, Dh / 2)
     cos, sin = cos.to(dtype), sin.to(dtype)

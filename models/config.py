@@ -23,16 +23,10 @@ class ModelConfig(Config):
     class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
     qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
     # None: the value of train.py's --recipe (DiT's block without one).
-    mlp: str | None = arg(
-        None, "block MLP: gelu (DiT) or swiglu (LightningDiT, 2/3 width); default: the recipe's", choices=MLPS
-    )
-    norm: str | None = arg(
-        None, "block norm: layernorm (DiT) or rmsnorm (LightningDiT); default: the recipe's", choices=NORMS
-    )
+    mlp: str | None = arg(None, "block MLP: gelu (DiT), swiglu (LightningDiT); default: the recipe's", choices=MLPS)
+    norm: str | None = arg(None, "norms: layernorm (DiT), rmsnorm (LightningDiT); default: the recipe's", choices=NORMS)
     rope: bool | None = arg(None, "2-D axial RoPE on queries and keys (LightningDiT, JiT); default: the recipe's")
-    class_tokens: int | None = arg(
-        None, "in-context class tokens prepended to the patches (JiT); default: the recipe's", min=0
-    )
+    class_tokens: int | None = arg(None, "in-context class tokens (JiT); default: the recipe's", min=0)
 
 
 def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:

@@ -13,8 +13,7 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 def forward_macs(model: DiT) -> int:
-    """Multiply-accumulates of one forward pass for one image as the DiT paper counts them (Table 4): every matrix
-    multiplication, no element-wise work."""
+    """Multiply-accumulates of a forward pass per image: every matmul, no element-wise work (DiT's Table 4)."""
     d, p, c = model.hidden_size, model.patch_size, model.in_channels
     tokens = model.num_patches + model.num_prefix  # patches, registers and in-context class tokens
     mlp_weights = sum(m.weight.numel() for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear))

@@ -1,14 +1,11 @@
 """DiT (Peebles & Xie 2023): a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
 
-Additions to DiT's patch embedding, sin-cos positions and adaLN-Zero blocks: registers (Darcet et al. 2024),
-qk-norm, attention through scaled_dot_product_attention (flash kernels on GPU), and, off by default, LightningDiT's
-and JiT's blocks (models/blocks.py) and JiT's in-context class tokens. None changes the zero-initialised output.
-The time convention is objectives/flow.py's; the network maps (x, t, y) to a velocity and knows no objective.
-
-An average-velocity network (MeanFlow) also takes an interval h and returns the average velocity over [t, t + h]
-(at h = 0 the velocity, so every ODE solver still applies). ``time_scale`` multiplies t and h before the sinusoids:
-DiT's 1000 matches its integer timesteps; an objective whose target holds the network's time derivative asks for 1,
-since sinusoids of t * 1000 make that derivative large.
+Beside DiT's blocks: registers (Darcet et al. 2024), qk-norm, scaled_dot_product_attention (flash kernels on GPU),
+and, off by default, LightningDiT's and JiT's blocks (models/blocks.py) and JiT's in-context class tokens; none changes
+the zero-initialised output. An average-velocity network (MeanFlow) also takes an interval h and returns the average
+velocity over [t, t + h] (the velocity at h = 0). ``time_scale`` multiplies t and h before the sinusoids: DiT's 1000
+matches its integer timesteps; an objective whose target holds the network's time derivative asks for 1, since
+sinusoids of t * 1000 make that derivative large. The time convention is objectives/flow.py's.
 """
 
 from __future__ import annotations
@@ -22,11 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch import Tensor
 
 from models.blocks import MLPS, NORMS, apply_rope, rope_tables
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation of tokens x (N, T, D) by per-sample shift and scale (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -44,8 +42,8 @@ class TimestepEmbedder(nn.Module):
 
     @staticmethod
     def timestep_embedding(
-        t: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
+        t: Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Sinusoidal embedding (N, dim) of scalar times t (N,), computed in dtype (float32 or float64)."""
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
@@ -55,7 +53,7 @@ class TimestepEmbedder(nn.Module):
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: Tensor) -> Tensor:
         dtype = self.mlp[0].weight.dtype
         # float32 sinusoids for float32 / bf16 weights; float64 only for a float64 network (exact-derivative tests).
         freq_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -71,7 +69,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
 
-    def forward(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, labels: Tensor, drop_mask: Tensor | None = None) -> Tensor:
         if drop_mask is not None:  # (N,) bool: these labels become the null class
             labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)  # (N, D)
@@ -84,7 +82,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)  # (N, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (N, T, D)
 
@@ -105,7 +103,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Attention over tokens x (N, T, D); rope: cos and sin (T, Dh / 2) that rotate queries and keys (RoPE)."""
         n, t, d = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)
@@ -139,9 +137,7 @@ class DiTBlock(nn.Module):
         self.mlp = MLPS[mlp_type](hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -157,7 +153,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         x = modulate(self.norm_final(x), shift, scale)
         return self.linear(x)  # (N, T, p * p * C)
@@ -280,20 +276,20 @@ class DiT(nn.Module):
         for param in self.final_layer.parameters():
             nn.init.zeros_(param)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, x: Tensor) -> Tensor:
         """Patch tokens (N, T, p * p * C) back to images (N, C, H, W)."""
         p = self.patch_size
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid_size, p=p, q=p)
 
     def forward(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        y: torch.Tensor | None = None,
-        interval: torch.Tensor | float | None = None,
-        drop_mask: torch.Tensor | None = None,
-        guidance: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor | None = None,
+        interval: Tensor | float | None = None,
+        drop_mask: Tensor | None = None,
+        guidance: Tensor | float | None = None,
+    ) -> Tensor:
         """Velocity (N, C, H, W) at x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None: unconditional;
         num_classes is the null class). interval (N,) or scalar: an average-velocity network's h (None: 0). drop_mask
         (N,) bool: exactly these labels become the null class, in any mode (else ``label_drop_mask`` in train mode).
@@ -322,7 +318,7 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (N, T, p * p * C)
         return self.unpatchify(x)  # (N, C, H, W)
 
-    def label_drop_mask(self, y: torch.Tensor) -> torch.Tensor:
+    def label_drop_mask(self, y: Tensor) -> Tensor:
         """(N,) bool: the labels y (N,) that label dropout (the null class guidance needs) replaces in this mode, each
         with probability class_dropout_prob in train mode. A loss with several passes draws it once for all."""
         if self.training and self.class_dropout_prob > 0:
@@ -330,15 +326,9 @@ class DiT(nn.Module):
         return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
 
     def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        y: torch.Tensor,
-        cfg_scale: float,
-        interval: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance v_u + cfg_scale * (v_c - v_u) (N, C, H, W), no label dropout: one pass of 2N (of N
-        at cfg_scale 1, or on a network that takes the scale as an input)."""
+        self, x: Tensor, t: Tensor | float, y: Tensor, cfg_scale: float, interval: Tensor | float | None = None
+    ) -> Tensor:
+        """v_u + cfg_scale * (v_c - v_u) (N, C, H, W) in one pass of 2N (of N at scale 1 or with a guidance input)."""
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
         n = x.shape[0]

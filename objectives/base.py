@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
-import torch
+from torch import Tensor
 
 from utils.config import Config
 
@@ -18,9 +18,9 @@ from utils.config import Config
 class LossTerms(NamedTuple):
     """The scalar to minimise and, for logging, each sample's squared error (N,) and time (N,), on the device."""
 
-    loss: torch.Tensor
-    mse: torch.Tensor
-    t: torch.Tensor
+    loss: Tensor
+    mse: Tensor
+    t: Tensor
 
 
 @dataclass(kw_only=True)
@@ -33,6 +33,6 @@ class Objective(Config):
         """DiT constructor arguments this objective needs beyond the model flags (none by default)."""
         return {}
 
-    def loss(self, net: Callable[..., torch.Tensor], x1: torch.Tensor, y: torch.Tensor | None = None) -> LossTerms:
+    def loss(self, net: Callable[..., Tensor], x1: Tensor, y: Tensor | None = None) -> LossTerms:
         """The loss for data x1 (N, C, H, W) with labels y (N,) (None: unconditional)."""
         raise NotImplementedError

@@ -1,19 +1,15 @@
-"""The flow-matching objective, and the project's one statement of its time convention (every other module refers
-here): t = 0 is noise x0 ~ N(0, I), t = 1 is data x1, on the linear path (rectified flow, Liu et al. 2023; conditional
-flow matching, Lipman et al. 2023, Tong et al. 2024) of optional Gaussian width sigma:
+"""The flow-matching objective, and the project's one statement of its time convention: t = 0 is noise
+x0 ~ N(0, I), t = 1 is data x1, on the linear path (rectified flow, Liu et al. 2023; conditional flow matching,
+Lipman et al. 2023, Tong et al. 2024) of optional width sigma, as in torchcfm, which builds x_t and u_t:
 
     x_t = t * x1 + (1 - t) * x0 + sigma * eps,        eps ~ N(0, I)
     u_t = x1 - x0                                     (the regression target, dx_t/dt)
 
-The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 to t = 1. This is torchcfm's
-convention, so its ConditionalFlowMatcher builds x_t and u_t; x0 and t come from torch's global generator, which
-train.py checkpoints. Logit-normal times t = sigmoid(m + s n) (SD3, Esser et al. 2024, section 3.1) put more
-training signal mid-path, where the velocity is hardest to predict.
-
-The velocity-direction loss (LightningDiT, Yao et al. 2025, Table 1) adds w * (1 - cos(v_pred, u_t)) per sample: the
-squared error weighs a sample by the target's magnitude, the cosine asks for the right direction at every magnitude.
-At the untrained network's exact zero output its gradient is large (torch clamps the norm at 1e-8): gradient
-clipping (train.py's --grad-clip, on by default) bounds that first step.
+The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 to t = 1. Logit-normal times (SD3,
+Esser et al. 2024) put more training signal mid-path, where the velocity is hardest to predict. The velocity-direction
+loss (LightningDiT) adds w (1 - cos(v_pred, u_t)): the squared error weighs a sample by the target's magnitude, the
+cosine asks for the right direction at every magnitude. Its gradient at the untrained network's zero output is large
+(torch clamps the norm at 1e-8): gradient clipping (train.py's --grad-clip, on by default) bounds that first step.
 """
 
 from __future__ import annotations
@@ -23,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from objectives.base import LossTerms, Objective
 from utils.config import arg
@@ -32,7 +29,7 @@ T_SAMPLERS = ("logit-normal", "uniform")
 
 def sample_t(
     n: int, sampler: str = "logit-normal", mean: float = 0.0, std: float = 1.0, device: str | torch.device = "cpu"
-) -> torch.Tensor:
+) -> Tensor:
     """Training times t (n,) in (0, 1): logit-normal (SD3: sigmoid(mean + std * N(0, 1))) or uniform."""
     if sampler == "uniform":
         return torch.rand(n, device=device)
@@ -69,14 +66,9 @@ class FlowMatching(Objective):
         self.matcher = matcher(sigma=self.sigma)
 
     def sample_path(
-        self,
-        x1: torch.Tensor,
-        y: torch.Tensor | None = None,
-        x0: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """t (N,), x_t and u_t (N, C, H, W), and the labels (N,) of each row's data (re-paired under OT) for data x1
-        (N, C, H, W); x0 and t are drawn unless given."""
+        self, x1: Tensor, y: Tensor | None = None, x0: Tensor | None = None, t: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """t (N,), x_t, u_t (N, C, H, W) and each row's labels (re-paired under OT); x0 and t drawn unless given."""
         if x0 is None:
             x0 = torch.randn_like(x1)
         if t is None:
@@ -88,7 +80,7 @@ class FlowMatching(Objective):
             t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1, t=t)
         return t, xt, ut, y
 
-    def loss(self, model: Callable[..., torch.Tensor], x1: torch.Tensor, y: torch.Tensor | None = None) -> LossTerms:
+    def loss(self, model: Callable[..., Tensor], x1: Tensor, y: Tensor | None = None) -> LossTerms:
         """MSE of model(x_t, t, y) against u_t in float32, plus the weighted velocity-direction loss (not logged)."""
         t, xt, ut, y = self.sample_path(x1, y)
         pred, target = model(xt, t, y).float().flatten(1), ut.float().flatten(1)  # (N, C * H * W)
@@ -99,6 +91,6 @@ class FlowMatching(Objective):
         return LossTerms(loss, mse.detach(), t)
 
 
-def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
     """1 - cos(pred, target) (N,) per row of pred and target (N, D): 0 when aligned, 2 when opposite."""
     return 1 - F.cosine_similarity(pred, target, dim=1)

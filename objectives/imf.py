@@ -6,35 +6,31 @@ The MeanFlow identity read the other way round gives the velocity in terms of u,
 
     V_theta(x_s, s, t) = u_theta(x_s, s, t) - (t - s) sg(D u_theta),   D u_theta = v_theta . du_theta/dx + du_theta/ds,
 
-which iMF regresses onto x1 - x0, as flow matching does. The tangent is the network's own velocity
-v_theta(x_s, s) = u_theta(x_s, s, s) (sg), not x1 - x0: V_theta is then a function of (x_s, s, t) alone, its minimiser
-is V_theta = E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average
-velocity ((t - s) u is the integral of v from s to t: its s-derivative is -v and it is 0 at s = t). The paper's
-V = u + (t - r) du/dt (noise at 1, r < t) is this after tau -> 1 - tau. Only u_theta(x_s, s, t) carries a gradient, so
-the gradient is MeanFlow's with the target v + (t - s) D u: the tangent and the guided target change the training, not
-the algebra. Rows with s = t are the flow-matching term, weighted by ``imf_velocity_weight``.
+regressed onto x1 - x0 as in flow matching. The tangent is the network's own velocity v_theta(x_s, s) =
+u_theta(x_s, s, s) (sg), not x1 - x0: V_theta is then a function of (x_s, s, t) alone, its minimiser is
+E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average velocity ((t - s) u
+then has s-derivative -v and is 0 at s = t). The paper's V = u + (t - r) du/dt is this after tau -> 1 - tau.
+Only u_theta(x_s, s, t) carries a gradient, MeanFlow's with the target v + (t - s) D u: the tangent and the guided
+target change the training. Rows with s = t are the flow-matching term, weighted by ``imf_velocity_weight``.
 
 The velocity is u at interval 0, not the paper's auxiliary v-head (8 more blocks): u(x, s, s) = v(x, s) anyway, the
-DiT keeps one output, every ODE solver samples the function the tangent came from, and the flow-matching rows train
-it. The price is one forward pass without a graph over the s < t rows (the two-head form needs it too).
+DiT keeps one output, and every ODE solver samples the function the tangent came from. The price is one forward pass
+without a graph over the s < t rows, which the two-head form needs too.
 
 Guidance as an input (section 5): the DiT's ``guidance_max`` embeds w / w_max, and the network learns the average
-velocity of the guided field v^w = v_u + w (v_c - v_u), so one pass samples at any w. A fraction
-``imf_guidance_fraction`` of each batch draws w = w_max ** U (log-uniform: the paper's power law with beta = 1); the
-rest, and every dropped label, have w = 1. The per-sample target becomes
+velocity of v^w = v_u + w (v_c - v_u), so one pass samples at any w. ``imf_guidance_fraction`` of each batch draws
+w = w_max ** U (log-uniform: the paper's power law, beta = 1); other rows and dropped labels have w = 1. The target
 
-    v_target = (x1 - x0) + (1 - 1/w) (v_c - v_u),  v_c = sg(u_theta(x_s, s, s | y, w)),  v_u = sg(u_theta(. | null, 1)),
+    v_target = (x1 - x0) + (1 - 1/w) (v_c - v_u),  v_c = sg(u_theta(x_s, s, s | y, w)),  v_u = sg(u_theta(. | null, 1))
 
-with mean v_y + (1 - 1/w)(v_c - v_u) given x_s. At the fixed point v_c equals it, so v_c = v_u + w (v_y - v_u):
-CFG at scale w (MeanFlow's training-time guidance with omega = 1, kappa = 1 - 1/w, per row). A row's tangent is the
-velocity under its own conditioning (v_c, or v_u for a dropped label). The paper's guidance interval as a further
-input is not built. Times and the adaptive weight are MeanFlow's (the paper: 50% of rows with s = t; p = 1, c = 0.01).
+has mean v_y + (1 - 1/w)(v_c - v_u) given x_s; at the fixed point v_c equals it, so v_c = v_u + w (v_y - v_u): CFG at
+scale w (MeanFlow's guidance with omega = 1, kappa = 1 - 1/w). A row's tangent is its velocity under its own
+conditioning. Times and the adaptive weight are MeanFlow's (the paper: 50% of rows with s = t; p = 1, c = 0.01).
 
-No row selection needs a host sync: the s < t rows come first, and the guided rows are the first round(f * k) of
-those and the first round(f * (n - k)) of the rest. One pass at interval 0 without a graph gives the tangents of the
-s < t rows and v_u of the guided rows; v_c of a guided s = t row is the prediction itself under sg, for free. Then
-the JVP on the s < t rows and the prediction through the model as given. Random draws: noise, times, label dropout,
-guidance scales, in that order.
+No row selection needs a host sync: the s < t rows come first, the guided rows are the first round(f * k) of those
+and of the rest. One pass at interval 0 without a graph gives the tangents of the s < t rows and v_u of the guided
+rows; v_c of a guided s = t row is the prediction itself under sg. Then the JVP on the s < t rows and the prediction
+through the model as given. Random draws: noise, times, label dropout, guidance scales, in that order.
 """
 
 from __future__ import annotations
@@ -45,6 +41,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from objectives.base import LossTerms
 from objectives.meanflow import AverageVelocityObjective, _call, _expand
@@ -52,7 +49,7 @@ from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
 
-def guided_target(v: torch.Tensor, v_c: torch.Tensor, v_u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def guided_target(v: Tensor, v_c: Tensor, v_u: Tensor, w: Tensor) -> Tensor:
     """The guided velocity v + (1 - 1/w) (v_c - v_u) (N, C, H, W) for scales w (N,) >= 1; w = 1 gives v."""
     return v + _expand(1 - 1 / w, v) * (v_c - v_u)
 
@@ -99,7 +96,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
     def network_options(self) -> dict[str, Any]:
         return {**super().network_options(), "guidance_max": self.imf_guidance_max if self.guided else 0.0}
 
-    def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
+    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
         if self.guided and (y is None or not getattr(plain, "guidance_max", 1.0)):
             raise ValueError(
                 "iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
@@ -111,7 +108,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         f = self.imf_guidance_fraction if self.guided else 0.0
         return round(k * f), round((n - k) * f)
 
-    def sample_guidance(self, n: int, k: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    def sample_guidance(self, n: int, k: int, device: str | torch.device = "cpu") -> Tensor:
         """Scales w (n,): log-uniform on [1, w_max] for rows [0, gk) and [k, k + ge) (``num_guided``), else 1."""
         gk, ge = self.num_guided(n, k)
         draw = self.imf_guidance_max ** torch.rand(gk + ge, device=device)
@@ -121,12 +118,12 @@ class ImprovedMeanFlow(AverageVelocityObjective):
     def velocity(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None,
-        w: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        x: Tensor,
+        s: Tensor,
+        y: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        w: Tensor | None = None,
+    ) -> Tensor:
         """The network's velocity u(x, s, s | y, w) (N, C, H, W), no graph: the tangent, v_c and v_u."""
         with torch.no_grad():
             return _call(unwrap_model(model), x, s, y, torch.zeros_like(s), drop_mask, w)
@@ -134,13 +131,13 @@ class ImprovedMeanFlow(AverageVelocityObjective):
     def velocity_estimate(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None,
-        w: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        w: Tensor | None = None,
+    ) -> Tensor:
         """V = u(x, s, t) - (t - s) sg(D u) (N, C, H, W), its own velocity as the tangent, a graph through u."""
         tangent = self.velocity(model, x, s, y, drop_mask, w)
         duds = self.total_derivative(model, x, s, t, tangent, y, drop_mask, w)
@@ -150,15 +147,14 @@ class ImprovedMeanFlow(AverageVelocityObjective):
     def loss(
         self,
         model: nn.Module,
-        x1: torch.Tensor,
-        y: torch.Tensor | None = None,
+        x1: Tensor,
+        y: Tensor | None = None,
         *,
-        x0: torch.Tensor | None = None,
-        s: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
+        x0: Tensor | None = None,
+        s: Tensor | None = None,
+        t: Tensor | None = None,
     ) -> LossTerms:
-        """The loss for data x1 (N, C, H, W), labels y (N,) or None (unguided only); the per-sample error of V and s
-        go to LossTerms. Passes as in MeanFlow's loss; given times all count as s < t rows."""
+        """The loss for x1 (N, C, H, W), y (N,) or None (unguided only), as MeanFlow's; given times count as s < t."""
         plain, x0, s, t, drop_mask, k = self.draw(model, x1, y, x0, s, t)
         n = x1.shape[0]
         gk, ge = self.num_guided(n, k)
@@ -169,7 +165,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
 
         # One pass at interval 0 without a graph: the tangents of rows [0, k) under their own conditioning, then
         # v_u (null label, w = 1) of the guided rows [0, gk) and [k, k + ge).
-        def pick(a: torch.Tensor) -> torch.Tensor:  # rows [0, k), then [0, gk) and [k, k + ge) again
+        def pick(a: Tensor) -> Tensor:  # rows [0, k), then [0, gk) and [k, k + ge) again
             return torch.cat([a[:k], a[:gk], a[k : k + ge]])
 
         g = gk + ge

@@ -1,38 +1,30 @@
-"""MeanFlow (Geng, Deng, Bai, Kolter, He 2025): a network u(x, s, t) predicts the average velocity over [s, t], for
-one- and few-step sampling. In the project's time convention (objectives/flow.py: t = 0 noise, t = 1 data); the paper
-puts noise at t = 1, and its identity u = v - (t - r) du/dt is the one below after tau -> 1 - tau.
-
-With v the marginal velocity and x_tau its trajectory through x_s,
+"""MeanFlow (Geng, Deng, Bai, Kolter, He 2025): u(x, s, t) predicts the average velocity over [s, t], for one- and
+few-step sampling. In the project's convention (objectives/flow.py: t = 0 noise); the paper puts noise at t = 1, and
+its u = v - (t - r) du/dt is the identity below after tau -> 1 - tau. With v the marginal velocity,
 
     u(x_s, s, t) = 1 / (t - s) * integral_s^t v(x_tau, tau) dtau,     so that     x_t = x_s + (t - s) u(x_s, s, t),
 
-and u(x, s, s) = v(x, s): at a zero interval it is the velocity, so every ODE solver still applies. Differentiating
-(t - s) u in s along the trajectory, t fixed (moving s moves x_s at rate v):
+and u(x, s, s) = v(x, s), so every ODE solver still applies. Differentiating (t - s) u in s along the trajectory,
+t fixed (moving s moves x_s at rate v):
 
     -u(x_s, s, t) + (t - s) d/ds u(x_s, s, t) = -v(x_s, s)
     u(x_s, s, t) = v(x_s, s) + (t - s) d/ds u(x_s, s, t)                                    (MeanFlow identity)
 
-with d/ds u = v . du/dx + du/ds, the JVP of (x, s, t) -> u with tangent (v, 1, 0). The DiT takes the interval t - s:
-the JVP runs through a function of (x, s, t) that forms it, and autograd applies the chain rule.
-
-Training (the paper's Algorithm 1): regress u_theta(x_s, s, t) onto sg(v + (t - s) JVP(u_theta; (v, 1, 0))) with the
-per-sample v = x1 - x0 in both places. The target is affine in v, so its mean given x_s is the identity's right-hand
-side with the marginal v, and the minimiser is the true average velocity (as per-sample targets work in flow
-matching). At s = t the target is x1 - x0 and the loss is flow matching's.
-- Times: two logit-normal draws (SD3, Esser et al. 2024), s the smaller; a fraction ``mf_equal_fraction`` of each
-  batch has t = s (the paper's best: 75%; 100% is flow matching, which fails at one step). The paper's (-0.4, 1.0)
-  with noise at 1 is (+0.4, 1.0) here: logit(1 - tau) = -logit(tau).
+with d/ds u = v . du/dx + du/ds, the JVP of (x, s, t) -> u with tangent (v, 1, 0) (the DiT takes t - s: autograd
+applies the chain rule). Training regresses u_theta(x_s, s, t) onto sg(v + (t - s) JVP(u_theta; (v, 1, 0))) with the
+per-sample v = x1 - x0: the target is affine in v, so its mean given x_s uses the marginal v and the minimiser is the
+true average velocity. At s = t the loss is flow matching's.
+- Times: two logit-normal draws (SD3), s the smaller; ``mf_equal_fraction`` of each batch has t = s (the paper's best
+  75%; 100%, flow matching, fails at one step). The paper's (-0.4, 1.0) is (+0.4, 1.0) here (logit(1 - tau) = -logit).
 - Adaptive weight (section 4.3): loss = mean_i sg(w_i) mse_i, w_i = 1 / (||err_i||^2 + c)^p; p = 0 is the plain MSE.
 - Training-time guidance (section 4.2): v~ = omega v + kappa u(x_s, s, s | y) + (1 - omega - kappa) u(x_s, s, s | null)
-  (network terms under sg) is both the target's v and the tangent; rows whose label is dropped keep v. At the fixed
-  point the conditional velocity is CFG at scale omega / (1 - kappa), so one-step samples come guided.
+  (under sg) is the target's v and the tangent, except where the label is dropped. At the fixed point the conditional
+  velocity is CFG at scale omega / (1 - kappa), so one-step samples come guided.
 
-The target runs on the plain module (``unwrap_model``) under no_grad and the prediction through the model as given,
-so DDP, torch.compile and flash attention serve the differentiated pass. Flash and memory-efficient attention have no
-forward derivative: the JVP runs on the math kernel, over the rows with s < t only (placed first, so no host sync
-picks them), and falls back once, with a warning, to a float32 central finite difference. t is embedded unscaled
-(``network_options``): the target holds the network's time derivative, which sinusoids of t * 1000 make large.
-All randomness comes from torch's global generator, which train.py checkpoints.
+The target runs on the plain module under no_grad, the prediction through the model as given (DDP, torch.compile,
+flash attention). The JVP runs on the math attention kernel (the only one with a forward derivative), over the rows
+with s < t only (placed first: no host sync), and falls back once, with a warning, to a float32 finite difference.
+t is embedded unscaled: the target holds the network's time derivative, which sinusoids of t * 1000 make large.
 """
 
 from __future__ import annotations
@@ -43,6 +35,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from objectives.base import LossTerms, Objective
@@ -51,30 +44,27 @@ from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
 
-def _expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _expand(a: Tensor, x: Tensor) -> Tensor:
     """Per-sample scalars (N,) shaped to broadcast against x (N, ...)."""
     return a.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> torch.Tensor:
-    """model(x, s, y, interval=..., drop_mask=..., guidance=...), leaving drop_mask and guidance out when there are
-    none (stand-in models, networks without a guidance input)."""
-    extra = {} if guidance is None else {"guidance": guidance}
-    if drop_mask is not None:
-        extra["drop_mask"] = drop_mask
+def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> Tensor:
+    """model(x, s, y, interval=...), passing drop_mask and guidance only when given (stand-ins lack them)."""
+    extra = {k: v for k, v in (("drop_mask", drop_mask), ("guidance", guidance)) if v is not None}
     return model(x, s, y, interval=interval, **extra)
 
 
 def average_velocity_jvp(
     model: nn.Module,
-    x: torch.Tensor,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    v: torch.Tensor,
-    y: torch.Tensor | None = None,
-    drop_mask: torch.Tensor | None = None,
-    guidance: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    v: Tensor,
+    y: Tensor | None = None,
+    drop_mask: Tensor | None = None,
+    guidance: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """u(x, s, t) and d/ds u = v . du/dx + du/ds, both (N, C, H, W) without a graph: the forward-mode JVP of
     (x, s, t) -> model(x, s, y, interval=t - s) with tangent (v, 1, 0) on the plain module. A conditional network in
     train mode needs drop_mask, or each call draws its own label dropout."""
@@ -92,15 +82,15 @@ def average_velocity_jvp(
 
 def total_derivative_fd(
     model: nn.Module,
-    x: torch.Tensor,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    v: torch.Tensor,
-    y: torch.Tensor | None = None,
-    drop_mask: torch.Tensor | None = None,
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    v: Tensor,
+    y: Tensor | None = None,
+    drop_mask: Tensor | None = None,
     eps: float = 5e-3,
-    guidance: torch.Tensor | None = None,
-) -> torch.Tensor:
+    guidance: Tensor | None = None,
+) -> Tensor:
     """d/ds u of ``average_velocity_jvp`` by a central difference in float32 (autocast off), where forward-mode AD
     fails: two forwards, error O(eps^2) plus float32 rounding over eps (about 1e-4 relative at eps 5e-3)."""
     plain = unwrap_model(model)
@@ -143,7 +133,7 @@ class AverageVelocityObjective(Objective):
         """Rows with s < t in a batch of n drawn by ``sample_times``."""
         return n - round(n * self.equal_fraction)
 
-    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
         """Times s <= t (n,), both logit-normal; the rows from ``num_unequal(n)`` on have t = s exactly."""
         a = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
         b = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
@@ -151,18 +141,12 @@ class AverageVelocityObjective(Objective):
         k = self.num_unequal(n)
         return s, torch.cat([t[:k], s[k:]])
 
-    def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
+    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
         """Raise ValueError where this objective's guidance cannot work with these labels and this network."""
 
     def draw(
-        self,
-        model: nn.Module,
-        x1: torch.Tensor,
-        y: torch.Tensor | None,
-        x0: torch.Tensor | None,
-        s: torch.Tensor | None,
-        t: torch.Tensor | None,
-    ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        self, model: nn.Module, x1: Tensor, y: Tensor | None, x0: Tensor | None, s: Tensor | None, t: Tensor | None
+    ) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None, int]:
         """Checks, then the draws in this order: noise x0, times s <= t (N,), label dropout (N,) (None without labels,
         drawn once so that every pass drops the same labels). Returns the plain module, x0, s, t, the drop mask and k:
         rows [0, k) have s < t (given times all count)."""
@@ -186,16 +170,15 @@ class AverageVelocityObjective(Objective):
     def total_derivative(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        t: torch.Tensor,
-        tangent: torch.Tensor,
-        y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None,
-        w: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """D u = tangent . du/dx + du/ds of u(x, s, t | y, w) (N, C, H, W), no graph: the JVP, or from its first
-        failure on (one warning) the finite difference."""
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        tangent: Tensor,
+        y: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        w: Tensor | None = None,
+    ) -> Tensor:
+        """D u = tangent . du/dx + du/ds (N, C, H, W), no graph: the JVP, or the finite difference once that fails."""
         if not self._use_fd:
             try:
                 return average_velocity_jvp(model, x, s, t, tangent, y, drop_mask, guidance=w)[1]
@@ -241,19 +224,13 @@ class MeanFlow(AverageVelocityObjective):
         """Whether training-time guidance is on."""
         return self.mf_omega != 1.0 or self.mf_kappa != 0.0
 
-    def check_labels(self, plain: nn.Module, y: torch.Tensor | None) -> None:
+    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
         if self.guided and y is None:
             raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
 
     def guided_velocity(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        v: torch.Tensor,
-        y: torch.Tensor,
-        drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        self, model: nn.Module, x: Tensor, s: Tensor, v: Tensor, y: Tensor, drop_mask: Tensor | None = None
+    ) -> Tensor:
         """v~ (N, C, H, W) without a graph; rows with a dropped label or s outside mf_guidance_interval keep v."""
         plain = unwrap_model(model)
         omega, kappa = self.mf_omega, self.mf_kappa
@@ -277,13 +254,13 @@ class MeanFlow(AverageVelocityObjective):
     def target(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        t: torch.Tensor,
-        v: torch.Tensor,
-        y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        v: Tensor,
+        y: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+    ) -> Tensor:
         """The target sg(v + (t - s) d/ds u(x, s, t)) (N, C, H, W) at x of time s; v is x1 - x0 (or v~) in training,
         or the marginal velocity, for which the true average velocity is its own target."""
         duds = self.total_derivative(model, x, s, t, v, y, drop_mask)
@@ -292,12 +269,12 @@ class MeanFlow(AverageVelocityObjective):
     def loss(
         self,
         model: nn.Module,
-        x1: torch.Tensor,
-        y: torch.Tensor | None = None,
+        x1: Tensor,
+        y: Tensor | None = None,
         *,
-        x0: torch.Tensor | None = None,
-        s: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
+        x0: Tensor | None = None,
+        s: Tensor | None = None,
+        t: Tensor | None = None,
     ) -> LossTerms:
         """The loss for data x1 (N, C, H, W), labels y (N,) or None; the per-sample MSE and s go to LossTerms.
         model may be wrapped (DDP, torch.compile): the prediction goes through it, the target through the plain

@@ -10,12 +10,12 @@ from test_train import assert_same, tiny, weights
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
-from models import DiT, count_params, model_from_config
-from models.blocks import SwiGLU, apply_rope, make_norm, rope_angles, rope_tables, swiglu_width
+from models import DiT, ModelConfig, build_model, count_params, model_from_config
+from models.blocks import MLPS, NORMS, SwiGLU, apply_rope, rope_angles, rope_tables, swiglu_width
 from objectives.flow import FlowMatching, cosine_loss
 from sampling import Sampler
 from training.config import RECIPES
-from utils.config import ConfigError
+from utils.config import ConfigError, build_parser
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -72,11 +72,26 @@ def test_swiglu_has_the_gelu_mlps_weights_at_two_thirds_width():
 
 
 def test_rmsnorm_has_no_parameters_and_unit_root_mean_square():
-    norm = make_norm("rmsnorm", 64)
+    norm = NORMS["rmsnorm"](64)
     assert count_params(norm) == 0 and count_params(DiT(norm_type="rmsnorm")) == count_params(DiT())
     x = torch.randn(3, 7, 64) + 2.0
     assert torch.allclose(norm(x).square().mean(-1), torch.ones(3, 7), atol=1e-4)
-    assert not torch.allclose(norm(x), make_norm("layernorm", 64)(x), atol=1e-2)  # no mean subtracted
+    assert not torch.allclose(norm(x), NORMS["layernorm"](64)(x), atol=1e-2)  # no mean subtracted
+
+
+def test_a_block_registered_in_one_file_is_a_flag_choice_and_builds(monkeypatch):
+    class ReluMlp(torch.nn.Sequential):
+        def __init__(self, dim, hidden_dim):
+            super().__init__(torch.nn.Linear(dim, hidden_dim), torch.nn.ReLU(), torch.nn.Linear(hidden_dim, dim))
+
+    monkeypatch.setitem(MLPS, "relu", ReluMlp)
+    monkeypatch.setitem(NORMS, "identity", lambda dim: torch.nn.Identity())
+    args = build_parser(ModelConfig, "test", "").parse_args(["--mlp", "relu", "--norm", "identity"])
+    model = build_model(ModelConfig(**vars(args)), input_size=8, in_channels=1, num_classes=10)
+    assert isinstance(model.blocks[0].mlp, ReluMlp) and isinstance(model.final_layer.norm_final, torch.nn.Identity)
+    assert model.blocks[0].mlp[0].out_features == 4 * model.hidden_size
+    with pytest.raises(ConfigError, match="unknown mlp 'tanh'; choose from gelu, swiglu, relu"):
+        ModelConfig(mlp="tanh")
 
 
 def test_cosine_loss_is_zero_aligned_one_orthogonal_two_opposite():

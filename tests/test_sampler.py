@@ -237,7 +237,7 @@ def test_scale_one_runs_a_single_pass():
 
 def test_train_mode_model_samples_like_eval_and_keeps_its_mode():
     model = tiny_dit()
-    model.y_embedder.dropout_prob = 0.9  # label dropout must not act while sampling
+    model.class_dropout_prob = 0.9  # label dropout must not act while sampling
     ref = Sampler(model, steps=4).sample(6, seed=0)
     model.train()
     out = Sampler(model, steps=4).sample(6, seed=0)

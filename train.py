@@ -130,11 +130,13 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             ]
             print(f"resume: step {state['step']} of {state_path}; settings changed: {', '.join(changed) or 'none'}")
 
+    if cfg.vae and latent_space is None:
+        raise ConfigError(f"--vae decodes latents; --dataset {cfg.dataset} holds images")
     decoder = None
-    if latent_space is not None and (cfg.sample_every or cfg.fid_every):  # the diagnostics decode their samples
+    if latent_space is not None and (cfg.sample_every or cfg.fid_every or cfg.vae):  # the diagnostics decode samples
         try:
             with first_then_others(dist.local_rank == 0):  # one process per node downloads the VAE
-                decoder = LatentCodec.from_space(LatentSpace.from_dict(latent_space), device)
+                decoder = LatentCodec.from_space(LatentSpace.from_dict(latent_space), device, vae=cfg.vae)
         except VAEError as e:
             raise ConfigError(
                 f"{e} (sample grids and FID decode through it; --sample-every 0 --fid-every 0 train without it)"

@@ -192,3 +192,27 @@ def test_a_vae_folder_that_moved_is_named_without_hub_advice(tmp_path):
         text = str(e.value)
         assert text.startswith(f"the VAE folder {Path(name)} is not there") and "--vae" in text
         assert "huggingface-cli" not in text and "http" not in text
+
+
+def test_train_takes_the_vae_again_after_it_moved_and_reports_a_change_on_resume(world, tmp_path, capsys):
+    data = copy(world, tmp_path)
+    index = json.loads((data / "index.json").read_text())
+    index["latent_space"]["vae"] = str(tmp_path / "old/vae")  # where the VAE was when the latents were made
+    (data / "index.json").write_text(json.dumps(index))
+    moved, again = shutil.copytree(world / "vae", tmp_path / "vae"), shutil.copytree(world / "vae", tmp_path / "vae2")
+    run = tmp_path / "run"
+    cfg = latent_run(world, run, data_path=str(data), steps=3, sample_every=3)
+    capsys.readouterr()
+    assert train.cli(cli_args(cfg)) == 2
+    line = one_line(capsys.readouterr().err, "train.py")
+    assert f"the VAE folder {tmp_path / 'old/vae'} is not there" in line and "--vae" in line
+    assert "huggingface-cli" not in line and not run.exists()
+    assert train.cli([*cli_args(cfg), "--vae", str(tmp_path / "nowhere/vae"), "--sample-every", "0"]) == 2
+    assert "nowhere/vae is not there" in one_line(capsys.readouterr().err, "train.py") and not run.exists()
+    assert train.cli([*cli_args(cfg), "--vae", str(moved)]) == 0
+    assert (run / "samples/step0000003_cfg1.png").is_file()
+    assert json.loads((run / "config.json").read_text())["vae"] == str(moved)
+    capsys.readouterr()
+    assert train.cli([*cli_args(cfg), "--vae", str(again), "--steps", "6", "--resume", "auto"]) == 0
+    assert f"settings changed: --vae {moved} -> {again}, --steps 3 -> 6" in capsys.readouterr().out
+    assert (run / "samples/step0000006_cfg1.png").is_file()

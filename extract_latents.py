@@ -11,17 +11,13 @@ a diffusers id or a local folder; default SD-VAE ft-EMA, DiT's) and the posterio
 atomically, and so is the index, last, once every shard is there.
 
 A killed extraction continues from its complete shards when the same command runs again and ends with the same
-bytes as an uninterrupted one (each shard's batches start at its first image, so every shard is computed alike).
-Each shard's sha256 is taken from its bytes as they are written and recorded beside it (``data/latents.py``): a
-rerun keeps a shard only when it is whole (its size, and its sha256 when it changed since; ``--verify`` hashes
-every shard), encodes a damaged one again and writes the index from the records, reading no shard twice.
-OUT/extraction.json holds the settings; a folder of other settings is refused, and so is a second extraction into
-a folder in use (the lock of ``utils/runfolder.py``). Under torchrun process r encodes shards r, r + world_size,
-...; rank 0 writes the index. ``--normalization`` (config: the VAE's scaling factor; stats: per-channel mean and
-std of the latents) only changes the index, so running again with the other one rewrites the index without
-encoding anything. Exit codes: 0 done, 2 bad input (a missing or corrupt image, an empty folder, a VAE that
-cannot be loaded, a folder of other settings or in use, --out inside --data-path), 130 / 143 / 138 stopped by
-SIGINT / SIGTERM / SIGUSR1 (the complete shards are kept), 1 other failures.
+bytes as an uninterrupted one (each shard's batches start at its first image). A rerun keeps a shard only when its
+size and its sha256 (recorded when written; ``--verify`` hashes every shard again) are right, else encodes it
+again, and writes the index from the records. OUT/extraction.json holds the settings; a folder of other settings,
+or in use by another extraction (``utils/runfolder.py``'s lock), is refused. Under torchrun process r encodes
+shards r, r + world_size, ...; rank 0 writes the index. ``--normalization`` (config: the VAE's scaling factor;
+stats: per-channel mean and std) only changes the index. Exit codes: 0 done, 2 bad input, 130 / 143 / 138
+stopped by SIGINT / SIGTERM / SIGUSR1 (complete shards kept), 1 other failures.
 """
 
 from __future__ import annotations
@@ -97,17 +93,14 @@ STOP = Stop()
 class ExtractConfig(Config):
     """The settings of an extraction; those that change the bytes of a shard are checked on a rerun."""
 
-    data_path: str = arg(
-        None, "folder of class sub-folders of images (e.g. ImageNet's train/)", required=True, group="data"
-    )
+    data_path: str = arg(None, "folder of class sub-folders of images (ImageNet's train/)", required=True, group="data")
     out: str = arg(None, "folder for the shards and index.json", required=True)
     image_size: int = arg(256, "side of the centre crop in pixels (a multiple of the VAE's downsampling, 8)", min=8)
     vae: str = arg(DEFAULT_VAE, "diffusers AutoencoderKL: a hub id or a local folder (save_pretrained)", group="VAE")
     vae_revision: str | None = arg(None, "hub revision of --vae (default: the newest)")
     normalization: str = arg(
         "config",
-        "how training normalises the latents: config (the VAE's scaling_factor, "
-        "0.18215 for SD-VAE) or stats (per-channel mean and std of these latents, LightningDiT)",
+        "config (the VAE's scaling_factor) or stats (per-channel mean and std, LightningDiT)",
         choices=NORMALIZATIONS,
     )
     precision: str = arg("auto", "VAE precision: auto is bf16 on CUDA, fp32 elsewhere", choices=PRECISIONS)
@@ -117,32 +110,6 @@ class ExtractConfig(Config):
     device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
     progress: bool = arg(True, "show a progress bar")
     verify: bool = arg(False, "hash every shard already there against its record (else one unchanged since is trusted)")
-
-
-def settings_of(
-    cfg: ExtractConfig,
-    dataset: ImageFolderDataset,
-    vae: str,
-    revision: str | None,
-    latent_shape: tuple[int, ...],
-    precision: str,
-) -> dict[str, Any]:
-    """What a shard's bytes depend on (OUT/extraction.json); a rerun must have the same."""
-    return {
-        "format": FORMAT,
-        "source": str(Path(cfg.data_path).expanduser().resolve()),
-        "images": len(dataset),
-        "source_fingerprint": dataset.fingerprint(),
-        "image_size": cfg.image_size,
-        "preprocessing": PREPROCESSING,
-        "vae": vae,
-        "revision": revision,
-        "latent_shape": list(latent_shape),
-        "dtype": "float16",
-        "shard_size": cfg.shard_size,
-        "batch_size": cfg.batch_size,
-        "precision": precision,
-    }
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -322,7 +289,21 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling {f}")
     latent_shape = (int(vae.config.latent_channels), cfg.image_size // f, cfg.image_size // f)
     precision = resolve_precision(cfg.precision, device)
-    settings = settings_of(cfg, dataset, name, vae_revision(vae, name) or cfg.vae_revision, latent_shape, precision)
+    settings = {  # what a shard's bytes depend on (OUT/extraction.json): a rerun must have the same
+        "format": FORMAT,
+        "source": str(Path(cfg.data_path).expanduser().resolve()),
+        "images": len(dataset),
+        "source_fingerprint": dataset.fingerprint(),
+        "image_size": cfg.image_size,
+        "preprocessing": PREPROCESSING,
+        "vae": name,
+        "revision": vae_revision(vae, name) or cfg.vae_revision,
+        "latent_shape": list(latent_shape),
+        "dtype": "float16",
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+    }
     key = digest(settings)
     error: Exception | None = None
     if dist.is_main:

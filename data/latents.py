@@ -14,22 +14,11 @@ count, bytes, sha256), the source folder and its preprocessing, the latent stati
 and ``latent_space`` (``models.vae.LatentSpace``: VAE id and revision, image and latent shapes, and the shift and
 scale training applies, z = (z_vae - shift) * scale). Without a complete index the folder is not a dataset.
 
-Why the mean, twice, in float16: the posterior's std of SD-VAE is small beside its mean, so sampling it adds
-little beside the flow's own noise while storing it would double the size; both flips are kept instead (as
-LightningDiT does), and the training stream's per-epoch flip bit picks the view, from the training seed, so a
-resumed run reads exactly what the uninterrupted one would. ImageNet's 1,281,167 images at 256 px make 4 x 32 x
-32 latents: 1,281,167 x 2 views x 4,096 values x 2 bytes = 21.0 GB (42 GB with the std as well); float16 keeps
-11 significant bits where bfloat16 keeps 8, at the same size, and SD-VAE's latents (|z| < 60) are far inside its
-range.
-
-A shard's sha256 is taken once, from its bytes as they are written, and recorded beside it (``NAME.sha256``, as
-``sha256sum`` writes it). A shard whose file is no newer than that record is trusted unread; any other is hashed
-and checked before it is used (then its record is rewritten, so it is trusted from there on): training refuses a
-shard whose size or sha256 is not its index's, naming it, and a rerun of the extraction encodes it again.
-
-Training holds the set in memory (``in_memory``; on a GPU by default, 21 GB for ImageNet) or reads items from
-the memory-mapped shards (``--no-data-on-device``): the shards are mapped, never copied, so loader workers
-share the pages.
+The mean, twice (both flips), in float16: 21.0 GB for ImageNet at 256 px (docs/latents.md says why; float16 keeps 11
+significant bits to bfloat16's 8, and SD-VAE's |z| < 60 is far inside its range). Each shard's sha256 is taken once,
+from its bytes as written, and recorded beside it (``NAME.sha256``, sha256sum's format); a shard no newer than its
+record is trusted unread, any other hashed (then recorded again) before it is used.
+Training holds the set in memory (on a GPU by default) or reads the memory-mapped shards (``--no-data-on-device``).
 """
 
 from __future__ import annotations

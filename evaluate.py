@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from data import DATASETS, build_dataset
 from evaluation.fid import (
+    check_reference_statistics,
     compute_fid,
     extract_features,
     extractor_id,
@@ -43,10 +44,10 @@ from evaluation.fid import (
     reference_statistics,
 )
 from evaluation.images import to_uint8
-from sampling.sampler import Sampler, SamplingOptions, checkpoint_decoder, checkpoint_sample_method, sampling_options
+from sampling.sampler import Sampler, SamplingOptions, checkpoint_sample_method, sampling_options
 from sampling.solvers import ADAPTIVE
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
-from utils.config import ConfigError, arg, parse
+from utils.checkpoint import load_checkpoint
+from utils.config import ConfigError, arg, parse, script_exit
 from utils.device import resolve_device, resolve_precision
 from utils.io import atomic_write, write_json_atomic
 
@@ -94,6 +95,8 @@ class EvalConfig(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.decode:
+            raise ConfigError("--no-decode does not apply: FID scores images (sampler.py --no-decode writes latents)")
         if self.save_npz is not None and Path(self.save_npz).suffix != ".npz":
             raise ConfigError(f"--save-npz {self.save_npz} must end in .npz")
         if self.save_npz is not None and Path(self.save_npz).exists() and not self.overwrite:
@@ -128,6 +131,8 @@ def main(
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    if cfg.ref_stats is not None:  # checked before any work
+        check_reference_statistics(cfg.ref_stats, extractor, "--ref-stats")
     state = load_checkpoint(cfg.ckpt)
     method = cfg.method or checkpoint_sample_method(state)
     out_json = result_path(cfg, method, precision)
@@ -135,11 +140,11 @@ def main(
         raise ConfigError(f"{out_json} already exists; pass --overwrite to replace it (or choose --out-json)")
     dataset = cfg.dataset or state.get("config", {}).get("dataset", "cifar10")
     data_path = cfg.data_path or state.get("config", {}).get("data_path", "./datasets")
-    model = model_from_checkpoint(state, ema=cfg.ema, device=device)
-    space = state.get("latent_space")
-    decoder = checkpoint_decoder(state, device, cfg.vae)  # before the sampling: a missing VAE fails here
-    sampler = Sampler(model, decoder, latent=bool(space), **{**sampling_options(cfg), "method": method, "decode": True})
-    size, channels = (space["image_size"], space["image_channels"]) if space else (model.input_size, model.in_channels)
+    space = state.get("latent_space")  # a latent DiT's VAE loads here, before the sampling
+    sampler = Sampler.from_checkpoint(state, cfg.ema, device, cfg.vae, **sampling_options(cfg))
+    size, channels = (
+        (space["image_size"], space["image_channels"]) if space else (sampler.input_size, sampler.in_channels)
+    )
     real_set = None
     if cfg.ref_stats is None:  # the real set first: missing data fails before Inception is loaded (or downloaded)
         real_set = build_dataset(dataset, data_path, image_size=size, channels=channels, train=cfg.split == "train")
@@ -252,11 +257,11 @@ def main(
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """Entry point: known errors become one line on stderr and a non-zero exit."""
+    """Entry point: known errors become one line on stderr, exit 2 for bad input, 1 for a failed write."""
     try:
         main(parse_args(argv))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError, DataError and FIDError are ValueErrors
-        raise SystemExit(f"error: {e}") from None
+        raise script_exit("evaluate.py", e) from None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from data import DATASETS, BatchStream, DataError, build_dataset
+from evaluation.fid import check_reference_statistics
 from evaluation.monitor import Monitor
 from models import ModelConfig, build_model
 from models.vae import LatentCodec, LatentSpace, VAEError
@@ -344,6 +345,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     out, device = Path(cfg.out), dist.device
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
+    if cfg.fid_ref_stats:  # checked now, not at the first FID
+        check_reference_statistics(cfg.fid_ref_stats, fid_extractor, "--fid-ref-stats")
     state, state_path = resume_state(out, cfg.resume)
     foreign = state_path is not None and outside(state_path, out)  # a fork of another folder's run
     with first_then_others(dist.is_main):  # only one process downloads

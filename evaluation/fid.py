@@ -41,6 +41,7 @@ from tqdm import tqdm
 from data import ImageDataset, build_dataset
 from data.loader import usable_workers
 from sampling.sampler import Sampler, SamplingStopped, seeded_noise
+from utils.config import ConfigError
 from utils.device import module_device_dtype
 from utils.distributed import PeerError, all_reduce_, collective_device, is_initialized
 from utils.io import atomic_write
@@ -228,7 +229,7 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
         target = inception_weights_path()
         raise FIDError(
             f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "
-            f"and put it in {target.parent}/ as {target.name} (or pass its path with --inception-weights)"
+            f"and put it in {target.parent}/ as {target.name}"
         ) from None
     inception = metric.inception
     inception.num_features = INCEPTION_FEATURES
@@ -440,29 +441,68 @@ def real_statistics(
     return mu, sigma
 
 
+def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    """An npz file opened lazily (use it in a with block); a one-line FIDError when it is missing, a single array
+    (.npy) or not an npz at all."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FIDError(f"{path} not found")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # random bytes: numpy's own message suggests allow_pickle, which would run code
+        raise FIDError(f"{path} is not an npz file ({type(e).__name__})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise FIDError(f"{path} holds a single array (.npy), not an npz of named arrays")
+    return f
+
+
+def npz_statistics(
+    f: np.lib.npyio.NpzFile, path: str | os.PathLike, keys: tuple[str, str], dim: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D), float64, under ``keys`` of an open npz, checked: present and readable, D =
+    dim (when given), finite, the covariance symmetric and positive semi-definite up to round-off (relative 1e-5
+    and 1e-4 of its largest entry); a one-line FIDError naming what is wrong."""
+    m, s = keys
+    if missing := [k for k in keys if k not in f.files]:
+        raise FIDError(f"{path} holds no reference statistics ({', '.join(missing)} missing; it has {f.files})")
+    try:
+        mu, sigma = f[m].astype(np.float64), f[s].astype(np.float64)
+    except Exception as e:
+        raise FIDError(f"cannot read {m} and {s} of {path} ({type(e).__name__})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"{path}: {m} {mu.shape} and {s} {sigma.shape} are not a mean (D,) and its covariance (D, D)")
+    if dim is not None and mu.shape[0] != dim:
+        raise FIDError(f"{path} has {mu.shape[0]}-d statistics; the feature extractor gives {dim}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: {m} or {s} holds NaN or inf")
+    scale = np.abs(sigma).max()
+    if np.abs(sigma - sigma.T).max() > 1e-5 * scale:
+        raise FIDError(f"{path}: {s} is not symmetric, so not a covariance")
+    if (low := np.linalg.eigvalsh(sigma)[0]) < -1e-4 * scale:
+        raise FIDError(f"{path}: {s} has the eigenvalue {low:.3g} < 0, so it is not a covariance")
+    return mu, sigma
+
+
 def reference_statistics(
     path: str | os.PathLike, extractor: nn.Module | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma``, and what it is.
+    """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma`` (checked as
+    ``npz_statistics`` says; D that of ``extractor``, Inception's without one), and what the file is.
 
-    Takes the reference batches of ADM's evaluation suite (``VIRTUAL_imagenet256_labeled.npz``: its ``mu`` and
-    ``sigma`` are the pool features of the same TF Inception-v3 weights as ours, of 50k centre-cropped ImageNet
-    training images) and this module's own cache files. With ``extractor`` its feature size must match."""
-    path = Path(path).expanduser()
+    Takes ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: pool features of the same TF Inception-v3
+    weights, of 50k centre-cropped ImageNet training images) and this module's own cache files."""
+    dim = INCEPTION_FEATURES if extractor is None else getattr(extractor, "num_features", None)
+    with open_npz(path) as f:
+        mu, sigma = npz_statistics(f, path, ("mu", "sigma"), dim)
+        return mu, sigma, str(f["key"]) if "key" in f.files else f"{Path(path).name} (mu, sigma)"
+
+
+def check_reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None, flag: str = "") -> None:
+    """``reference_statistics``' checks at a script's start-up: a ConfigError (exit 2) naming the flag."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if "mu" not in f.files or "sigma" not in f.files:
-                raise FIDError(f"{path} holds no reference statistics (mu and sigma); it has {', '.join(f.files)}")
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            what = str(f["key"]) if "key" in f.files else f"{path.name} (mu, sigma)"
-    except (OSError, ValueError, EOFError) as e:
-        raise FIDError(f"cannot read reference statistics {path}: {type(e).__name__}: {e}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
-    dim = getattr(extractor, "num_features", None)
-    if dim is not None and mu.shape[0] != dim:
-        raise FIDError(f"{path} has {mu.shape[0]}-d statistics; the feature extractor gives {dim}")
-    return mu, sigma, what
+        reference_statistics(path, extractor)
+    except FIDError as e:
+        raise ConfigError(f"{flag} {e}".strip()) from None
 
 
 #################################################################################

@@ -31,17 +31,8 @@ from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, arg, parse, script_exit
 from utils.io import atomic_write
 
-__all__ = [
-    "Sampler",
-    "Samples",
-    "SamplingOptions",
-    "save_grid",
-    "save_npz",
-    "seeded_noise",
-    "time_grid",
-    "to_gif",
-    "to_uint8",
-]
+__all__ = ["Sampler", "Samples", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif"]
+__all__ += ["to_uint8"]
 
 
 @dataclass(kw_only=True)
@@ -97,19 +88,13 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     elif grid.exists() and not cfg.overwrite:
         raise ConfigError(f"{grid} already exists; pass --overwrite to replace it (or choose --out)")
     sampler = Sampler.from_checkpoint(state, ema=cfg.ema, device=cfg.device, vae=cfg.vae, **sampling_options(cfg))
+    o, result = sampler.options, {"method": sampler.options.method, "config": asdict(cfg)}
     if sampler.latent and not cfg.decode:
         out = sampler.generate(cfg.n, cfg.class_label, seed=cfg.seed, progress=True)
         arrays = {"latents": out.images.cpu().numpy(), "labels": out.labels.numpy() if out.labels is not None else []}
         atomic_write(cfg.npz, lambda f: np.savez(f, **arrays))
         print(f"{cfg.n} latents {tuple(out.images.shape[1:])}, NFE {out.nfe}: {cfg.npz}")
-        return {
-            "images": out.images.cpu(),
-            "labels": out.labels,
-            "nfe": out.nfe,
-            "method": sampler.options.method,
-            "precision": out.precision,
-            "config": asdict(cfg),
-        }
+        return result | {"images": out.images.cpu(), "labels": out.labels, "nfe": out.nfe, "precision": out.precision}
     kw: dict[str, Any] = dict(seed=cfg.seed, trajectory=cfg.gif is not None, progress=True)
     if cfg.each_class:
         out = sampler.generate_each_class(cfg.n, **kw)
@@ -127,17 +112,9 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     if cfg.npz is not None:
         save_npz(images, out.labels, cfg.npz)
         written.append(cfg.npz)
-    o = sampler.options
     how = o.method if o.method in ADAPTIVE else f"{o.method} on a {o.grid} grid"
     print(f"{len(images)} samples, {how}, NFE {out.nfe}, {out.precision} on {sampler.device}: {', '.join(written)}")
-    return {
-        "images": images,
-        "labels": out.labels,
-        "nfe": out.nfe,
-        "method": o.method,
-        "precision": out.precision,
-        "config": asdict(cfg),
-    }
+    return result | {"images": images, "labels": out.labels, "nfe": out.nfe, "precision": out.precision}
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

@@ -1,8 +1,7 @@
-"""Inception-v3 as published numbers use it: torch-fidelity's port of the TF 2015-12-05 weights, fed uint8 RGB (N, 3, H,
-W) and resized to 299 the TF-1 way (``antialias=False``: torchmetrics >= 1.8 antialiases by default, which departs from
-the original). Grayscale images are repeated to 3 channels; images in [0, 1] are rounded to uint8 like saved PNGs.
-Nothing here downloads except ``load_inception``, and only when the weights are not in torch.hub's cache; any module
-mapping uint8 (N, 3, H, W) to (N, D) can stand in for it (tests inject small ones)."""
+"""Inception-v3 as published numbers use it: torch-fidelity's port of the TF 2015-12-05 weights, fed uint8 RGB and
+resized to 299 the TF-1 way (``antialias=False``: torchmetrics >= 1.8 antialiases by default, unlike the original).
+Gray images are repeated to 3 channels, images in [0, 1] rounded to uint8 like saved PNGs. Any module mapping uint8
+(N, 3, H, W) to (N, D) can stand in for it (tests inject small ones); only ``load_inception`` downloads."""
 
 from __future__ import annotations
 

@@ -29,10 +29,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"frechet_distance needs means (D,) and covariances (D, D) of one D; got {mu1.shape}, "
-            f"{sigma1.shape}, {mu2.shape}, {sigma2.shape}"
-        )
+        shapes = f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}"
+        raise ValueError(f"frechet_distance needs means (D,) and covariances (D, D) of one D; got {shapes}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("frechet_distance got non-finite statistics (NaN or inf features?)")
     diff = mu1 - mu2
@@ -50,11 +48,8 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 class FeatureStats:
-    """Running float64 mean and covariance of features (N, D), added a batch at a time.
-
-    It keeps sums (count, sum of x, sum of x x^T), so statistics of disjoint sample sets combine by adding
-    them: ``merge_`` in one process, ``all_reduce_`` across the processes of a DDP run.
-    """
+    """Running float64 mean and covariance of features (N, D): sums of x and x x^T, so the statistics of disjoint
+    sets combine by adding them (``merge_`` in one process, ``all_reduce_`` across the processes of a DDP run)."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -92,10 +87,8 @@ class FeatureStats:
         return self
 
     def all_reduce_(self) -> FeatureStats:
-        """Sum count, sum and outer-product sum over every process, in float64 (in place; returns self).
-
-        A collective: every process must call it, also one that saw no features. A no-op in one process.
-        """
+        """Sum the sums over every process, in float64 (in place; returns self). A collective: every process calls
+        it, also one that saw no features; a no-op in one process."""
         if not is_initialized():
             return self
         device = collective_device()

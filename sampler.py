@@ -71,14 +71,12 @@ class SampleConfig(SamplingOptions):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
-    """Command-line flags -> SampleConfig."""
     return parse(SampleConfig, argv, "sampler.py", __doc__.split("\n\n")[0])
 
 
 def main(cfg: SampleConfig) -> dict[str, Any]:
-    """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on the CPU,
-    labels (N,) or None, the NFE, the resolved method and precision, and the config (method None there: the
-    checkpoint's objective's)."""
+    """Sample from cfg.ckpt and write the grid (and GIF / npz); returns images (N, C, H, W) in [0, 1] on the CPU, labels
+    (N,) or None, the NFE, the resolved method and precision, and the config."""
     state = load_checkpoint(cfg.ckpt)
     ckpt = Path(cfg.ckpt)
     grid = Path(cfg.out or (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "samples.png")
@@ -118,7 +116,7 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """Entry point: known errors become one line on stderr, exit 2 for bad input, 1 for a failed write."""
+    """Entry point: a known error is one line on stderr (exit 2: bad input, 1: a failed write)."""
     try:
         main(parse_args(argv))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError: ValueErrors

@@ -1,11 +1,10 @@
-"""Settings declared once: a dataclass field (``arg``) holds a setting's default, help text and bounds; the parser
-is built from the fields, and the values are checked when the config is made:
+"""Settings declared once, as dataclass fields whose defaults, help and bounds make the parser and the checks:
 
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
 
-gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError. A bool gives ``--name`` / ``--no-name``, a tuple
-takes several values. A field in ``nested`` holds the settings of a class that another field picks from a registry
-(``objective_args``, picked by ``--objective``): that class's fields become flags too, checked by the class.
+gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError; a bool gives ``--name`` / ``--no-name``. A field in
+``nested`` holds the settings of the class another field picks from a registry (``objective_args`` by ``--objective``),
+whose fields become flags too.
 """
 
 from __future__ import annotations
@@ -40,8 +39,8 @@ def arg(
     lt: float | None = None,
     **argparse_kwargs: Any,
 ) -> Any:
-    """A config field. ``choices`` may be a registry (a dict: its keys when the config is made, so names added later
-    count); ``group`` starts a titled section of --help that the following fields join; the rest go to argparse."""
+    """A config field. ``choices`` may be a registry (names added later count); ``group`` starts a section of --help
+    that the following fields join; the rest go to argparse."""
     bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
     metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=argparse_kwargs)
     return field(default=default, metadata=metadata)
@@ -51,8 +50,7 @@ def arg(
 class Config:
     """Base of every config: checks each field against its choices and bounds when the config is made."""
 
-    # {field: (selector field, registry)}: the field holds, as a dict, settings of registry[selector's value]
-    # (those given: the class's defaults fill in the rest).
+    # {field: (selector field, registry)}: the field holds the settings given of registry[selector's value] as a dict
     nested: ClassVar[dict[str, tuple[str, dict[str, type[Config]]]]] = {}
 
     def __post_init__(self) -> None:
@@ -86,7 +84,7 @@ class Config:
 
 
 def settings(cfg: Config) -> dict[str, Any]:
-    """A config's fields as a dict (flat: nested settings stay dicts)."""
+    """A config's fields as a dict (nested settings stay dicts)."""
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
 
 
@@ -94,8 +92,7 @@ C = TypeVar("C", bound=Config)
 
 
 def fill_unset(cfg: C, values: dict[str, Any]) -> C:
-    """cfg with its unset settings (None fields, nested settings not given) filled from values (train.py's
-    --recipe); values that fit neither (set explicitly, owned by another nested class) are left out."""
+    """cfg with its unset settings (None fields, nested settings not given) filled from values (train.py's --recipe)."""
     top = {k: v for k, v in values.items() if k in {f.name for f in fields(cfg)} and getattr(cfg, k) is None}
     for name, (key, registry) in cfg.nested.items():
         given, own = getattr(cfg, name), {f.name for f in fields(registry[getattr(cfg, key)])}
@@ -104,7 +101,6 @@ def fill_unset(cfg: C, values: dict[str, Any]) -> C:
 
 
 def build_parser(cls: type[Config], prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of cls (``--field-name``), defaults from the fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_fields(parser, cls)
     return parser
@@ -146,9 +142,8 @@ def parse(
     description: str,
     presets: dict[str, dict[str, Any]] | None = None,
 ) -> C:
-    """Flags -> cls; ``--preset NAME`` sets defaults that explicit flags override. Two passes: the selector of a nested
-    class (and the preset) first, then every flag. argparse exits (status 2) on a malformed or unknown flag; a value
-    out of range raises ConfigError."""
+    """Flags -> cls; ``--preset NAME`` sets defaults that flags override. Two passes: the selector of a nested class
+    (and the preset) first, then every flag."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset")
     defaults = (presets or {}).get(first.parse_known_args(argv)[0].preset, {})
@@ -194,8 +189,8 @@ def flag_values(cfg: Config) -> list[str]:
 
 
 def script_exit(prog: str, error: Exception) -> SystemExit:
-    """What a script's ``cli`` raises for a known error: its one line printed on stderr, exit status 2 for bad input
-    (a ValueError, as argparse and train.py), 1 for a failed read or write (OSError); str() of it is the line."""
+    """What a script's ``cli`` raises for a known error, printed as one line: exit 2 for bad input (a ValueError), 1
+    for a failed read or write (OSError)."""
     line = "error: " + " ".join(str(error).split())
     print(f"{prog}: {line}", file=sys.stderr)
     done = SystemExit(2 if isinstance(error, ValueError) else 1)

@@ -5,9 +5,6 @@ ADM sample batch; docs/evaluation.md reproduces a paper's table.
     torchrun --nproc_per_node 8 evaluate.py --ckpt runs/imagenet256-xl2/checkpoints/last.pt --cfg-scale 1.5 \\
         --steps 250 --ref-batch VIRTUAL_imagenet256_labeled.npz --save-npz samples50k.npz
     python evaluate.py --samples samples50k.npz --ref-batch VIRTUAL_imagenet256_labeled.npz
-
-Every process draws its shards (``evaluation/shards.py``: the same command continues a stopped run to the same bytes);
-the main process writes the ADM npz and the JSON of the numbers and every setting.
 """
 
 from __future__ import annotations
@@ -124,10 +121,9 @@ def main(
     (uint8 (N, 3, H, W) -> (N, D)) replace Inception's pool, logits and spatial features; a metric without one is
     left out."""
     t_start, dist = time.perf_counter(), init_distributed(cfg.device)
+    given = {"pool": extractor, "logits": logits_extractor, "spatial": spatial_extractor}
     try:
-        return evaluate(
-            cfg, dist, {"pool": extractor, "logits": logits_extractor, "spatial": spatial_extractor}, t_start
-        )
+        return evaluate(cfg, dist, given, t_start)
     finally:
         cleanup()
 

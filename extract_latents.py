@@ -51,7 +51,7 @@ from models.vae import (
     load_autoencoder,
     vae_revision,
 )
-from utils.config import Config, ConfigError, arg, parse
+from utils.config import Config, ConfigError, arg, parse, script_exit
 from utils.device import PRECISIONS, resolve_precision
 from utils.distributed import PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
@@ -200,14 +200,9 @@ def write_index(
         count = int(map_tensor(path, "labels", np.int64).shape[0])
         total, total_sq = total + np.asarray(s), total_sq + np.asarray(sq)
         values += count * 2 * math.prod(settings["latent_shape"][1:])
+        sha256 = recorded_digest(path)[0] or file_sha256(path)  # checked by kept_shards, or just written
         shards.append(
-            {
-                "file": path.name,
-                "first": k * cfg.shard_size,
-                "count": count,
-                "bytes": path.stat().st_size,
-                "sha256": recorded_digest(path)[0] or file_sha256(path),  # checked by kept_shards or just written
-            }
+            dict(file=path.name, first=k * cfg.shard_size, count=count, bytes=path.stat().st_size, sha256=sha256)
         )
     mean = total / values
     std = np.sqrt(np.maximum(total_sq / values - mean**2, 0.0))
@@ -342,22 +337,16 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(parse_args(argv))
     except SetupInterrupted as e:
+        kept = "the complete shards are kept: run the same command again to continue"
         if rank0:
-            print(
-                f"extract_latents.py: stopped by {e}; the complete shards are kept: run the same command again to "
-                "continue",
-                file=sys.stderr,
-            )
+            print(f"extract_latents.py: stopped by {e}; {kept}", file=sys.stderr)
         return EXIT_CODES[e.signum]
-    except (ConfigError, DataError, VAEError) as e:
-        if rank0 or not isinstance(e, ConfigError):
-            print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     except PeerError:
         return 1
-    except OSError as e:
-        print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataError, VAEError, OSError) as e:  # a ConfigError is the same on every rank: rank 0 says it
+        if rank0 or not isinstance(e, ConfigError):
+            return script_exit("extract_latents.py", e).code
+        return 2
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

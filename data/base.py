@@ -1,8 +1,6 @@
-"""The dataset interface (``ImageDataset``), its in-memory form (``TensorImageDataset``) and DataError.
-
-Items are un-augmented (uint8 image (C, H, W), int label) and ``training_batch`` flips and scales a batch on the
-device, so the same dataset gives the real images of FID. Datasets whose items are not images (``data/latents.py``)
-also answer ``native_size``, ``latent_space`` and ``fid_images``.
+"""The dataset interface (``ImageDataset``), its in-memory form (``TensorImageDataset``) and DataError. Items are
+un-augmented (uint8 image (C, H, W), int label) and ``training_batch`` flips and scales a batch on the device, so the
+same dataset gives the real images of FID.
 """
 
 from __future__ import annotations

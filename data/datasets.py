@@ -94,8 +94,7 @@ def build_dataset(
     train: bool = True,
     download: bool = True,
 ) -> ImageDataset:
-    """The un-augmented dataset ``name`` (a key of DATASETS); DataError for missing or unreadable data or settings
-    that do not fit it."""
+    """The un-augmented dataset ``name``; DataError for missing or unreadable data or settings that do not fit it."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if channels not in (1, 3):

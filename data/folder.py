@@ -1,9 +1,7 @@
 """A folder with one sub-folder of images per class (sorted names give the labels; names starting with "." are
-skipped), centre-cropped as ADM and DiT do (``center_crop_arr``), so FID statistics match the published protocol.
-
-16-bit and float gray images are scaled to 8 bits, never clipped as PIL would. A link to a directory inside a class
-is followed only when it leads outside every class folder, and each real directory is scanned once per class: no
-loops, no image counted twice or under another label.
+skipped), centre-cropped as ADM and DiT do. 16-bit and float gray images are scaled to 8 bits, never clipped as PIL
+would. A link to a directory inside a class is followed only when it leads outside every class folder, and each real
+directory is scanned once per class: no loops, no image counted twice or under another label.
 """
 
 from __future__ import annotations
@@ -141,13 +139,9 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             "(a single sub-folder for unlabelled data)"
         )
     reals = [Path(os.path.realpath(root / name)) for name in classes]
-    samples: list[tuple[str, int]] = []
-    empty = []
-    for label, name in enumerate(classes):
-        found = _class_images(root / name, reals[label], reals)
-        if not found:
-            empty.append(name)
-        samples.extend((path, label) for path in found)
+    found = [_class_images(root / name, real, reals) for name, real in zip(classes, reals, strict=True)]
+    samples = [(path, label) for label, paths in enumerate(found) for path in paths]
+    empty = [name for name, paths in zip(classes, found, strict=True) if not paths]
     if len(empty) == len(classes):
         raise DataError(f"image folder {root} has no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     if empty:

@@ -3,11 +3,10 @@
 Shard k (``shard-0000k.safetensors``) holds images k * shard_size ... of the source folder in its sorted order:
 ``latents`` float16 (n, 2, C, h, w), the unnormalised VAE posterior mean of each image (view 0) and of its mirror
 (view 1); ``labels`` int64 (n,); ``sum``, ``sum_sq`` float64 (C,) over both views, merged into the index's statistics.
-Its metadata hold the digest of the extraction settings, so shards of other settings never mix. Its sha256, taken
-from the bytes as written, is recorded beside it (``NAME.sha256``, sha256sum's format); a shard newer than its record
-is hashed again before use. ``index.json``, written last, lists the shards (file, first, count, bytes, sha256), the
-classes, the source, the statistics and ``latent_space`` (``models.vae.LatentSpace``); without it the folder is not a
-dataset. float16 keeps 11 significant bits to bfloat16's 8, and SD-VAE's |z| < 60 is far inside its range.
+Its metadata hold the digest of the extraction settings, so shards of other settings never mix; its sha256 is
+recorded beside it (``NAME.sha256``). ``index.json``, written last, lists the shards (file, first, count, bytes,
+sha256), the classes, the source, the statistics and ``latent_space`` (``models.vae.LatentSpace``); without it the
+folder is not a dataset.
 """
 
 from __future__ import annotations
@@ -136,8 +135,7 @@ def read_index(root: Path) -> dict[str, Any]:
 
 
 class LatentDataset(ImageDataset):
-    """The latents of an ``extract_latents.py`` folder: items (float16 (2, C, h, w): the image's and its mirror's
-    latents, label), training batches float32 (B, C, h, w) normalised as the index says."""
+    """An extraction's latents: items (float16 (2, C, h, w) of the image and of its mirror, label)."""
 
     in_memory = True  # ImageNet's 21 GB fit on a training GPU; --no-data-on-device reads the mapped shards
 

@@ -72,8 +72,7 @@ def read_images(path: str | os.PathLike, batch_size: int = 250) -> Iterator[np.n
 
 
 def write_batch(path: str | os.PathLike, images: Iterable[np.ndarray], count: int, labels: np.ndarray) -> None:
-    """Write a sample batch of ``count`` images from batches (b, H, W, 3) uint8 and labels (N,), streamed, atomically,
-    the same bytes for the same arrays."""
+    """Write ``count`` images from batches (b, H, W, 3) uint8 and labels (N,) as a batch, same arrays, same bytes."""
 
     def write(f: IO[bytes]) -> None:
         with zipfile.ZipFile(f, "w", allowZip64=True) as z:
@@ -90,8 +89,7 @@ def write_batch(path: str | os.PathLike, images: Iterable[np.ndarray], count: in
 
 
 def check_reference(path: str | os.PathLike, metrics: Iterable[str], dims: dict[str, int | None]) -> dict[str, Any]:
-    """{metric: (mu, sigma)} of the statistics a reference batch holds, checked before any work; a metric without
-    them (and precision/recall) needs its images ``arr_0``."""
+    """{metric: (mu, sigma)} a reference batch holds, checked; a metric without them (or pr) needs its images arr_0."""
     with open_npz(path) as f:
         files = set(f.files)
         found = {

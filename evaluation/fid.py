@@ -35,11 +35,9 @@ STATS_VERSION = 1  # bump when the way statistics are computed changes, so old c
 
 def dataset_fingerprint(dataset: ImageDataset) -> str:
     """The dataset's content hash, the data part of the cache key."""
-    try:
-        fingerprint = dataset.fingerprint
-    except AttributeError:
-        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache") from None
-    return fingerprint()
+    if not hasattr(dataset, "fingerprint"):
+        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache")
+    return dataset.fingerprint()
 
 
 @torch.no_grad()
@@ -62,16 +60,15 @@ def dataset_statistics(
     indices = None if n == n_total else torch.randperm(n_total, generator=torch.Generator().manual_seed(0))[:n]
     extractor.eval()
     stats = FeatureStats()
-    bar = tqdm(total=n, desc="FID real images", unit="img", disable=not progress, dynamic_ncols=True)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
     workers = 0 if dataset.in_memory else usable_workers(num_workers)  # workers would only copy what is in memory
-    for images, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers):
-        if should_stop is not None and should_stop():
-            bar.close()
-            raise SamplingStopped(f"stopped after {stats.count} of {n} real images")
-        stats.update(extract_features(extractor, images))
-        bar.update(images.shape[0])
-    bar.close()
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers)
+    with tqdm(total=n, desc="FID real images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for images, _ in loader:
+            if should_stop is not None and should_stop():  # a training run's stop request
+                raise SamplingStopped(f"stopped after {stats.count} of {n} real images")
+            stats.update(extract_features(extractor, images))
+            bar.update(images.shape[0])
     return stats.mean_cov()
 
 
@@ -96,8 +93,7 @@ def real_statistics(
     """``dataset_statistics`` of the real set (``dataset`` or a fresh ``build_dataset``), cached (default
     $XDG_CACHE_HOME/dit/fid_stats); ``info`` gets the cache path, whether it was a hit, the count and the extractor."""
     if dataset is None:
-        train = split == "train"
-        dataset = build_dataset(dataset_name, root, image_size, channels, train=train, download=download)
+        dataset = build_dataset(dataset_name, root, image_size, channels, train=split == "train", download=download)
     n = len(dataset) if num_images is None else int(num_images)
     key = {"version": STATS_VERSION, "dataset": dataset_name, "split": split, "image_size": int(image_size)}
     key |= {"channels": int(channels), "data": dataset_fingerprint(dataset), "extractor": extractor_id(extractor)}
@@ -168,8 +164,7 @@ def npz_statistics(
 def reference_statistics(
     path: str | os.PathLike, extractor: nn.Module | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """``mu`` and ``sigma`` of an npz (ADM's reference batch or a cache file of this module), checked for extractor's
-    D, and what the file is."""
+    """``mu``, ``sigma`` (D: the extractor's) of ADM's reference batch or a cache file, and what the file is."""
     dim = INCEPTION_FEATURES if extractor is None else getattr(extractor, "num_features", None)
     with open_npz(path) as f:
         mu, sigma = npz_statistics(f, path, ("mu", "sigma"), dim)

@@ -23,8 +23,7 @@ SUITE_FEATURES = {"pool": INCEPTION_FEATURES, "spatial": 7 * 17 * 17}  # Incepti
 
 
 def load_inception(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """torchmetrics' FID Inception-v3 (uint8 (N, 3, H, W) -> pool features (N, 2048)) from ``weights_path`` or
-    torch.hub's cache (downloaded on first use); a FIDError says where to put the weights."""
+    """torchmetrics' Inception-v3, uint8 (N, 3, H, W) -> (N, 2048); a FIDError says where to put missing weights."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     if weights_path is not None:
@@ -114,8 +113,7 @@ def extractor_id(extractor: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     parts = [type(extractor).__module__ + "." + type(extractor).__qualname__]
-    for attr in ("features_list", "use_antialias", "INPUT_IMAGE_SIZE"):  # torchmetrics' Inception options
-        if hasattr(extractor, attr):
-            parts.append(f"{attr}={getattr(extractor, attr)}")
+    options = ("features_list", "use_antialias", "INPUT_IMAGE_SIZE")  # torchmetrics' Inception options
+    parts += [f"{attr}={getattr(extractor, attr)}" for attr in options if hasattr(extractor, attr)]
     parts.append(h.hexdigest()[:16])
     return ",".join(parts)

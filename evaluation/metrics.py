@@ -8,6 +8,8 @@ import torch
 
 from utils.distributed import all_reduce_, collective_device, is_initialized
 
+Array = torch.Tensor | np.ndarray
+
 
 class FIDError(ValueError):
     """FID cannot be computed: weights unavailable, too few images, or settings that do not fit."""
@@ -38,8 +40,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 class FeatureStats:
-    """Running float64 mean and covariance of features (N, D): sums of x and x x^T, so the statistics of disjoint
-    sets combine by adding them (``all_reduce_`` across the processes of a DDP run)."""
+    """Running float64 sums of x and x x^T of features (N, D): disjoint sets combine by adding them."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -91,8 +92,7 @@ class FeatureStats:
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (Salimans et al. 2016) of class logits (N, K): exp(E_x KL(p(y|x) || p(y))) on each of
-    ``splits`` equal parts, float64; returns the mean and standard deviation over the parts, as torch-fidelity."""
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) of logits (N, K): mean, std of the parts."""
     p = torch.softmax(logits.double(), dim=1)
     log_p = torch.log_softmax(logits.double(), dim=1)
     scores = []
@@ -121,17 +121,12 @@ def knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def precision_recall(
-    real_features: torch.Tensor | np.ndarray,
-    fake_features: torch.Tensor | np.ndarray,
-    k: int = 3,
-    batch_size: int = 4096,
-) -> tuple[float, float]:
+def precision_recall(real: Array, fake: Array, k: int = 3, batch_size: int = 4096) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of fake (M, D) against real (N, D) features, as ADM's
     evaluator computes them, in float32 or float64. A set's manifold is the union of balls around its points, each of
     radius the distance to the point's k-th nearest neighbour in its set; precision is the fraction of fake points in
     the real manifold, recall of real points in the fake one. Blocks of batch_size rows bound the memory."""
-    real, fake = torch.as_tensor(real_features), torch.as_tensor(fake_features)
+    real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     dtype = torch.promote_types(real.dtype, torch.float32)
     real, fake = real.to(dtype), fake.to(real.device, dtype)
     real_radii, fake_radii = knn_radii(real, k, batch_size), knn_radii(fake, k, batch_size)

@@ -107,8 +107,7 @@ def config_normalization(vae: nn.Module) -> tuple[list[float], list[float]]:
 
 
 class LatentCodec:
-    """A VAE with a normalisation, run in chunks of batch_size; precision "auto": bf16 autocast on CUDA (several times
-    faster convolutions), else float32."""
+    """A VAE with a normalisation, run in chunks of batch_size; precision "auto" is bf16 autocast on CUDA."""
 
     def __init__(
         self,
@@ -157,10 +156,6 @@ class LatentCodec:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) posterior means (N, C', H/f, W/f) float32 of images (N, C, H, W) in [-1, 1]."""
         return self._run(lambda x: self.vae.encode(x).latent_dist.mean, images)
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> the DiT's: (z - shift) * scale, float32."""
-        return (z.float() - self.shift.to(z.device)) * self.scale.to(z.device)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -27,22 +27,11 @@ class ConfigError(ValueError):
 BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
-def arg(
-    default: Any,
-    help: str,
-    *,
-    choices: Collection[Any] | None = None,
-    group: str | None = None,
-    min: float | None = None,
-    max: float | None = None,
-    gt: float | None = None,
-    lt: float | None = None,
-    **argparse_kwargs: Any,
-) -> Any:
+def arg(default: Any, help: str, *, choices: Collection[Any] | None = None, group: str | None = None, **kw: Any) -> Any:
     """A config field. ``choices`` may be a registry (names added later count); ``group`` starts a section of --help
-    that the following fields join; the rest go to argparse."""
-    bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
-    metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=argparse_kwargs)
+    that the following fields join; ``min``, ``max``, ``gt`` and ``lt`` bound the value; the rest go to argparse."""
+    bounds = {k: v for k in BOUNDS if (v := kw.pop(k, None)) is not None}
+    metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=kw)
     return field(default=default, metadata=metadata)
 
 
@@ -142,8 +131,7 @@ def parse(
     description: str,
     presets: dict[str, dict[str, Any]] | None = None,
 ) -> C:
-    """Flags -> cls; ``--preset NAME`` sets defaults that flags override. Two passes: the selector of a nested class
-    (and the preset) first, then every flag."""
+    """Flags -> cls, in two passes: a nested class's selector and ``--preset`` (which flags override) first."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset")
     defaults = (presets or {}).get(first.parse_known_args(argv)[0].preset, {})
@@ -189,8 +177,7 @@ def flag_values(cfg: Config) -> list[str]:
 
 
 def script_exit(prog: str, error: Exception) -> SystemExit:
-    """What a script's ``cli`` raises for a known error, printed as one line: exit 2 for bad input (a ValueError), 1
-    for a failed read or write (OSError)."""
+    """Print a known error as one line; the SystemExit to raise: 2 for bad input (ValueError), 1 for an OSError."""
     line = "error: " + " ".join(str(error).split())
     print(f"{prog}: {line}", file=sys.stderr)
     done = SystemExit(2 if isinstance(error, ValueError) else 1)

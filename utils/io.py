@@ -40,18 +40,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         if isinstance(e, OSError) and e.errno is not None and e.filename is None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # the rename itself made durable (POSIX; Windows cannot open folders)
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+    return path
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:

@@ -21,8 +21,7 @@ from utils.runlog import warn
 
 LOCK_NAME = ".lock"
 LAST_CHECKPOINT = Path("checkpoints", "last.pt")  # what --resume continues from, relative to OUT
-RUN_FILES = ("config.json", "metrics.jsonl")
-RUN_FILE_PATTERNS = ("config-resume-*.json",)
+RUN_FILES = ("config.json", "metrics.jsonl", "config-resume-*.json")  # glob patterns
 RUN_FOLDERS = ("checkpoints", "samples", "wandb")  # a run's when they hold any file
 # What utils.io.atomic_write leaves when killed mid-write (".NAME.RANDOM.tmp") and the hard link that points
 # last.pt at a numbered checkpoint (".last.pt.PID.link"), in the folders train.py writes.
@@ -125,8 +124,7 @@ def run_files(out: Path) -> list[str]:
     """The names of the files and folders in out that belong to a run."""
     if not out.is_dir():
         return []
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    found += sorted(p.name for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern))
+    found = [p.name for pattern in RUN_FILES for p in sorted(out.glob(pattern))]
     found += [f"{name}/" for name in RUN_FOLDERS if (out / name).is_dir() and any((out / name).rglob("*"))]
     return found
 
@@ -147,11 +145,9 @@ def hold_run_folder(out: Path, is_main: bool) -> Iterator[FolderLock | None]:
             remove_stale_temporaries(out)
         except (RunFolderError, OSError) as e:
             error = e
-    if not all_ok(error is None):
-        if lock is not None:
-            lock.release()
-        raise error or PeerError(f"rank 0 could not take the run folder {out}")
     try:
+        if not all_ok(error is None):
+            raise error or PeerError(f"rank 0 could not take the run folder {out}")
         yield lock
     finally:
         if lock is not None:

@@ -48,8 +48,7 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
 
 
 class RunLogger:
-    """One run's scalars and media, to wandb and OUT/metrics.jsonl; 'online' without credentials logs offline. Rows
-    after ``start_step`` (of a run that died after its checkpoint) are dropped from metrics.jsonl."""
+    """One run's scalars and media to wandb and OUT/metrics.jsonl, whose rows after ``start_step`` are dropped."""
 
     def __init__(
         self,
@@ -100,13 +99,9 @@ class RunLogger:
             return
         self.mode, self.run_id = attempt, self.run.id
         if self.mode == "offline":
-            print(f"wandb: offline run in {self.wandb_dir}; upload it later with:", flush=True)
-            print(f"wandb:   wandb sync {self.wandb_dir}", flush=True)
-
-    @property
-    def wandb_dir(self) -> Path | None:
-        """The wandb run folder, or None without wandb."""
-        return Path(self.run.dir).parent if self.run is not None else None
+            folder = Path(self.run.dir).parent
+            print(f"wandb: offline run in {folder}; upload it later with:", flush=True)
+            print(f"wandb:   wandb sync {folder}", flush=True)
 
     def _guard(self, kind: str, fn) -> None:
         try:

@@ -53,7 +53,7 @@ from models.vae import (
 )
 from utils.config import Config, ConfigError, arg, parse, script_exit
 from utils.device import PRECISIONS, resolve_precision
-from utils.distributed import PeerError, all_ok, cleanup, first_then_others, init_distributed
+from utils.distributed import DistInfo, PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
 from utils.preemption import EXIT_CODES, SetupInterrupted
 from utils.runfolder import LOCK_NAME, hold_run_folder
@@ -253,7 +253,7 @@ def main(cfg: ExtractConfig) -> dict[str, Any]:
         cleanup()
 
 
-def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
+def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
     out, device = Path(cfg.out).expanduser(), dist.device
     dataset = ImageFolderDataset(Path(cfg.data_path).expanduser(), cfg.image_size, 3)  # DataError: empty, missing
     local = Path(cfg.vae).expanduser()
@@ -309,9 +309,7 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
     except (DataError, OSError) as e:
         error = e
     if not all_ok(error is None):
-        if error is not None:
-            raise error
-        raise PeerError("another process failed")
+        raise error or PeerError("another process failed")
     index = None
     if dist.is_main:
         index = write_index(out, cfg, settings, dataset.classes, vae, num_shards)

@@ -24,7 +24,6 @@ from data.loader import usable_workers
 from evaluation.inception import INCEPTION_FEATURES, extract_features, extractor_id
 from evaluation.inception import load_inception as load_inception  # where evaluation.monitor finds it
 from evaluation.metrics import FeatureStats, FIDError, frechet_distance
-from evaluation.metrics import inception_score as inception_score
 from sampling.sampler import Sampler, SamplingStopped, seeded_noise
 from utils.config import ConfigError
 from utils.distributed import PeerError, all_reduce_, collective_device

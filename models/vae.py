@@ -9,7 +9,6 @@ extracted latents, flips included (LightningDiT). diffusers is imported only whe
 
 from __future__ import annotations
 
-import contextlib
 import os
 import textwrap
 from collections.abc import Sequence
@@ -145,12 +144,8 @@ class LatentCodec:
         return cls(model, space.shift, space.scale, batch_size, precision)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
-        out = []
-        bf16 = self.precision == "bf16"
-        for part in x.split(self.batch_size):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                out.append(fn(part.to(self.device, torch.float32)).float())
-        return torch.cat(out)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return torch.cat([fn(part.to(self.device, torch.float32)).float() for part in x.split(self.batch_size)])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

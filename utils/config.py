@@ -65,8 +65,7 @@ class Config:
         for name, (key, registry) in self.nested.items():
             given = {k: tuple(v) if isinstance(v, list) else v for k, v in (getattr(self, name) or {}).items()}
             chosen = registry[getattr(self, key)]
-            unknown = sorted(set(given) - {f.name for f in fields(chosen)})
-            if unknown:
+            if unknown := sorted(set(given) - {f.name for f in fields(chosen)}):
                 raise ConfigError(f"{key} {getattr(self, key)!r} has no setting {', '.join(unknown)}")
             chosen(**given)  # its own checks; the settings stay as given (train.py records them resolved)
             setattr(self, name, given)
@@ -100,14 +99,13 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], title: str | 
     hints = typing.get_type_hints(cls)
     group: Any = parser.add_argument_group(title) if title else parser
     for f in fields(cls):
-        if not f.metadata:
+        if not (meta := f.metadata):
             continue
-        meta = f.metadata
         if meta["group"] and not title:
             group = parser.add_argument_group(meta["group"])
         kind = hints[f.name]
-        kwargs: dict[str, Any] = dict(help=meta["help"], choices=meta["choices"], **meta["argparse"])
-        if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
+        kwargs: dict[str, Any] = dict(help=meta["help"], choices=meta["choices"], default=f.default, **meta["argparse"])
+        if f.default is not None and kind is not bool:  # every field has a default: arg() gives one
             kwargs["help"] += " (default %(default)s)"
         if kind in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -117,10 +115,6 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], title: str | 
             kwargs["type"] = item
         else:
             kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 

@@ -104,16 +104,11 @@ class FolderLock:
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
     """Delete the temporary files of killed writes (holding the lock: no live writer owns them); returns them."""
-    removed, size = [], 0
-    for sub in TEMPORARY_FOLDERS:
-        folder = out / sub
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if TEMPORARY.fullmatch(path.name) and path.is_file():
-                size += path.stat().st_size
-                path.unlink()
-                removed.append(path)
+    folders = [out / sub for sub in TEMPORARY_FOLDERS if (out / sub).is_dir()]
+    removed = [p for folder in folders for p in sorted(folder.iterdir()) if TEMPORARY.fullmatch(p.name) and p.is_file()]
+    size = sum(p.stat().st_size for p in removed)
+    for path in removed:
+        path.unlink()
     if removed:
         names, mib = ", ".join(str(p.relative_to(out)) for p in removed), f"{size / 2**20:.1f} MiB"
         print(f"removed {len(removed)} temporary file(s) of writes that a killed run left ({mib}): {names}", flush=True)

@@ -33,20 +33,13 @@ from utils.device import unwrap_model
 OPTIONAL_KEYS = ("latent_space", "sample_method")  # written by later versions; older checkpoints lack them
 # Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
 RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe")
-# The flag of each DiT argument that a flag sets (the others follow from the data or the objective).
+# The flag that sets a DiT argument, where it is not the argument's own name (--hidden-size for hidden_size).
 MODEL_FLAGS = {
-    "hidden_size": "--hidden-size",
-    "depth": "--depth",
-    "num_heads": "--num-heads",
     "patch_size": "--model",
     "mlp_ratio": "--model",
     "class_dropout_prob": "--class-dropout",
-    "num_registers": "--num-registers",
-    "qk_norm": "--qk-norm",
     "mlp_type": "--mlp",
     "norm_type": "--norm",
-    "rope": "--rope",
-    "class_tokens": "--class-tokens",
     "input_size": "--image-size",
     "in_channels": "--channels",
     "num_classes": "--dataset",
@@ -115,7 +108,7 @@ def check_resume(
         raise CheckpointError(f"--resume: the checkpoint holds weights only, not a training state (no {missing[0]})")
     old_model = upgraded_config(state["model_config"])  # a checkpoint of an older version compares in today's terms
     if old_model != model_config:
-        diff = differences(old_model, model_config, lambda k: MODEL_FLAGS.get(k, k))
+        diff = differences(old_model, model_config, lambda k: MODEL_FLAGS.get(k, "--" + k.replace("_", "-")))
         raise ConfigError(f"--resume: the checkpoint's model differs from this run's: {diff}")
     bad = [
         f"{flag} {a} -> {b}"

@@ -1,15 +1,13 @@
-"""Import a published flow checkpoint in DiT's network layout as a checkpoint of this project.
+"""Import a published flow network in DiT's layout as a checkpoint of this project (docs/published.md).
 
     python import_weights.py sit SiT-XL-2-256x256.pt --out sit-xl2.pt      # willisma/SiT
     python import_weights.py repa last.pt --out repa-xl2.pt                # sihyun-yu/REPA, 4M iterations
-    python sampler.py --ckpt sit-xl2.pt --steps 250 --cfg-scale 1.5        # its SDE, guidance on 3 channels
+    python sampler.py --ckpt sit-xl2.pt --steps 250 --cfg-scale 1.5 --n 16 # its SDE, guidance on 3 channels
 
-The size (hidden, depth, patch, input size, classes, learned sigma, MLP ratio) is read from the tensors, the heads
-from the hidden size of a named DiT size (or --num-heads). The format is named, not guessed: SiT's tensors are
-those of DiT's epsilon networks, which need a DDPM sampler (``dit`` is refused); the one hint, trained learned-sigma
-outputs (SiT never trains them), is reported. SiT's time is this project's (t = 0 noise, t = 1 data), embedded
-unscaled; REPA's runs the other way, so its network is built with ``reverse_time``. The checkpoint records the
-SD-VAE, the published sampling protocol and the source file; docs/published.md has the commands and numbers.
+The size is read from the tensors, the heads from DiT's size of that hidden width (or --num-heads). The format is
+named, not guessed: DiT's epsilon networks have SiT's tensors (``dit`` is refused; trained learned-sigma outputs, which
+SiT never trains, are reported). REPA's time runs from data to noise: its network is built with ``reverse_time``.
+The checkpoint records the SD-VAE, the published sampling protocol and the source file.
 """
 
 from __future__ import annotations
@@ -31,15 +29,13 @@ from utils.checkpoint import damage, save_checkpoint
 from utils.config import Config, ConfigError, arg, build_parser
 
 REPOS = {"sit": "willisma/SiT", "repa": "sihyun-yu/REPA"}
-# The published protocols (SiT's sample_ddp.py SDE --cfg-scale 1.5; REPA's generate.py --mode sde --cfg-scale 1.8
-# --guidance-high 0.7, its t = 0.7 being 0.3 here): 250 steps of Euler-Maruyama with w(t) = 2 (1 - t) (SiT's
-# "sigma" form, REPA's 2 t), the last one a noise-free step of 0.04. REPA guides every channel.
+# SiT's sample_ddp.py SDE --cfg-scale 1.5 and REPA's generate.py --mode sde --cfg-scale 1.8 --guidance-high 0.7 (its
+# t = 0.7 is 0.3 here): 250 steps, w(t) = 2 (1 - t) (SiT's "sigma", REPA's 2 t), the last 0.04 noise-free.
 SDE = dict(method="sde", steps=250, sde_diffusion="sigma", sde_norm=1.0, last_step="mean", last_step_size=0.04)
 PROTOCOLS = {
     "sit": SDE | dict(cfg_scale=1.5, guidance_interval=(0.0, 1.0), guidance_channels=3),
     "repa": SDE | dict(cfg_scale=1.8, guidance_interval=(0.3, 1.0), guidance_channels=None),
 }
-PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "blocks.", "final_layer.")
 
 
 @dataclass(kw_only=True)
@@ -61,13 +57,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        load = f"torch.load('{path}', weights_only=False)['ema']"
         raise ConfigError(
             f"cannot read {path} safely ({damage(path, e)}); if it is a training checkpoint you trust, extract its "
-            f"EMA weights first: python -c \"import torch; torch.save(torch.load('{path}', weights_only=False)"
-            "['ema'], 'ema.pt')\""
+            f"EMA weights first: python -c \"import torch; torch.save({load}, 'ema.pt')\""
         ) from None
-    if isinstance(state, dict) and "model_config" in state:
-        raise ConfigError(f"{path} is a checkpoint of this project already: sample it as it is")
     state = state.get("ema", state) if isinstance(state, dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"{path} holds no state dict (a dict of tensors, or one under 'ema')")
@@ -83,32 +77,20 @@ def infer_config(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -
     heads = num_heads or {d: h for d, _, h in DIT_SIZES.values()}.get(hidden)
     if heads is None:
         raise ConfigError(f"hidden size {hidden} is not one of DiT's named sizes: give its --num-heads")
-    out_channels = sd[keys[3]].shape[0] // patch**2
-    if out_channels not in (channels, 2 * channels) or math.isqrt(tokens) ** 2 != tokens:
-        raise ConfigError(f"{out_channels} output channels for {channels} inputs, {tokens} tokens: not DiT's layout")
-    if fmt == "repa" and out_channels == 2 * channels:
+    out = sd[keys[3]].shape[0] // patch**2
+    if out not in (channels, 2 * channels) or math.isqrt(tokens) ** 2 != tokens:
+        raise ConfigError(f"{out} output channels for {channels} inputs, {tokens} tokens: not DiT's layout")
+    if fmt == "repa" and out > channels:
         raise ConfigError("a learned sigma, which REPA's SiT never has: import a SiT checkpoint as sit")
-    return dict(
-        input_size=math.isqrt(tokens) * patch,
-        patch_size=patch,
-        in_channels=channels,
-        hidden_size=hidden,
-        depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}),
-        num_heads=heads,
-        mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
-        num_classes=sd[keys[2]].shape[0] - 1,  # the last row is the null class
-        num_registers=0,
-        qk_norm=False,
-        time_scale=1.0,
-        learn_sigma=out_channels == 2 * channels,
-        reverse_time=fmt == "repa",
-        guidance_channels=PROTOCOLS[fmt]["guidance_channels"],
-    )
+    size = dict(input_size=math.isqrt(tokens) * patch, patch_size=patch, in_channels=channels, hidden_size=hidden)
+    size |= dict(depth=len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), num_heads=heads)
+    size |= dict(mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden, num_classes=sd[keys[2]].shape[0] - 1)
+    fixed = dict(num_registers=0, qk_norm=False, time_scale=1.0, reverse_time=fmt == "repa", learn_sigma=out > channels)
+    return size | fixed | dict(guidance_channels=PROTOCOLS[fmt]["guidance_channels"])  # null class: the last row
 
 
-def listed(keys: Any, most: int = 8) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+def listed(keys: Any) -> str:
+    return ", ".join(sorted(keys)[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
 
 def convert(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -> tuple[DiT, list[str]]:
@@ -117,11 +99,9 @@ def convert(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -> tup
     ignored = [k for k in sd if k == "pos_embed" or (fmt == "repa" and k.startswith("projectors."))]
     weights = {k: v.float() for k, v in sd.items() if k not in ignored}
     expected = model.state_dict()
-    if missing := expected.keys() - weights.keys():
-        raise ConfigError(f"the {fmt} layout lacks {listed(missing)}")
-    if extra := weights.keys() - expected.keys():
+    if (missing := expected.keys() - weights.keys()) | (extra := weights.keys() - expected.keys()):
         hint = "; REPA's projectors: import it as repa" if any(k.startswith("projectors.") for k in extra) else ""
-        raise ConfigError(f"keys that no {fmt} network has: {listed(extra)}{hint}")
+        raise ConfigError(f"not the {fmt} layout: no {listed(missing) or '-'}; unknown {listed(extra) or '-'}{hint}")
     if wrong := [k for k in expected if expected[k].shape != weights[k].shape]:
         raise ConfigError(f"shapes that do not fit: {', '.join(f'{k} {tuple(weights[k].shape)}' for k in wrong[:4])}")
     if not torch.allclose(sd["pos_embed"].float().reshape(model.pos_embed.shape), model.pos_embed, atol=1e-5):
@@ -133,9 +113,7 @@ def convert(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -> tup
 def main(cfg: ImportConfig) -> Path:
     """Write the checkpoint; returns its path."""
     if cfg.format == "dit":
-        raise ConfigError(
-            "DiT's checkpoints predict the noise with a learned variance (DDPM); this project samples flows"
-        )
+        raise ConfigError("DiT's networks predict the noise with a learned variance (DDPM); this project samples flows")
     if cfg.format not in REPOS:
         raise ConfigError(f"unknown format {cfg.format!r}; choose from sit, repa")
     path, out = Path(cfg.path), Path(cfg.out)
@@ -143,22 +121,16 @@ def main(cfg: ImportConfig) -> Path:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
     model, ignored = convert(read_state_dict(path), cfg.format, cfg.num_heads)
     c, size = model.in_channels, model.input_size
-    last = model.final_layer.linear
-    if model.learn_sigma and torch.cat([last.weight, last.bias[:, None]], 1).unflatten(0, (-1, 2 * c))[:, c:].any():
+    if model.learn_sigma and model.final_layer.linear.weight.unflatten(0, (-1, 2 * c))[:, c:].any():
         print("note: trained learned-sigma outputs, as in DiT's epsilon networks (SiT's stay 0)", file=sys.stderr)
-    sha256 = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            sha256.update(chunk)
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     space = LatentSpace(DEFAULT_VAE, None, "config", (0.0,) * c, (0.18215,) * c, 8 * size, 3, (c, size, size))
     sd, protocol = model.state_dict(), PROTOCOLS[cfg.format]
-    source = dict(repository=REPOS[cfg.format], file=path.name, sha256=sha256.hexdigest(), ignored_keys=ignored)
-    save_checkpoint(
-        {"model_config": model.config, "model": sd, "ema": sd, "step": None, "latent_space": space.to_dict()}
-        | {"sample_method": "sde", "sampling": protocol, "source": source},
-        out,
-    )
-    print(f"{REPOS[cfg.format]} {path.name}: {model.config} -> {out}; published protocol: {protocol}")
+    source = dict(repository=REPOS[cfg.format], file=path.name, sha256=sha256, ignored_keys=ignored)
+    state = dict(model_config=model.config, model=sd, ema=sd, step=None, latent_space=space.to_dict())
+    save_checkpoint(state | dict(sample_method="sde", sampling=protocol, source=source), out)
+    print(f"{REPOS[cfg.format]} {path.name} -> {out}: {model.config}; published protocol: {protocol}")
     return out
 
 

@@ -109,9 +109,14 @@ def test_repa_velocity_is_minus_its_output_at_one_minus_t(tmp_path):
             assert all_close(guided, uncond + 1.8 * (cond - uncond), 1e-5), t
 
 
-def test_checkpoint_records_the_vae_protocol_and_source(tmp_path):
+def test_checkpoint_records_the_vae_protocol_and_source(tmp_path, capsys):
     ref = sit()
     out = imported(tmp_path, "sit", ref.state_dict())
+    assert "note: trained learned-sigma outputs" in capsys.readouterr().err  # random weights: as in DiT's
+    with torch.no_grad():  # SiT never trains them: they stay at their zero initialisation
+        ref.final_layer.linear.weight.unflatten(0, (4, 8, -1))[:, 4:] = 0
+    imported(tmp_path, "sit", ref.state_dict(), "--overwrite")
+    assert "note" not in capsys.readouterr().err
     state = load_checkpoint(out)
     assert state["latent_space"]["vae"] == "stabilityai/sd-vae-ft-ema"
     assert state["latent_space"]["scale"] == [0.18215] * 4 and state["latent_space"]["shift"] == [0.0] * 4
@@ -160,9 +165,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
     assert "predict the noise" in run("dit", sd) and "DDPM" in run("dit", sd)
     assert "unknown format 'ddpm'" in run("ddpm", sd)
-    assert "keys that no sit network has: foo.weight" in run("sit", sd | {"foo.weight": torch.zeros(1)})
+    assert "not the sit layout: no -; unknown foo.weight" in run("sit", sd | {"foo.weight": torch.zeros(1)})
     missing = {k: v for k, v in sd.items() if k != "blocks.1.attn.qkv.bias"}
-    assert "lacks blocks.1.attn.qkv.bias" in run("sit", missing)
+    assert "not the sit layout: no blocks.1.attn.qkv.bias; unknown -" in run("sit", missing)
     assert "no pos_embed" in run("sit", {k: v for k, v in sd.items() if k != "pos_embed"})
     assert "not a sit state dict" in run("sit", {"weight": torch.zeros(2)})
     shifted = sd | {"pos_embed": sd["pos_embed"] + 0.1}
@@ -174,7 +179,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     odd = sit(hidden_size=48, num_heads=3).state_dict()
     assert "hidden size 48" in run("sit", odd) and "--num-heads" in run("sit", odd)
     ours = DiT(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2)
-    assert "checkpoint of this project" in run("sit", {"model_config": ours.config, "model": ours.state_dict()})
+    text = run("sit", {"model_config": ours.config, "model": ours.state_dict(), "ema": ours.state_dict()})
+    assert "not a sit state dict in DiT's layout: no pos_embed" in text
     (tmp_path / "in.pt").write_bytes(b"not a checkpoint")
     assert "cannot read" in run("sit", None)
     torch.save({"ema": sd, "args": object()}, tmp_path / "in.pt")  # a pickled object: never loaded

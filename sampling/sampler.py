@@ -15,6 +15,7 @@ of sampler.py and evaluate.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -159,11 +160,13 @@ def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> t
     return torch.from_numpy(out)
 
 
-def seeded_step_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
-    """The SDE's noise: each call draws the next step's (len(indices), *shape) float32; sample i's draws depend only
-    on (seed, i)."""
-    rngs = [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, i))) for i in indices]
-    return lambda: torch.from_numpy(np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs]))
+def step_noise(x0: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The SDE's noise for samples starting at x0 (b, C, H, W): each call draws the next step's (b, C, H, W) float32.
+    A sample's draws are a function of its own x0 alone (so of (seed, i) when x0 came from the seed), whatever the
+    batch: seeded by a hash of its float32 bytes."""
+    keys = [np.frombuffer(hashlib.sha256(z.numpy().tobytes()).digest(), np.uint32) for z in x0.float().cpu()]
+    rngs = [np.random.default_rng(key) for key in keys]
+    return lambda: torch.from_numpy(np.stack([r.standard_normal(x0.shape[1:], dtype=np.float32) for r in rngs]))
 
 
 def seeded_labels(seed: int, n: int, num_classes: int) -> torch.Tensor:
@@ -357,8 +360,8 @@ class Sampler:
                 stop = min(start + o.batch_size, n)
                 x = noise[start:stop] if noise is not None else seeded_noise(seed, range(start, stop), shape)
                 yb = y[start:stop].to(self.device) if y is not None else None
-                step_noise = seeded_step_noise(seed, range(start, stop), shape) if stochastic else None
-                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, ts, frames, o, step_noise)
+                noises = step_noise(x) if stochastic else None
+                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, ts, frames, o, noises)
                 nfe_per_chunk.append(nfe)
                 images.append(self.to_images(x, o))
                 kept_frames += [torch.stack(kept)] if frames else []  # (K, b, C, H, W)
@@ -442,10 +445,10 @@ class Sampler:
         ts: list[float],
         frames: list[int],
         o: SamplingOptions,
-        step_noise: Callable[[], torch.Tensor] | None = None,
+        noises: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE;
-        step_noise: the next step's noise of a stochastic method (none on its last step)."""
+        noises: the next step's noise of a stochastic method (``step_noise``; none on its last step)."""
         nfe = 0
 
         def f(x: torch.Tensor, t: float, h: float | None = None) -> torch.Tensor:
@@ -462,7 +465,7 @@ class Sampler:
         kept = [x.float().cpu()] if 0 in frames else []
         for i in range(o.steps):
             if solver.stochastic:
-                sde["noise"] = step_noise().to(x) if i < o.steps - 1 else None
+                sde["noise"] = noises().to(x) if i < o.steps - 1 else None
             x = solver.step(f, x, ts[i], ts[i + 1], **sde)
             if i + 1 in frames:
                 kept.append(x.float().cpu())
@@ -499,7 +502,7 @@ class Sampler:
             got = f"{tuple(noise.shape)} {noise.dtype}" if isinstance(noise, torch.Tensor) else type(noise).__name__
             raise ValueError(f"noise must be a float tensor of shape {expected}, got {got}")
         random_labels = self.num_classes > 0 and y is None
-        if seed is None and (noise is None or random_labels or (solver is not None and solver.stochastic)):
+        if seed is None and (noise is None or random_labels):
             seed = int(torch.randint(0, 2**62, (1,)))
         y = seeded_labels(seed, n, self.num_classes) if random_labels else self._labels(y, n, o)
         return y, noise, seed

@@ -17,7 +17,7 @@ import import_weights
 from benchmarks.official_sit import OfficialREPA, OfficialSiT
 from models.dit import DiT
 from models.vae import VAEError
-from sampling.sampler import Sampler, seeded_noise, seeded_step_noise
+from sampling.sampler import Sampler, seeded_noise, step_noise
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,8 @@ def test_sde_protocol_is_sits_sampler(tmp_path):
     got = sampler.generate(n, y, seed=seed, steps=steps, cfg_scale=1.5, decode=False).images
     # SiT's sample_ddp.py SDE: Euler-Maruyama on [0, 0.96] with its "sigma" diffusion d = 1 - t (noise sqrt(2 d dt),
     # drift v + d s), then its "Mean" last step x + 0.04 drift; v is forward_with_cfg on the doubled batch.
-    x, noise = seeded_noise(seed, range(n), (4, 8, 8)), seeded_step_noise(seed, range(n), (4, 8, 8))
+    x = seeded_noise(seed, range(n), (4, 8, 8))
+    noise = step_noise(x)
     yy = torch.cat([y, torch.full_like(y, ref.num_classes)])
 
     def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

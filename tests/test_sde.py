@@ -91,11 +91,10 @@ def test_the_samplers_sde_noise_depends_only_on_the_seed_and_the_sample():
     assert torch.equal(a.trajectory, sampler.generate(5, seed=3, batch_size=5, trajectory=True).trajectory)
     assert torch.equal(a.trajectory[:, :3], sampler.generate(3, seed=3, trajectory=True).trajectory)
     assert not torch.equal(a.trajectory[-1], sampler.generate(5, seed=4, trajectory=True).trajectory[-1])
-    x0 = seeded_noise(3, range(5), shape).double()
-    assert torch.equal(sampler.generate(5, noise=x0, seed=3, trajectory=True).trajectory, a.trajectory)
-    given = sampler.generate(5, noise=x0, trajectory=True)  # the steps' noise still comes from a seed, reported
-    assert given.seed is not None
-    assert torch.equal(sampler.generate(5, noise=x0, seed=given.seed, trajectory=True).trajectory, given.trajectory)
+    x0 = seeded_noise(3, range(5), shape).double()  # the step noise follows each sample's starting noise:
+    assert torch.equal(sampler.generate(5, noise=x0, trajectory=True).trajectory, a.trajectory)
+    shard = sampler.generate(2, noise=x0[3:], trajectory=True).trajectory  # as evaluate.py's shards draw them
+    assert torch.equal(shard, a.trajectory[:, 3:])
     # Without diffusion it is Euler on the same grid: SiT's window and its last step of 0.04.
     ts, x = sde_grid(6, 0.04).tolist(), x0
     for i in range(6):

@@ -81,7 +81,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         super().__post_init__()
         if not (self.imf_guidance_max >= 1.0 and math.isfinite(self.imf_guidance_max)):
             raise ConfigError(
-                f"imf_guidance_max must be a finite number >= 1 (the range is [1, w_max]), got {self.imf_guidance_max}"
+                f"--imf-guidance-max must be a finite number >= 1 (the range is [1, w_max]), got {self.imf_guidance_max}"
             )
 
     @property

@@ -571,7 +571,7 @@ def test_bad_input_raises_clear_value_errors():
         sampler.sample(2, stepz=3)  # a misspelled option is refused, not ignored
     with pytest.raises(ValueError, match="unknown method"):
         Sampler(model, method="adams")
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="--batch-size"):
         Sampler(model, batch_size=0)
 
     uncond = Sampler(tiny_dit(num_classes=0), steps=2)

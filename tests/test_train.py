@@ -496,9 +496,9 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_to_overwrite(tmp_path,
 def test_impossible_flags_are_one_line(tmp_path, capsys):
     args = cli_args(tiny(tmp_path / "out"))
     for flags, needle in [
-        (["--batch-size", "0"], "batch_size must be >= 1"),
-        (["--t-std", "0"], "t_std must be > 0"),
-        (["--ema-decay", "1"], "ema_decay must be < 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--t-std", "0"], "--t-std must be > 0"),
+        (["--ema-decay", "1"], "--ema-decay must be < 1"),
         (["--lr", "nan"], "lr must be finite"),
     ]:
         code, err = run_cli(args + flags, capsys)  # the last of a repeated flag wins
@@ -577,9 +577,9 @@ def test_out_under_a_file_is_one_line(tmp_path, capsys):
 
 def test_impossible_upkeep_flags_are_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tiny(tmp_path / "out")) + ["--keep-checkpoints", "-1"], capsys)
-    assert_one_error_line(code, err, "keep_checkpoints")
+    assert_one_error_line(code, err, "--keep-checkpoints")
     code, err = run_cli(cli_args(tiny(tmp_path / "out")) + ["--dist-timeout", "0"], capsys)
-    assert_one_error_line(code, err, "dist_timeout")
+    assert_one_error_line(code, err, "--dist-timeout")
     assert not (tmp_path / "out").exists()
 
 

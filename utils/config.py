@@ -57,23 +57,23 @@ class Config:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value = getattr(self, f.name)
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
             if isinstance(value, list):  # argparse gives lists for several values
                 value = tuple(value)
                 setattr(self, f.name, value)
             if value is None or not f.metadata:
                 continue
             if hints[f.name] in (int, int | None) and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+                raise ConfigError(f"{flag} must be an integer, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be finite, got {value}")
+                raise ConfigError(f"{flag} must be finite, got {value}")
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise ConfigError(f"unknown {f.name} {value!r}; choose from {', '.join(map(str, choices))}")
             for key, bound in f.metadata["bounds"].items():
                 compare, sign = BOUNDS[key]
                 if not compare(value, bound):
-                    raise ConfigError(f"{f.name} must be {sign} {bound}, got {value!r}")
+                    raise ConfigError(f"{flag} must be {sign} {bound}, got {value!r}")
         for name, (key, registry) in self.nested.items():
             given = {k: tuple(v) if isinstance(v, list) else v for k, v in (getattr(self, name) or {}).items()}
             chosen = registry[getattr(self, key)]

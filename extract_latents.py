@@ -11,12 +11,13 @@ a diffusers id or a local folder; default SD-VAE ft-EMA, DiT's) and the posterio
 atomically, and so is the index, last, once every shard is there.
 
 A killed extraction continues from its complete shards when the same command runs again and ends with the same
-bytes as an uninterrupted one (each shard's batches start at its first image, so every shard is computed alike).
-OUT/extraction.json holds the settings; a folder of other settings is refused. Under torchrun process r encodes
+bytes as an uninterrupted one (each shard's batches start at its first image). A rerun keeps a shard only when its
+size and its sha256 (recorded when written; ``--verify`` hashes every shard again) are right, else encodes it
+again, and writes the index from the records. OUT/extraction.json holds the settings; a folder of other settings,
+or in use by another extraction (``utils/runfolder.py``'s lock), is refused. Under torchrun process r encodes
 shards r, r + world_size, ...; rank 0 writes the index. ``--normalization`` (config: the VAE's scaling factor;
-stats: per-channel mean and std of the latents) only changes the index, so running again with the other one
-rewrites the index without encoding anything. Exit codes: 0 done, 2 bad input (a missing or corrupt image, an
-empty folder, a VAE that cannot be loaded, a folder of other settings), 1 other failures.
+stats: per-channel mean and std) only changes the index. Exit codes: 0 done, 2 bad input, 130 / 143 / 138
+stopped by SIGINT / SIGTERM / SIGUSR1 (complete shards kept), 1 other failures.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +39,18 @@ from tqdm import tqdm
 
 from data.base import DataError
 from data.folder import ImageFolderDataset
-from data.latents import FORMAT, INDEX, PREPROCESSING, map_tensor, safetensors_header, shard_name
+from data.latents import (
+    FORMAT,
+    INDEX,
+    PREPROCESSING,
+    damaged_shards,
+    file_sha256,
+    map_tensor,
+    record_digest,
+    recorded_digest,
+    safetensors_header,
+    shard_name,
+)
 from data.loader import _worker_error, usable_workers
 from models.vae import (
     DEFAULT_VAE,
@@ -54,25 +67,40 @@ from utils.config import Config, ConfigError, arg, parse
 from utils.device import PRECISIONS, resolve_precision
 from utils.distributed import PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
+from utils.preemption import EXIT_CODES, SetupInterrupted
+from utils.runfolder import LOCK_NAME, hold_run_folder
 
 SETTINGS = "extraction.json"
+
+
+class Stop:
+    """The handler of SIGINT, SIGTERM and SIGUSR1: SetupInterrupted, except while ``held`` (loader workers start:
+    Python drops what a handler raises in a fork hook); ``signum`` keeps the signal for the loop to raise then."""
+
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    held, signum = False, None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+        if not self.held:
+            raise SetupInterrupted(signum)
+
+
+STOP = Stop()
 
 
 @dataclass(kw_only=True)
 class ExtractConfig(Config):
     """The settings of an extraction; those that change the bytes of a shard are checked on a rerun."""
 
-    data_path: str = arg(
-        None, "folder of class sub-folders of images (e.g. ImageNet's train/)", required=True, group="data"
-    )
+    data_path: str = arg(None, "folder of class sub-folders of images (ImageNet's train/)", required=True, group="data")
     out: str = arg(None, "folder for the shards and index.json", required=True)
     image_size: int = arg(256, "side of the centre crop in pixels (a multiple of the VAE's downsampling, 8)", min=8)
     vae: str = arg(DEFAULT_VAE, "diffusers AutoencoderKL: a hub id or a local folder (save_pretrained)", group="VAE")
     vae_revision: str | None = arg(None, "hub revision of --vae (default: the newest)")
     normalization: str = arg(
         "config",
-        "how training normalises the latents: config (the VAE's scaling_factor, "
-        "0.18215 for SD-VAE) or stats (per-channel mean and std of these latents, LightningDiT)",
+        "config (the VAE's scaling_factor) or stats (per-channel mean and std, LightningDiT)",
         choices=NORMALIZATIONS,
     )
     precision: str = arg("auto", "VAE precision: auto is bf16 on CUDA, fp32 elsewhere", choices=PRECISIONS)
@@ -81,32 +109,7 @@ class ExtractConfig(Config):
     num_workers: int = arg(8, "image decoding processes", min=0)
     device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
     progress: bool = arg(True, "show a progress bar")
-
-
-def settings_of(
-    cfg: ExtractConfig,
-    dataset: ImageFolderDataset,
-    vae: str,
-    revision: str | None,
-    latent_shape: tuple[int, ...],
-    precision: str,
-) -> dict[str, Any]:
-    """What a shard's bytes depend on (OUT/extraction.json); a rerun must have the same."""
-    return {
-        "format": FORMAT,
-        "source": str(Path(cfg.data_path).expanduser().resolve()),
-        "images": len(dataset),
-        "source_fingerprint": dataset.fingerprint(),
-        "image_size": cfg.image_size,
-        "preprocessing": PREPROCESSING,
-        "vae": vae,
-        "revision": revision,
-        "latent_shape": list(latent_shape),
-        "dtype": "float16",
-        "shard_size": cfg.shard_size,
-        "batch_size": cfg.batch_size,
-        "precision": precision,
-    }
+    verify: bool = arg(False, "hash every shard already there against its record (else one unchanged since is trusted)")
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -127,20 +130,41 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
                 f"{out} holds latents of other settings ({'; '.join(changed)}); choose another --out or remove it"
             )
         return
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise ConfigError(f"{out} is not empty and holds no {SETTINGS}; choose an empty or new --out")
     write_json_atomic(settings, path)
 
 
-def shard_complete(path: Path, key: str, count: int) -> bool:
-    """Whether a shard file is there, of these settings, with its count of latents (atomic writes: no half files)."""
-    if not path.is_file():
-        return False
+def shard_damage(path: Path, key: str, count: int) -> str | None:
+    """Why a shard file cannot be kept, or None when it is of these settings, holds count latents and has the size
+    its header gives (atomic writes leave no half files, but a file can be damaged after its write)."""
     try:
-        header, _ = safetensors_header(path)
-        return header.get("__metadata__", {}).get("settings") == key and header["labels"]["shape"] == [count]
-    except (DataError, KeyError, OSError):
-        return False
+        header, start = safetensors_header(path)
+        if header.get("__metadata__", {}).get("settings") != key or header["labels"]["shape"] != [count]:
+            return "it holds other latents"
+        end = start + max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+        return None if path.stat().st_size == end else f"it has {path.stat().st_size} bytes, its header says {end}"
+    except (DataError, KeyError, OSError, TypeError, ValueError):
+        return "its header is damaged"
+
+
+def kept_shards(out: Path, counts: dict[int, int], key: str, rehash: bool) -> set[int]:
+    """The shards of counts (shard: number of latents) already in out whole: of these settings, their size right and
+    their sha256 the one recorded when they were written; says which are damaged (they are encoded again)."""
+    there = {k: out / shard_name(k) for k in counts if (out / shard_name(k)).is_file()}
+    bad = {k: why for k, path in there.items() if (why := shard_damage(path, key, counts[k]))}
+    try:  # an index of these settings lists the sha256 of shards written before the records beside them existed
+        index = json.loads((out / INDEX).read_text())
+        listed = {s["file"]: s["sha256"] for s in index["shards"]} if index.get("settings") == key else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = {}
+    expected = {p: None if recorded_digest(p)[0] else listed.get(p.name) for k, p in there.items() if k not in bad}
+    hashed = damaged_shards(expected, rehash)
+    bad |= {k: hashed[p] for k, p in there.items() if p in hashed}
+    if bad:
+        names = "; ".join(f"{shard_name(k)}: {why}" for k, why in sorted(bad.items()))
+        print(f"extract_latents.py: encoding {len(bad)} shard(s) again ({names})", flush=True)
+    return set(there) - set(bad)
 
 
 @torch.no_grad()
@@ -151,8 +175,13 @@ def encode_shard(
     subset = torch.utils.data.Subset(dataset, range(first, first + count))
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
     latents, labels = [], []
+    STOP.held = True
+    batches = iter(loader)  # starts the loader's workers
+    STOP.held = False
+    if STOP.signum is not None:
+        raise SetupInterrupted(STOP.signum)
     try:
-        for images, y in loader:
+        for images, y in batches:
             x = images.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
             z = codec.encode(torch.cat([x, x.flip(-1)])).cpu()  # (2b, C, h, w): the images, then their mirrors
             latents.append(torch.stack(z.chunk(2), dim=1).to(torch.float16))  # (b, 2, C, h, w)
@@ -171,16 +200,18 @@ def encode_shard(
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
+    """Write a shard atomically, then the sha256 of its bytes beside it."""
     from safetensors.torch import save
 
     data = save(tensors, metadata={"settings": key})
     atomic_write(path, lambda f: f.write(data))
+    record_digest(path, hashlib.sha256(data).hexdigest())
 
 
 def write_index(
     out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes: list[str], vae: Any, num_shards: int
 ) -> dict[str, Any]:
-    """Merge the shards' statistics, hash them and write index.json (atomically); returns the index."""
+    """Merge the shards' statistics and write index.json (atomically) with their recorded sha256; returns it."""
     total, total_sq, values, shards = 0.0, 0.0, 0, []
     for k in range(num_shards):
         path = out / shard_name(k)
@@ -193,7 +224,8 @@ def write_index(
                 "file": path.name,
                 "first": k * cfg.shard_size,
                 "count": count,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "bytes": path.stat().st_size,
+                "sha256": recorded_digest(path)[0] or file_sha256(path),  # checked by kept_shards or just written
             }
         )
     mean = total / values
@@ -233,7 +265,11 @@ def main(cfg: ExtractConfig) -> dict[str, Any]:
     """Extract (or finish extracting) the latents cfg describes; returns the index (on every process)."""
     dist = init_distributed(cfg.device)
     try:
-        index = extract(cfg, dist)
+        out = Path(cfg.out).expanduser()
+        if out.resolve().is_relative_to(Path(cfg.data_path).expanduser().resolve()):
+            raise ConfigError(f"--out {out} is inside --data-path {cfg.data_path}, where it would be a class folder")
+        with hold_run_folder(out, dist.is_main):  # one extraction per folder
+            index = extract(cfg, dist)
         if dist.distributed:  # leave the group together: gloo aborted a process whose peer tore down first
             torch.distributed.barrier()
         return index
@@ -253,12 +289,25 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling {f}")
     latent_shape = (int(vae.config.latent_channels), cfg.image_size // f, cfg.image_size // f)
     precision = resolve_precision(cfg.precision, device)
-    settings = settings_of(cfg, dataset, name, vae_revision(vae, name) or cfg.vae_revision, latent_shape, precision)
+    settings = {  # what a shard's bytes depend on (OUT/extraction.json): a rerun must have the same
+        "format": FORMAT,
+        "source": str(Path(cfg.data_path).expanduser().resolve()),
+        "images": len(dataset),
+        "source_fingerprint": dataset.fingerprint(),
+        "image_size": cfg.image_size,
+        "preprocessing": PREPROCESSING,
+        "vae": name,
+        "revision": vae_revision(vae, name) or cfg.vae_revision,
+        "latent_shape": list(latent_shape),
+        "dtype": "float16",
+        "shard_size": cfg.shard_size,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+    }
     key = digest(settings)
     error: Exception | None = None
     if dist.is_main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
             check_settings(out, settings)
         except (ConfigError, OSError) as e:
             error = e
@@ -267,32 +316,22 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
     codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, precision)
     n, size = len(dataset), cfg.shard_size
     num_shards = -(-n // size)
-    mine = [
-        k
-        for k in range(dist.rank, num_shards, dist.world_size)
-        if not shard_complete(out / shard_name(k), key, min(size, n - k * size))
-    ]
-    todo = sum(min(size, n - k * size) for k in mine)
-    if dist.is_main:
-        done = sum(shard_complete(out / shard_name(k), key, min(size, n - k * size)) for k in range(num_shards))
-        if done:
-            print(f"extract_latents.py: {done} of {num_shards} shards already in {out}; encoding the rest")
-    bar = tqdm(
-        total=todo,
-        desc=f"encoding{'' if dist.world_size == 1 else f' (rank 0 of {dist.world_size})'}",
-        unit="img",
-        disable=not (cfg.progress and dist.is_main),
-        dynamic_ncols=True,
-    )
-    started = time.perf_counter()
-    try:
-        for k in mine:
-            tensors = encode_shard(codec, dataset, k * size, min(size, n - k * size), cfg, bar)
-            write_shard(out / shard_name(k), tensors, key)
-    except (DataError, OSError) as e:  # every process must hear of it before rank 0 waits for the shards
+    counts = {k: min(size, n - k * size) for k in range(dist.rank, num_shards, dist.world_size)}
+    todo, started = 0, time.perf_counter()
+    try:  # an error on any process must reach every process before rank 0 waits for the shards
+        mine = sorted(set(counts) - kept_shards(out, counts, key, cfg.verify))
+        todo = sum(counts[k] for k in mine)
+        if dist.is_main and len(mine) < len(counts):
+            of = f"rank 0's {len(counts)}" if dist.world_size > 1 else num_shards
+            print(f"extract_latents.py: {len(counts) - len(mine)} of {of} shards already in {out}; encoding the rest")
+        desc = f"encoding{'' if dist.world_size == 1 else f' (rank 0 of {dist.world_size})'}"
+        progress = cfg.progress and dist.is_main
+        with tqdm(total=todo, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            started = time.perf_counter()
+            for k in mine:
+                write_shard(out / shard_name(k), encode_shard(codec, dataset, k * size, counts[k], cfg, bar), key)
+    except (DataError, OSError) as e:
         error = e
-    finally:
-        bar.close()
     if not all_ok(error is None):
         if error is not None:
             raise error
@@ -318,8 +357,18 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
 def cli(argv: list[str] | None = None) -> int:
     """Entry point: bad input is one line on stderr and exit 2; other failures exit 1."""
     rank0 = os.environ.get("RANK", "0") == "0"
+    STOP.held, STOP.signum = False, None
+    previous = {s: signal.signal(s, STOP) for s in STOP.signals}
     try:
         main(parse_args(argv))
+    except SetupInterrupted as e:
+        if rank0:
+            print(
+                f"extract_latents.py: stopped by {e}; the complete shards are kept: run the same command again to "
+                "continue",
+                file=sys.stderr,
+            )
+        return EXIT_CODES[e.signum]
     except (ConfigError, DataError, VAEError) as e:
         if rank0 or not isinstance(e, ConfigError):
             print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -329,6 +378,9 @@ def cli(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

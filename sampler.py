@@ -27,20 +27,12 @@ import numpy as np
 from evaluation.images import save_grid, save_npz, to_gif, to_uint8
 from sampling.sampler import Sampler, Samples, SamplingOptions, sampling_options, seeded_noise
 from sampling.solvers import ADAPTIVE, time_grid
-from utils.config import ConfigError, arg, parse
+from utils.checkpoint import load_checkpoint
+from utils.config import ConfigError, arg, parse, script_exit
 from utils.io import atomic_write
 
-__all__ = [
-    "Sampler",
-    "Samples",
-    "SamplingOptions",
-    "save_grid",
-    "save_npz",
-    "seeded_noise",
-    "time_grid",
-    "to_gif",
-    "to_uint8",
-]
+__all__ = ["Sampler", "Samples", "SamplingOptions", "save_grid", "save_npz", "seeded_noise", "time_grid", "to_gif"]
+__all__ += ["to_uint8"]
 
 
 @dataclass(kw_only=True)
@@ -59,7 +51,7 @@ class SampleConfig(SamplingOptions):
     class_label: int | None = arg(None, "sample only this class (default: random classes)")
     each_class: bool = arg(False, "--n samples of every class, one class per row")
     seed: int = arg(0, "seed of the noise and random labels", min=0)
-    out: str = arg("samples.png", "PNG grid of the samples")
+    out: str | None = arg(None, "PNG grid of the samples (default: samples.png in the checkpoint's run folder)")
     nrow: int | None = arg(None, "images per grid row (default: about sqrt(n); --n with --each-class)", min=1)
     gif: str | None = arg(None, "also write the sampling trajectory as a GIF here")
     fps: int = arg(10, "GIF frames per second", min=1)
@@ -74,7 +66,7 @@ class SampleConfig(SamplingOptions):
         for path, suffixes in ((self.out, (".png", ".jpg", ".jpeg")), (self.gif, (".gif",)), (self.npz, (".npz",))):
             if path is not None and Path(path).suffix.lower() not in suffixes:
                 raise ConfigError(f"{path} must end in {' or '.join(suffixes)}")
-            if path is not None and Path(path).exists() and not self.overwrite:
+            if path is not None and path != self.out and Path(path).exists() and not self.overwrite:  # --out: main
                 raise ConfigError(f"{path} already exists; pass --overwrite to replace it")
 
 
@@ -87,22 +79,22 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on the CPU,
     labels (N,) or None, the NFE, the resolved method and precision, and the config (method None there: the
     checkpoint's objective's)."""
-    sampler = Sampler.from_checkpoint(cfg.ckpt, ema=cfg.ema, device=cfg.device, vae=cfg.vae, **sampling_options(cfg))
-    if sampler.latent and not cfg.decode:
+    state = load_checkpoint(cfg.ckpt)
+    ckpt = Path(cfg.ckpt)
+    grid = Path(cfg.out or (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "samples.png")
+    if state.get("latent_space") and not cfg.decode:  # latents go to --npz; no grid is written
         if cfg.npz is None or cfg.gif is not None:
             raise ConfigError("--no-decode gives latents, not images: pass --npz FILE for them (and no --gif)")
+    elif grid.exists() and not cfg.overwrite:
+        raise ConfigError(f"{grid} already exists; pass --overwrite to replace it (or choose --out)")
+    sampler = Sampler.from_checkpoint(state, ema=cfg.ema, device=cfg.device, vae=cfg.vae, **sampling_options(cfg))
+    o, result = sampler.options, {"method": sampler.options.method, "config": asdict(cfg)}
+    if sampler.latent and not cfg.decode:
         out = sampler.generate(cfg.n, cfg.class_label, seed=cfg.seed, progress=True)
         arrays = {"latents": out.images.cpu().numpy(), "labels": out.labels.numpy() if out.labels is not None else []}
         atomic_write(cfg.npz, lambda f: np.savez(f, **arrays))
         print(f"{cfg.n} latents {tuple(out.images.shape[1:])}, NFE {out.nfe}: {cfg.npz}")
-        return {
-            "images": out.images.cpu(),
-            "labels": out.labels,
-            "nfe": out.nfe,
-            "method": sampler.options.method,
-            "precision": out.precision,
-            "config": asdict(cfg),
-        }
+        return result | {"images": out.images.cpu(), "labels": out.labels, "nfe": out.nfe, "precision": out.precision}
     kw: dict[str, Any] = dict(seed=cfg.seed, trajectory=cfg.gif is not None, progress=True)
     if cfg.each_class:
         out = sampler.generate_each_class(cfg.n, **kw)
@@ -111,8 +103,8 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
         out = sampler.generate(cfg.n, cfg.class_label, **kw)
         nrow = cfg.nrow or math.ceil(math.sqrt(cfg.n))
     images = out.images.cpu()
-    save_grid(images, cfg.out, nrow=nrow)
-    written = [cfg.out]
+    save_grid(images, grid, nrow=nrow)
+    written = [str(grid)]
     if out.trajectory is not None:
         frames = sampler.trajectory_images(out.trajectory) * 2 - 1 if sampler.latent else out.trajectory
         to_gif(frames, cfg.gif, fps=cfg.fps, nrow=nrow)
@@ -120,25 +112,17 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
     if cfg.npz is not None:
         save_npz(images, out.labels, cfg.npz)
         written.append(cfg.npz)
-    o = sampler.options
     how = o.method if o.method in ADAPTIVE else f"{o.method} on a {o.grid} grid"
     print(f"{len(images)} samples, {how}, NFE {out.nfe}, {out.precision} on {sampler.device}: {', '.join(written)}")
-    return {
-        "images": images,
-        "labels": out.labels,
-        "nfe": out.nfe,
-        "method": o.method,
-        "precision": out.precision,
-        "config": asdict(cfg),
-    }
+    return result | {"images": images, "labels": out.labels, "nfe": out.nfe, "precision": out.precision}
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """Entry point: known errors become one line on stderr and a non-zero exit."""
+    """Entry point: known errors become one line on stderr, exit 2 for bad input, 1 for a failed write."""
     try:
         main(parse_args(argv))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError: ValueErrors
-        raise SystemExit(f"error: {e}") from None
+        raise script_exit("sampler.py", e) from None
 
 
 if __name__ == "__main__":

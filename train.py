@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from data import BatchStream, DataError, build_dataset
+from evaluation.fid import check_reference_statistics
 from evaluation.monitor import Monitor
 from models import build_model
 from models.vae import LatentCodec, LatentSpace, VAEError
@@ -104,6 +105,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     out, device = run_folder(cfg), dist.device
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
+    if cfg.fid_ref_stats:  # checked now, not at the first FID
+        check_reference_statistics(cfg.fid_ref_stats, fid_extractor, "--fid-ref-stats")
     state, state_path = resume_state(out, cfg.resume)
     if state is not None:
         state["config"] = upgraded_run_config(state["config"])
@@ -130,11 +133,13 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             ]
             print(f"resume: step {state['step']} of {state_path}; settings changed: {', '.join(changed) or 'none'}")
 
+    if cfg.vae and latent_space is None:
+        raise ConfigError(f"--vae decodes latents; --dataset {cfg.dataset} holds images")
     decoder = None
-    if latent_space is not None and (cfg.sample_every or cfg.fid_every):  # the diagnostics decode their samples
+    if latent_space is not None and (cfg.sample_every or cfg.fid_every or cfg.vae):  # the diagnostics decode samples
         try:
             with first_then_others(dist.local_rank == 0):  # one process per node downloads the VAE
-                decoder = LatentCodec.from_space(LatentSpace.from_dict(latent_space), device)
+                decoder = LatentCodec.from_space(LatentSpace.from_dict(latent_space), device, vae=cfg.vae)
         except VAEError as e:
             raise ConfigError(
                 f"{e} (sample grids and FID decode through it; --sample-every 0 --fid-every 0 train without it)"

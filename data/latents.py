@@ -10,28 +10,26 @@ k * shard_size ... of the source folder in its (sorted) order:
 Its safetensors metadata repeat the extraction settings' digest, so shards of other settings are never mixed.
 
 ``index.json`` is written last, when every shard is there: format, count, classes, shards (file, first image,
-count, sha256), the source folder and its preprocessing, the latent statistics (mean and std per channel), and
-``latent_space`` (``models.vae.LatentSpace``: VAE id and revision, image and latent shapes, and the shift and
+count, bytes, sha256), the source folder and its preprocessing, the latent statistics (mean and std per channel),
+and ``latent_space`` (``models.vae.LatentSpace``: VAE id and revision, image and latent shapes, and the shift and
 scale training applies, z = (z_vae - shift) * scale). Without a complete index the folder is not a dataset.
 
-Why the mean, twice, in float16: the posterior's std of SD-VAE is small beside its mean, so sampling it adds
-little beside the flow's own noise while storing it would double the size; both flips are kept instead (as
-LightningDiT does), and the training stream's per-epoch flip bit picks the view, from the training seed, so a
-resumed run reads exactly what the uninterrupted one would. ImageNet's 1,281,167 images at 256 px make 4 x 32 x
-32 latents: 1,281,167 x 2 views x 4,096 values x 2 bytes = 21.0 GB (42 GB with the std as well); float16 keeps
-11 significant bits where bfloat16 keeps 8, at the same size, and SD-VAE's latents (|z| < 60) are far inside its
-range.
-
-Training holds the set in memory (``in_memory``; on a GPU by default, 21 GB for ImageNet) or reads items from
-the memory-mapped shards (``--no-data-on-device``): the shards are mapped, never copied, so loader workers
-share the pages.
+The mean, twice (both flips), in float16: 21.0 GB for ImageNet at 256 px (docs/latents.md says why; float16 keeps 11
+significant bits to bfloat16's 8, and SD-VAE's |z| < 60 is far inside its range). Each shard's sha256 is taken once,
+from its bytes as written, and recorded beside it (``NAME.sha256``, sha256sum's format); a shard no newer than its
+record is trusted unread, any other hashed (then recorded again) before it is used.
+Training holds the set in memory (on a GPU by default) or reads the memory-mapped shards (``--no-data-on-device``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import struct
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,58 @@ PREPROCESSING = "center_crop_arr (ADM): box halving while the short side >= 2 x 
 def shard_name(k: int) -> str:
     """The file name of shard k."""
     return f"shard-{k:05d}.safetensors"
+
+
+def digest_path(shard: Path) -> Path:
+    """Where a shard's sha256 is recorded."""
+    return shard.with_name(shard.name + ".sha256")
+
+
+def record_digest(shard: Path, sha256: str) -> None:
+    """Record a shard's sha256 beside it, atomically (``sha256sum -c`` reads the record too)."""
+    tmp = shard.with_name(f".{digest_path(shard).name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{sha256}  {shard.name}\n")
+    os.replace(tmp, digest_path(shard))
+
+
+def recorded_digest(shard: Path) -> tuple[str | None, bool]:
+    """The sha256 recorded beside a shard (None: no record) and whether the shard is no newer than the record."""
+    record = digest_path(shard)
+    try:
+        return record.read_text().split()[0], record.stat().st_mtime_ns >= shard.stat().st_mtime_ns
+    except (OSError, UnicodeDecodeError, IndexError):
+        return None, False
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def damaged_shards(expected: dict[Path, str | None], rehash: bool = False) -> dict[Path, str]:
+    """The shards that are not whole, each with why: a shard's sha256 must be the expected one (None: the one
+    recorded beside it). A shard no newer than a record that agrees is trusted unread unless rehash; the others are
+    hashed, several at once, and the records of those found right rewritten. Says how long the hashing took."""
+    want, todo, bad = {}, [], {}
+    for path, sha in expected.items():
+        recorded, fresh = recorded_digest(path)
+        want[path] = sha or recorded
+        if want[path] is None:
+            bad[path] = "no sha256 was recorded for it"
+        elif rehash or not fresh or recorded != want[path]:
+            todo.append(path)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # hashlib lets go of the GIL
+        for path, got in zip(todo, pool.map(file_sha256, todo), strict=True):
+            if got != want[path]:
+                bad[path] = "its sha256 is not the one recorded when it was written"
+                continue
+            with contextlib.suppress(OSError):  # a read-only folder: the next start hashes it again
+                record_digest(path, got)
+    if todo and not bad:  # else the caller names the damaged ones
+        took, size = time.perf_counter() - started, sum(p.stat().st_size for p in todo)
+        print(f"latents: hashed {len(todo)} shard(s), {size / 2**20:,.0f} MiB in {took:.1f} s: whole", flush=True)
+    return bad
 
 
 def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -112,11 +162,18 @@ class LatentDataset(ImageDataset):
         self.latent_shape = tuple(int(v) for v in self.space["latent_shape"])
         self.classes = list(self.index["classes"])
         self.num_classes = len(self.classes)
-        self._latents, labels, starts = [], [], [0]
+        again = f"; run the extract_latents.py command that made {self.root} again to encode it anew"
+        self._latents, labels, starts, paths = [], [], [0], []
         for shard in self.index["shards"]:
             path = self.root / shard["file"]
             if not path.is_file():
-                raise DataError(f"latents shard {path} is missing (listed in {self.root / INDEX})")
+                raise DataError(f"latents shard {path} is missing (listed in {self.root / INDEX}){again}")
+            if path.stat().st_size != shard.get("bytes", path.stat().st_size):  # older indexes list no size
+                raise DataError(
+                    f"latents shard {path} is damaged: it has {path.stat().st_size} bytes, {INDEX} lists "
+                    f"{shard['bytes']}{again}"
+                )
+            paths.append(path)
             latents = map_tensor(path, "latents", np.float16)
             if latents.shape != (shard["count"], 2, *self.latent_shape):
                 raise DataError(
@@ -126,6 +183,11 @@ class LatentDataset(ImageDataset):
             self._latents.append(latents)
             labels.append(np.asarray(map_tensor(path, "labels", np.int64)))
             starts.append(starts[-1] + shard["count"])
+        bad = damaged_shards({p: s["sha256"] for p, s in zip(paths, self.index["shards"], strict=True)})
+        if bad:
+            path, why = next(iter(bad.items()))
+            more = f" (and {len(bad) - 1} other shard(s))" if len(bad) > 1 else ""
+            raise DataError(f"latents shard {path} is damaged: {why}{more}{again}")
         self._starts = np.asarray(starts)
         self.labels = torch.from_numpy(np.concatenate(labels)) if labels else torch.empty(0, dtype=torch.long)
         if len(self.labels) != self.index["count"] or len(self.labels) == 0:

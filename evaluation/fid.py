@@ -1,26 +1,13 @@
-"""Fréchet Inception Distance (Heusel et al. 2017) of generated samples against a real image set.
+"""Fréchet Inception Distance (Heusel et al. 2017) of generated samples against a real image set, with the protocol
+of published numbers (``evaluation.inception``); the distance itself is float64 (``evaluation.metrics``).
 
-Protocol (the published, "legacy" one, so numbers compare with papers): 2048-d pool features of
-torch-fidelity's Inception-v3 (the TensorFlow 2015-12-05 weights) through torchmetrics'
-``FrechetInceptionDistance`` feature extractor, fed uint8 RGB images (N, 3, H, W) and resized to 299
-the TensorFlow-1 way, i.e. with ``antialias=False`` (torchmetrics >= 1.8 antialiases by default, which
-departs from the original). Grayscale images are repeated to 3 channels. Generated images in [0, 1]
-are rounded to uint8 like saved PNGs. The distance itself is computed here in float64 with numpy.
-
-Real statistics (mean and covariance, float64) are computed from the un-augmented dataset of
-``data.build_dataset`` -- never from the training stream -- and cached on disk as npz, keyed by
-dataset, split, resolution, channels, the data's content, the feature extractor and the image count,
-so a change to any of them recomputes them.
-
-Typical use, from train.py with an in-memory EMA model::
+Real statistics (mean and covariance, float64) come from the un-augmented dataset of ``data.build_dataset`` (never
+the training stream) and are cached as npz, keyed by dataset, split, resolution, channels, the data's content, the
+feature extractor and the image count, so a change to any of them recomputes them. From train.py::
 
     extractor = load_inception(device)
     real = real_statistics("cifar10", "./datasets", 32, 3, extractor=extractor)
     fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)  # sampling.sampler
-
-Any ``nn.Module`` mapping uint8 (N, 3, H, W) to features (N, D) can replace Inception (tests inject
-small ones); nothing here downloads except ``load_inception``, and that only when the weight file is
-not already in torch.hub's cache.
 """
 
 from __future__ import annotations
@@ -40,280 +27,21 @@ from tqdm import tqdm
 
 from data import ImageDataset, build_dataset
 from data.loader import usable_workers
+from evaluation.inception import INCEPTION_FEATURES, extract_features, extractor_id
+from evaluation.inception import load_inception as load_inception  # where evaluation.monitor finds it
+from evaluation.metrics import FeatureStats, FIDError, frechet_distance
+from evaluation.metrics import inception_score as inception_score
 from sampling.sampler import Sampler, SamplingStopped, seeded_noise
-from utils.device import module_device_dtype
-from utils.distributed import PeerError, all_reduce_, collective_device, is_initialized
+from utils.config import ConfigError
+from utils.distributed import PeerError, all_reduce_, collective_device
 from utils.io import atomic_write
 
-# torch-fidelity's Inception-v3 weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3);
-# torch.hub.load_state_dict_from_url keeps them as <torch.hub.get_dir()>/checkpoints/<file name>.
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
-INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_FEATURES = 2048
-# Bump when the way statistics are computed changes, so old cache files are not reused.
-STATS_VERSION = 1
-
-
-class FIDError(ValueError):
-    """FID cannot be computed: weights unavailable, too few images, or settings that do not fit."""
+STATS_VERSION = 1  # bump when the way statistics are computed changes, so old cache files are not reused
 
 
 def default_cache_dir() -> Path:
     """Where real statistics are cached unless told otherwise: $XDG_CACHE_HOME/dit/fid_stats (~/.cache)."""
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dit" / "fid_stats"
-
-
-def inception_weights_path() -> Path:
-    """The file torch.hub reads the Inception weights from (and downloads them to)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
-
-
-#################################################################################
-#                               The distance                                    #
-#################################################################################
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-    d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
-    mu: (D,), sigma: (D, D), both covariances symmetric positive semi-definite.
-
-    The trace of the root is computed without a general matrix square root: with A = sigma1^(1/2),
-    sigma1 sigma2 is similar to the symmetric PSD matrix A sigma2 A, so tr (sigma1 sigma2)^(1/2) is the sum
-    of the square roots of its eigenvalues. Two symmetric eigendecompositions are exact up to round-off,
-    need no eps for singular covariances (fewer samples than dimensions), and take seconds at D = 2048
-    where scipy.linalg.sqrtm takes about a minute.
-    """
-    mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
-    sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"frechet_distance needs means (D,) and covariances (D, D) of one D; got {mu1.shape}, "
-            f"{sigma1.shape}, {mu2.shape}, {sigma2.shape}"
-        )
-    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise ValueError("frechet_distance got non-finite statistics (NaN or inf features?)")
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
-
-
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr (sigma1 sigma2)^(1/2) for symmetric PSD (D, D) matrices, through symmetric eigendecompositions."""
-    # Symmetrise first: covariances accumulated in float64 are symmetric only up to round-off.
-    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # sigma1^(1/2)
-    inner = root1 @ sigma2 @ root1
-    eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())  # negative eigenvalues are round-off
-
-
-class FeatureStats:
-    """Running float64 mean and covariance of features (N, D), added a batch at a time.
-
-    It keeps sums (count, sum of x, sum of x x^T), so statistics of disjoint sample sets combine by adding
-    them: ``merge_`` in one process, ``all_reduce_`` across the processes of a DDP run.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.sum: torch.Tensor | None = None  # (D,)
-        self.outer: torch.Tensor | None = None  # (D, D), sum of x x^T
-
-    def update(self, features: torch.Tensor) -> None:
-        """Add features (N, D) (any float dtype or device)."""
-        if features.dim() != 2:
-            raise ValueError(f"features must be (N, D); got shape {tuple(features.shape)}")
-        x = features.detach().to(device="cpu", dtype=torch.float64)
-        if self.sum is None:
-            self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
-            self.outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-        elif x.shape[1] != self.sum.shape[0]:
-            raise ValueError(f"feature size changed from {self.sum.shape[0]} to {x.shape[1]}")
-        if not torch.isfinite(x).all():
-            raise FIDError("the feature extractor returned NaN or inf")
-        self.sum += x.sum(0)
-        self.outer += x.T @ x
-        self.count += x.shape[0]
-
-    def merge_(self, other: FeatureStats) -> FeatureStats:
-        """Add other's sums to these (in place; returns self): the statistics of both sample sets together."""
-        if other.sum is None:
-            return self
-        if self.sum is None:
-            self.sum, self.outer = other.sum.clone(), other.outer.clone()
-        elif other.sum.shape != self.sum.shape:
-            raise ValueError(f"cannot merge statistics of {other.sum.shape[0]} and {self.sum.shape[0]} features")
-        else:
-            self.sum += other.sum
-            self.outer += other.outer
-        self.count += other.count
-        return self
-
-    def all_reduce_(self) -> FeatureStats:
-        """Sum count, sum and outer-product sum over every process, in float64 (in place; returns self).
-
-        A collective: every process must call it, also one that saw no features. A no-op in one process.
-        """
-        if not is_initialized():
-            return self
-        device = collective_device()
-        dim = torch.tensor([0 if self.sum is None else self.sum.shape[0]], device=device)
-        all_reduce_(dim, "max")  # a process with no samples learns D from the others
-        d = int(dim.item())
-        if d == 0:
-            return self
-        if self.sum is None:
-            self.sum = torch.zeros(d, dtype=torch.float64)
-            self.outer = torch.zeros(d, d, dtype=torch.float64)
-        count = torch.tensor([float(self.count)], dtype=torch.float64)  # exact up to 2**53 samples
-        packed = torch.cat([count, self.sum, self.outer.reshape(-1)]).to(device)
-        all_reduce_(packed, "sum")
-        packed = packed.cpu()
-        self.count = int(packed[0].item())
-        self.sum = packed[1 : d + 1].clone()
-        self.outer = packed[d + 1 :].reshape(d, d).clone()
-        return self
-
-    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (D,) and unbiased covariance (D, D), float64 (np.cov's N - 1 normalisation, as torchmetrics)."""
-        if self.count < 2:
-            raise FIDError(f"FID needs at least 2 images per set; got {self.count}")
-        mu = self.sum / self.count
-        sigma = (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
-        return mu.numpy(), sigma.numpy()
-
-
-#################################################################################
-#                            Feature extraction                                 #
-#################################################################################
-
-
-def load_inception(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """torchmetrics' FID Inception-v3 (2048-d pool features, torch-fidelity weights), legacy resize, on device.
-
-    The module maps uint8 (N, 3, H, W) to float32 (N, 2048). Weights come from ``weights_path`` or torch.hub's
-    cache, downloaded there on first use; when that is impossible a FIDError says where to put the file.
-    """
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    kwargs: dict[str, Any] = {"feature": INCEPTION_FEATURES, "normalize": False, "antialias": False}
-    if weights_path is not None:
-        weights_path = Path(weights_path).expanduser()
-        if not weights_path.is_file():
-            raise FIDError(f"Inception weights not found: {weights_path} (expected {INCEPTION_FILENAME})")
-        kwargs["feature_extractor_weights_path"] = str(weights_path)
-    try:
-        metric = FrechetInceptionDistance(**kwargs)
-    except (ModuleNotFoundError, ImportError) as e:
-        raise FIDError(f"FID needs torch-fidelity: pip install torch-fidelity ({e})") from None
-    except Exception as e:  # urllib, http and hub errors all mean: the weights could not be fetched
-        if weights_path is not None:  # one line: a mismatch would list every key of both state dicts
-            try:
-                held = torch.load(weights_path, map_location="cpu", weights_only=True)
-            except Exception:
-                held = None
-            what = (
-                "it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
-                if isinstance(held, dict) and {"model_config", "model"} <= held.keys()
-                else f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})"
-            )
-            raise FIDError(
-                f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
-                f"from {INCEPTION_URL}"
-            ) from None
-        target = inception_weights_path()
-        raise FIDError(
-            f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "
-            f"and put it in {target.parent}/ as {target.name} (or pass its path with --inception-weights)"
-        ) from None
-    inception = metric.inception
-    inception.num_features = INCEPTION_FEATURES
-    return inception.to(device).eval()
-
-
-def load_inception_logits(
-    device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None
-) -> nn.Module:
-    """The same Inception-v3 giving its 1008 class logits ("logits_unbiased", torch-fidelity's Inception Score
-    feature), legacy resize, on device; weights as for ``load_inception``."""
-    from torchmetrics.image.fid import NoTrainInceptionV3
-
-    weights = str(Path(weights_path).expanduser()) if weights_path is not None else None
-    try:
-        net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["logits_unbiased"],
-            feature_extractor_weights_path=weights,
-            antialias=False,
-        )
-    except Exception as e:
-        raise FIDError(
-            f"cannot get the Inception-v3 weights for the Inception Score ({type(e).__name__}: {e}); "
-            f"download {INCEPTION_URL} into {inception_weights_path().parent}/"
-        ) from None
-    return net.to(device).eval()
-
-
-def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (Salimans et al. 2016) of class logits (N, K): exp(E_x KL(p(y|x) || p(y))) on each of
-    ``splits`` equal parts, float64; returns the mean and standard deviation over the parts, as torch-fidelity."""
-    p = torch.softmax(logits.double(), dim=1)
-    log_p = torch.log_softmax(logits.double(), dim=1)
-    scores = []
-    for part, log_part in zip(p.chunk(splits), log_p.chunk(splits), strict=True):
-        marginal = part.mean(0, keepdim=True)
-        kl = (part * (log_part - marginal.log())).sum(1).mean()
-        scores.append(kl.exp())
-    scores_t = torch.stack(scores)
-    return float(scores_t.mean()), float(scores_t.std(unbiased=True)) if len(scores) > 1 else 0.0
-
-
-def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """Images (N, C, H, W), C in {1, 3}, float in [0, 1] or uint8 -> uint8 (N, 3, H, W), gray repeated."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be (N, 1 or 3, H, W); got shape {tuple(images.shape)}")
-    if images.dtype != torch.uint8:
-        if not images.is_floating_point():
-            raise ValueError(f"images must be uint8 or float in [0, 1]; got {images.dtype}")
-        images = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)  # like saving a PNG
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    return images.contiguous()
-
-
-@torch.no_grad()
-def extract_features(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Features (N, D) of images (N, C, H, W) (uint8, or float in [0, 1]) on the extractor's device."""
-    feats = extractor(to_uint8_rgb(images).to(module_device_dtype(extractor)[0]))
-    if feats.dim() == 1:
-        feats = feats.unsqueeze(0)
-    if feats.dim() != 2 or feats.shape[0] != images.shape[0]:
-        raise FIDError(f"feature extractor must return (N, D) for N={images.shape[0]}; got {tuple(feats.shape)}")
-    return feats
-
-
-def extractor_id(extractor: nn.Module) -> str:
-    """Identity of a feature extractor for the stats cache: class, protocol options and a state_dict hash."""
-    h = hashlib.sha256()
-    for name, t in sorted(extractor.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    parts = [type(extractor).__module__ + "." + type(extractor).__qualname__]
-    for attr in ("features_list", "use_antialias", "INPUT_IMAGE_SIZE"):  # torchmetrics' Inception options
-        if hasattr(extractor, attr):
-            parts.append(f"{attr}={getattr(extractor, attr)}")
-    parts.append(h.hexdigest()[:16])
-    return ",".join(parts)
-
-
-#################################################################################
-#                               Real statistics                                 #
-#################################################################################
 
 
 def dataset_fingerprint(dataset: ImageDataset) -> str:
@@ -336,13 +64,10 @@ def dataset_statistics(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items.
-
-    ``num_images`` < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut
-    to its first classes. Batches come from a plain DataLoader: a dataset held in memory fetches each with one
-    gather (``__getitems__``) in this process; one read from disk uses ``num_workers`` loader processes.
-    should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request).
-    """
+    """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items; ``num_images``
+    < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut to its first classes.
+    A dataset in memory gathers each batch in this process (``__getitems__``); one on disk uses loader workers.
+    should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request)."""
     n_total = len(dataset)
     n = n_total if num_images is None else int(num_images)
     if not 2 <= n <= n_total:
@@ -381,36 +106,17 @@ def real_statistics(
     dataset: Any | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set, cached on disk.
-
-    The dataset comes from ``data.build_dataset`` (a fresh one: the training stream is never touched).
-    The cache file in ``cache_dir`` (default ``default_cache_dir()``) is reused only when dataset name, split,
-    image size, channels, data content, extractor (``extractor_id``) and image count all match; otherwise the
-    statistics are recomputed and written. Images go to the extractor's device. ``info``, when given, is
-    filled with the cache path, whether it was a hit, the image count and the extractor id. ``dataset``: the
-    dataset these arguments build, when the caller already has it (it is fingerprinted all the same).
-    ``should_stop``: as for ``dataset_statistics`` (nothing is cached then).
-    """
+    """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set (a fresh ``build_dataset``, or
+    ``dataset`` when the caller has it), cached in ``cache_dir`` under a key of everything that changes them (module
+    docstring). ``info`` gets the cache path, whether it was a hit, the image count and the extractor id.
+    ``should_stop``: as for ``dataset_statistics`` (nothing is cached then)."""
     if dataset is None:
-        dataset = build_dataset(
-            dataset_name,
-            root=root,
-            image_size=image_size,
-            channels=channels,
-            train=split == "train",
-            download=download,
-        )
+        train = split == "train"
+        dataset = build_dataset(dataset_name, root, image_size, channels, train=train, download=download)
     n = len(dataset) if num_images is None else int(num_images)
-    key = dict(
-        version=STATS_VERSION,
-        dataset=dataset_name,
-        split=split,
-        image_size=int(image_size),
-        channels=int(channels),
-        data=dataset_fingerprint(dataset),
-        extractor=extractor_id(extractor),
-        num_images=n,
-    )
+    key = {"version": STATS_VERSION, "dataset": dataset_name, "split": split, "image_size": int(image_size)}
+    key |= {"channels": int(channels), "data": dataset_fingerprint(dataset), "extractor": extractor_id(extractor)}
+    key["num_images"] = n
     key_json = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
@@ -425,44 +131,77 @@ def real_statistics(
     except (OSError, ValueError, KeyError, EOFError):
         pass
     start = time.perf_counter()
-    mu, sigma = dataset_statistics(
-        dataset,
-        extractor,
-        batch_size=batch_size,
-        num_images=n,
-        num_workers=num_workers,
-        progress=progress,
-        should_stop=should_stop,
-    )
-    # Written atomically (utils.io), so a killed run leaves no half file.
+    kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress, "should_stop": should_stop}
+    mu, sigma = dataset_statistics(dataset, extractor, num_images=n, **kw)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json)))
     info["seconds"] = time.perf_counter() - start
+    return mu, sigma
+
+
+def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
+    """An npz file opened lazily (use it in a with block); a one-line FIDError when it is missing, a single array
+    (.npy) or not an npz at all."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FIDError(f"{path} not found")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except Exception as e:  # random bytes: numpy's own message suggests allow_pickle, which would run code
+        raise FIDError(f"{path} is not an npz file ({type(e).__name__})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise FIDError(f"{path} holds a single array (.npy), not an npz of named arrays")
+    return f
+
+
+def npz_statistics(
+    f: np.lib.npyio.NpzFile, path: str | os.PathLike, keys: tuple[str, str], dim: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D), float64, under ``keys`` of an open npz, checked: present and readable, D =
+    dim (when given), finite, the covariance symmetric and positive semi-definite up to round-off (relative 1e-5
+    and 1e-4 of its largest entry); a one-line FIDError naming what is wrong."""
+    m, s = keys
+    if missing := [k for k in keys if k not in f.files]:
+        raise FIDError(
+            f"{path} holds no reference statistics ({', '.join(missing)} missing; it holds {', '.join(f.files)})"
+        )
+    try:
+        mu, sigma = f[m].astype(np.float64), f[s].astype(np.float64)
+    except Exception as e:
+        raise FIDError(f"cannot read {m} and {s} of {path} ({type(e).__name__})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise FIDError(f"{path}: {m} {mu.shape} and {s} {sigma.shape} are not a mean (D,) and its covariance (D, D)")
+    if dim is not None and mu.shape[0] != dim:
+        raise FIDError(f"{path} has {mu.shape[0]}-d statistics; the feature extractor gives {dim}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: {m} or {s} holds NaN or inf")
+    scale = np.abs(sigma).max()
+    if np.abs(sigma - sigma.T).max() > 1e-5 * scale:
+        raise FIDError(f"{path}: {s} is not symmetric, so not a covariance")
+    if (low := np.linalg.eigvalsh(sigma)[0]) < -1e-4 * scale:
+        raise FIDError(f"{path}: {s} has the eigenvalue {low:.3g} < 0, so it is not a covariance")
     return mu, sigma
 
 
 def reference_statistics(
     path: str | os.PathLike, extractor: nn.Module | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma``, and what it is.
+    """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma`` (checked as
+    ``npz_statistics`` says; D that of ``extractor``, Inception's without one), and what the file is.
 
-    Takes the reference batches of ADM's evaluation suite (``VIRTUAL_imagenet256_labeled.npz``: its ``mu`` and
-    ``sigma`` are the pool features of the same TF Inception-v3 weights as ours, of 50k centre-cropped ImageNet
-    training images) and this module's own cache files. With ``extractor`` its feature size must match."""
-    path = Path(path).expanduser()
+    Takes ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: pool features of the same TF Inception-v3
+    weights, of 50k centre-cropped ImageNet training images) and this module's own cache files."""
+    dim = INCEPTION_FEATURES if extractor is None else getattr(extractor, "num_features", None)
+    with open_npz(path) as f:
+        mu, sigma = npz_statistics(f, path, ("mu", "sigma"), dim)
+        return mu, sigma, str(f["key"]) if "key" in f.files else f"{Path(path).name} (mu, sigma)"
+
+
+def check_reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None, flag: str = "") -> None:
+    """``reference_statistics``' checks at a script's start-up: a ConfigError (exit 2) naming the flag."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if "mu" not in f.files or "sigma" not in f.files:
-                raise FIDError(f"{path} holds no reference statistics (mu and sigma); it has {', '.join(f.files)}")
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            what = str(f["key"]) if "key" in f.files else f"{path.name} (mu, sigma)"
-    except (OSError, ValueError, EOFError) as e:
-        raise FIDError(f"cannot read reference statistics {path}: {type(e).__name__}: {e}") from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance")
-    dim = getattr(extractor, "num_features", None)
-    if dim is not None and mu.shape[0] != dim:
-        raise FIDError(f"{path} has {mu.shape[0]}-d statistics; the feature extractor gives {dim}")
-    return mu, sigma, what
+        reference_statistics(path, extractor)
+    except FIDError as e:
+        raise ConfigError(f"{flag} {e}".strip()) from None
 
 
 #################################################################################

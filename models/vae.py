@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,20 +76,25 @@ class LatentSpace:
 def load_autoencoder(name: str, revision: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """The diffusers AutoencoderKL ``name`` (hub id or local folder) in float32 and eval mode on device.
 
-    Raises VAEError (one line) when diffusers is missing, when a local folder holds no such model, or when the
-    weights are neither in the Hugging Face cache nor downloadable (the message says how to fetch them)."""
+    Raises VAEError (one line) when diffusers is missing, when a local folder is not there or holds no such model,
+    or when the weights are neither in the Hugging Face cache nor downloadable (the message says how to fetch them)."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
         raise VAEError(f"latent models need diffusers: pip install diffusers ({e})") from None
     local = Path(name).expanduser()
+    if not local.is_dir() and (name.startswith(("/", ".", "~")) or name.count("/") > 1):  # a path, not owner/name
+        raise VAEError(
+            f"the VAE folder {local} is not there (moved?); pass --vae with its new place (a folder written by "
+            "AutoencoderKL.save_pretrained) or the hub id of the same model"
+        )
     try:
         if local.is_dir():
             vae = AutoencoderKL.from_pretrained(str(local), low_cpu_mem_usage=False)
         else:
             vae = AutoencoderKL.from_pretrained(name, revision=revision, low_cpu_mem_usage=False)
     except Exception as e:  # OSError, ValueError, hub and HTTP errors: all mean this model cannot be had here
-        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        reason = textwrap.shorten(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 300)  # whole words
         if local.is_dir():
             raise VAEError(
                 f"{local} is not a diffusers AutoencoderKL folder (config.json and weights): {reason}"

@@ -219,7 +219,7 @@ class Sampler:
     @classmethod
     def from_checkpoint(
         cls,
-        path: str | Path,
+        path: str | Path | dict[str, Any],
         ema: bool = True,
         device: str | torch.device = "auto",
         vae: str | None = None,
@@ -229,9 +229,9 @@ class Sampler:
         ("auto", "cpu", "cuda", "cuda:N" or "mps"; the file loads on any device whatever device saved it).
         Without a ``method`` (or with None) it samples with its objective's ``sample_method``. A latent DiT's
         samples are decoded by the VAE its checkpoint names (``vae``: another copy of it, a folder or hub id),
-        loaded only when ``decode`` is on."""
+        loaded only when ``decode`` is on. ``path`` may also be a checkpoint already loaded (``load_checkpoint``)."""
         device = resolve_device(str(device))
-        state = load_checkpoint(path)
+        state = path if isinstance(path, dict) else load_checkpoint(path)
         if options.get("method") is None:
             options = {**options, "method": checkpoint_sample_method(state)}
         model = model_from_checkpoint(state, ema=ema, device=device)

@@ -17,20 +17,15 @@ import torch.nn as nn
 
 import evaluate
 from data import build_dataset
-from evaluation.fid import (
+from evaluation.fid import balanced_labels, compute_fid, dataset_statistics, real_statistics
+from evaluation.inception import (
     INCEPTION_FILENAME,
     INCEPTION_URL,
-    FeatureStats,
-    FIDError,
-    balanced_labels,
-    compute_fid,
-    dataset_statistics,
     extract_features,
-    frechet_distance,
     load_inception,
-    real_statistics,
     to_uint8_rgb,
 )
+from evaluation.metrics import FeatureStats, FIDError, frechet_distance
 from models.dit import DiT
 from sampler import Sampler
 from utils.checkpoint import save_checkpoint
@@ -320,7 +315,7 @@ def test_load_inception_offline_names_the_file_and_folder(tmp_path, monkeypatch)
         load_inception("cpu")
     msg = str(e.value)
     assert "\n" not in msg and INCEPTION_URL in msg and str(tmp_path / "hub" / "checkpoints") in msg
-    assert INCEPTION_FILENAME in msg and "--inception-weights" in msg
+    assert INCEPTION_FILENAME in msg
     with pytest.raises(FIDError, match="not found"):
         load_inception("cpu", weights_path=tmp_path / "missing.pth")
 
@@ -341,8 +336,12 @@ def test_load_inception_from_a_training_checkpoint_is_one_short_line(tmp_path):
 
 
 def test_load_inception_uses_the_legacy_tensorflow_resize(monkeypatch):
-    """Same weights, same uint8 input: torchmetrics' module as configured equals torch-fidelity's original."""
+    """Same weights, same uint8 input: torchmetrics' module as configured equals torch-fidelity's original, and
+    InceptionSuite gives its pool features, its unbiased logits and ADM's spatial features in one pass (the first 7
+    channels of Mixed_6d's 1x1 branch, flattened in TF's (H, W, C) order)."""
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    from evaluation.inception import InceptionSuite
 
     # random weights instead of a download: the test is about the pipeline, not the trained network
     monkeypatch.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: None)
@@ -354,13 +353,21 @@ def test_load_inception_uses_the_legacy_tensorflow_resize(monkeypatch):
         for m in inception.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / m.weight[0].numel()) ** 0.5)
-    original = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    original = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
     nn.Module.load_state_dict(original, inception.state_dict())
+    seen = []
+    original.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: seen.append(out.clone()))
     x = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8, generator=g)
     feats = extract_features(inception, x)
-    ref = original(x)[0]
+    ref, logits = original(x)
     assert feats.shape == (1, 2048) and ref.abs().mean() > 0.05
     torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        suite = InceptionSuite(inception)(x)
+    spatial = seen[0][:, :7].permute(0, 2, 3, 1).reshape(1, -1)  # (1, 17 * 17 * 7)
+    assert seen[0].shape == (1, 192, 17, 17) and suite["spatial"][0, 1] == seen[0][0, 1, 0, 0]
+    for got, want in ((suite["pool"], ref), (suite["logits"], logits), (suite["spatial"], spatial)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     inception.use_antialias = True  # torchmetrics' default since 1.8: measurably another pipeline
     assert (extract_features(inception, x) - ref).abs().max() > 1e-2
 
@@ -426,8 +433,9 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     assert data == json.loads(json.dumps(result))
     assert data["num_samples"] == 45 and data["nfe"] == 2 and data["wall_time_s"] > 0
     assert data["step"] == 7 and data["ema"] is True and data["class_balanced"] and data["num_classes"] == 10
-    assert data["dataset"] == "digits" and data["split"] == "train" and data["image_size"] == 8
-    assert data["channels"] == 1 and data["real_images"] == 1797 and data["feature_dim"] == 16
+    ref = data["reference"]
+    assert ref["dataset"] == "digits" and ref["split"] == "train" and data["image_size"] == 8
+    assert data["channels"] == 1 and data["real_images"] == ref["num_images"] == 1797
     sampling = (
         "method",
         "steps",
@@ -455,8 +463,9 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     assert data["config"] == json.loads(json.dumps(asdict(cfg))) and "sampling" not in data  # the settings once
     assert data["method"] == "euler" and set(data["versions"]) == {"torch", "torchmetrics", "numpy", "scipy"}
     assert data["versions"]["numpy"] == np.__version__
-    assert data["checkpoint"] == str(ckpt.resolve()) and Path(data["real_stats_cache"]).is_file()
-    assert not data["real_stats_cache_hit"] and data["config"]["num_samples"] == 45
+    assert data["checkpoint"] == str(ckpt.resolve()) and Path(ref["cache_path"]).is_file()
+    assert not ref["cache_hit"] and data["config"]["num_samples"] == 45 and data["metrics"] == ["fid"]
+    assert not list((tmp_path / "run").glob("*.parts"))  # the shards are gone once the JSON is written
     assert f"FID {data['fid']:.4f}" in capsys.readouterr().out
 
     # known answer: the FID of the sampler's own seeded samples (sample i depends only on (seed, i))
@@ -471,7 +480,7 @@ def test_evaluate_end_to_end_with_injected_extractor(tmp_path, monkeypatch, caps
     with pytest.raises(ValueError, match="already exists"):
         evaluate.main(cfg, extractor=TinyExtractor())
     again = evaluate.main(evaluate.parse_args(argv + ["--overwrite"]), extractor=TinyExtractor())
-    assert again["real_stats_cache_hit"] and again["fid"] == pytest.approx(data["fid"], rel=1e-9)
+    assert again["reference"]["cache_hit"] and again["fid"] == pytest.approx(data["fid"], rel=1e-9)
     # other settings: another file beside the first
     other = evaluate.main(evaluate.parse_args(argv + ["--cfg-scale", "2"]), extractor=TinyExtractor())
     assert len(list((tmp_path / "run").glob("*.json"))) == 2 and other["config"]["cfg_scale"] == 2.0
@@ -498,7 +507,7 @@ def test_evaluate_cli_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: pytest.fail("Inception must not be loaded"))
     with pytest.raises(SystemExit) as e:
         evaluate.cli(["--ckpt", str(tmp_path / "missing.pt"), "--stats-dir", str(tmp_path)])
-    assert str(e.value).startswith("error: checkpoint not found") and "\n" not in str(e.value)
+    assert str(e.value).startswith("error: checkpoint not found") and "\n" not in str(e.value) and e.value.code == 2
     ckpt = tmp_path / "c.pt"
     tiny_checkpoint(ckpt, tmp_path)
     with pytest.raises(SystemExit) as e:  # the digits are gray: CIFAR-10 does not fit a 1-channel model
@@ -545,14 +554,14 @@ def test_evaluate_records_the_resolved_precision(tmp_path, monkeypatch):
     auto = evaluate.main(evaluate.parse_args(argv), extractor=TinyExtractor())
     bf16 = evaluate.main(evaluate.parse_args([*argv, "--precision", "bf16"]), extractor=TinyExtractor())
     # auto is fp32 on the CPU; the JSON keeps both what was asked and what ran, and bf16 gets its own file
-    assert auto["precision"] == "fp32" and auto["config"]["precision"] == "auto" and auto["device"] == "cpu"
-    assert bf16["precision"] == "bf16" and bf16["config"]["precision"] == "bf16"
+    assert auto["network_precision"] == "fp32" and auto["config"]["precision"] == "auto"
+    assert bf16["network_precision"] == "bf16" and bf16["config"]["precision"] == "bf16"
     files = sorted(f.name for f in (tmp_path / "run").glob("*.json"))
     assert len(files) == 2 and any("-ema-fp32-" in f for f in files) and any("-ema-bf16-" in f for f in files)
     assert bf16["fid"] != auto["fid"] and bf16["fid"] == pytest.approx(auto["fid"], rel=0.5)
     for f in files:
         data = json.loads((tmp_path / "run" / f).read_text())
-        assert data["precision"] in f
+        assert data["network_precision"] in f
 
 
 def test_evaluate_records_the_resolved_method(tmp_path, monkeypatch):

@@ -171,14 +171,16 @@ def test_extraction_stores_both_flips_of_the_centre_crops(world):
     assert np.allclose(index["stats"]["std"], std.numpy(), rtol=1e-6)
 
 
-def test_a_killed_extraction_continues_to_the_same_bytes(world, tmp_path):
+def test_a_killed_extraction_continues_to_the_same_bytes(world, tmp_path, capsys):
     part = tmp_path / "latents"
     part.mkdir()
-    # What a kill after the first shard leaves: the settings, one complete shard, a temporary file of the next.
-    for name in ("extraction.json", "shard-00000.safetensors"):
+    # What a kill after the first shard leaves: the settings, one complete shard and its sha256, a temporary file of
+    # the next.
+    for name in ("extraction.json", "shard-00000.safetensors", "shard-00000.safetensors.sha256"):
         shutil.copy(world / "latents" / name, part / name)
     (part / ".shard-00001.safetensors.tmp123").write_bytes(b"half a shard")
     assert extract(world / "images", part, world / "vae") == 0
+    assert "1 of 3 shards already in" in capsys.readouterr().out
     whole = files(world / "latents")
     got = {k: v for k, v in files(part).items() if not k.endswith(".tmp123")}
     assert got.keys() == whole.keys() and all(got[k] == whole[k] for k in whole)

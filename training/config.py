@@ -113,6 +113,7 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
     flip: bool = arg(True, "random horizontal flips")
     num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
     data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
+    vae: str | None = arg(None, "latents: a copy of the index's VAE (folder or hub id), e.g. when it moved")
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
     batch_size: int = arg(128, "global batch size, split over DDP processes", min=1)
     lr: float = arg(1e-4, "AdamW learning rate, constant after warm-up", gt=0)

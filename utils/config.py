@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import math
 import operator
+import sys
 import typing
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
@@ -190,3 +191,13 @@ def flag_values(cfg: Config) -> list[str]:
         else:
             out += [name, str(value)]
     return out
+
+
+def script_exit(prog: str, error: Exception) -> SystemExit:
+    """What a script's ``cli`` raises for a known error: its one line printed on stderr, exit status 2 for bad input
+    (a ValueError, as argparse and train.py), 1 for a failed read or write (OSError); str() of it is the line."""
+    line = "error: " + " ".join(str(error).split())
+    print(f"{prog}: {line}", file=sys.stderr)
+    done = SystemExit(2 if isinstance(error, ValueError) else 1)
+    done.args = (line,)
+    return done

@@ -1,0 +1,134 @@
+"""Inception-v3 as published numbers use it: torch-fidelity's port of the TF 2015-12-05 weights, fed uint8 RGB and
+resized to 299 the TF-1 way (``antialias=False``: torchmetrics >= 1.8 antialiases by default, unlike the original).
+Gray images are repeated to 3 channels, images in [0, 1] rounded to uint8 like saved PNGs. Any module mapping uint8
+(N, 3, H, W) to (N, D) can stand in for it (tests inject small ones); only ``load_inception`` downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from evaluation.metrics import FIDError
+from utils.device import module_device_dtype
+
+# torch-fidelity's weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3), kept by torch.hub as
+# <torch.hub.get_dir()>/checkpoints/<file name>.
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_FEATURES = 2048
+SUITE_FEATURES = {"pool": INCEPTION_FEATURES, "spatial": 7 * 17 * 17}  # InceptionSuite's sizes (and 1008 logits)
+
+
+def inception_weights_path() -> Path:
+    """The file torch.hub reads the Inception weights from (and downloads them to)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
+
+
+def load_inception(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """torchmetrics' FID Inception-v3 (uint8 (N, 3, H, W) -> float32 pool features (N, 2048)), on device. Weights
+    come from ``weights_path`` or torch.hub's cache, downloaded there on first use; a FIDError says where to put them
+    when that is impossible."""
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    if weights_path is not None:
+        weights_path = Path(weights_path).expanduser()
+        if not weights_path.is_file():
+            raise FIDError(f"Inception weights not found: {weights_path} (expected {INCEPTION_FILENAME})")
+    try:
+        inception = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(INCEPTION_FEATURES)],
+            feature_extractor_weights_path=None if weights_path is None else str(weights_path),
+            antialias=False,
+        )
+    except (ModuleNotFoundError, ImportError) as e:
+        raise FIDError(f"FID needs torch-fidelity: pip install torch-fidelity ({e})") from None
+    except Exception as e:  # urllib, http and hub errors all mean: the weights could not be fetched
+        if weights_path is not None:  # one line: a mismatch would list every key of both state dicts
+            try:
+                held = torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception:
+                held = None
+            what = (
+                "it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
+                if isinstance(held, dict) and {"model_config", "model"} <= held.keys()
+                else f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})"
+            )
+            raise FIDError(
+                f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
+                f"from {INCEPTION_URL}"
+            ) from None
+        target = inception_weights_path()
+        raise FIDError(
+            f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "
+            f"and put it in {target.parent}/ as {target.name}"
+        ) from None
+    inception.num_features = INCEPTION_FEATURES
+    return inception.to(device).eval()
+
+
+class InceptionSuite(nn.Module):
+    """The features of ADM's evaluation suite in one pass of ``load_inception``'s module: uint8 (N, 3, H, W) ->
+    {"pool": (N, 2048) for FID and precision/recall, "spatial": (N, 2023) for sFID, "logits": (N, 1008) for the
+    Inception Score}.
+
+    spatial: ADM takes TF's ``mixed_6/conv``, the 1x1 branch of the fourth 17 x 17 block, which is torch-fidelity's
+    ``Mixed_6d.branch1x1`` (after its batch norm and ReLU, (N, 192, 17, 17)); it keeps the first 7 channels and
+    flattens them in TF's (H, W, C) order, the order of the ``mu_s``/``sigma_s`` of its reference batches. logits: the
+    class logits without the bias (torch-fidelity's "logits_unbiased", ADM's ``softmax/logits/MatMul``)."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.pool = pool  # real statistics cached for train.py's FID stay keyed by this module
+        self.spatial = None
+        pool.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, out: setattr(self, "spatial", out[:, :7]))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        pool = self.pool(x)
+        spatial = self.spatial.permute(0, 2, 3, 1).flatten(1)  # (N, 17, 17, 7) -> (N, 2023)
+        return {"pool": pool, "spatial": spatial, "logits": pool @ self.pool.fc.weight.T}
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W), C in {1, 3}, float in [0, 1] or uint8 -> uint8 (N, 3, H, W), gray repeated."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (N, 1 or 3, H, W); got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"images must be uint8 or float in [0, 1]; got {images.dtype}")
+        images = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)  # like saving a PNG
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.contiguous()
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Features (N, D) of images (N, C, H, W) (uint8, or float in [0, 1]) on the extractor's device."""
+    feats = extractor(to_uint8_rgb(images).to(module_device_dtype(extractor)[0]))
+    if feats.dim() == 1:
+        feats = feats.unsqueeze(0)
+    if feats.dim() != 2 or feats.shape[0] != images.shape[0]:
+        raise FIDError(f"feature extractor must return (N, D) for N={images.shape[0]}; got {tuple(feats.shape)}")
+    return feats
+
+
+def extractor_id(extractor: nn.Module) -> str:
+    """Identity of a feature extractor for the stats cache: class, protocol options and a state_dict hash."""
+    h = hashlib.sha256()
+    for name, t in sorted(extractor.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    parts = [type(extractor).__module__ + "." + type(extractor).__qualname__]
+    for attr in ("features_list", "use_antialias", "INPUT_IMAGE_SIZE"):  # torchmetrics' Inception options
+        if hasattr(extractor, attr):
+            parts.append(f"{attr}={getattr(extractor, attr)}")
+    parts.append(h.hexdigest()[:16])
+    return ",".join(parts)

@@ -11,7 +11,7 @@ the score is s = (t v - x) / (1 - t), and dx = [v + (w/2) s] dt + sqrt(w) dW kee
 SiT's "sigma" form w = 2 (1 - t) (its command line's default; REPA's 2 t in its reversed time) gives the drift
 (1 + t) v - x, finite up to t = 1; "SBDM" w = 2 (1 - t) / t is infinite at t = 0, where SiT's own sampler turns to NaN
 for a velocity network, so its window starts at SiT's sample_eps of other networks, 1e-3. Both end with a noise-free
-step of 0.04 to t = 1 (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here).
+step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here).
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Solver:
     nfe_per_step: int
     average_velocity: bool = False
     about: str = ""
-    stochastic: bool = False  # takes noise= (the Sampler's, from the seed) and the SamplingOptions' sde settings
+    stochastic: bool = False  # takes noise= (the Sampler's: sampling.sampler.step_noise) and the sde_* options
 
 
 SOLVERS: dict[str, Solver] = {

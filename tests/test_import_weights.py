@@ -71,6 +71,8 @@ def test_sit_velocity_and_guidance_equal_sits_own(tmp_path, arch, flags):
     ref = sit(**arch)
     out = imported(tmp_path, "sit", ref.state_dict(), *flags)
     sampler = Sampler.from_checkpoint(out, device="cpu")
+    guided = Sampler.from_checkpoint(out, device="cpu", cfg_scale=2.5)
+    everywhere = Sampler.from_checkpoint(out, device="cpu", cfg_scale=2.5, guidance_channels=4)
     x, y = inputs(ref)
     with torch.no_grad():
         for t in TIMES:
@@ -80,13 +82,10 @@ def test_sit_velocity_and_guidance_equal_sits_own(tmp_path, arch, flags):
             # guidance on 3 channels: SiT's forward_with_cfg on (x, x) with (y, null)
             null = torch.full_like(y, ref.num_classes)
             sit_cfg = ref.forward_with_cfg(torch.cat([x, x]), torch.full((2 * len(x),), t), torch.cat([y, null]), 2.5)
-            ours = sampler.velocity(x, t, y, options=sampler._options({"cfg_scale": 2.5}))
+            ours = guided.velocity(x, t, y)
             assert all_close(ours, sit_cfg[: len(x)], 1e-5), t
-            assert not all_close(
-                ours[:, 3],
-                sampler.velocity(x, t, y, options=sampler._options({"cfg_scale": 2.5, "guidance_channels": 4}))[:, 3],
-                1e-3,
-            )
+            assert all_close(everywhere.velocity(x, t, y)[:, :3], ours[:, :3], 1e-6)
+            assert not all_close(everywhere.velocity(x, t, y)[:, 3], ours[:, 3], 1e-3)  # the 4th guided too
 
 
 def test_repa_velocity_is_minus_its_output_at_one_minus_t(tmp_path):
@@ -96,6 +95,7 @@ def test_repa_velocity_is_minus_its_output_at_one_minus_t(tmp_path):
     ignored = [k for k in ref.state_dict() if k == "pos_embed" or k.startswith("projectors.")]
     assert sorted(state["source"]["ignored_keys"]) == sorted(ignored) and len(ignored) == 7
     sampler = Sampler.from_checkpoint(out, device="cpu")
+    guided = Sampler.from_checkpoint(out, device="cpu", cfg_scale=1.8, guidance_interval=(0.3, 1.0))
     x, y = inputs(ref)
     null = torch.full_like(y, ref.num_classes)
     with torch.no_grad():
@@ -105,8 +105,9 @@ def test_repa_velocity_is_minus_its_output_at_one_minus_t(tmp_path):
             assert all_close(sampler.velocity(x, t, y), expected, 1e-5), t
             # REPA guides every channel: v_u + s (v_c - v_u) of minus its outputs
             cond, uncond = -ref(x, tt, y)[0], -ref(x, tt, null)[0]
-            guided = sampler.velocity(x, t, y, options=sampler._options({"cfg_scale": 1.8}))
-            assert all_close(guided, uncond + 1.8 * (cond - uncond), 1e-5), t
+            # inside REPA's interval (its t <= 0.7) guided, outside not
+            expected = uncond + 1.8 * (cond - uncond) if t >= 0.3 else cond
+            assert all_close(guided.velocity(x, t, y), expected, 1e-5), t
 
 
 def test_checkpoint_records_the_vae_protocol_and_source(tmp_path, capsys):

@@ -5,12 +5,6 @@ ADM sample batch; docs/evaluation.md reproduces a paper's table.
     torchrun --nproc_per_node 8 evaluate.py --ckpt runs/imagenet256-xl2/checkpoints/last.pt --cfg-scale 1.5 \\
         --steps 250 --ref-batch VIRTUAL_imagenet256_labeled.npz --save-npz samples50k.npz
     python evaluate.py --samples samples50k.npz --ref-batch VIRTUAL_imagenet256_labeled.npz
-
-A checkpoint gives ``--num-samples`` images with class-balanced labels from its EMA weights, sample i from noise i of
-``--seed``, drawn in shards by every process into a folder beside the JSON (``evaluation/shards.py``: the same command
-continues a stopped or killed run, to the same bytes). The main process writes the ADM npz (``--save-npz``) and scores
-the samples against ``--ref-batch`` (every metric by default), ``--ref-stats`` (mu, sigma: FID) or the checkpoint's
-real set (FID against its cached statistics, ``evaluation/fid.py``). The JSON holds the numbers and every setting.
 """
 
 from __future__ import annotations
@@ -95,19 +89,16 @@ class EvalConfig(SamplingOptions):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> EvalConfig:
-    """Command-line flags -> EvalConfig."""
     return parse(EvalConfig, argv, "evaluate.py", __doc__.split("\n\n")[0])
 
 
 def result_path(cfg: EvalConfig, method: str, precision: str) -> Path:
-    """Where the JSON goes: --out-json, or beside the checkpoint (the sample batch), named by the settings that change
-    the numbers (method and precision as resolved)."""
+    """--out-json, or beside the checkpoint (the sample batch), named by the settings that change the numbers."""
     if cfg.out_json:
         return Path(cfg.out_json)
     if cfg.samples:
-        return Path(cfg.samples).with_name(
-            f"{Path(cfg.samples).stem}.vs-{Path(cfg.ref_batch or cfg.ref_stats).stem}.json"
-        )
+        samples = Path(cfg.samples)
+        return samples.with_name(f"{samples.stem}.vs-{Path(cfg.ref_batch or cfg.ref_stats).stem}.json")
     steps = "" if method in ADAPTIVE else str(cfg.steps)
     weights = "ema" if cfg.ema else "raw"
     name = f"{Path(cfg.ckpt).stem}.fid{cfg.num_samples}-{method}{steps}-cfg{cfg.cfg_scale:g}-{weights}-{precision}"
@@ -126,20 +117,19 @@ def main(
     logits_extractor: nn.Module | None = None,
     spatial_extractor: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Evaluate as cfg says, print the numbers and write the JSON; returns its contents on the main process ({} on the
-    others, {"stopped_by": signal} after a stop). ``extractor`` (pool features), ``logits_extractor`` and
-    ``spatial_extractor`` replace Inception's (uint8 (N, 3, H, W) -> (N, D)); a metric without its own is left out."""
+    """The JSON's contents on the main process ({} on the others, {"stopped_by": signal} after a stop). The extractors
+    (uint8 (N, 3, H, W) -> (N, D)) replace Inception's pool, logits and spatial features; a metric without one is
+    left out."""
     t_start, dist = time.perf_counter(), init_distributed(cfg.device)
+    given = {"pool": extractor, "logits": logits_extractor, "spatial": spatial_extractor}
     try:
-        return evaluate(
-            cfg, dist, {"pool": extractor, "logits": logits_extractor, "spatial": spatial_extractor}, t_start
-        )
+        return evaluate(cfg, dist, given, t_start)
     finally:
         cleanup()
 
 
 def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None], t_start: float) -> dict[str, Any]:
-    """``main`` inside the process group; what fails on bad input fails before the sampling."""
+    """``main`` inside the process group; bad input fails before the sampling."""
     injected = given["pool"] is not None
     metrics = [m for m in cfg.metrics.split(",") if not injected or given[FEATURE[m]] is not None]
     flag, ref_file = ("--ref-batch", cfg.ref_batch) if cfg.ref_batch else ("--ref-stats", cfg.ref_stats)
@@ -166,10 +156,8 @@ def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None]
     size, channels = (
         (space["image_size"], space["image_channels"]) if space else (sampler.input_size, sampler.in_channels)
     )
-    dataset, data_path = (
-        cfg.dataset or run.get("dataset", "cifar10"),
-        cfg.data_path or run.get("data_path", "./datasets"),
-    )
+    dataset = cfg.dataset or run.get("dataset", "cifar10")
+    data_path = cfg.data_path or run.get("data_path", "./datasets")
     real_set = None
     if "fid" in metrics and not ref_file and dist.is_main:  # the real set now: missing data fails first
         real_set = build_dataset(dataset, data_path, image_size=size, channels=channels, train=cfg.split == "train")
@@ -179,12 +167,8 @@ def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None]
     parts = out_json.with_suffix(".parts")  # the shards, until the JSON is written
     if cfg.save_npz and not parts.is_dir():  # with the shards there, the file is this evaluation's own
         refuse_existing(Path(cfg.save_npz), cfg)
-    settings = {
-        "checkpoint": str(Path(cfg.ckpt).resolve()),
-        "step": state.get("step"),
-        "ema": cfg.ema,
-        "seed": cfg.seed,
-    }
+    checkpoint = str(Path(cfg.ckpt).resolve())
+    settings = {"checkpoint": checkpoint, "step": state.get("step"), "ema": cfg.ema, "seed": cfg.seed}
     settings |= {**sampling_options(cfg), "method": method, "precision": precision, "num_samples": count}
     open_folder(parts, settings, cfg.overwrite, dist.is_main)
     features, pool = build_features(given, dist.device, cfg.inception_weights) if dist.is_main else (None, None)
@@ -205,13 +189,8 @@ def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None]
     t_scoring, info = time.perf_counter(), {"num_images": None}
     if "fid" in metrics and not ref_file:
         kw = {"split": cfg.split, "batch_size": cfg.batch_size, "num_images": cfg.real_images, "info": info}
-        kw |= {
-            "cache_dir": cfg.stats_dir,
-            "num_workers": cfg.num_workers,
-            "progress": cfg.progress,
-            "dataset": real_set,
-        }
-        reference["fid"] = real_statistics(dataset, data_path, size, channels, extractor=pool, **kw)
+        kw |= {"cache_dir": cfg.stats_dir, "num_workers": cfg.num_workers, "progress": cfg.progress}
+        reference["fid"] = real_statistics(dataset, data_path, size, channels, extractor=pool, dataset=real_set, **kw)
         path = str(Path(data_path).expanduser().resolve())
         out["reference"] = {"kind": "dataset", "dataset": dataset, "data_path": path, "split": cfg.split, **info}
     if cfg.save_npz:
@@ -221,7 +200,7 @@ def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None]
     nfes: list[int] = []
     batches = (nfes.append(nfe) or im for im, nfe in read_shards(parts, count, cfg.batch_size))
     scores = score(batches, features, metrics, reference, cfg.ref_batch, dist.device, cfg.progress)
-    out |= {"nfe": round(sum(nfes) / len(nfes)), "checkpoint": str(Path(cfg.ckpt).resolve()), "step": state.get("step")}
+    out |= {"nfe": round(sum(nfes) / len(nfes)), "checkpoint": checkpoint, "step": state.get("step")}
     out |= {"ema": cfg.ema, "num_classes": sampler.num_classes, "class_balanced": sampler.num_classes > 0}
     out |= {"real_images": info["num_images"], "image_size": size, "channels": channels, "latent_space": space}
     out |= {"samples_npz": cfg.save_npz and str(Path(cfg.save_npz).resolve()), "method": method}
@@ -233,8 +212,7 @@ def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None]
 
 
 def build_features(given: dict[str, nn.Module | None], device: torch.device, weights: str | None) -> tuple[Any, Any]:
-    """The features of the metrics (uint8 (N, 3, H, W) -> {"pool": (N, D), ...}) and the pool extractor: Inception's
-    in one pass (``InceptionSuite``), or the modules given."""
+    """The features (uint8 (N, 3, H, W) -> {"pool": (N, D), ...}) and the pool extractor: Inception's or those given."""
     if given["pool"] is None:
         suite = InceptionSuite(load_inception(device, weights))
         return (lambda x: suite(x.to(device))), suite.pool
@@ -242,7 +220,7 @@ def build_features(given: dict[str, nn.Module | None], device: torch.device, wei
 
 
 def finish(cfg: EvalConfig, out: dict, scores: dict, pool: Any, out_json: Path, t_start: float, how: str) -> dict:
-    """Write the JSON (the scores, what was scored, every setting) and print the numbers in one line."""
+    """Write the JSON (the scores, what was scored, every setting) and print the numbers."""
     result = {name: scores.get(name) for name in (*NAMES, "inception_score_std")} | out
     result |= {"feature_extractor": extractor_id(pool), "wall_time_s": time.perf_counter() - t_start}
     libs = {lib: version(lib) for lib in ("torchmetrics", "numpy", "scipy")}
@@ -255,8 +233,7 @@ def finish(cfg: EvalConfig, out: dict, scores: dict, pool: Any, out_json: Path, 
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """Entry point: known errors become one line on stderr, exit 2 for bad input, 1 for a failed write; a stop exits
-    with the signal's code (utils.preemption.EXIT_CODES)."""
+    """Entry point: a known error is one line on stderr (exit 2: bad input, 1: a failed write)."""
     try:
         result = main(parse_args(argv))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError, DataError and FIDError are ValueErrors

@@ -4,20 +4,8 @@
     torchrun --nproc_per_node 8 extract_latents.py --data-path /imagenet/train --image-size 256 --out latents/imagenet256
     python train.py --dataset latents --data-path latents/imagenet256 --model DiT-XL/2     # then train on them
 
-Images are read as ``--dataset folder`` reads them (sorted class folders give the labels) and centre-cropped as ADM
-and DiT do it (``data.folder.center_crop_arr``); each image and its mirror image are encoded by the VAE (``--vae``:
-a diffusers id or a local folder; default SD-VAE ft-EMA, DiT's) and the posterior means stored in float16
-(``data/latents.py`` has the format and why). Shard k holds images k * --shard-size ...; each is written
-atomically, and so is the index, last, once every shard is there.
-
-A killed extraction continues from its complete shards when the same command runs again and ends with the same
-bytes as an uninterrupted one (each shard's batches start at its first image). A rerun keeps a shard only when its
-size and its sha256 (recorded when written; ``--verify`` hashes every shard again) are right, else encodes it
-again, and writes the index from the records. OUT/extraction.json holds the settings; a folder of other settings,
-or in use by another extraction (``utils/runfolder.py``'s lock), is refused. Under torchrun process r encodes
-shards r, r + world_size, ...; rank 0 writes the index. ``--normalization`` (config: the VAE's scaling factor;
-stats: per-channel mean and std) only changes the index. Exit codes: 0 done, 2 bad input, 130 / 143 / 138
-stopped by SIGINT / SIGTERM / SIGUSR1 (complete shards kept), 1 other failures.
+The same command continues a stopped extraction to the same bytes (docs/latents.md: format, checks, exit codes).
+Under torchrun process r encodes shards r, r + world_size, ...; rank 0 writes the index.
 """
 
 from __future__ import annotations
@@ -63,9 +51,9 @@ from models.vae import (
     load_autoencoder,
     vae_revision,
 )
-from utils.config import Config, ConfigError, arg, parse
+from utils.config import Config, ConfigError, arg, parse, script_exit
 from utils.device import PRECISIONS, resolve_precision
-from utils.distributed import PeerError, all_ok, cleanup, first_then_others, init_distributed
+from utils.distributed import DistInfo, PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
 from utils.preemption import EXIT_CODES, SetupInterrupted
 from utils.runfolder import LOCK_NAME, hold_run_folder
@@ -136,8 +124,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
 
 
 def shard_damage(path: Path, key: str, count: int) -> str | None:
-    """Why a shard file cannot be kept, or None when it is of these settings, holds count latents and has the size
-    its header gives (atomic writes leave no half files, but a file can be damaged after its write)."""
+    """Why a shard cannot be kept, or None: of these settings, count latents, the size its header gives."""
     try:
         header, start = safetensors_header(path)
         if header.get("__metadata__", {}).get("settings") != key or header["labels"]["shape"] != [count]:
@@ -149,8 +136,7 @@ def shard_damage(path: Path, key: str, count: int) -> str | None:
 
 
 def kept_shards(out: Path, counts: dict[int, int], key: str, rehash: bool) -> set[int]:
-    """The shards of counts (shard: number of latents) already in out whole: of these settings, their size right and
-    their sha256 the one recorded when they were written; says which are damaged (they are encoded again)."""
+    """The shards of counts ({shard: latents}) already whole in out; says which are damaged (encoded again)."""
     there = {k: out / shard_name(k) for k in counts if (out / shard_name(k)).is_file()}
     bad = {k: why for k, path in there.items() if (why := shard_damage(path, key, counts[k]))}
     try:  # an index of these settings lists the sha256 of shards written before the records beside them existed
@@ -171,7 +157,7 @@ def kept_shards(out: Path, counts: dict[int, int], key: str, rehash: bool) -> se
 def encode_shard(
     codec: LatentCodec, dataset: ImageFolderDataset, first: int, count: int, cfg: ExtractConfig, bar: tqdm
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one shard: the latents of images first ... first + count - 1 and of their mirror images."""
+    """One shard's tensors; its batches start at its first image, so a rerun writes the same bytes."""
     subset = torch.utils.data.Subset(dataset, range(first, first + count))
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
     latents, labels = [], []
@@ -190,13 +176,8 @@ def encode_shard(
     except DataError as e:
         raise _worker_error(e) from None
     z = torch.cat(latents)
-    z64 = z.double()
-    return {
-        "latents": z.contiguous(),
-        "labels": torch.cat(labels),
-        "sum": z64.sum(dim=(0, 1, 3, 4)),
-        "sum_sq": z64.square().sum(dim=(0, 1, 3, 4)),
-    }
+    sums = {"sum": z.double().sum((0, 1, 3, 4)), "sum_sq": z.double().square().sum((0, 1, 3, 4))}  # (C,) each
+    return {"latents": z.contiguous(), "labels": torch.cat(labels), **sums}
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
@@ -211,7 +192,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
 def write_index(
     out: Path, cfg: ExtractConfig, settings: dict[str, Any], classes: list[str], vae: Any, num_shards: int
 ) -> dict[str, Any]:
-    """Merge the shards' statistics and write index.json (atomically) with their recorded sha256; returns it."""
+    """Merge the shards' statistics into index.json, with their recorded sha256; returns it."""
     total, total_sq, values, shards = 0.0, 0.0, 0, []
     for k in range(num_shards):
         path = out / shard_name(k)
@@ -219,14 +200,9 @@ def write_index(
         count = int(map_tensor(path, "labels", np.int64).shape[0])
         total, total_sq = total + np.asarray(s), total_sq + np.asarray(sq)
         values += count * 2 * math.prod(settings["latent_shape"][1:])
+        sha256 = recorded_digest(path)[0] or file_sha256(path)  # checked by kept_shards, or just written
         shards.append(
-            {
-                "file": path.name,
-                "first": k * cfg.shard_size,
-                "count": count,
-                "bytes": path.stat().st_size,
-                "sha256": recorded_digest(path)[0] or file_sha256(path),  # checked by kept_shards or just written
-            }
+            dict(file=path.name, first=k * cfg.shard_size, count=count, bytes=path.stat().st_size, sha256=sha256)
         )
     mean = total / values
     std = np.sqrt(np.maximum(total_sq / values - mean**2, 0.0))
@@ -277,7 +253,7 @@ def main(cfg: ExtractConfig) -> dict[str, Any]:
         cleanup()
 
 
-def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
+def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
     out, device = Path(cfg.out).expanduser(), dist.device
     dataset = ImageFolderDataset(Path(cfg.data_path).expanduser(), cfg.image_size, 3)  # DataError: empty, missing
     local = Path(cfg.vae).expanduser()
@@ -333,9 +309,7 @@ def extract(cfg: ExtractConfig, dist: Any) -> dict[str, Any]:
     except (DataError, OSError) as e:
         error = e
     if not all_ok(error is None):
-        if error is not None:
-            raise error
-        raise PeerError("another process failed")
+        raise error or PeerError("another process failed")
     index = None
     if dist.is_main:
         index = write_index(out, cfg, settings, dataset.classes, vae, num_shards)
@@ -355,29 +329,22 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Entry point: bad input is one line on stderr and exit 2; other failures exit 1."""
     rank0 = os.environ.get("RANK", "0") == "0"
     STOP.held, STOP.signum = False, None
     previous = {s: signal.signal(s, STOP) for s in STOP.signals}
     try:
         main(parse_args(argv))
     except SetupInterrupted as e:
+        kept = "the complete shards are kept: run the same command again to continue"
         if rank0:
-            print(
-                f"extract_latents.py: stopped by {e}; the complete shards are kept: run the same command again to "
-                "continue",
-                file=sys.stderr,
-            )
+            print(f"extract_latents.py: stopped by {e}; {kept}", file=sys.stderr)
         return EXIT_CODES[e.signum]
-    except (ConfigError, DataError, VAEError) as e:
-        if rank0 or not isinstance(e, ConfigError):
-            print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     except PeerError:
         return 1
-    except OSError as e:
-        print(f"extract_latents.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    except (ConfigError, DataError, VAEError, OSError) as e:  # a ConfigError is the same on every rank: rank 0 says it
+        if rank0 or not isinstance(e, ConfigError):
+            return script_exit("extract_latents.py", e).code
+        return 2
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -1,13 +1,11 @@
 """Sample images from a trained DiT by integrating the flow ODE dx/dt = v(x, t, y) from noise to data.
 
-Library use (the Sampler lives in sampling/sampler.py; image writers in evaluation/images.py)::
+As a library (``sampling/sampler.py``, ``evaluation/images.py``)::
 
     from sampler import Sampler, save_grid, to_gif
     sampler = Sampler.from_checkpoint("runs/cifar10/checkpoints/last.pt")   # or Sampler(model)
     images = sampler.sample(10, cfg_scale=2.5)                              # (10, C, H, W) in [0, 1]
     out = sampler.generate(10, cfg_scale=2.5)                               # Samples: images, labels, nfe, ...
-
-Command line (train.py writes OUT/checkpoints/last.pt, OUT defaulting to runs/DATASET)::
 
     python sampler.py --ckpt runs/cifar10/checkpoints/last.pt --n 64 --cfg-scale 2.5 --steps 20 --method heun \\
         --seed 0 --out grid.png --gif traj.gif --npz samples.npz
@@ -71,14 +69,11 @@ class SampleConfig(SamplingOptions):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SampleConfig:
-    """Command-line flags -> SampleConfig."""
     return parse(SampleConfig, argv, "sampler.py", __doc__.split("\n\n")[0])
 
 
 def main(cfg: SampleConfig) -> dict[str, Any]:
-    """Sample from cfg.ckpt and write the grid (and GIF / npz). Returns images (N, C, H, W) in [0, 1] on the CPU,
-    labels (N,) or None, the NFE, the resolved method and precision, and the config (method None there: the
-    checkpoint's objective's)."""
+    """Sample and write the grid (GIF, npz); returns images (N, C, H, W) in [0, 1], labels, NFE, method, precision."""
     state = load_checkpoint(cfg.ckpt)
     ckpt = Path(cfg.ckpt)
     grid = Path(cfg.out or (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent) / "samples.png")
@@ -118,7 +113,7 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
-    """Entry point: known errors become one line on stderr, exit 2 for bad input, 1 for a failed write."""
+    """Entry point: a known error is one line on stderr (exit 2: bad input, 1: a failed write)."""
     try:
         main(parse_args(argv))
     except (ValueError, OSError) as e:  # ConfigError, CheckpointError: ValueErrors

@@ -1,9 +1,6 @@
-"""The dataset interface (``ImageDataset``), its in-memory form (``TensorImageDataset``) and DataError.
-
-Items are un-augmented ``(uint8 image (C, H, W), int label)``: ``training_batch`` flips and scales a batch on the
-device (``data.loader.BatchStream``), so the same dataset gives the real images for FID statistics. Nothing outside
-data/ asks a dataset more than ``ImageDataset`` declares; datasets whose items are not images (``data/latents.py``)
-also answer ``native_size``, ``latent_space`` and ``fid_images``.
+"""The dataset interface (``ImageDataset``), its in-memory form (``TensorImageDataset``) and DataError. Items are
+un-augmented (uint8 image (C, H, W), int label) and ``training_batch`` flips and scales a batch on the device, so the
+same dataset gives the real images of FID.
 """
 
 from __future__ import annotations
@@ -93,12 +90,11 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], int(self.labels[index])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """A whole batch for DataLoader from one gather instead of item by item."""
+        """A whole batch for DataLoader from one gather."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return list(zip(self.images[index].unbind(0), self.labels[index].tolist(), strict=True))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tensors themselves (not copies)."""
         return self.images, self.labels
 
     @property

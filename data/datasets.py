@@ -1,11 +1,7 @@
 """The dataset registry, ``build_dataset`` (the one way the project gets a dataset), and the sets held in memory:
-``cifar10`` (torchvision's; downloaded into ``root``, or unpacked from an archive placed there; another image_size than
-32 resizes the set once, for experiments, not comparable FID), ``folder`` (data/folder.py), ``latents``
-(data/latents.py), and ``digits`` (scikit-learn's 1797 embedded 8x8 digits, for a CPU quick start without a
-download; no split).
-
-A new dataset is a class and a line, ``DATASETS["toy"] = ToyDataset``, from anywhere before the config is parsed:
-configs take the dict itself as their ``choices``, so ``--dataset toy`` is then accepted.
+``cifar10`` (torchvision's; another image_size than 32 resizes it once, for experiments, not comparable FID) and
+``digits`` (scikit-learn's 1797 embedded 8x8 digits: a CPU quick start without a download). A new dataset is a class
+and a line, ``DATASETS["toy"] = ToyDataset``, before the config is parsed.
 """
 
 from __future__ import annotations
@@ -47,8 +43,7 @@ class Cifar10Dataset(TensorImageDataset):
         root = Path(root).expanduser().resolve()
         archive, folder = root / CIFAR10.filename, root / CIFAR10.base_folder
         where = f"put the extracted folder at {folder} or the archive {archive.name} in {root} (from {CIFAR10_URL})"
-        if not download and not folder.exists() and archive.exists():
-            # an archive placed by hand, and no download asked for: unpack it here
+        if not download and not folder.exists() and archive.exists():  # an archive placed by hand: unpack it
             if not check_integrity(str(archive), CIFAR10.tgz_md5):
                 raise DataError(f"{archive} is damaged (md5 mismatch); {where}")
             extract_archive(str(archive), str(root))
@@ -99,8 +94,7 @@ def build_dataset(
     train: bool = True,
     download: bool = True,
 ) -> ImageDataset:
-    """The un-augmented dataset ``name`` (a key of DATASETS); ``root``: CIFAR-10's folder or the image folder.
-    Raises DataError for an unknown name, missing, empty or unreadable data, or settings that do not fit it."""
+    """The un-augmented dataset ``name``; DataError for missing or unreadable data or settings that do not fit it."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if channels not in (1, 3):

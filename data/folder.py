@@ -1,12 +1,7 @@
 """A folder with one sub-folder of images per class (sorted names give the labels; names starting with "." are
-skipped), read from disk item by item; no split.
-
-Images are converted to L or RGB and centre-cropped as ADM and DiT do (``center_crop_arr``), so an ImageNet folder's
-statistics match the published protocol and ``extract_latents.py``'s latents. Single-channel 16-bit and float images
-are scaled to 8 bits, never clipped as PIL's conversion would. A link to a directory inside a class is followed only
-when it leads outside every class folder, and each real directory is scanned once per class: no loops, no image
-counted twice or under another label. Headers are opened at build time and damaged pixels when decoded; either
-failure is a DataError naming the file.
+skipped), centre-cropped as ADM and DiT do. 16-bit and float gray images are scaled to 8 bits, never clipped as PIL
+would. A link to a directory inside a class is followed only when it leads outside every class folder, and each real
+directory is scanned once per class: no loops, no image counted twice or under another label.
 """
 
 from __future__ import annotations
@@ -52,13 +47,11 @@ class ImageFolderDataset(ImageDataset):
         except Exception as e:  # PIL raises many types for damaged files; all mean the same to the user
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
         img = center_crop_arr(img, self.image_size)
-        array = np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3); a copy, so torch may own it
-        if array.ndim == 2:
-            array = array[:, :, None]
+        array = np.atleast_3d(np.array(img, dtype=np.uint8))  # (H, W, 1 or 3); a copy, so torch may own it
         return torch.from_numpy(array).permute(2, 0, 1).contiguous(), label
 
     def fingerprint(self) -> str:
-        """A hash of every file's absolute path, label, size and modification time (no pixel is read)."""
+        """A hash of every file's path, label, size and modification time (no pixel is read)."""
         h = hashlib.sha256(f"len={len(self)}|crop=adm".encode())  # the preprocessing enters: caches follow it
         for path, label in self.samples:
             st = os.stat(path)
@@ -67,8 +60,7 @@ class ImageFolderDataset(ImageDataset):
 
 
 def to_8_bits(img: Image.Image, path: str | os.PathLike) -> Image.Image:
-    """A 16-bit (I;16*, I) or float (F) single-channel image as 8-bit L: round(v * 255 / 65535) or round(v * 255)
-    (DataError naming ``path`` for values outside the range); others unchanged."""
+    """A 16-bit (I;16*, I) or float (F) gray image as 8-bit L: round(v * 255 / 65535) or round(v * 255)."""
     if img.mode == "F":
         top, what = 1.0, "0..1 (float images are read as 0..1)"
     elif img.mode == "I" or img.mode.startswith("I;16"):
@@ -109,7 +101,7 @@ def _crosses_classes(real: Path, own: Path, classes: list[Path]) -> bool:
 
 
 def _class_images(top: Path, own: Path, classes: list[Path]) -> list[str]:
-    """Image paths under the class folder ``top`` (real path ``own``), sorted per directory; links as above."""
+    """Image paths under the class folder ``top`` (real path ``own``), sorted per directory."""
     found: list[str] = []
     visited = {own}
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
@@ -147,13 +139,9 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             "(a single sub-folder for unlabelled data)"
         )
     reals = [Path(os.path.realpath(root / name)) for name in classes]
-    samples: list[tuple[str, int]] = []
-    empty = []
-    for label, name in enumerate(classes):
-        found = _class_images(root / name, reals[label], reals)
-        if not found:
-            empty.append(name)
-        samples.extend((path, label) for path in found)
+    found = [_class_images(root / name, real, reals) for name, real in zip(classes, reals, strict=True)]
+    samples = [(path, label) for label, paths in enumerate(found) for path in paths]
+    empty = [name for name, paths in zip(classes, found, strict=True) if not paths]
     if len(empty) == len(classes):
         raise DataError(f"image folder {root} has no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
     if empty:

@@ -1,24 +1,12 @@
 """Pre-extracted VAE latents (``extract_latents.py``) as a dataset: ``--dataset latents --data-path FOLDER``.
 
-The folder holds safetensors shards and ``index.json``. Shard k (``shard-0000k.safetensors``) holds the images
-k * shard_size ... of the source folder in its (sorted) order:
-- ``latents``: float16 (n, 2, C, h, w): the VAE posterior's mean of each image (view 0) and of its mirror image
-  (view 1), unnormalised;
-- ``labels``: int64 (n,), the class index (sorted class-folder names);
-- ``sum``, ``sum_sq``: float64 (C,), the sums of the values and of their squares per channel over both views
-  (the per-channel statistics of the index are merged from them).
-Its safetensors metadata repeat the extraction settings' digest, so shards of other settings are never mixed.
-
-``index.json`` is written last, when every shard is there: format, count, classes, shards (file, first image,
-count, bytes, sha256), the source folder and its preprocessing, the latent statistics (mean and std per channel),
-and ``latent_space`` (``models.vae.LatentSpace``: VAE id and revision, image and latent shapes, and the shift and
-scale training applies, z = (z_vae - shift) * scale). Without a complete index the folder is not a dataset.
-
-The mean, twice (both flips), in float16: 21.0 GB for ImageNet at 256 px (docs/latents.md says why; float16 keeps 11
-significant bits to bfloat16's 8, and SD-VAE's |z| < 60 is far inside its range). Each shard's sha256 is taken once,
-from its bytes as written, and recorded beside it (``NAME.sha256``, sha256sum's format); a shard no newer than its
-record is trusted unread, any other hashed (then recorded again) before it is used.
-Training holds the set in memory (on a GPU by default) or reads the memory-mapped shards (``--no-data-on-device``).
+Shard k (``shard-0000k.safetensors``) holds images k * shard_size ... of the source folder in its sorted order:
+``latents`` float16 (n, 2, C, h, w), the unnormalised VAE posterior mean of each image (view 0) and of its mirror
+(view 1); ``labels`` int64 (n,); ``sum``, ``sum_sq`` float64 (C,) over both views, merged into the index's statistics.
+Its metadata hold the digest of the extraction settings, so shards of other settings never mix; its sha256 is
+recorded beside it (``NAME.sha256``). ``index.json``, written last, lists the shards (file, first, count, bytes,
+sha256), the classes, the source, the statistics and ``latent_space`` (``models.vae.LatentSpace``); without it the
+folder is not a dataset.
 """
 
 from __future__ import annotations
@@ -45,17 +33,15 @@ PREPROCESSING = "center_crop_arr (ADM): box halving while the short side >= 2 x 
 
 
 def shard_name(k: int) -> str:
-    """The file name of shard k."""
     return f"shard-{k:05d}.safetensors"
 
 
 def digest_path(shard: Path) -> Path:
-    """Where a shard's sha256 is recorded."""
     return shard.with_name(shard.name + ".sha256")
 
 
 def record_digest(shard: Path, sha256: str) -> None:
-    """Record a shard's sha256 beside it, atomically (``sha256sum -c`` reads the record too)."""
+    """Record a shard's sha256 beside it, atomically."""
     tmp = shard.with_name(f".{digest_path(shard).name}.{os.getpid()}.tmp")
     tmp.write_text(f"{sha256}  {shard.name}\n")
     os.replace(tmp, digest_path(shard))
@@ -76,9 +62,8 @@ def file_sha256(path: Path) -> str:
 
 
 def damaged_shards(expected: dict[Path, str | None], rehash: bool = False) -> dict[Path, str]:
-    """The shards that are not whole, each with why: a shard's sha256 must be the expected one (None: the one
-    recorded beside it). A shard no newer than a record that agrees is trusted unread unless rehash; the others are
-    hashed, several at once, and the records of those found right rewritten. Says how long the hashing took."""
+    """{shard: why} of those whose sha256 is not the expected one (None: the recorded one). A shard no newer than a
+    record that agrees is trusted unread unless rehash; the others are hashed, and their records renewed if right."""
     want, todo, bad = {}, [], {}
     for path, sha in expected.items():
         recorded, fresh = recorded_digest(path)
@@ -118,7 +103,7 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 def map_tensor(path: Path, name: str, dtype: np.dtype) -> np.ndarray:
-    """The tensor ``name`` of a safetensors file as a read-only numpy memory map (no copy)."""
+    """The tensor ``name`` of a safetensors file as a read-only numpy memory map."""
     header, start = safetensors_header(path)
     if name not in header:
         raise DataError(f"{path} holds no tensor {name!r}")
@@ -131,7 +116,7 @@ def map_tensor(path: Path, name: str, dtype: np.dtype) -> np.ndarray:
 
 
 def read_index(root: Path) -> dict[str, Any]:
-    """The index of a latents folder; DataError (saying how to make one) when it is missing or not one."""
+    """The index of a latents folder; DataError saying how to make one."""
     path = root / INDEX
     if not path.is_file():
         hint = " (an extraction was started there: run the same extract_latents.py command again to finish it)"
@@ -150,8 +135,7 @@ def read_index(root: Path) -> dict[str, Any]:
 
 
 class LatentDataset(ImageDataset):
-    """The latents of an ``extract_latents.py`` folder: items (float16 (2, C, h, w): the image's and its mirror's
-    latents, label), training batches float32 (B, C, h, w) normalised as the index says."""
+    """An extraction's latents: items (float16 (2, C, h, w) of the image and of its mirror, label)."""
 
     in_memory = True  # ImageNet's 21 GB fit on a training GPU; --no-data-on-device reads the mapped shards
 
@@ -199,9 +183,8 @@ class LatentDataset(ImageDataset):
 
     @classmethod
     def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> LatentDataset:
-        """The latents in root; image_size and channels must be those of the images they encode (the index's)."""
         dataset = cls(root)
-        want = (int(dataset.space["image_size"]), int(dataset.space["image_channels"]))
+        want = cls.native_size(root)
         if (image_size, channels) != want:
             raise DataError(
                 f"the latents in {root} encode {want[1]}-channel {want[0]}px images; got --image-size "
@@ -238,19 +221,16 @@ class LatentDataset(ImageDataset):
         return dict(self.space)
 
     def fingerprint(self) -> str:
-        """A hash of the index (which lists every shard's sha256)."""
+        """A hash of the index, which lists every shard's sha256."""
         return hashlib.sha256((self.root / INDEX).read_bytes()).hexdigest()[:16]
 
     def fid_images(self) -> tuple[str, Path, ImageDataset]:
-        """The source folder the latents were extracted from, centre-cropped the same way (ADM's protocol)."""
+        """The source folder of the latents, centre-cropped the same way."""
         source = Path(self.index["source"]["data_path"])
         if not source.is_dir():
             raise DataError(
                 f"the images the latents in {self.root} came from ({source}) are not on this machine; "
                 "pass reference statistics (--fid-ref-stats, e.g. ADM's VIRTUAL_imagenet256_labeled.npz)"
             )
-        return (
-            "folder",
-            source,
-            ImageFolderDataset(source, int(self.space["image_size"]), int(self.space["image_channels"])),
-        )
+        size, channels = int(self.space["image_size"]), int(self.space["image_channels"])
+        return "folder", source, ImageFolderDataset(source, size, channels)

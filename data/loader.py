@@ -1,10 +1,9 @@
 """BatchStream: the endless, resumable, rank-sharded stream of augmented training batches.
 
 A pure function of (seed, epoch, position): a generator seeded from (seed, epoch) draws the epoch's permutation and
-flip bits, the same on every rank, and rank r takes every world_size-th entry from r (DistributedSampler, drop_last).
-The state {"epoch", "index"} resumes it bit for bit; a state of a dataset of another size ("num_samples": a damaged
-file removed from a folder) continues at the next epoch. Batches come from a DataLoader or, with ``on_device``, from
-the whole set held on the device as uint8 (CIFAR-10 is 150 MB), identically; ``training_batch`` flips and scales them.
+flip bits, the same on every rank, and rank r takes every world_size-th entry from r (DistributedSampler, drop_last),
+so the state {"epoch", "index"} resumes it bit for bit. Batches come from a DataLoader or, with ``on_device``, from
+the whole set held on the device (CIFAR-10 is 150 MB), identically.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ EPOCH_SEED_STRIDE = 1_000_003  # seed * stride + epoch: no two (seed, epoch) pai
 
 
 def _worker_error(e: DataError) -> DataError:
-    """A worker's DataError as one line (DataLoader puts the worker's traceback in the message)."""
+    """A worker's DataError without the traceback DataLoader puts in its message."""
     text = str(e)
     if not text.startswith("Caught "):
         return e
@@ -78,11 +77,10 @@ class BatchStream:
 
     @property
     def epoch(self) -> int:
-        """The epoch of the next batch (before a pending roll-over)."""
         return self._epoch
 
     def _plan(self, epoch: int) -> None:
-        """Draw the epoch's permutation and flips (the same on every rank) and keep this rank's slice."""
+        """Draw the epoch's permutation and flips (the same on every rank); keep this rank's slice."""
         if self._plan_epoch == epoch:
             return
         g = torch.Generator().manual_seed((self.seed * EPOCH_SEED_STRIDE + epoch) % 2**64)
@@ -126,7 +124,7 @@ class BatchStream:
         return self._batch(x, flip), y.long()  # pixels: mirrored where flip, 0..255 -> [-1, 1]
 
     def state_dict(self) -> dict:
-        """{"epoch", "index" (batches consumed in the epoch), "num_samples" (the dataset's size)}."""
+        """{"epoch", "index" (batches consumed in the epoch), "num_samples"}."""
         return {"epoch": self._epoch, "index": self._index, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
@@ -156,14 +154,12 @@ def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torc
     """All items (N, ...) and labels int64 (N,) in dataset order: the dataset's own tensors, else gathered once."""
     whole = dataset.tensors() if isinstance(dataset, ImageDataset) else None
     if whole is not None:
-        images, labels = whole
-    else:
-        xs, ys = [], []
-        try:
-            for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers):
-                xs.append(x)
-                ys.append(torch.as_tensor(y))
-        except DataError as e:
-            raise _worker_error(e) from None
-        images, labels = torch.cat(xs), torch.cat(ys)
-    return images, labels.long()
+        return whole[0], whole[1].long()
+    xs, ys = [], []
+    try:
+        for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers):
+            xs.append(x)
+            ys.append(torch.as_tensor(y))
+    except DataError as e:
+        raise _worker_error(e) from None
+    return torch.cat(xs), torch.cat(ys).long()

@@ -72,8 +72,7 @@ def read_images(path: str | os.PathLike, batch_size: int = 250) -> Iterator[np.n
 
 
 def write_batch(path: str | os.PathLike, images: Iterable[np.ndarray], count: int, labels: np.ndarray) -> None:
-    """Write a sample batch from image batches (b, H, W, 3) uint8 (``count`` in all) and labels (N,), streamed and
-    atomically; the same images and labels always give the same bytes."""
+    """Write ``count`` images from batches (b, H, W, 3) uint8 and labels (N,) as a batch, same arrays, same bytes."""
 
     def write(f: IO[bytes]) -> None:
         with zipfile.ZipFile(f, "w", allowZip64=True) as z:
@@ -90,9 +89,7 @@ def write_batch(path: str | os.PathLike, images: Iterable[np.ndarray], count: in
 
 
 def check_reference(path: str | os.PathLike, metrics: Iterable[str], dims: dict[str, int | None]) -> dict[str, Any]:
-    """What ``metrics`` need from a reference batch, checked before any work: each metric's statistics (``mu``/
-    ``sigma``, ``mu_s``/``sigma_s``, checked as ``npz_statistics`` does, D = ``dims[feature]``) where present, else
-    its images ``arr_0``, which precision/recall always need. Returns {metric: (mu, sigma)} of those present."""
+    """{metric: (mu, sigma)} a reference batch holds, checked; a metric without them (or pr) needs its images arr_0."""
     with open_npz(path) as f:
         files = set(f.files)
         found = {
@@ -113,8 +110,7 @@ def check_reference(path: str | os.PathLike, metrics: Iterable[str], dims: dict[
 def summarise(
     batches: Iterable[np.ndarray], features: Features, stats: set[str], keep: set[str], desc: str, progress: bool
 ) -> tuple[dict[str, FeatureStats], dict[str, torch.Tensor]]:
-    """Feature statistics (``FeatureStats``) of the keys ``stats`` and the features themselves (on the CPU) of the
-    keys ``keep``, of image batches (b, H, W, 3) uint8."""
+    """The ``FeatureStats`` of the features ``stats`` and the features ``keep`` (on the CPU) of batches (b, H, W, 3)."""
     summed, kept = {k: FeatureStats() for k in stats}, {k: [] for k in keep}
     for images in tqdm(batches, desc=desc, unit="batch", disable=not progress, dynamic_ncols=True):
         out = features(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2))  # (b, 3, H, W), a writable copy
@@ -134,12 +130,9 @@ def score(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, float]:
-    """The ``metrics`` of sample image batches (b, H, W, 3) uint8 as ADM's evaluator defines them: FID and sFID from
-    the pool and spatial features, the Inception Score (10 equal parts; ADM's parts of 5,000 are the same at 50,000
-    samples), precision/recall (k = 3, reference images against the samples, on ``device``).
-
-    reference: {"fid": (mu, sigma), "sfid": (mu_s, sigma_s)} as far as known; the rest comes from the images of the
-    reference batch ``ref_batch``."""
+    """ADM's ``metrics`` of sample batches (b, H, W, 3) uint8: FID, sFID, the Inception Score (10 equal parts, ADM's
+    parts of 5,000 at 50,000 samples) and precision/recall (k = 3, on ``device``). ``reference`` holds the (mu, sigma)
+    known ({"fid": ..., "sfid": ...}); the images of ``ref_batch`` give the rest."""
     metrics = set(metrics)
     stats = {STATISTICS[m][0] for m in metrics & set(STATISTICS)}
     keep = ({"pool"} if "pr" in metrics else set()) | ({"logits"} if "is" in metrics else set())

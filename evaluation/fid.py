@@ -1,13 +1,7 @@
 """Fréchet Inception Distance (Heusel et al. 2017) of generated samples against a real image set, with the protocol
-of published numbers (``evaluation.inception``); the distance itself is float64 (``evaluation.metrics``).
-
-Real statistics (mean and covariance, float64) come from the un-augmented dataset of ``data.build_dataset`` (never
-the training stream) and are cached as npz, keyed by dataset, split, resolution, channels, the data's content, the
-feature extractor and the image count, so a change to any of them recomputes them. From train.py::
-
-    extractor = load_inception(device)
-    real = real_statistics("cifar10", "./datasets", 32, 3, extractor=extractor)
-    fid, nfe = compute_fid(Sampler(ema_model, steps=50), real, 10_000, extractor=extractor)  # sampling.sampler
+of published numbers (``evaluation.inception``). Real statistics come from the un-augmented dataset, never the
+training stream, and are cached as npz under a key of everything that changes them (dataset, split, resolution,
+channels, content, feature extractor, image count).
 """
 
 from __future__ import annotations
@@ -30,7 +24,6 @@ from data.loader import usable_workers
 from evaluation.inception import INCEPTION_FEATURES, extract_features, extractor_id
 from evaluation.inception import load_inception as load_inception  # where evaluation.monitor finds it
 from evaluation.metrics import FeatureStats, FIDError, frechet_distance
-from evaluation.metrics import inception_score as inception_score
 from sampling.sampler import Sampler, SamplingStopped, seeded_noise
 from utils.config import ConfigError
 from utils.distributed import PeerError, all_reduce_, collective_device
@@ -39,18 +32,11 @@ from utils.io import atomic_write
 STATS_VERSION = 1  # bump when the way statistics are computed changes, so old cache files are not reused
 
 
-def default_cache_dir() -> Path:
-    """Where real statistics are cached unless told otherwise: $XDG_CACHE_HOME/dit/fid_stats (~/.cache)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dit" / "fid_stats"
-
-
 def dataset_fingerprint(dataset: ImageDataset) -> str:
-    """The dataset's own content hash (its ``fingerprint()``, a short hex string), the data part of the cache key."""
-    try:
-        fingerprint = dataset.fingerprint
-    except AttributeError:
-        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache") from None
-    return fingerprint()
+    """The dataset's content hash, the data part of the cache key."""
+    if not hasattr(dataset, "fingerprint"):
+        raise FIDError(f"cannot fingerprint a {type(dataset).__name__} for the stats cache")
+    return dataset.fingerprint()
 
 
 @torch.no_grad()
@@ -64,10 +50,8 @@ def dataset_statistics(
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items; ``num_images``
-    < len(dataset) takes a fixed random subset (seed 0), so a class-sorted folder is not cut to its first classes.
-    A dataset in memory gathers each batch in this process (``__getitems__``); one on disk uses loader workers.
-    should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request)."""
+    """Feature mean (D,) and covariance (D, D), float64, of a dataset of (uint8 (C, H, W), label) items; fewer
+    ``num_images`` are a fixed random subset, so a class-sorted folder is not cut to its first classes."""
     n_total = len(dataset)
     n = n_total if num_images is None else int(num_images)
     if not 2 <= n <= n_total:
@@ -75,16 +59,15 @@ def dataset_statistics(
     indices = None if n == n_total else torch.randperm(n_total, generator=torch.Generator().manual_seed(0))[:n]
     extractor.eval()
     stats = FeatureStats()
-    bar = tqdm(total=n, desc="FID real images", unit="img", disable=not progress, dynamic_ncols=True)
     subset = dataset if indices is None else torch.utils.data.Subset(dataset, indices.tolist())
     workers = 0 if dataset.in_memory else usable_workers(num_workers)  # workers would only copy what is in memory
-    for images, _ in torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers):
-        if should_stop is not None and should_stop():
-            bar.close()
-            raise SamplingStopped(f"stopped after {stats.count} of {n} real images")
-        stats.update(extract_features(extractor, images))
-        bar.update(images.shape[0])
-    bar.close()
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, num_workers=workers)
+    with tqdm(total=n, desc="FID real images", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for images, _ in loader:
+            if should_stop is not None and should_stop():  # a training run's stop request
+                raise SamplingStopped(f"stopped after {stats.count} of {n} real images")
+            stats.update(extract_features(extractor, images))
+            bar.update(images.shape[0])
     return stats.mean_cov()
 
 
@@ -106,20 +89,17 @@ def real_statistics(
     dataset: Any | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Feature mean (D,) and covariance (D, D), float64, of the un-augmented real set (a fresh ``build_dataset``, or
-    ``dataset`` when the caller has it), cached in ``cache_dir`` under a key of everything that changes them (module
-    docstring). ``info`` gets the cache path, whether it was a hit, the image count and the extractor id.
-    ``should_stop``: as for ``dataset_statistics`` (nothing is cached then)."""
+    """``dataset_statistics`` of the real set (``dataset`` or a fresh ``build_dataset``), cached (default
+    $XDG_CACHE_HOME/dit/fid_stats); ``info`` gets the cache path, whether it was a hit, the count and the extractor."""
     if dataset is None:
-        train = split == "train"
-        dataset = build_dataset(dataset_name, root, image_size, channels, train=train, download=download)
+        dataset = build_dataset(dataset_name, root, image_size, channels, train=split == "train", download=download)
     n = len(dataset) if num_images is None else int(num_images)
     key = {"version": STATS_VERSION, "dataset": dataset_name, "split": split, "image_size": int(image_size)}
     key |= {"channels": int(channels), "data": dataset_fingerprint(dataset), "extractor": extractor_id(extractor)}
     key["num_images"] = n
     key_json = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(key_json.encode()).hexdigest()[:16]
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    cache_dir = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "dit" / "fid_stats").expanduser()
     path = cache_dir / f"{dataset_name}-{split}-{image_size}px-{channels}ch-{n}img-{digest}.npz"
     info = {} if info is None else info
     info.update(cache_path=str(path), cache_hit=False, num_images=n, extractor=key["extractor"])
@@ -139,8 +119,7 @@ def real_statistics(
 
 
 def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
-    """An npz file opened lazily (use it in a with block); a one-line FIDError when it is missing, a single array
-    (.npy) or not an npz at all."""
+    """An npz file opened lazily (use it in a with block); a one-line FIDError when it is not one."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FIDError(f"{path} not found")
@@ -156,9 +135,8 @@ def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
 def npz_statistics(
     f: np.lib.npyio.NpzFile, path: str | os.PathLike, keys: tuple[str, str], dim: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D), float64, under ``keys`` of an open npz, checked: present and readable, D =
-    dim (when given), finite, the covariance symmetric and positive semi-definite up to round-off (relative 1e-5
-    and 1e-4 of its largest entry); a one-line FIDError naming what is wrong."""
+    """Mean (D,) and covariance (D, D), float64, under ``keys`` of an open npz, checked (D = dim, finite, a symmetric
+    PSD covariance up to round-off); a one-line FIDError naming what is wrong."""
     m, s = keys
     if missing := [k for k in keys if k not in f.files]:
         raise FIDError(
@@ -185,11 +163,7 @@ def npz_statistics(
 def reference_statistics(
     path: str | os.PathLike, extractor: nn.Module | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Feature mean (D,) and covariance (D, D), float64, from an npz with ``mu`` and ``sigma`` (checked as
-    ``npz_statistics`` says; D that of ``extractor``, Inception's without one), and what the file is.
-
-    Takes ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: pool features of the same TF Inception-v3
-    weights, of 50k centre-cropped ImageNet training images) and this module's own cache files."""
+    """``mu``, ``sigma`` (D: the extractor's) of ADM's reference batch or a cache file, and what the file is."""
     dim = INCEPTION_FEATURES if extractor is None else getattr(extractor, "num_features", None)
     with open_npz(path) as f:
         mu, sigma = npz_statistics(f, path, ("mu", "sigma"), dim)
@@ -197,16 +171,11 @@ def reference_statistics(
 
 
 def check_reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None, flag: str = "") -> None:
-    """``reference_statistics``' checks at a script's start-up: a ConfigError (exit 2) naming the flag."""
+    """``reference_statistics``' checks at start-up: a ConfigError naming the flag."""
     try:
         reference_statistics(path, extractor)
     except FIDError as e:
         raise ConfigError(f"{flag} {e}".strip()) from None
-
-
-#################################################################################
-#                          Generated statistics and FID                         #
-#################################################################################
 
 
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:

@@ -15,25 +15,15 @@ import torch.nn as nn
 from evaluation.metrics import FIDError
 from utils.device import module_device_dtype
 
-# torch-fidelity's weights (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3), kept by torch.hub as
-# <torch.hub.get_dir()>/checkpoints/<file name>.
-INCEPTION_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)
+# torch-fidelity's weights (its URL_INCEPTION_V3), kept by torch.hub in <torch.hub.get_dir()>/checkpoints/
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILENAME}"
 INCEPTION_FEATURES = 2048
 SUITE_FEATURES = {"pool": INCEPTION_FEATURES, "spatial": 7 * 17 * 17}  # InceptionSuite's sizes (and 1008 logits)
 
 
-def inception_weights_path() -> Path:
-    """The file torch.hub reads the Inception weights from (and downloads them to)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
-
-
 def load_inception(device: str | torch.device = "cpu", weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """torchmetrics' FID Inception-v3 (uint8 (N, 3, H, W) -> float32 pool features (N, 2048)), on device. Weights
-    come from ``weights_path`` or torch.hub's cache, downloaded there on first use; a FIDError says where to put them
-    when that is impossible."""
+    """torchmetrics' Inception-v3, uint8 (N, 3, H, W) -> (N, 2048); a FIDError says where to put missing weights."""
     from torchmetrics.image.fid import NoTrainInceptionV3
 
     if weights_path is not None:
@@ -64,7 +54,7 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
                 f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
                 f"from {INCEPTION_URL}"
             ) from None
-        target = inception_weights_path()
+        target = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILENAME
         raise FIDError(
             f"cannot get the Inception-v3 weights for FID ({type(e).__name__}: {e}); download {INCEPTION_URL} "
             f"and put it in {target.parent}/ as {target.name}"
@@ -74,14 +64,10 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
 
 
 class InceptionSuite(nn.Module):
-    """The features of ADM's evaluation suite in one pass of ``load_inception``'s module: uint8 (N, 3, H, W) ->
-    {"pool": (N, 2048) for FID and precision/recall, "spatial": (N, 2023) for sFID, "logits": (N, 1008) for the
-    Inception Score}.
+    """ADM's features in one pass: uint8 (N, 3, H, W) -> {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}.
 
-    spatial: ADM takes TF's ``mixed_6/conv``, the 1x1 branch of the fourth 17 x 17 block, which is torch-fidelity's
-    ``Mixed_6d.branch1x1`` (after its batch norm and ReLU, (N, 192, 17, 17)); it keeps the first 7 channels and
-    flattens them in TF's (H, W, C) order, the order of the ``mu_s``/``sigma_s`` of its reference batches. logits: the
-    class logits without the bias (torch-fidelity's "logits_unbiased", ADM's ``softmax/logits/MatMul``)."""
+    spatial: TF's ``mixed_6/conv`` is torch-fidelity's ``Mixed_6d.branch1x1`` (after its ReLU, (N, 192, 17, 17)), of
+    which ADM keeps 7 channels in TF's (H, W, C) order; logits: without the bias, ADM's ``softmax/logits/MatMul``."""
 
     def __init__(self, pool: nn.Module):
         super().__init__()
@@ -127,8 +113,7 @@ def extractor_id(extractor: nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy())
     parts = [type(extractor).__module__ + "." + type(extractor).__qualname__]
-    for attr in ("features_list", "use_antialias", "INPUT_IMAGE_SIZE"):  # torchmetrics' Inception options
-        if hasattr(extractor, attr):
-            parts.append(f"{attr}={getattr(extractor, attr)}")
+    options = ("features_list", "use_antialias", "INPUT_IMAGE_SIZE")  # torchmetrics' Inception options
+    parts += [f"{attr}={getattr(extractor, attr)}" for attr in options if hasattr(extractor, attr)]
     parts.append(h.hexdigest()[:16])
     return ",".join(parts)

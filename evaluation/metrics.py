@@ -8,22 +8,19 @@ import torch
 
 from utils.distributed import all_reduce_, collective_device, is_initialized
 
+Array = torch.Tensor | np.ndarray
+
 
 class FIDError(ValueError):
     """FID cannot be computed: weights unavailable, too few images, or settings that do not fit."""
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+    """d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) of N(mu1, sigma1), N(mu2, sigma2), float64.
 
-    d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)).
-    mu: (D,), sigma: (D, D), both covariances symmetric positive semi-definite.
-
-    The trace of the root is computed without a general matrix square root: with A = sigma1^(1/2),
-    sigma1 sigma2 is similar to the symmetric PSD matrix A sigma2 A, so tr (sigma1 sigma2)^(1/2) is the sum
-    of the square roots of its eigenvalues. Two symmetric eigendecompositions are exact up to round-off,
-    need no eps for singular covariances (fewer samples than dimensions), and take seconds at D = 2048
-    where scipy.linalg.sqrtm takes about a minute.
+    With A = sigma1^(1/2), sigma1 sigma2 is similar to the symmetric PSD A sigma2 A, so tr (sigma1 sigma2)^(1/2) is the
+    sum of the square roots of its eigenvalues: two symmetric eigendecompositions, exact up to round-off, need no eps
+    for singular covariances (fewer samples than dimensions) and take seconds at D = 2048 (scipy's sqrtm: a minute).
     """
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
@@ -33,23 +30,17 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"frechet_distance needs means (D,) and covariances (D, D) of one D; got {shapes}")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
         raise ValueError("frechet_distance got non-finite statistics (NaN or inf features?)")
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
-
-
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """tr (sigma1 sigma2)^(1/2) for symmetric PSD (D, D) matrices, through symmetric eigendecompositions."""
-    # Symmetrise first: covariances accumulated in float64 are symmetric only up to round-off.
-    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)  # symmetrised: float64 sums are symmetric up to round-off
     root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T  # sigma1^(1/2)
     inner = root1 @ sigma2 @ root1
     eig = np.linalg.eigvalsh((inner + inner.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0.0, None)).sum())  # negative eigenvalues are round-off
+    trace_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()  # negative eigenvalues are round-off
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
 class FeatureStats:
-    """Running float64 mean and covariance of features (N, D): sums of x and x x^T, so the statistics of disjoint
-    sets combine by adding them (``merge_`` in one process, ``all_reduce_`` across the processes of a DDP run)."""
+    """Running float64 sums of x and x x^T of features (N, D): disjoint sets combine by adding them."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -57,13 +48,12 @@ class FeatureStats:
         self.outer: torch.Tensor | None = None  # (D, D), sum of x x^T
 
     def update(self, features: torch.Tensor) -> None:
-        """Add features (N, D) (any float dtype or device)."""
         if features.dim() != 2:
             raise ValueError(f"features must be (N, D); got shape {tuple(features.shape)}")
         x = features.detach().to(device="cpu", dtype=torch.float64)
+        d = x.shape[1]
         if self.sum is None:
-            self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
-            self.outer = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+            self.sum, self.outer = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         elif x.shape[1] != self.sum.shape[0]:
             raise ValueError(f"feature size changed from {self.sum.shape[0]} to {x.shape[1]}")
         if not torch.isfinite(x).all():
@@ -72,23 +62,8 @@ class FeatureStats:
         self.outer += x.T @ x
         self.count += x.shape[0]
 
-    def merge_(self, other: FeatureStats) -> FeatureStats:
-        """Add other's sums to these (in place; returns self): the statistics of both sample sets together."""
-        if other.sum is None:
-            return self
-        if self.sum is None:
-            self.sum, self.outer = other.sum.clone(), other.outer.clone()
-        elif other.sum.shape != self.sum.shape:
-            raise ValueError(f"cannot merge statistics of {other.sum.shape[0]} and {self.sum.shape[0]} features")
-        else:
-            self.sum += other.sum
-            self.outer += other.outer
-        self.count += other.count
-        return self
-
     def all_reduce_(self) -> FeatureStats:
-        """Sum the sums over every process, in float64 (in place; returns self). A collective: every process calls
-        it, also one that saw no features; a no-op in one process."""
+        """Sum the sums over every process (in place); a collective, also for a process that saw no features."""
         if not is_initialized():
             return self
         device = collective_device()
@@ -98,12 +73,10 @@ class FeatureStats:
         if d == 0:
             return self
         if self.sum is None:
-            self.sum = torch.zeros(d, dtype=torch.float64)
-            self.outer = torch.zeros(d, d, dtype=torch.float64)
+            self.sum, self.outer = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         count = torch.tensor([float(self.count)], dtype=torch.float64)  # exact up to 2**53 samples
         packed = torch.cat([count, self.sum, self.outer.reshape(-1)]).to(device)
-        all_reduce_(packed, "sum")
-        packed = packed.cpu()
+        packed = all_reduce_(packed, "sum").cpu()
         self.count = int(packed[0].item())
         self.sum = packed[1 : d + 1].clone()
         self.outer = packed[d + 1 :].reshape(d, d).clone()
@@ -119,8 +92,7 @@ class FeatureStats:
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (Salimans et al. 2016) of class logits (N, K): exp(E_x KL(p(y|x) || p(y))) on each of
-    ``splits`` equal parts, float64; returns the mean and standard deviation over the parts, as torch-fidelity."""
+    """Inception Score exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016) of logits (N, K): mean, std of the parts."""
     p = torch.softmax(logits.double(), dim=1)
     log_p = torch.log_softmax(logits.double(), dim=1)
     scores = []
@@ -149,20 +121,12 @@ def knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
     return torch.cat(radii)
 
 
-def precision_recall(
-    real_features: torch.Tensor | np.ndarray,
-    fake_features: torch.Tensor | np.ndarray,
-    k: int = 3,
-    batch_size: int = 4096,
-) -> tuple[float, float]:
+def precision_recall(real: Array, fake: Array, k: int = 3, batch_size: int = 4096) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) of fake (M, D) against real (N, D) features, as ADM's
-    evaluator computes them; on the features' device, float32 (float64 features stay float64).
-
-    A set's manifold is the union of balls around its points, each of radius the distance to the point's k-th
-    nearest neighbour in its own set. Precision: the fraction of fake points inside the real manifold; recall: the
-    fraction of real points inside the fake one. Distances are taken in blocks of batch_size rows, so 50k x 50k of
-    them never sit in memory at once."""
-    real, fake = torch.as_tensor(real_features), torch.as_tensor(fake_features)
+    evaluator computes them, in float32 or float64. A set's manifold is the union of balls around its points, each of
+    radius the distance to the point's k-th nearest neighbour in its set; precision is the fraction of fake points in
+    the real manifold, recall of real points in the fake one. Blocks of batch_size rows bound the memory."""
+    real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     dtype = torch.promote_types(real.dtype, torch.float32)
     real, fake = real.to(dtype), fake.to(real.device, dtype)
     real_radii, fake_radii = knn_radii(real, k, batch_size), knn_radii(fake, k, batch_size)

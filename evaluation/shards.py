@@ -1,9 +1,7 @@
 """A sample batch drawn in shards by any number of processes, resumable to the same bytes.
 
-Shard s holds samples [s B, (s + 1) B), B = batch_size, drawn as one batch; sample i's noise and label depend only on
-(seed, i) (``seeded_noise``, ``balanced_labels``), so the shards do not depend on how many processes drew them. Each
-is written atomically (uint8 (b, H, W, 3) and the NFE); a killed run keeps its finished shards and the same command
-draws the others. ``settings.json`` records what decides the images, and a folder of other settings is refused.
+Shard s holds samples [s B, (s + 1) B), B = batch_size; sample i's noise and label depend only on (seed, i), so the
+shards do not depend on how many processes drew them. ``settings.json`` records what decides the images.
 """
 
 from __future__ import annotations
@@ -26,8 +24,7 @@ from utils.io import atomic_write, write_json_atomic
 
 
 def open_folder(folder: Path, settings: dict[str, Any], overwrite: bool, is_main: bool) -> None:
-    """Create the shard folder with its settings (the main process), or check that it holds these settings; with
-    ``overwrite`` a folder of other settings starts again empty."""
+    """Create the shard folder with its settings, or check that it holds these (``overwrite``: start again empty)."""
     settings = json.loads(json.dumps(settings))
     with first_then_others(is_main):
         path = folder / "settings.json"
@@ -57,7 +54,7 @@ def draw_shards(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = True,
 ) -> None:
-    """Draw this process's share of the shards still missing (every process calls it; one collective, first)."""
+    """Draw this process's share of the missing shards (uint8 (b, H, W, 3) and the NFE each); a collective."""
     rank, world_size = dist.rank, dist.world_size
     shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
     labels = balanced_labels(num_samples, sampler.num_classes)

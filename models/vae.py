@@ -1,26 +1,14 @@
-"""The pretrained autoencoder of latent DiTs: a diffusers ``AutoencoderKL`` and the latent normalisation.
-
-A latent DiT never sees pixels: ``extract_latents.py`` encodes every training image once (the posterior mean,
-``LatentCodec.encode``), training reads those latents normalised per channel,
+"""The pretrained autoencoder of latent DiTs (a diffusers ``AutoencoderKL``) and the latent normalisation
 
     z = (z_vae - shift) * scale                               (C,) each, broadcast over H and W
 
-and sampling decodes what the DiT generates with the same numbers (``LatentCodec.decode``), so the DiT's data
-has about unit variance, as the flow's noise does. Two choices of (shift, scale), both recorded in the latents'
-index and in every checkpoint trained on them (``LatentSpace``):
-- ``config``: the VAE's own ``shift_factor`` (0 when it has none) and ``scaling_factor``, the same for every
-  channel (SD-VAE: 0, 0.18215, as DiT and fast-DiT use);
-- ``stats``: the per-channel mean and 1 / std measured over the extracted latents, flips included (LightningDiT).
-
-The VAE is any diffusers ``AutoencoderKL``: a hub id (default ``stabilityai/sd-vae-ft-ema``, DiT's) or a local
-folder written by ``save_pretrained``, loaded by the same call. Nothing here downloads unless the weights are
-missing from the Hugging Face cache ($HF_HOME) and the network is there; without either, ``VAEError`` says how
-to fetch them. diffusers is imported when a VAE is loaded, so pixel-space runs never import it.
+that gives the DiT's data about unit variance, as the flow's noise has. ``config``: the VAE's shift_factor (0 if none)
+and scaling_factor for every channel (SD-VAE: 0, 0.18215, as DiT); ``stats``: the per-channel mean and 1 / std of the
+extracted latents, flips included (LightningDiT). diffusers is imported only when a VAE is loaded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import textwrap
 from collections.abc import Sequence
@@ -41,9 +29,7 @@ class VAEError(ValueError):
 
 @dataclass(frozen=True)
 class LatentSpace:
-    """What decodes a latent DiT's samples: the VAE (id or folder, and its revision), the per-channel shift and
-    scale of the normalisation, and the shapes on both sides (images (image_channels, image_size, image_size),
-    latents latent_shape). Stored in the latents' index and in checkpoints as a plain dict (``asdict``)."""
+    """What decodes a latent DiT's samples: the VAE, its normalisation and both shapes (stored as a dict)."""
 
     vae: str
     revision: str | None
@@ -56,7 +42,6 @@ class LatentSpace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentSpace:
-        """The LatentSpace of a stored dict (lists back to tuples)."""
         return cls(
             vae=str(d["vae"]),
             revision=d.get("revision"),
@@ -69,15 +54,11 @@ class LatentSpace:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON- and checkpoint-friendly dict (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def load_autoencoder(name: str, revision: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The diffusers AutoencoderKL ``name`` (hub id or local folder) in float32 and eval mode on device.
-
-    Raises VAEError (one line) when diffusers is missing, when a local folder is not there or holds no such model,
-    or when the weights are neither in the Hugging Face cache nor downloadable (the message says how to fetch them)."""
+    """The AutoencoderKL ``name`` (hub id or local folder), frozen on device; VAEError says how to fetch it."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as e:
@@ -89,10 +70,8 @@ def load_autoencoder(name: str, revision: str | None = None, device: str | torch
             "AutoencoderKL.save_pretrained) or the hub id of the same model"
         )
     try:
-        if local.is_dir():
-            vae = AutoencoderKL.from_pretrained(str(local), low_cpu_mem_usage=False)
-        else:
-            vae = AutoencoderKL.from_pretrained(name, revision=revision, low_cpu_mem_usage=False)
+        source, revision = (str(local), None) if local.is_dir() else (name, revision)
+        vae = AutoencoderKL.from_pretrained(source, revision=revision, low_cpu_mem_usage=False)
     except Exception as e:  # OSError, ValueError, hub and HTTP errors: all mean this model cannot be had here
         reason = textwrap.shorten(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 300)  # whole words
         if local.is_dir():
@@ -127,9 +106,7 @@ def config_normalization(vae: nn.Module) -> tuple[list[float], list[float]]:
 
 
 class LatentCodec:
-    """A loaded VAE with a latent space's normalisation: ``encode`` images to raw latents, ``normalize`` them, and
-    ``decode`` normalised latents back to images. Chunks of ``batch_size`` bound memory. ``precision`` "auto" is
-    bf16 autocast on CUDA (the convolutions run several times faster) and float32 elsewhere; "bf16" or "fp32"."""
+    """A VAE with a normalisation, run in chunks of batch_size; precision "auto" is bf16 autocast on CUDA."""
 
     def __init__(
         self,
@@ -157,8 +134,7 @@ class LatentCodec:
         batch_size: int = 32,
         precision: str = "auto",
     ) -> LatentCodec:
-        """The codec of a LatentSpace, its VAE loaded on device (``vae``: another copy of the same model, e.g. a
-        local folder on a machine without network); the VAE must have the space's latent channels."""
+        """The codec of a LatentSpace (``vae``: another copy of its VAE, e.g. a local folder without network)."""
         model = load_autoencoder(vae or space.vae, None if vae else space.revision, device)
         if int(model.config.latent_channels) != space.latent_shape[0]:
             raise VAEError(
@@ -168,21 +144,13 @@ class LatentCodec:
         return cls(model, space.shift, space.scale, batch_size, precision)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
-        out = []
-        bf16 = self.precision == "bf16"
-        for part in x.split(self.batch_size):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                out.append(fn(part.to(self.device, torch.float32)).float())
-        return torch.cat(out)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return torch.cat([fn(part.to(self.device, torch.float32)).float() for part in x.split(self.batch_size)])
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Raw (unnormalised) posterior means (N, C', H/f, W/f) float32 of images (N, C, H, W) in [-1, 1]."""
         return self._run(lambda x: self.vae.encode(x).latent_dist.mean, images)
-
-    def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> the DiT's: (z - shift) * scale, float32."""
-        return (z.float() - self.shift.to(z.device)) * self.scale.to(z.device)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -625,17 +625,26 @@ def test_evaluate_bad_device_is_one_line_before_any_work(tmp_path):
         assert text.startswith("error:") and message in text and "\n" not in text, text
 
 
+def merged(*shares: FeatureStats) -> FeatureStats:
+    """The statistics of disjoint shares together: their sums added, as ``all_reduce_`` adds them across processes."""
+    out = FeatureStats()
+    out.count = sum(s.count for s in shares)
+    out.sum = sum(s.sum for s in shares if s.sum is not None)
+    out.outer = sum(s.outer for s in shares if s.outer is not None)
+    return out
+
+
 def test_feature_stats_of_disjoint_shares_merge_to_the_whole():
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
     whole, a, b, empty = FeatureStats(), FeatureStats(), FeatureStats(), FeatureStats()
     whole.update(x)
     a.update(x[0::2])
     b.update(x[1::2])
-    merged = FeatureStats().merge_(a).merge_(empty).merge_(b)  # a process with no samples adds nothing
-    assert merged.count == 50
-    for got, want in zip(merged.mean_cov(), whole.mean_cov(), strict=True):
+    both = merged(a, empty, b)  # a process with no samples adds nothing
+    assert both.count == 50
+    for got, want in zip(both.mean_cov(), whole.mean_cov(), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(merged.mean_cov()[1], np.cov(x.numpy(), rowvar=False), rtol=1e-10)
+    np.testing.assert_allclose(both.mean_cov()[1], np.cov(x.numpy(), rowvar=False), rtol=1e-10)
 
 
 def test_generated_statistics_split_over_ranks_merge_to_the_single_process_ones(monkeypatch):
@@ -657,10 +666,7 @@ def test_generated_statistics_split_over_ranks_merge_to_the_single_process_ones(
         *_, rank_nfe = generated_statistics(sampler, 11, extractor=ext, seed=3, progress=False, rank=rank, world_size=3)
         assert rank_nfe == nfe == 2
     assert [s.count for s in shares] == [4, 4, 3]
-    merged = FeatureStats()
-    for s in shares:
-        merged.merge_(s)
-    m_mu, m_sigma = merged.mean_cov()
+    m_mu, m_sigma = merged(*shares).mean_cov()
     np.testing.assert_allclose(m_mu, mu, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(m_sigma, sigma, rtol=1e-6, atol=1e-9)
 

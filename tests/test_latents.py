@@ -26,7 +26,8 @@ import train
 from data import BatchStream, DataError, build_dataset
 from data.folder import ImageFolderDataset, center_crop_arr
 from data.latents import LatentDataset
-from evaluation.fid import FIDError, inception_score, reference_statistics
+from evaluation.fid import FIDError, reference_statistics
+from evaluation.metrics import inception_score
 from models.vae import LatentCodec, VAEError, load_autoencoder
 from sampling.sampler import Sampler
 from utils.checkpoint import load_checkpoint

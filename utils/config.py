@@ -1,11 +1,10 @@
-"""Settings declared once: a dataclass field (``arg``) holds a setting's default, help text and bounds; the parser
-is built from the fields, and the values are checked when the config is made:
+"""Settings declared once, as dataclass fields whose defaults, help and bounds make the parser and the checks:
 
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
 
-gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError. A bool gives ``--name`` / ``--no-name``, a tuple
-takes several values. A field in ``nested`` holds the settings of a class that another field picks from a registry
-(``objective_args``, picked by ``--objective``): that class's fields become flags too, checked by the class.
+gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError; a bool gives ``--name`` / ``--no-name``. A field in
+``nested`` holds the settings of the class another field picks from a registry (``objective_args`` by ``--objective``),
+whose fields become flags too.
 """
 
 from __future__ import annotations
@@ -28,22 +27,11 @@ class ConfigError(ValueError):
 BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "gt": (operator.gt, ">"), "lt": (operator.lt, "<")}
 
 
-def arg(
-    default: Any,
-    help: str,
-    *,
-    choices: Collection[Any] | None = None,
-    group: str | None = None,
-    min: float | None = None,
-    max: float | None = None,
-    gt: float | None = None,
-    lt: float | None = None,
-    **argparse_kwargs: Any,
-) -> Any:
-    """A config field. ``choices`` may be a registry (a dict: its keys when the config is made, so names added later
-    count); ``group`` starts a titled section of --help that the following fields join; the rest go to argparse."""
-    bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
-    metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=argparse_kwargs)
+def arg(default: Any, help: str, *, choices: Collection[Any] | None = None, group: str | None = None, **kw: Any) -> Any:
+    """A config field. ``choices`` may be a registry (names added later count); ``group`` starts a section of --help
+    that the following fields join; ``min``, ``max``, ``gt`` and ``lt`` bound the value; the rest go to argparse."""
+    bounds = {k: v for k in BOUNDS if (v := kw.pop(k, None)) is not None}
+    metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=kw)
     return field(default=default, metadata=metadata)
 
 
@@ -51,8 +39,7 @@ def arg(
 class Config:
     """Base of every config: checks each field against its choices and bounds when the config is made."""
 
-    # {field: (selector field, registry)}: the field holds, as a dict, settings of registry[selector's value]
-    # (those given: the class's defaults fill in the rest).
+    # {field: (selector field, registry)}: the field holds the settings given of registry[selector's value] as a dict
     nested: ClassVar[dict[str, tuple[str, dict[str, type[Config]]]]] = {}
 
     def __post_init__(self) -> None:
@@ -78,15 +65,14 @@ class Config:
         for name, (key, registry) in self.nested.items():
             given = {k: tuple(v) if isinstance(v, list) else v for k, v in (getattr(self, name) or {}).items()}
             chosen = registry[getattr(self, key)]
-            unknown = sorted(set(given) - {f.name for f in fields(chosen)})
-            if unknown:
+            if unknown := sorted(set(given) - {f.name for f in fields(chosen)}):
                 raise ConfigError(f"{key} {getattr(self, key)!r} has no setting {', '.join(unknown)}")
             chosen(**given)  # its own checks; the settings stay as given (train.py records them resolved)
             setattr(self, name, given)
 
 
 def settings(cfg: Config) -> dict[str, Any]:
-    """A config's fields as a dict (flat: nested settings stay dicts)."""
+    """A config's fields as a dict (nested settings stay dicts)."""
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
 
 
@@ -94,8 +80,7 @@ C = TypeVar("C", bound=Config)
 
 
 def fill_unset(cfg: C, values: dict[str, Any]) -> C:
-    """cfg with its unset settings (None fields, nested settings not given) filled from values (train.py's
-    --recipe); values that fit neither (set explicitly, owned by another nested class) are left out."""
+    """cfg with its unset settings (None fields, nested settings not given) filled from values (train.py's --recipe)."""
     top = {k: v for k, v in values.items() if k in {f.name for f in fields(cfg)} and getattr(cfg, k) is None}
     for name, (key, registry) in cfg.nested.items():
         given, own = getattr(cfg, name), {f.name for f in fields(registry[getattr(cfg, key)])}
@@ -104,7 +89,6 @@ def fill_unset(cfg: C, values: dict[str, Any]) -> C:
 
 
 def build_parser(cls: type[Config], prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per field of cls (``--field-name``), defaults from the fields."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_fields(parser, cls)
     return parser
@@ -115,14 +99,13 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], title: str | 
     hints = typing.get_type_hints(cls)
     group: Any = parser.add_argument_group(title) if title else parser
     for f in fields(cls):
-        if not f.metadata:
+        if not (meta := f.metadata):
             continue
-        meta = f.metadata
         if meta["group"] and not title:
             group = parser.add_argument_group(meta["group"])
         kind = hints[f.name]
-        kwargs: dict[str, Any] = dict(help=meta["help"], choices=meta["choices"], **meta["argparse"])
-        if f.default is not dataclasses.MISSING and f.default is not None and kind is not bool:
+        kwargs: dict[str, Any] = dict(help=meta["help"], choices=meta["choices"], default=f.default, **meta["argparse"])
+        if f.default is not None and kind is not bool:  # every field has a default: arg() gives one
             kwargs["help"] += " (default %(default)s)"
         if kind in (bool, bool | None):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -132,10 +115,6 @@ def add_fields(parser: argparse.ArgumentParser, cls: type[Config], title: str | 
             kwargs["type"] = item
         else:
             kwargs["type"] = next(t for t in (int, float, str) if kind in (t, t | None))
-        if f.default is dataclasses.MISSING:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = f.default
         group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
@@ -146,9 +125,7 @@ def parse(
     description: str,
     presets: dict[str, dict[str, Any]] | None = None,
 ) -> C:
-    """Flags -> cls; ``--preset NAME`` sets defaults that explicit flags override. Two passes: the selector of a nested
-    class (and the preset) first, then every flag. argparse exits (status 2) on a malformed or unknown flag; a value
-    out of range raises ConfigError."""
+    """Flags -> cls, in two passes: a nested class's selector and ``--preset`` (which flags override) first."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset")
     defaults = (presets or {}).get(first.parse_known_args(argv)[0].preset, {})
@@ -194,8 +171,7 @@ def flag_values(cfg: Config) -> list[str]:
 
 
 def script_exit(prog: str, error: Exception) -> SystemExit:
-    """What a script's ``cli`` raises for a known error: its one line printed on stderr, exit status 2 for bad input
-    (a ValueError, as argparse and train.py), 1 for a failed read or write (OSError); str() of it is the line."""
+    """Print a known error as one line; the SystemExit to raise: 2 for bad input (ValueError), 1 for an OSError."""
     line = "error: " + " ".join(str(error).split())
     print(f"{prog}: {line}", file=sys.stderr)
     done = SystemExit(2 if isinstance(error, ValueError) else 1)

@@ -1,8 +1,7 @@
-"""Process-group helpers for torchrun launches (single or multi-node); a plain run is world size 1.
+"""Process-group helpers for torchrun launches (NCCL on GPUs, gloo on CPUs); a plain run is world size 1.
 
-NCCL on GPUs, gloo on CPUs. A collective that waits longer than the group's timeout (train.py's --dist-timeout) ends
-the run, so all that train.py does between two collectives must fit in it on every process: a step, a checkpoint,
-sample grids, and the first FID evaluation, where rank 0 alone computes the training set's statistics.
+A collective that waits longer than the group's timeout (train.py's --dist-timeout) ends the run, so what any process
+does between two collectives must fit in it (the first FID: rank 0 alone computes the real statistics).
 """
 
 from __future__ import annotations
@@ -55,13 +54,11 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 
 def cleanup() -> None:
-    """Leave the process group, if any."""
     if is_initialized():
         dist.destroy_process_group()
 
 
 def is_initialized() -> bool:
-    """Whether this process is in a process group."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -77,7 +74,7 @@ class PeerError(RuntimeError):
 
 
 def all_ok(ok: bool) -> bool:
-    """True when ok is True on every process (a collective: every process must call it); ok itself alone."""
+    """Whether ok holds on every process (a collective)."""
     if not is_initialized():
         return ok
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=collective_device())
@@ -103,8 +100,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def first_then_others(first: bool) -> Iterator[None]:
-    """Run the block where ``first`` holds, then on the others (rank 0 downloads, the others find the file). A
-    failure on a first process still releases the others, which meet it themselves instead of the timeout."""
+    """Run the block where ``first`` holds, then on the others (rank 0 downloads, the others find the file); a failure
+    still releases the others, which meet it themselves instead of the timeout."""
     if not first and is_initialized():
         dist.barrier()
     try:

@@ -1,8 +1,4 @@
-"""Atomic file writes: checkpoints, cached FID statistics and JSON records all go through ``atomic_write``.
-
-A temporary file in the target's folder is filled, fsynced and ``os.replace``d onto the path, so a process killed at
-any point leaves the previous file or the complete new one, never half of one.
-"""
+"""Atomic file writes: a process killed at any point leaves the previous file or the complete new one."""
 
 from __future__ import annotations
 
@@ -25,9 +21,8 @@ def _file_mode() -> int:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """``write(f)`` fills a binary temporary file that then replaces path (its folder created if missing). An error
-    (or a KeyboardInterrupt) removes the temporary file and leaves path untouched; an OSError that names no file (a
-    full disk) is raised again naming path."""
+    """``write(f)`` fills a fsynced temporary file in path's folder that then replaces path; on any error path is left
+    untouched, and an OSError that names no file (a full disk) is raised again naming path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -45,21 +40,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         if isinstance(e, OSError) and e.errno is not None and e.filename is None:
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
+    with contextlib.suppress(OSError):  # the rename itself made durable (POSIX; Windows cannot open folders)
+        fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+    return path
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """Write obj as indented JSON (with a final newline) atomically to path; returns path as a Path."""
+    """Write obj as indented JSON atomically."""
     text = json.dumps(obj, indent=2) + "\n"  # serialise first: an unserialisable obj creates no file
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,15 +1,5 @@
-"""One run per folder: the lock on OUT, the check that a fresh run finds no other run there, and the clean-up of
-temporary files that a killed run left behind.
-
-The lock is an OS file lock (``fcntl.flock``) on OUT/.lock, taken before anything is written and held for the
-life of the run. The operating system drops it when the process ends in any way (SIGKILL, a node that reboots
-its job), so a stale lock never blocks a requeue and there is no pid file to clean by hand; the file records
-the holder's host and pid only to name it in the refusal. Under DDP rank 0 holds it, and the other processes
-learn of a refusal through a collective. A file system without locks (some parallel file systems are mounted
-so) gets a warning and no lock.
-
-Only the files a run writes count as "a run" (config*.json, metrics.jsonl, and samples/, checkpoints/ or wandb/
-with files in them): a Slurm log or notes written into OUT beforehand do not.
+"""One run per folder: the lock on OUT (``fcntl.flock``, dropped by the OS however the process ends), the check that a
+fresh run finds no other run there, and the clean-up of what killed writes left (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -31,8 +21,7 @@ from utils.runlog import warn
 
 LOCK_NAME = ".lock"
 LAST_CHECKPOINT = Path("checkpoints", "last.pt")  # what --resume continues from, relative to OUT
-RUN_FILES = ("config.json", "metrics.jsonl")
-RUN_FILE_PATTERNS = ("config-resume-*.json",)
+RUN_FILES = ("config.json", "metrics.jsonl", "config-resume-*.json")  # glob patterns
 RUN_FOLDERS = ("checkpoints", "samples", "wandb")  # a run's when they hold any file
 # What utils.io.atomic_write leaves when killed mid-write (".NAME.RANDOM.tmp") and the hard link that points
 # last.pt at a numbered checkpoint (".last.pt.PID.link"), in the folders train.py writes.
@@ -43,7 +32,7 @@ _held_fds: set[int] = set()
 
 
 def _close_in_child() -> None:
-    """A forked child (a data-loader worker) must not keep the lock alive after its parent is killed."""
+    """A forked child (a loader worker) must not keep the lock alive after its parent is killed."""
     for fd in _held_fds:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -59,10 +48,8 @@ class RunFolderError(ConfigError):
 
 
 class FolderLock:
-    """An exclusive lock on ``out``/.lock, held until ``release`` (or the end of the process).
-
-    RunFolderError when another process holds it, naming that process. Folders it had to create are removed
-    again on release if they are still empty (a run refused at set-up leaves nothing behind)."""
+    """An exclusive lock on ``out``/.lock until ``release``, which removes the folders it created if still empty;
+    RunFolderError naming the holder (its host and pid, written into the file) when another process has it."""
 
     def __init__(self, out: Path):
         self.out, self.path = out, out / LOCK_NAME
@@ -116,49 +103,36 @@ class FolderLock:
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete the temporary files of killed writes in the run folder (call it holding the lock: no live writer
-    can own them then); prints one line when there were any. Returns the deleted paths."""
-    removed, size = [], 0
-    for sub in TEMPORARY_FOLDERS:
-        folder = out / sub
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if TEMPORARY.fullmatch(path.name) and path.is_file():
-                size += path.stat().st_size
-                path.unlink()
-                removed.append(path)
+    """Delete the temporary files of killed writes (holding the lock: no live writer owns them); returns them."""
+    folders = [out / sub for sub in TEMPORARY_FOLDERS if (out / sub).is_dir()]
+    removed = [p for folder in folders for p in sorted(folder.iterdir()) if TEMPORARY.fullmatch(p.name) and p.is_file()]
+    size = sum(p.stat().st_size for p in removed)
+    for path in removed:
+        path.unlink()
     if removed:
-        names = ", ".join(str(p.relative_to(out)) for p in removed)
-        print(
-            f"removed {len(removed)} temporary file(s) of writes that a killed run left ({size / 2**20:.1f} MiB): "
-            f"{names}",
-            flush=True,
-        )
+        names, mib = ", ".join(str(p.relative_to(out)) for p in removed), f"{size / 2**20:.1f} MiB"
+        print(f"removed {len(removed)} temporary file(s) of writes that a killed run left ({mib}): {names}", flush=True)
     return removed
 
 
 def run_files(out: Path) -> list[str]:
-    """The files and folders in out that belong to a run (empty when out holds no run), as names for a message."""
+    """The names of the files and folders in out that belong to a run."""
     if not out.is_dir():
         return []
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    found += sorted(p.name for pattern in RUN_FILE_PATTERNS for p in out.glob(pattern))
+    found = [p.name for pattern in RUN_FILES for p in sorted(out.glob(pattern))]
     found += [f"{name}/" for name in RUN_FOLDERS if (out / name).is_dir() and any((out / name).rglob("*"))]
     return found
 
 
 def check_holds_no_run(out: Path, why: str) -> None:
-    """RunFolderError unless out holds no run: a fresh run (or one continuing another folder's checkpoint) would
-    overwrite its files. ``why`` ends the message: what the user can do instead."""
+    """RunFolderError ending in ``why`` when out holds a run, which a fresh run would overwrite."""
     if found := run_files(out):
         raise RunFolderError(f"{out} already holds a run ({', '.join(found)}); {why}")
 
 
 @contextlib.contextmanager
 def hold_run_folder(out: Path, is_main: bool) -> Iterator[FolderLock | None]:
-    """Lock out for the block (rank 0) and clean its stale temporary files; every process takes part, and all of
-    them raise when rank 0 is refused (RunFolderError there, PeerError on the others)."""
+    """Lock out for the block on rank 0 and clean its stale temporaries; when rank 0 is refused every process raises."""
     lock, error = None, None
     if is_main:
         try:
@@ -166,11 +140,9 @@ def hold_run_folder(out: Path, is_main: bool) -> Iterator[FolderLock | None]:
             remove_stale_temporaries(out)
         except (RunFolderError, OSError) as e:
             error = e
-    if not all_ok(error is None):
-        if lock is not None:
-            lock.release()
-        raise error or PeerError(f"rank 0 could not take the run folder {out}")
     try:
+        if not all_ok(error is None):
+            raise error or PeerError(f"rank 0 could not take the run folder {out}")
         yield lock
     finally:
         if lock is not None:
@@ -183,9 +155,8 @@ def outside(path: Path, out: Path) -> bool:
 
 
 def resume_state(out: Path, resume: str) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to continue from and its path (--resume, --resume auto when last.pt exists, --resume PATH),
-    or (None, None) for a fresh run, which must find no run in OUT (nor must a PATH from another folder). A missing
-    or unreadable last.pt names the newest readable numbered checkpoint instead of switching to it unasked."""
+    """The checkpoint --resume continues from and its path, or (None, None) for a fresh run, which must find no run in
+    out; an unreadable last.pt names the newest readable checkpoint instead of switching to it unasked."""
     last = out / LAST_CHECKPOINT
     if resume in ("no", "yes", "auto"):
         path = last if resume == "yes" or (resume == "auto" and last.is_file()) else None

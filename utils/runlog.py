@@ -1,10 +1,8 @@
-"""Run logging: a wandb wrapper that never prompts and never stops training, and OUT/metrics.jsonl, written whatever
-the wandb mode. Images and GIFs are logged from files already under OUT/samples/. Each kind of wandb failure prints one
-warning and training goes on.
-"""
+"""Run logging to OUT/metrics.jsonl and wandb, which never prompts and whose failures never stop training."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +21,7 @@ def warn(message: str) -> None:
 
 
 def _has_wandb_credentials(wandb) -> bool:
-    """Whether wandb could log in without asking anyone (an API key in the environment, settings or .netrc)."""
+    """Whether wandb could log in without asking anyone."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
     try:  # prompt=False and verify=False: look for stored credentials only, never ask, never go online
@@ -37,27 +35,20 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
     path = Path(path)
     if not path.is_file():
         return 0
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
+    lines, keep = path.read_text().splitlines(), []
+    for line in lines:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # e.g. half a line written by a killed run
             row = json.loads(line)
-            ok = isinstance(row, dict) and int(row["step"]) <= step
-        except (ValueError, KeyError, TypeError):  # e.g. half a line written when the run was killed
-            ok = False
-        if ok:
-            keep.append(line + "\n")
-        else:
-            dropped += 1
-    if dropped:
+            if isinstance(row, dict) and int(row["step"]) <= step:
+                keep.append(line + "\n")
+    if len(keep) < len(lines):
         text = "".join(keep).encode()
         atomic_write(path, lambda f: f.write(text))
-    return dropped
+    return len(lines) - len(keep)
 
 
 class RunLogger:
-    """Logs one run's scalars, images and videos to wandb and OUT/metrics.jsonl. 'online' without credentials falls
-    back to 'offline'; ``enabled`` is False on ranks that log nothing; ``run_id`` continues a wandb run. Rows of
-    metrics.jsonl after ``start_step`` (logged by a run that died after its checkpoint) are dropped."""
+    """One run's scalars and media to wandb and OUT/metrics.jsonl, whose rows after ``start_step`` are dropped."""
 
     def __init__(
         self,
@@ -108,13 +99,9 @@ class RunLogger:
             return
         self.mode, self.run_id = attempt, self.run.id
         if self.mode == "offline":
-            print(f"wandb: offline run in {self.wandb_dir}; upload it later with:", flush=True)
-            print(f"wandb:   wandb sync {self.wandb_dir}", flush=True)
-
-    @property
-    def wandb_dir(self) -> Path | None:
-        """The wandb run folder (holding files/media/...), or None without wandb."""
-        return Path(self.run.dir).parent if self.run is not None else None
+            folder = Path(self.run.dir).parent
+            print(f"wandb: offline run in {folder}; upload it later with:", flush=True)
+            print(f"wandb:   wandb sync {folder}", flush=True)
 
     def _guard(self, kind: str, fn) -> None:
         try:
@@ -125,7 +112,6 @@ class RunLogger:
                 warn(f"logging {kind} failed ({type(e).__name__}: {e}); training continues")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Scalars at a training step, to metrics.jsonl and wandb."""
         if not self.enabled:
             return
 
@@ -139,7 +125,7 @@ class RunLogger:
             self._guard("wandb scalars", lambda: self.run.log(dict(metrics), step=step))
 
     def log_media(self, step: int, images: dict[str, tuple[Path, str]], videos: dict[str, tuple[Path, str]]) -> None:
-        """Images (PNG) and animations (GIF) saved as files, by wandb name, each with a caption."""
+        """PNGs and GIFs already saved, {wandb name: (path, caption)}."""
         if self.run is None:
             return
         import wandb

@@ -194,6 +194,7 @@ def generated_statistics(
     rank: int = 0,
     world_size: int = 1,
     should_stop: Callable[[], bool] | None = None,
+    step_stop: Callable[[], bool] | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -214,7 +215,9 @@ def generated_statistics(
 
     should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request). Under DDP
     it must be a collective that gives every process the same answer (``StopRequest.check``): every process asks it
-    the same number of times (the batches of the largest share), so none is left waiting in a collective alone.
+    the same number of times (the batches of the largest share, and once after them), so none is left waiting in a
+    collective alone. step_stop: asked between solver steps (``Sampler.generate``'s should_stop); under DDP as often
+    as each process samples, with should_stop a meeting that waits for the others (``utils.preemption.AgreedStop``).
     """
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
@@ -229,15 +232,15 @@ def generated_statistics(
     stats, nfes, error = FeatureStats(), [], None
     bar = tqdm(total=len(indices), desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
     try:
-        for idx in chunks:
+        for idx in [*chunks, None]:  # None: a last meeting, so that no process leaves while another samples
             if should_stop is not None and should_stop():  # the same answer everywhere: all leave here together
                 raise SamplingStopped(f"stopped after {bar.n} of {len(indices)} samples")
-            if error is not None or not len(idx):  # a failed process goes on asking, without sampling
+            if idx is None or error is not None or not len(idx):  # a failed process goes on asking, without sampling
                 continue
             try:
                 noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
                 y = None if labels is None else labels[idx]
-                out = sampler.generate(len(idx), y, noise=noise, **options)  # images (b, C, H, W) in [0, 1]
+                out = sampler.generate(len(idx), y, noise=noise, should_stop=step_stop, **options)  # (b, C, H, W)
                 nfes.append(out.nfe)
                 stats.update(extract_features(extractor, out.images))
                 if on_batch is not None:

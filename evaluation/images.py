@@ -3,19 +3,22 @@
 Images are float (N, C, H, W) in [0, 1], as ``Sampler.sample`` returns them; trajectories are raw ODE states
 (K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder and writes atomically
 (``utils.io.atomic_write``): a run stopped mid-write (Ctrl-C, a full disk) leaves the previous file or none,
-never a truncated one that a "file exists" check would then protect. Small images are unreadable at their real
-size: grids and GIFs show images under ``min_size`` (64) pixels enlarged by an integer factor, each pixel
-repeated (nearest neighbour), so nothing is blurred or invented; the npz keeps the real pixels.
+never a truncated one that a "file exists" check would then protect (``grid_bytes``, ``gif_bytes``: encoded, not
+written). Small images are unreadable at their real size: grids and GIFs show images under ``min_size`` (64) pixels
+enlarged by an integer factor, each pixel repeated (nearest neighbour); the npz keeps the real pixels.
 """
 
 from __future__ import annotations
 
+import io
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sampling.sampler import SamplingStopped
 from utils.io import atomic_write
 
 
@@ -49,42 +52,65 @@ def grid_uint8(images: torch.Tensor, nrow: int, min_size: int = 64) -> np.ndarra
     return to_uint8(grid.unsqueeze(0))[0]
 
 
+def grid_bytes(images: torch.Tensor, nrow: int = 8, min_size: int = 64, fmt: str = "PNG") -> bytes:
+    """Images (N, C, H, W) in [0, 1] as one grid with nrow images per row, encoded in PIL's format ``fmt``; images
+    under min_size pixels are enlarged by an integer factor (``upscale``; min_size=0 keeps the real size)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(grid_uint8(images, nrow, min_size)).save(out, format=fmt)
+    return out.getvalue()
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, min_size: int = 64) -> None:
-    """Write images (N, C, H, W) in [0, 1] as one PNG grid with nrow images per row; images under min_size
-    pixels are enlarged by an integer factor (``upscale``; min_size=0 keeps the real size)."""
+    """Write ``grid_bytes`` of images (N, C, H, W) in [0, 1] in the format of the path's suffix (.png)."""
     from PIL import Image
 
     path = Path(path)
-    image = Image.fromarray(grid_uint8(images, nrow, min_size))
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: no image format for the suffix {path.suffix!r} (use .png)")
-    atomic_write(path, lambda f: image.save(f, format=fmt))
+    atomic_write(path, lambda f: f.write(grid_bytes(images, nrow, min_size, fmt)))
 
 
-def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8, min_size: int = 64) -> None:
-    """Write a trajectory (K, N, C, H, W) of states in [-1, 1] as a K-frame GIF of image grids (small images
-    enlarged as by ``save_grid``).
-
-    States are clipped to [-1, 1] before they are mapped to [0, 255]. The GIF encoder merges identical
-    consecutive frames into one longer frame.
-    """
+def gif_bytes(
+    trajectory: torch.Tensor,
+    fps: int = 10,
+    nrow: int = 8,
+    min_size: int = 64,
+    should_stop: Callable[[], bool] | None = None,
+) -> bytes:
+    """A trajectory (K, N, C, H, W) of states in [-1, 1], clipped, as a K-frame GIF of image grids (``grid_bytes``;
+    identical neighbours merge into one longer frame); ``should_stop`` is asked before each frame (True raises
+    ``SamplingStopped``)."""
     from moviepy import VideoClip
 
     if trajectory.ndim != 5:
         raise ValueError(f"expected a trajectory of shape (K, N, C, H, W), got {tuple(trajectory.shape)}")
     if not fps > 0:
         raise ValueError(f"fps must be > 0, got {fps}")
-    frames = [grid_uint8((frame.float().clamp(-1, 1) + 1) / 2, nrow, min_size) for frame in trajectory]
-    # moviepy samples a clip at t = i / fps for i < int(duration * fps). ImageSequenceClip looks frames up by
-    # comparing t with summed float durations, which drops or repeats frames (0.3 < 0.1 + 0.1 + 0.1), so
-    # the frame index is rounded here, and the extra half frame makes int(duration * fps) exactly K.
-    k = len(frames)
-    clip = VideoClip(frame_function=lambda t: frames[min(round(t * fps), k - 1)], duration=(k + 0.5) / fps)
-    with tempfile.TemporaryDirectory() as scratch:  # moviepy writes to a name: encode there, then copy in atomically
+    k, frames = len(trajectory), {}
+
+    def frame(t: float) -> np.ndarray:  # drawn when moviepy first asks for it
+        # moviepy samples a clip at t = i / fps for i < int(duration * fps); summed float durations would drop or
+        # repeat frames (0.3 < 0.1 + 0.1 + 0.1): the index is rounded, and a half frame more makes that exactly K.
+        i = min(round(t * fps), k - 1)
+        if i not in frames:
+            if should_stop is not None and should_stop():
+                raise SamplingStopped(f"stopped before GIF frame {i + 1} of {k}")
+            frames[i] = grid_uint8((trajectory[i].float().clamp(-1, 1) + 1) / 2, nrow, min_size)
+        return frames[i]
+
+    clip = VideoClip(frame_function=frame, duration=(k + 0.5) / fps)
+    with tempfile.TemporaryDirectory() as scratch:  # moviepy writes to a name: encode there
         encoded = Path(scratch) / "trajectory.gif"
         clip.write_gif(str(encoded), fps=fps, logger=None)
-        atomic_write(path, lambda f: f.write(encoded.read_bytes()))
+        return encoded.read_bytes()
+
+
+def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8, min_size: int = 64) -> None:
+    """Write ``gif_bytes`` of a trajectory (K, N, C, H, W) of states in [-1, 1]."""
+    atomic_write(path, lambda f: f.write(gif_bytes(trajectory, fps, nrow, min_size)))
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:

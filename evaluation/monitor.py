@@ -1,21 +1,17 @@
 """What train.py does beside training at some steps: sample grids and trajectory GIFs of the EMA model, and FID.
 
-Both are diagnostics. They run inside ``utils.rng.isolated_rng``, so whatever they draw from the global
-generators, and whether they succeed or fail, the training randomness goes on exactly as without them (a run
-with them on ends bit-identical to one with them off); a failure is reported and training goes on.
+Both are diagnostics. They run inside ``utils.rng.isolated_rng``, so whatever they draw from the global generators,
+and whether they succeed or fail, the training randomness goes on exactly as without them (a run with them on ends
+bit-identical to one with them off); a failure is reported and training goes on. Grids show ``cfg.sample_classes``
+classes, spread evenly and the same at every step (``grid_classes``), GIFs the first ``GIF_SAMPLES`` of each.
 
-A stop request (a signal, or a --time-limit close to its end: ``utils.preemption.StopRequest``) is asked between
-sample chunks: it abandons the diagnostic, which then writes and logs nothing (the grids of every scale are drawn
-before any file is written), so the run checkpoints within seconds. With a budget, a diagnostic whose last run
-would not fit before the time left is skipped. Grids show ``cfg.sample_classes`` classes, spread evenly over all
-of them and the same at every step (``grid_classes``), so their cost does not grow with the class count.
-
-Under DDP the sample grids are drawn by rank 0 alone (a few dozen images: the other processes wait for it in
-the next step's gradient all-reduce), so it asks its own stop flag (``StopRequest.requested``); FID runs on every
-process: each generates its share of the samples and the feature sums are all-reduced
-(``evaluation.fid.generated_statistics``), and every process asks the agreed flag (``StopRequest.check``, a
-collective) before each batch, so all abandon at the same one. Rank 0 alone holds the real statistics and
-computes, prints and logs the distance.
+A stop request (``utils.preemption.StopRequest``: a signal, or a --time-limit near its end) is asked before every
+solver step (dopri5: network evaluation) and GIF frame: it abandons the diagnostic, which writes and logs nothing
+(every file is encoded before any is written), so the run checkpoints within seconds. With a budget, a diagnostic
+whose last run would not fit is skipped. Under DDP rank 0 alone draws the grids (the others wait in the next
+step's all-reduce) and asks its own flag (``StopRequest.requested``); FID runs on every process, each sampling its
+share (``evaluation.fid.generated_statistics``), and they agree (``utils.preemption.AgreedStop``) at every solver
+step, so all abandon it at the same exchange. Rank 0 alone holds the real statistics and logs the distance.
 """
 
 from __future__ import annotations
@@ -30,15 +26,18 @@ import torch.nn as nn
 
 from data import ImageDataset
 from evaluation.fid import FIDError, compute_fid, load_inception, real_statistics, reference_statistics
-from evaluation.images import save_grid, to_gif
+from evaluation.images import gif_bytes, grid_bytes
 from sampling.sampler import Sampler, SamplingStopped
 from utils.device import module_device_dtype
 from utils.distributed import DistInfo, PeerError, all_ok
-from utils.preemption import REASONS, StopRequest
+from utils.io import atomic_write
+from utils.preemption import REASONS, AgreedStop, StopRequest
 from utils.rng import isolated_rng
 from utils.runlog import RunLogger, warn
 
-GIF_FRAMES = 10  # frames a latent model's trajectory GIF decodes
+# The trajectory GIF: the first GIF_SAMPLES samples of each class row and at most GIF_FRAMES frames (a latent model
+# decodes each), so that it takes seconds whatever the grid (400 per class made 4,000 images x 21 frames).
+GIF_SAMPLES, GIF_FRAMES = 8, 20
 
 
 class Monitor:
@@ -112,13 +111,13 @@ class Monitor:
             return
         self.seconds[what] = time.perf_counter() - start if took is None else took
 
-    def should_stop(self, stop: StopRequest | None, agreed: bool) -> Callable[[], bool] | None:
-        """A ``should_stop`` callback for the sampler and FID that remembers the reason, or None without ``stop``."""
+    def should_stop(self, stop: StopRequest | None) -> Callable[[], bool] | None:
+        """A ``should_stop`` callback of this process alone that remembers the reason, or None without ``stop``."""
         if stop is None:
             return None
 
         def ask() -> bool:
-            self.reason = (stop.check if agreed else stop.requested)()
+            self.reason = stop.requested()
             return self.reason is not None
 
         return ask
@@ -127,13 +126,11 @@ class Monitor:
         """At each CFG scale, samples of the grid's classes (``grid_classes``) from the EMA and the raw weights side
         by side (one class per row, EMA left), and the EMA trajectory: OUT/samples/stepNNNNNNN_cfgS.{png,gif},
         logged to wandb with captions. The noise is fixed by the seed, so every sample step starts from the same
-        noise. Every scale is sampled before anything is written, so a stop request (``SamplingStopped``) leaves
-        nothing."""
+        noise. Every file is encoded before any is written: a stop request (``SamplingStopped``) leaves nothing."""
         cfg, k = self.cfg, self.cfg.samples_per_class
         ema, raw = (self.sampler(m) for m in (ema_model, model))
         classes = grid_classes(ema.num_classes, cfg.sample_classes)
-        ask = self.should_stop(stop, agreed=False)  # rank 0 alone draws the grids
-        drawn = []
+        ask, shown, drawn = self.should_stop(stop), min(k, GIF_SAMPLES), []  # rank 0 alone draws; GIF: shown a row
         # A network with the guidance scale as an input samples only the scales it was trained on; the others go.
         lo, hi = ema.guidance_range or (float("-inf"), float("inf"))
         scales = [scale for scale in cfg.cfg_scales if lo <= scale <= hi]
@@ -146,24 +143,25 @@ class Monitor:
             )
         for scale in scales:
             ema_out = ema.generate_each_class(
-                k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True, should_stop=ask
+                k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True, max_frames=GIF_FRAMES, should_stop=ask
             )
             raw_out = raw.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, should_stop=ask)
             drawn.append((scale, ema_out, raw_out.images))
-        images, videos = {}, {}
+        images, videos, files = {}, {}, {}
         for scale, ema_out, raw_imgs in drawn:
-            imgs, traj = ema_out.images, ema_out.trajectory
-            rows = [x.unflatten(0, (-1, k)) for x in (imgs, raw_imgs)]  # (classes, k, C, H, W)
+            rows = [x.unflatten(0, (-1, k)) for x in (ema_out.images, raw_imgs)]  # (classes, k, C, H, W)
             blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
-            save_grid(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), f"{stem}.png", nrow=2 * k + 1)
-            if ema.latent:  # a VAE pass per frame: GIF_FRAMES of them, not every step's
-                traj = ema.trajectory_images(traj, GIF_FRAMES) * 2 - 1
-            to_gif(traj, f"{stem}.gif", nrow=k)
+            files[f"{stem}.png"] = grid_bytes(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), 2 * k + 1)
+            traj = ema_out.trajectory.unflatten(1, (-1, k))[:, :, :shown].flatten(1, 2)  # (K, classes * shown, C, H, W)
+            traj = ema.trajectory_images(traj, ask) * 2 - 1 if ema.latent else traj
+            files[f"{stem}.gif"] = gif_bytes(traj, nrow=shown, should_stop=ask)
             how = f"step {step}, cfg {scale:g}, {ema.options.method} {cfg.sample_steps} steps, NFE {ema_out.nfe}"
             rows_are = f"one class per row ({', '.join(map(str, classes))})"
             images[f"samples/cfg{scale:g}"] = (f"{stem}.png", f"{how}; {rows_are}; EMA left, raw weights right")
-            videos[f"trajectory/cfg{scale:g}"] = (f"{stem}.gif", f"{how}; EMA, from noise (t=0) to data (t=1)")
+            videos[f"trajectory/cfg{scale:g}"] = (f"{stem}.gif", f"{how}; EMA, {shown} a row, from noise (t=0) to data")
+        for path, data in files.items():
+            atomic_write(path, lambda f, data=data: f.write(data))
         self.logger.log_media(step, images, videos)
 
     def sampler(self, model: nn.Module) -> Sampler:
@@ -184,18 +182,23 @@ class Monitor:
         start = time.perf_counter()
         cfg, dist = self.cfg, self.dist
         sampler = self.sampler(model)
-        fid, nfe = compute_fid(
-            sampler,
-            self.real,
-            cfg.fid_samples,
-            extractor=self.extractor,
-            cfg_scale=cfg.fid_cfg_scale,
-            seed=cfg.seed,
-            progress=dist.is_main,
-            rank=dist.rank,
-            world_size=dist.world_size,
-            should_stop=self.should_stop(stop, agreed=True),
-        )
+        agreed = None if stop is None else AgreedStop(stop)
+        try:
+            fid, nfe = compute_fid(
+                sampler,
+                self.real,
+                cfg.fid_samples,
+                extractor=self.extractor,
+                cfg_scale=cfg.fid_cfg_scale,
+                seed=cfg.seed,
+                progress=dist.is_main,
+                rank=dist.rank,
+                world_size=dist.world_size,
+                should_stop=agreed and agreed.meet,
+                step_stop=agreed and agreed.step,
+            )
+        finally:
+            self.reason = agreed and agreed.reason
         seconds = time.perf_counter() - start
         if dist.is_main:
             print(f"step {step}: FID {fid:.3f} ({cfg.fid_samples} samples, NFE {nfe}, {seconds:.0f} s)")
@@ -220,7 +223,7 @@ class Monitor:
             num_workers=cfg.num_workers,
             download=False,
             dataset=dataset,
-            should_stop=self.should_stop(stop, agreed=False),
+            should_stop=self.should_stop(stop),
         )
 
     def _load(self, device: Any, stop: StopRequest | None = None) -> bool:

@@ -117,8 +117,8 @@ def checkpoint_sample_method(state: dict[str, Any]) -> str:
 
 
 class SamplingStopped(Exception):
-    """A ``should_stop`` callback asked to stop between chunks (a training run's stop request): the call returns
-    nothing, so no partial result can be mistaken for a whole one."""
+    """A ``should_stop`` callback asked to stop (a training run's stop request): the call returns nothing, so no
+    partial result can be mistaken for a whole one."""
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,10 @@ class Samples:
     """What one ``Sampler.generate`` call made.
 
     images: (n, C, H, W) float32 in [0, 1], on the model's device; for a latent model the images its VAE decodes
-    (``decode`` off: the latents themselves, unclipped). labels: (n,) int64 on the CPU, those given or
-    drawn; None for an unconditional model. trajectory: raw states (K, n, C, H, W) float32 on the CPU, K <=
-    max_frames, the first frame the noise and the last the final state; None unless asked for. nfe: network
-    evaluations per sample path, the largest over the chunks of batch_size; nfe_per_chunk: each chunk's.
+    (``decode`` off: the latents themselves, unclipped). labels: (n,) int64 on the CPU, those given or drawn; None
+    for an unconditional model. trajectory: raw states (K, n, C, H, W) float32 on the CPU, K <= max_frames, the first
+    frame the noise and the last the final state; None unless asked for. nfe: network evaluations per sample path,
+    the largest over the chunks of batch_size; nfe_per_chunk: each chunk's.
     seed: the seed the noise (and random labels) came from; None when nothing was drawn. precision: the network
     precision that ran ("auto" resolved).
     """
@@ -333,16 +333,14 @@ class Sampler:
         trajectory=True also returns the raw states (K, n, C, H, W) on the CPU, K <= max_frames: on a fixed grid
         the frames are spread evenly over the steps; with dopri5 over time.
 
-        should_stop: asked before each chunk of batch_size samples; when it returns True the call raises
-        ``SamplingStopped`` (what a training run's diagnostics pass, so that a signal acts within a chunk).
+        should_stop: asked before each step of a fixed-grid method and at each network evaluation of dopri5 (a
+        Python call that returns a bool); True raises ``SamplingStopped`` (a training run's stop request).
         """
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
         shape = self._image_shape()
         stochastic = o.method in SOLVERS and SOLVERS[o.method].stochastic
         _ = self.decoder if self.latent and o.decode else None  # a VAE that cannot be loaded fails before the work
-        sde = solvers.sde_grid(o.steps, o.last_step_size, o.sde_diffusion) if stochastic else None
-        ts = (time_grid(o.steps, o.grid, o.grid_shift) if sde is None else sde).tolist()
         if not trajectory:
             frames = []
         elif o.method in ADAPTIVE:
@@ -351,17 +349,16 @@ class Sampler:
             frames = frame_indices(o.steps, o.max_frames)
 
         images, kept_frames, nfe_per_chunk = [], [], []
+        ask = should_stop or (lambda: False)
         was_training = self.model.training
         self.model.eval()
         try:
             for start in tqdm(range(0, n, o.batch_size), desc="sampling", unit="batch", disable=not progress):
-                if should_stop is not None and should_stop():
-                    raise SamplingStopped(f"stopped after {start} of {n} samples")
                 stop = min(start + o.batch_size, n)
                 x = noise[start:stop] if noise is not None else seeded_noise(seed, range(start, stop), shape)
                 yb = y[start:stop].to(self.device) if y is not None else None
                 noises = step_noise(x) if stochastic else None
-                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, ts, frames, o, noises)
+                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, frames, o, ask, noises)
                 nfe_per_chunk.append(nfe)
                 images.append(self.to_images(x, o))
                 kept_frames += [torch.stack(kept)] if frames else []  # (K, b, C, H, W)
@@ -392,13 +389,16 @@ class Sampler:
             )
         return self.decoder.decode(x)
 
-    def trajectory_images(self, trajectory: torch.Tensor, max_frames: int | None = None) -> torch.Tensor:
-        """A trajectory (K, n, C, H, W) as images in [0, 1], decoded for a latent model (at most ``max_frames``
-        frames, spread evenly and always the first and last: decoding every frame costs a VAE pass each)."""
-        k = trajectory.shape[0]
-        if max_frames is not None and k > max_frames:
-            trajectory = trajectory[torch.linspace(0, k - 1, max_frames).round().long()]
-        frames = [self.to_images(frame.to(self.device)).cpu() for frame in trajectory]
+    def trajectory_images(
+        self, trajectory: torch.Tensor, should_stop: Callable[[], bool] | None = None
+    ) -> torch.Tensor:
+        """A trajectory (K, n, C, H, W) as images in [0, 1], decoded for a latent model (a VAE pass a frame, each
+        after asking ``should_stop``, as ``generate`` does)."""
+        frames = []
+        for i, frame in enumerate(trajectory):
+            if should_stop is not None and should_stop():
+                raise SamplingStopped(f"stopped before frame {i + 1} of {len(trajectory)}")
+            frames.append(self.to_images(frame.to(self.device)).cpu())
         return torch.stack(frames)
 
     def generate_each_class(self, n_per_class: int, classes: Sequence[int] | None = None, **kwargs: Any) -> Samples:
@@ -442,17 +442,20 @@ class Sampler:
         self,
         x: torch.Tensor,
         y: torch.Tensor | None,
-        ts: list[float],
         frames: list[int],
         o: SamplingOptions,
+        ask: Callable[[], bool],
         noises: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE;
-        noises: the next step's noise of a stochastic method (``step_noise``; none on its last step)."""
+        """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE; ``ask``
+        before each step (dopri5: each evaluation), True raises ``SamplingStopped``; ``noises``: the next step's noise
+        of a stochastic method (``step_noise``; none on its last step)."""
         nfe = 0
 
         def f(x: torch.Tensor, t: float, h: float | None = None) -> torch.Tensor:
             nonlocal nfe
+            if o.method in ADAPTIVE and ask():  # torchdiffeq lets the exception through
+                raise SamplingStopped(f"stopped at t = {float(t):.4f}, after {nfe} evaluations")
             nfe += 1
             return self._velocity(x, t, y, h, o)
 
@@ -462,9 +465,13 @@ class Sampler:
             return states[-1], [s.float().cpu() for s in states] if frames else [], nfe
         solver = get_solver(o.method)  # an unknown name is an error here, never some other method
         sde = dict(diffusion=o.sde_diffusion, norm=o.sde_norm, last_step=o.last_step) if solver.stochastic else {}
+        grid = solvers.sde_grid(o.steps, o.last_step_size, o.sde_diffusion) if sde else None
+        ts = (time_grid(o.steps, o.grid, o.grid_shift) if grid is None else grid).tolist()
         kept = [x.float().cpu()] if 0 in frames else []
         for i in range(o.steps):
-            if solver.stochastic:
+            if ask():
+                raise SamplingStopped(f"stopped before step {i + 1} of {o.steps}")
+            if sde:
                 sde["noise"] = noises().to(x) if i < o.steps - 1 else None
             x = solver.step(f, x, ts[i], ts[i + 1], **sde)
             if i + 1 in frames:
@@ -510,10 +517,11 @@ class Sampler:
     def _check_scale(self, o: SamplingOptions) -> None:
         """A one-line ValueError for a guidance scale outside the range a guidance-input network was trained on."""
         if self.guidance_range is not None and not self.guidance_range[0] <= o.cfg_scale <= self.guidance_range[1]:
-            lo, hi = self.guidance_range
+            (lo, hi), scale = self.guidance_range, f"{o.cfg_scale:g}"  # all its digits where :g rounds (4.0000001)
+            scale = scale if float(scale) == o.cfg_scale else repr(o.cfg_scale)
             raise ValueError(
-                f"cfg_scale {o.cfg_scale:g} is outside [{lo:g}, {hi:g}], the guidance scales this network "
-                "takes as an input and was trained on"
+                f"cfg_scale {scale} is outside [{lo:g}, {hi:g}], the guidance scales this network takes as an input "
+                "and was trained on"
             )
 
     def _labels(self, y: Any, n: int, o: SamplingOptions) -> torch.Tensor | None:

@@ -151,8 +151,3 @@ def get_solver(method: str) -> Solver:
     if method not in SOLVERS:
         raise ValueError(f"unknown fixed-grid method {method!r}; choose from {', '.join(FIXED_GRID_SOLVERS)}")
     return SOLVERS[method]
-
-
-def solver_step(f: Velocity, x: torch.Tensor, t0: float, t1: float, method: str) -> torch.Tensor:
-    """One step of the fixed-grid method from time t0 to t1: x (N, ...) -> (N, ...), ``nfe_per_step`` calls of f."""
-    return get_solver(method).step(f, x, t0, t1)

@@ -230,6 +230,7 @@ def test_meanflow_resume_is_bit_identical(tmp_path):
 
 
 # train.py's command line with Features in place of Inception; it touches $MARK when the diagnostics start sampling.
+# With $DOPRI5 set the diagnostics sample with dopri5 at tight tolerances (a single grid chunk then takes a minute).
 MARKED_SCRIPT = """
 import json
 import os
@@ -251,19 +252,23 @@ def marked(self, *args, **kwargs):
 
 sampling.sampler.Sampler.generate = marked
 evaluation.monitor.load_inception = lambda device: Features()
+if os.environ.get("DOPRI5"):
+    evaluation.monitor.Monitor.sampler = lambda self, model: sampling.sampler.Sampler(
+        model, self.decoder, method="dopri5", rtol=1e-10, atol=1e-10
+    )
 sys.exit(train.cli(sys.argv[1:]))
 """
 
 
 def marked_run(
-    tmp_path: Path, args: list[str], sig: int, launcher: list[str] | None = None, wait: float = 30
+    tmp_path: Path, args: list[str], sig: int, launcher: list[str] | None = None, wait: float = 30, **env: str
 ) -> tuple[subprocess.CompletedProcess, float]:
     """Run train.py's CLI (through MARKED_SCRIPT), send sig once the diagnostics sample; the process and the seconds
     from the signal to its exit (the test fails when it outlives ``wait``)."""
     script = tmp_path / "train_marked.py"
     script.write_text(MARKED_SCRIPT)
     mark = tmp_path / "sampling"
-    env = {**ENV, "MARK": str(mark), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {**ENV, "MARK": str(mark), "XDG_CACHE_HOME": str(tmp_path / "cache"), **env}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     command = [*(launcher or [sys.executable]), str(script), *args]
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -283,17 +288,30 @@ def marked_run(
     return subprocess.CompletedProcess(command, proc.returncode, out, err), time.monotonic() - sent
 
 
-@pytest.mark.parametrize("what, sig", [("fid", signal.SIGTERM), ("grid", signal.SIGINT)])
+@pytest.mark.parametrize(
+    "what, sig",
+    [
+        ("fid", signal.SIGTERM),
+        ("grid", signal.SIGINT),
+        ("fid-one-chunk", signal.SIGTERM),
+        ("grid-one-chunk", signal.SIGTERM),
+        ("dopri5-grid-one-chunk", signal.SIGTERM),
+    ],
+)
 def test_a_signal_during_fid_or_a_sample_grid_abandons_it_and_checkpoints_within_seconds(tmp_path, what, sig):
     """The issue's measurement: a stop request during an FID of a million samples (minutes) or a sample grid of a
-    slow solver (tens of seconds) is noticed between sample chunks; the diagnostic logs nothing, the next step is
-    checkpointed and the run exits with the signal's code, and the resume loses nothing."""
+    slow solver (tens of seconds) is noticed before the next solver step, also inside one chunk of samples (200
+    samples at 2000 heun steps, or at dopri5's tolerance 1e-10: a minute or more each); the diagnostic logs
+    nothing, the next step is checkpointed and the run exits with the signal's code, and the resume loses nothing."""
     diagnostics = {
         "fid": dict(fid_every=6, fid_samples=10**6),
         "grid": dict(sample_every=6, samples_per_class=100, sample_steps=100),
+        "fid-one-chunk": dict(fid_every=6, fid_samples=200, sample_steps=2000),
+        "grid-one-chunk": dict(sample_every=6, samples_per_class=20, sample_steps=2000),
+        "dopri5-grid-one-chunk": dict(sample_every=6, samples_per_class=20),
     }[what]
     cfg = long_run(tmp_path / "run", **diagnostics)
-    stopped, seconds = marked_run(tmp_path, cli_args(cfg), sig)
+    stopped, seconds = marked_run(tmp_path, cli_args(cfg), sig, **({"DOPRI5": "1"} if "dopri5" in what else {}))
     assert stopped.returncode == EXIT_CODES[sig], stopped.stderr[-2000:]
     assert seconds < 5, f"{seconds:.1f} s from the signal to the exit"
     ckpts = tmp_path / "run/checkpoints"
@@ -332,13 +350,58 @@ def test_time_limit_abandons_a_diagnostic_that_would_outlast_the_budget(tmp_path
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_sigterm_to_one_ddp_process_during_fid_abandons_it_on_both_at_the_same_batch(tmp_path):
-    """FID runs on every process and only rank 1 hears the signal: the agreed stop flag, asked before each batch by
-    both, has them leave the FID together (no collective left waiting) and checkpoint the next step."""
-    cfg = long_run(tmp_path / "run", steps=400, device="cpu", fid_every=6, fid_samples=10**6)
+@pytest.mark.parametrize("sample_steps", [2, 2000])
+def test_sigterm_to_one_ddp_process_during_fid_abandons_it_on_both_at_the_same_batch(tmp_path, sample_steps):
+    """FID runs on every process and only rank 1 hears the signal: the agreed stop flag, asked before each solver
+    step by both (at 2000 steps one batch takes minutes), has them leave the FID together (no collective left
+    waiting) and checkpoint the next step."""
+    cfg = long_run(tmp_path / "run", steps=400, device="cpu", fid_every=6, fid_samples=10**6, sample_steps=sample_steps)
     stopped, seconds = marked_run(tmp_path, cli_args(cfg), signal.SIGTERM, launcher=TORCHRUN, wait=60)
     assert stopped.returncode != 0 and stopped.stderr.count("train.py: stopped by SIGTERM") == 1, stopped.stderr[-3000:]
     assert seconds < 15, f"{seconds:.1f} s from the signal to the exit"
     assert stopped.stderr.count("FID at step 6 abandoned (SIGTERM)") == 1  # said by rank 0
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["step"] == 7 and len(state["rng"]) == 2
+
+
+AGREED_SCRIPT = """
+import signal
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from utils.preemption import AgreedStop, StopRequest
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stop = StopRequest()
+agreed = AgreedStop(stop)
+log = [agreed.step() for _ in range(5 if rank == 0 else 2)]  # batch 1: unequal asks (dopri5, an idle batch)
+log.append(agreed.meet())  # rank 1 waits here while rank 0 still asks
+for i in range(1000):  # batch 2: rank 1 hears a signal before its third step
+    if rank == 1 and i == 2:
+        stop.signum = signal.SIGTERM
+    if agreed.step():
+        break
+log += [i, agreed.meet(), agreed.reason, stop.check()]  # asking after a stop costs nothing; the group is in step
+Path(sys.argv[1], f"rank{rank}.txt").write_text(str(log))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_agreed_stop_keeps_processes_that_ask_unequally_often_in_step(tmp_path):
+    script = tmp_path / "agreed.py"
+    script.write_text(AGREED_SCRIPT)
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [*TORCHRUN, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sigterm = int(signal.SIGTERM)
+    assert (
+        tmp_path / "rank0.txt"
+    ).read_text() == f"[False, False, False, False, False, False, 2, True, {sigterm}, {sigterm}]"
+    assert (tmp_path / "rank1.txt").read_text() == f"[False, False, False, 2, True, {sigterm}, {sigterm}]"

@@ -21,7 +21,7 @@ import sampling.solvers
 from models.dit import DiT
 from sampler import Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
 from sampling.sampler import Samples, SamplingOptions, sampling_options
-from sampling.solvers import FIXED_GRID_SOLVERS, GRIDS, METHODS, SOLVERS, solver_step
+from sampling.solvers import FIXED_GRID_SOLVERS, GRIDS, METHODS, SOLVERS, get_solver
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError, build_parser
 from utils.device import resolve_device, resolve_precision
@@ -868,7 +868,7 @@ def test_registry_nfe_per_step_matches_counted_network_calls(method):
         return -x
 
     x = torch.ones(3, 1, 2, 2)
-    out = solver_step(f, x, 0.25, 0.75, method)
+    out = get_solver(method).step(f, x, 0.25, 0.75)
     assert len(calls) == solver.nfe_per_step and out.shape == x.shape
     assert all((h is not None) == solver.average_velocity for h in calls)  # only jumps take the interval
     if solver.average_velocity:
@@ -902,7 +902,7 @@ def test_method_choices_come_from_the_registry_and_unknown_methods_are_errors():
 
     for name in ("rk4", "Mean", "dopri5", ""):  # dopri5 has no fixed grid: the Sampler runs it itself
         with pytest.raises(ValueError, match=f"unknown fixed-grid method {name!r}"):
-            solver_step(f, torch.zeros(1, 1, 2, 2), 0.0, 1.0, name)
+            get_solver(name).step(f, torch.zeros(1, 1, 2, 2), 0.0, 1.0)
     with pytest.raises(ValueError, match="unknown method 'rk4'"):
         SamplingOptions(method="rk4")
     with pytest.raises(ValueError, match="unknown grid 'cosine'"):
@@ -1086,20 +1086,61 @@ def test_few_step_benchmark_reports_each_calls_nfe():
     assert e.value.code == 2
 
 
-def test_should_stop_is_asked_before_each_chunk_and_a_stop_returns_nothing():
-    """What a training run's diagnostics pass: asked between chunks of batch_size; True raises SamplingStopped."""
-    sampler = Sampler(tiny_dit(), steps=1, method="euler", batch_size=2)
-    asked = []
-    out = sampler.generate(5, 0, seed=0, should_stop=lambda: asked.append(len(asked)) is not None and False)
-    assert len(asked) == 3 and out.images.shape[0] == 5  # chunks of 2, 2 and 1
-    with pytest.raises(sampling.sampler.SamplingStopped, match="after 4 of 5 samples"):
-        sampler.generate(5, 0, seed=0, should_stop=lambda: asked.append(len(asked)) is None and len(asked) > 5)
+class Asks:
+    """A should_stop callback that counts its calls and answers True from call ``stop_at`` on (never: None)."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.stop_at is not None and self.calls >= self.stop_at
 
 
-def test_each_class_of_some_classes_keeps_their_order():
-    sampler = Sampler(tiny_dit(), steps=2, method="euler")
-    each = sampler.generate_each_class(2, [2, 0], seed=0)
-    assert each.labels.tolist() == [2, 2, 0, 0]  # the training grids' rows: a class per row
-    assert torch.equal(each.images, sampler.sample(4, torch.tensor([2, 2, 0, 0]), seed=0))
-    with pytest.raises(ValueError, match="at least one class"):
-        sampler.generate_each_class(2, [])
+@pytest.mark.parametrize("method", FIXED_GRID_SOLVERS)
+def test_should_stop_is_asked_before_each_step_and_changes_nothing_until_it_fires(method):
+    """What a training run's diagnostics pass: asked before every solver step, not only between chunks, so that a stop
+    acts within one chunk; a callback that never fires leaves every number bit-identical."""
+    model = GaussianFlow(torch.zeros(2, 4, 4), 0.5) if method != "mean" else CountingVelocity(average_velocity=True)
+    sampler = Sampler(model, steps=4, method=method, batch_size=2)
+    plain = sampler.generate(5, seed=0, trajectory=True)
+    asks = Asks()
+    asked = sampler.generate(5, seed=0, trajectory=True, should_stop=asks)
+    assert asks.calls == 3 * 4  # chunks of 2, 2 and 1, four steps each
+    assert torch.equal(asked.images, plain.images) and torch.equal(asked.trajectory, plain.trajectory)
+    assert asked.nfe_per_chunk == plain.nfe_per_chunk
+
+
+def test_a_stop_in_the_middle_of_one_chunk_raises_before_the_next_step():
+    model = tiny_dit()
+    calls = []
+    model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    sampler = Sampler(model, steps=50, method="heun", batch_size=256)  # one chunk
+    with pytest.raises(sampling.sampler.SamplingStopped, match="before step 7 of 50"):
+        sampler.generate(10, 0, seed=0, should_stop=Asks(stop_at=7))
+    assert calls == [10] * 12  # six heun steps of two evaluations ran, nothing after the stop
+    assert model.training is False
+
+
+def test_dopri5_asks_at_each_evaluation_and_a_stop_leaves_the_solve():
+    model, z, _ = gaussian_problem()
+    sampler = Sampler(model, method="dopri5", rtol=1e-7, atol=1e-7)
+    plain = sampler.generate(len(z), noise=z, trajectory=True)
+    asks = Asks()
+    asked = sampler.generate(len(z), noise=z, trajectory=True, should_stop=asks)
+    assert asks.calls == asked.nfe == plain.nfe > 20
+    assert torch.equal(asked.images, plain.images) and torch.equal(asked.trajectory, plain.trajectory)
+    model.calls = 0
+    with pytest.raises(sampling.sampler.SamplingStopped, match="after 15 evaluations"):  # torchdiffeq lets it through
+        sampler.generate(len(z), noise=z, should_stop=Asks(stop_at=16))
+    assert model.calls == 15
+
+
+def test_a_guidance_scale_just_outside_the_range_is_shown_with_all_its_digits():
+    model = tiny_dit()
+    model.guidance_max = 4.0  # a network that takes the scale as an input, trained on [1, 4]
+    with pytest.raises(ValueError, match=r"^cfg_scale 4\.0000001 is outside \[1, 4\]"):
+        Sampler(model, cfg_scale=4.0000001)
+    with pytest.raises(ValueError, match=r"^cfg_scale 5 is outside \[1, 4\]"):
+        Sampler(model, cfg_scale=5.0)
+    assert Sampler(model, cfg_scale=4.0).guidance_range == (1.0, 4.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_sampler import GaussianFlow, gaussian_problem
 
-from sampling.sampler import Sampler, seeded_noise
+from sampling.sampler import Sampler, SamplingStopped, seeded_noise
 from sampling.solvers import SBDM_T0, euler_step, sde_grid, sde_step
 
 MU, S, N = torch.tensor([0.7, -0.4], dtype=torch.float64).view(2, 1, 1), 0.5, 20_000
@@ -103,3 +103,7 @@ def test_the_samplers_sde_noise_depends_only_on_the_seed_and_the_sample():
     assert torch.allclose(zero.double(), x, atol=1e-6)
     with pytest.raises(ValueError, match="last.step.size must be < 1"):
         sampler.generate(1, seed=0, last_step_size=1.0)
+    asked, model.calls = [], 0  # should_stop is asked before every step, as for the other fixed-grid methods
+    with pytest.raises(SamplingStopped, match="before step 4 of 6"):
+        sampler.generate(5, seed=3, should_stop=lambda: asked.append(1) or len(asked) > 3)
+    assert model.calls == 3

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from data import BatchStream, DataError, build_dataset
 from evaluation.fid import check_reference_statistics
-from evaluation.monitor import Monitor
+from evaluation.monitor import Monitor, MonitorConfig
 from models import build_model
 from models.vae import LatentCodec, LatentSpace, VAEError
 from training.config import PRESETS, TrainConfig, resolve, run_folder
@@ -205,7 +205,9 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             f"now: its order changes, so the run goes on from a new epoch (epoch {stream.epoch})"
         )
     step_fn = TrainStep(net, objective, opt, ema, StepStats(device), cfg.precision, cfg.grad_clip)
-    monitor = Monitor(cfg, out, logger, dist, objective.sample_method, fid_extractor, decoder, dataset)
+    monitor = Monitor(
+        MonitorConfig.of(cfg), out, logger, dist, objective.sample_method, fid_extractor, decoder, dataset
+    )
     return Run(
         cfg,
         dist,

@@ -46,7 +46,7 @@ def grid(args: argparse.Namespace) -> None:
     """Time one Monitor.samples call at --samples-per-class for digits-quick's network."""
     from types import SimpleNamespace
 
-    from evaluation.monitor import Monitor
+    from evaluation.monitor import Monitor, MonitorConfig
     from utils.distributed import DistInfo
     from utils.runlog import RunLogger
 
@@ -55,7 +55,7 @@ def grid(args: argparse.Namespace) -> None:
             samples_per_class=args.samples_per_class, sample_classes=10, cfg_scales=(1.0,), sample_steps=20, seed=0
         )
         dist_info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-        monitor = Monitor(cfg, Path(out), RunLogger(out, "disabled"), dist_info, sample_method="heun")
+        monitor = Monitor(MonitorConfig.of(cfg), Path(out), RunLogger(out, "disabled"), dist_info, sample_method="heun")
         model = digits_quick_dit()
         start = time.perf_counter()
         monitor.samples(1, model, model)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,40 @@ from utils.runlog import RunLogger, warn
 GIF_SAMPLES, GIF_FRAMES = 8, 20
 
 
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The settings the diagnostics read (train.py's flags of the same names)."""
+
+    sample_every: int
+    samples_per_class: int
+    sample_classes: int
+    cfg_scales: tuple[float, ...]
+    sample_steps: int
+    fid_every: int
+    fid_samples: int
+    fid_cfg_scale: float
+    fid_ref_stats: str | None
+    seed: int
+    dataset: str
+    data_path: str
+    image_size: int
+    channels: int
+    num_workers: int
+
+    @classmethod
+    def of(cls, settings: Any) -> MonitorConfig:
+        """The monitor's settings out of a run's config (any object with these attributes)."""
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
+
+
 class Monitor:
     """Sample grids every ``cfg.sample_every`` steps (rank 0) and FID of the EMA model every ``cfg.fid_every`` steps
-    (every process), and both at the last step. ``cfg`` is train.py's config; ``sample_method`` the objective's
-    solver; ``fid_extractor`` replaces Inception (tests)."""
+    (every process), and both at the last step. ``sample_method`` is the objective's solver; ``fid_extractor``
+    replaces Inception (tests)."""
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: MonitorConfig,
         out: Path,
         logger: RunLogger,
         dist: DistInfo,
@@ -209,7 +236,7 @@ class Monitor:
         """The reference statistics: --fid-ref-stats, else those of the training set's real images (for latents
         the images they were extracted from, ``fid_images``), cached (``evaluation.fid.real_statistics``)."""
         cfg = self.cfg
-        if getattr(cfg, "fid_ref_stats", None):
+        if cfg.fid_ref_stats:
             return reference_statistics(cfg.fid_ref_stats, self.extractor)[:2]
         ref = self.dataset.fid_images() if self.dataset is not None else None
         name, root, dataset = ref if ref is not None else (cfg.dataset, cfg.data_path, None)

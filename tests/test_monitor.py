@@ -14,7 +14,7 @@ from test_train import tiny
 
 import train
 from evaluation.images import gif_bytes
-from evaluation.monitor import GIF_FRAMES, GIF_SAMPLES, Monitor, grid_classes
+from evaluation.monitor import GIF_FRAMES, GIF_SAMPLES, Monitor, MonitorConfig, grid_classes
 from models import build_model
 from sampling.sampler import SamplingStopped
 from utils.distributed import DistInfo
@@ -34,7 +34,7 @@ def test_grid_classes_are_few_spread_evenly_and_fixed():
 def make_monitor(cfg, extractor=None) -> Monitor:
     """train.py's Monitor of one process on the CPU, logging to OUT/metrics.jsonl."""
     dist = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    return Monitor(cfg, Path(cfg.out), RunLogger(cfg.out, "disabled"), dist, fid_extractor=extractor)
+    return Monitor(MonitorConfig.of(cfg), Path(cfg.out), RunLogger(cfg.out, "disabled"), dist, fid_extractor=extractor)
 
 
 def test_a_grid_of_a_2000_class_model_has_ten_rows(tmp_path):

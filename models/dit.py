@@ -182,6 +182,9 @@ class DiT(nn.Module):
         norm_type: str = "layernorm",
         rope: bool = False,
         class_tokens: int = 0,
+        learn_sigma: bool = False,
+        reverse_time: bool = False,
+        guidance_channels: int | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -201,13 +204,16 @@ class DiT(nn.Module):
             )
         # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
-        self.out_channels = in_channels
+        self.out_channels = in_channels * (2 if learn_sigma else 1)  # DiT's learned variance, dropped in forward
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
         self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
         self.mlp_type, self.norm_type, self.rope, self.class_tokens = mlp_type, norm_type, rope, class_tokens
         self.num_prefix = class_tokens + num_registers  # tokens before the patches, dropped before the final layer
         self.guidance_max = guidance_max
+        # Imported networks (import_weights.py): REPA's time runs from data (0) to noise (1), so velocity(x, t) =
+        # -output(x, 1 - t); DiT and SiT guide the first 3 of 4 latent channels "for exact reproducibility".
+        self.learn_sigma, self.reverse_time, self.guidance_channels = learn_sigma, reverse_time, guidance_channels
         self.grid_size = input_size // patch_size
         self.num_patches = self.grid_size**2
 
@@ -294,7 +300,7 @@ class DiT(nn.Module):
         num_classes is the null class). interval (N,) or scalar: an average-velocity network's h (None: 0). drop_mask
         (N,) bool: exactly these labels become the null class, in any mode (else ``label_drop_mask`` in train mode).
         guidance (N,) or scalar in [1, guidance_max] (None: 1): the scale of a network built with ``guidance_max``."""
-        n = x.shape[0]
+        n, t = x.shape[0], 1 - t if self.reverse_time else t
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if self.registers is not None:
             x = torch.cat([self.registers.expand(n, -1, -1), x], dim=1)  # (N, R + T, D)
@@ -315,8 +321,8 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c, rope)
         x = x[:, self.num_prefix :]  # class tokens and registers never reach the output: (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p * p * C)
-        return self.unpatchify(x)  # (N, C, H, W)
+        x = self.unpatchify(self.final_layer(x, c))[:, : self.in_channels]  # (N, C, H, W)
+        return -x if self.reverse_time else x
 
     def label_drop_mask(self, y: Tensor) -> Tensor:
         """(N,) bool: the labels y (N,) that label dropout (the null class guidance needs) replaces in this mode, each
@@ -326,9 +332,16 @@ class DiT(nn.Module):
         return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
 
     def forward_with_cfg(
-        self, x: Tensor, t: Tensor | float, y: Tensor, cfg_scale: float, interval: Tensor | float | None = None
+        self,
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor,
+        cfg_scale: float,
+        interval: Tensor | float | None = None,
+        channels: int | None = None,
     ) -> Tensor:
-        """v_u + cfg_scale * (v_c - v_u) (N, C, H, W) in one pass of 2N (of N at scale 1 or with a guidance input)."""
+        """v_u + cfg_scale * (v_c - v_u) (N, C, H, W) in one pass of 2N (of N at scale 1 or with a guidance input), on
+        the first ``channels`` (None: ``guidance_channels``, None: all); the others keep v_c."""
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
         n = x.shape[0]
@@ -341,7 +354,8 @@ class DiT(nn.Module):
         h2 = None if interval is None else torch.as_tensor(interval, device=x.device).expand(n).repeat(2)
         out = self(torch.cat([x, x]), t2, y.repeat(2), interval=h2, drop_mask=torch.cat([keep, ~keep]))  # (2N, ...)
         v_cond, v_uncond = out.chunk(2, dim=0)
-        return v_uncond + cfg_scale * (v_cond - v_uncond)
+        guided, k = v_uncond + cfg_scale * (v_cond - v_uncond), self.guidance_channels if channels is None else channels
+        return guided if k is None else torch.cat([guided[:, :k], v_cond[:, k:]], dim=1)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:

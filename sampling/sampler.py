@@ -15,6 +15,7 @@ of sampler.py and evaluate.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from models import model_from_checkpoint, upgraded_config
 from models.cost import count_params
 from models.vae import LatentCodec, LatentSpace
+from sampling import solvers
 from sampling.solvers import ADAPTIVE, GRIDS, METHODS, SOLVERS, frame_indices, get_solver, time_grid
 from utils.checkpoint import load_checkpoint
 from utils.config import Config, ConfigError, arg
@@ -67,6 +69,11 @@ class SamplingOptions(Config):
         "apply guidance only for t in [T_LO, T_HI] (Kynkäänniemi et al. 2024); t=0 noise, t=1 data",
         metavar=("T_LO", "T_HI"),
     )
+    guidance_channels: int | None = arg(None, "guide the first K channels only (SiT: 3); default: the network's", min=1)
+    sde_diffusion: str = arg("sigma", "sde: w(t) 2 (1 - t) (sigma) or 2 (1 - t) / t", choices=solvers.SDE_DIFFUSIONS)
+    sde_norm: float = arg(1.0, "sde: scale of w(t) (0: Euler on the same grid)", min=0.0)
+    last_step: str = arg("mean", "sde: noise-free last step along the drift or v", choices=solvers.LAST_STEPS)
+    last_step_size: float = arg(0.04, "sde: the last step's size", gt=0.0, lt=1.0)
     rtol: float = arg(1e-5, "dopri5 relative tolerance", gt=0)
     atol: float = arg(1e-5, "dopri5 absolute tolerance", gt=0)
     precision: str = arg(
@@ -153,6 +160,15 @@ def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> t
     return torch.from_numpy(out)
 
 
+def step_noise(x0: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The SDE's noise for samples starting at x0 (b, C, H, W): each call draws the next step's (b, C, H, W) float32.
+    A sample's draws are a function of its own x0 alone (so of (seed, i) when x0 came from the seed), whatever the
+    batch: seeded by a hash of its float32 bytes."""
+    keys = [np.frombuffer(hashlib.sha256(z.numpy().tobytes()).digest(), np.uint32) for z in x0.float().cpu()]
+    rngs = [np.random.default_rng(key) for key in keys]
+    return lambda: torch.from_numpy(np.stack([r.standard_normal(x0.shape[1:], dtype=np.float32) for r in rngs]))
+
+
 def seeded_labels(seed: int, n: int, num_classes: int) -> torch.Tensor:
     """Uniform random labels (n,) int64 from the seed alone."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
@@ -184,7 +200,7 @@ class Sampler:
 
     def __init__(self, model: nn.Module, decoder: Any | None = None, latent: bool = False, **options: Any):
         self.model = unwrap_model(model)
-        self.decoder = decoder  # latent models: a models.vae.LatentCodec whose decode() makes images of samples
+        self._decoder = decoder  # latent models: a models.vae.LatentCodec (or what loads it, called when needed)
         self.latent = latent or decoder is not None  # the network generates latents, not pixels
         o = SamplingOptions(**options)
         self.options = o if o.method is not None else dataclasses.replace(o, method=DEFAULT_METHOD)
@@ -219,8 +235,16 @@ class Sampler:
         if options.get("method") is None:
             options = {**options, "method": checkpoint_sample_method(state)}
         model = model_from_checkpoint(state, ema=ema, device=device)
-        decoder = checkpoint_decoder(state, device, vae) if options.get("decode", True) else None
-        return cls(model, decoder, latent=bool(state.get("latent_space")), **options)
+        latent = bool(state.get("latent_space"))
+        decoder = (lambda: checkpoint_decoder(state, device, vae)) if latent and options.get("decode", True) else None
+        return cls(model, decoder, latent=latent, **options)
+
+    @property
+    def decoder(self) -> Any | None:
+        """A latent model's ``models.vae.LatentCodec``; ``from_checkpoint`` loads it when first needed."""
+        if callable(self._decoder):
+            self._decoder = self._decoder()
+        return self._decoder
 
     def __repr__(self) -> str:
         shape = f"{self.in_channels}x{self.input_size}x{self.input_size}{' latent' if self.latent else ''}"
@@ -276,6 +300,7 @@ class Sampler:
         # t stays in the state's precision even for a bf16 network: bf16 would round 0.998 to 1.0.
         tt = torch.full((n,), float(t), device=x.device, dtype=x.dtype)
         extra = {} if interval is None else {"interval": torch.full_like(tt, float(interval))}
+        extra |= {} if o.guidance_channels is None or self.num_classes == 0 else {"channels": o.guidance_channels}
         with autocast(x.device, resolve_precision(o.precision, self.device)):
             if self.num_classes == 0:
                 v = self.model(x.to(self.model_dtype), tt, **extra)
@@ -314,6 +339,8 @@ class Sampler:
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
         shape = self._image_shape()
+        stochastic = o.method in SOLVERS and SOLVERS[o.method].stochastic
+        _ = self.decoder if self.latent and o.decode else None  # a VAE that cannot be loaded fails before the work
         if not trajectory:
             frames = []
         elif o.method in ADAPTIVE:
@@ -330,7 +357,8 @@ class Sampler:
                 stop = min(start + o.batch_size, n)
                 x = noise[start:stop] if noise is not None else seeded_noise(seed, range(start, stop), shape)
                 yb = y[start:stop].to(self.device) if y is not None else None
-                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, frames, o, ask)
+                noises = step_noise(x) if stochastic else None
+                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, frames, o, ask, noises)
                 nfe_per_chunk.append(nfe)
                 images.append(self.to_images(x, o))
                 kept_frames += [torch.stack(kept)] if frames else []  # (K, b, C, H, W)
@@ -411,10 +439,17 @@ class Sampler:
         return (out.images, out.trajectory) if return_trajectory else out.images
 
     def _integrate(
-        self, x: torch.Tensor, y: torch.Tensor | None, frames: list[int], o: SamplingOptions, ask: Callable[[], bool]
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        frames: list[int],
+        o: SamplingOptions,
+        ask: Callable[[], bool],
+        noises: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE; ``ask``
-        before each step (dopri5: each evaluation), True raises ``SamplingStopped``."""
+        before each step (dopri5: each evaluation), True raises ``SamplingStopped``; ``noises``: the next step's noise
+        of a stochastic method (``step_noise``; none on its last step)."""
         nfe = 0
 
         def f(x: torch.Tensor, t: float, h: float | None = None) -> torch.Tensor:
@@ -428,12 +463,17 @@ class Sampler:
             times = torch.linspace(0.0, 1.0, max(len(frames), 2), device=x.device, dtype=x.dtype)
             states = odeint(lambda t, s: f(s, t), x, times, rtol=o.rtol, atol=o.atol, method=o.method)
             return states[-1], [s.float().cpu() for s in states] if frames else [], nfe
-        step = get_solver(o.method).step  # an unknown name is an error here, never some other method
-        ts, kept = time_grid(o.steps, o.grid, o.grid_shift).tolist(), [x.float().cpu()] if 0 in frames else []
+        solver = get_solver(o.method)  # an unknown name is an error here, never some other method
+        sde = dict(diffusion=o.sde_diffusion, norm=o.sde_norm, last_step=o.last_step) if solver.stochastic else {}
+        grid = solvers.sde_grid(o.steps, o.last_step_size, o.sde_diffusion) if sde else None
+        ts = (time_grid(o.steps, o.grid, o.grid_shift) if grid is None else grid).tolist()
+        kept = [x.float().cpu()] if 0 in frames else []
         for i in range(o.steps):
             if ask():
                 raise SamplingStopped(f"stopped before step {i + 1} of {o.steps}")
-            x = step(f, x, ts[i], ts[i + 1])
+            if sde:
+                sde["noise"] = noises().to(x) if i < o.steps - 1 else None
+            x = solver.step(f, x, ts[i], ts[i + 1], **sde)
             if i + 1 in frames:
                 kept.append(x.float().cpu())
         return x, kept, nfe

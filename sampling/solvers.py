@@ -5,10 +5,18 @@ step, and whether it needs an average-velocity network (one that takes the jump 
 average velocity over [t, t + h]). Adding a solver is one step function and one line in ``SOLVERS``; the sampler,
 its flags and the benchmarks read their choices from here. The adaptive dopri5 (torchdiffeq) is no fixed-grid
 method: the Sampler runs it itself (``ADAPTIVE``).
+
+"sde" integrates an SDE with the ODE's marginals (SiT, Ma et al. 2024): on the linear path E[x0 | x_t] = x - t v, so
+the score is s = (t v - x) / (1 - t), and dx = [v + (w/2) s] dt + sqrt(w) dW keeps every marginal for any w(t) >= 0.
+SiT's "sigma" form w = 2 (1 - t) (its command line's default; REPA's 2 t in its reversed time) gives the drift
+(1 + t) v - x, finite up to t = 1; "SBDM" w = 2 (1 - t) / t is infinite at t = 0, where SiT's own sampler turns to NaN
+for a velocity network, so its window starts at SiT's sample_eps of other networks, 1e-3. Both end with a noise-free
+step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +51,16 @@ def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Te
         t = torch.cat([1 / (1 + sigma), torch.ones(1, dtype=torch.float64)])
     t[0], t[-1] = 0.0, 1.0  # exact end points whatever the rounding
     return t
+
+
+SDE_DIFFUSIONS, LAST_STEPS, SBDM_T0 = ("sigma", "SBDM"), ("mean", "euler"), 1e-3
+
+
+def sde_grid(steps: int, last_step_size: float, diffusion: str = "sigma") -> torch.Tensor:
+    """SiT's window (steps + 1,) float64: steps - 1 Euler-Maruyama steps on [t0, 1 - last_step_size] (t0 = 0, SBDM:
+    1e-3), then the last step to exactly 1."""
+    t0 = SBDM_T0 if diffusion == "SBDM" else 0.0
+    return torch.cat([torch.linspace(t0, 1 - last_step_size, steps, dtype=torch.float64), torch.ones(1).double()])
 
 
 def frame_indices(steps: int, max_frames: int) -> list[int]:
@@ -83,6 +101,26 @@ def mean_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tenso
     return x + h * f(x, t0, h)
 
 
+def sde_step(
+    f: Velocity,
+    x: torch.Tensor,
+    t0: float,
+    t1: float,
+    noise: torch.Tensor | None = None,
+    diffusion: str = "sigma",
+    norm: float = 1.0,
+    last_step: str = "mean",
+) -> torch.Tensor:
+    """Euler-Maruyama from t0 to t1 on the SDE of the module docstring (w scaled by norm): x (N, ...) -> (N, ...), one
+    evaluation. noise (N, ...) standard normal; None: the noise-free last step (mean: the drift; euler: v)."""
+    v, h = f(x, t0), t1 - t0
+    if noise is None and last_step == "euler":
+        return x + h * v
+    k = norm / t0 if diffusion == "SBDM" else norm  # w / (2 (1 - t))
+    x = x + h * (v + k * (t0 * v - x))
+    return x if noise is None else x + math.sqrt(2 * k * (1 - t0) * h) * noise
+
+
 Step = Callable[[Velocity, torch.Tensor, float, float], torch.Tensor]
 
 
@@ -94,6 +132,7 @@ class Solver:
     nfe_per_step: int
     average_velocity: bool = False
     about: str = ""
+    stochastic: bool = False  # takes noise= (the Sampler's: sampling.sampler.step_noise) and the sde_* options
 
 
 SOLVERS: dict[str, Solver] = {
@@ -101,6 +140,7 @@ SOLVERS: dict[str, Solver] = {
     "midpoint": Solver(midpoint_step, 2, about="ODE solver, second order"),
     "heun": Solver(heun_step, 2, about="ODE solver, second order, corrects its last step too"),
     "mean": Solver(mean_step, 1, average_velocity=True, about="jumps along an average-velocity network's prediction"),
+    "sde": Solver(sde_step, 1, about="Euler-Maruyama on SiT's SDE of the same marginals", stochastic=True),
 }
 FIXED_GRID_SOLVERS: tuple[str, ...] = tuple(SOLVERS)  # the fixed-grid method names, for flags' choices
 METHODS: tuple[str, ...] = (*FIXED_GRID_SOLVERS, *ADAPTIVE)  # every method the Sampler runs

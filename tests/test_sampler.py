@@ -888,7 +888,13 @@ def test_method_choices_come_from_the_registry_and_unknown_methods_are_errors():
     help_text = method.metadata["help"]
     assert all(name in help_text for name in METHODS) and "default" in help_text
     assert "ODE" not in SOLVERS["mean"].about  # a jump along an average velocity is no ODE solver
-    assert {name: s.nfe_per_step for name, s in SOLVERS.items()} == {"euler": 1, "midpoint": 2, "heun": 2, "mean": 1}
+    assert {name: s.nfe_per_step for name, s in SOLVERS.items()} == {
+        "euler": 1,
+        "midpoint": 2,
+        "heun": 2,
+        "mean": 1,
+        "sde": 1,
+    }
     assert [name for name, s in SOLVERS.items() if s.average_velocity] == ["mean"]
 
     def f(x, t, h=None):

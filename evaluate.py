@@ -28,7 +28,8 @@ from evaluation.fid import balanced_labels, real_statistics, reference_statistic
 from evaluation.inception import SUITE_FEATURES, InceptionSuite, extract_features, extractor_id, load_inception
 from evaluation.metrics import FIDError
 from evaluation.shards import draw_shards, open_folder, read_shards
-from sampling.sampler import Sampler, SamplingOptions, SamplingStopped, sampling_options
+from sampling.options import SamplingOptions, SamplingStopped, sampling_options
+from sampling.sampler import Sampler
 from sampling.solvers import ADAPTIVE
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, arg, parse, script_exit

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from evaluation.images import save_grid, save_npz, to_gif, to_uint8
-from sampling.sampler import Sampler, Samples, SamplingOptions, sampling_options, seeded_noise
+from sampling.options import Samples, SamplingOptions, sampling_options, seeded_noise
+from sampling.sampler import Sampler
 from sampling.solvers import ADAPTIVE, time_grid
 from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, arg, parse, script_exit

@@ -27,7 +27,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from evaluation.fid import frechet_distance
-from sampling.sampler import Sampler, seeded_noise
+from sampling.options import seeded_noise
+from sampling.sampler import Sampler
 from sampling.solvers import METHODS, SOLVERS
 from utils.checkpoint import load_checkpoint
 

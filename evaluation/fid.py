@@ -24,7 +24,8 @@ from data.loader import usable_workers
 from evaluation.inception import INCEPTION_FEATURES, extract_features, extractor_id
 from evaluation.inception import load_inception as load_inception  # where evaluation.monitor finds it
 from evaluation.metrics import FeatureStats, FIDError, frechet_distance
-from sampling.sampler import Sampler, SamplingStopped, seeded_noise
+from sampling.options import SamplingStopped, seeded_noise
+from sampling.sampler import Sampler
 from utils.config import ConfigError
 from utils.distributed import PeerError, all_reduce_, collective_device
 from utils.io import atomic_write

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sampling.sampler import SamplingStopped
+from sampling.options import SamplingStopped
 from utils.io import atomic_write
 
 

@@ -28,7 +28,8 @@ import torch.nn as nn
 from data import ImageDataset
 from evaluation.fid import FIDError, compute_fid, load_inception, real_statistics, reference_statistics
 from evaluation.images import gif_bytes, grid_bytes
-from sampling.sampler import Sampler, SamplingStopped
+from sampling.options import SamplingStopped
+from sampling.sampler import Sampler
 from utils.device import module_device_dtype
 from utils.distributed import DistInfo, PeerError, all_ok
 from utils.io import atomic_write

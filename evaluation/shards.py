@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from evaluation.fid import balanced_labels
 from evaluation.images import to_uint8
-from sampling.sampler import Sampler, seeded_noise
+from sampling.options import seeded_noise
+from sampling.sampler import Sampler
 from utils.config import ConfigError
 from utils.distributed import DistInfo, all_gather_object, first_then_others
 from utils.io import atomic_write, write_json_atomic

@@ -496,7 +496,7 @@ def test_compute_fid_on_an_in_memory_model_and_unconditional_labels():
     fid, nfe = compute_fid(sampler, real, 20, extractor=ext, progress=False)
     assert nfe == 1 and fid > 0 and model.training
     # untrained DiT: zero velocity, so the samples are the clipped noise mapped to [0, 1]
-    from sampling.sampler import seeded_noise
+    from sampling.options import seeded_noise
 
     fs = FeatureStats()
     fs.update(extract_features(ext, ((seeded_noise(0, range(20), (3, 8, 8)) + 1) / 2).clamp(0, 1)))
@@ -674,7 +674,7 @@ def test_generated_statistics_split_over_ranks_merge_to_the_single_process_ones(
 def test_every_rank_asks_should_stop_as_often_and_a_stop_returns_nothing(monkeypatch):
     """Under DDP should_stop is a collective (StopRequest.check): a rank with a batch fewer asks it as often."""
     from evaluation.fid import generated_statistics
-    from sampling.sampler import SamplingStopped
+    from sampling.options import SamplingStopped
 
     model = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=3)
     sampler = Sampler(model, steps=1, method="euler", batch_size=2)

@@ -17,7 +17,8 @@ import import_weights
 from benchmarks.official_sit import OfficialREPA, OfficialSiT
 from models.dit import DiT
 from models.vae import VAEError
-from sampling.sampler import Sampler, seeded_noise, step_noise
+from sampling.options import seeded_noise, step_noise
+from sampling.sampler import Sampler
 from utils.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import train
 from evaluation.images import gif_bytes
 from evaluation.monitor import GIF_FRAMES, GIF_SAMPLES, Monitor, MonitorConfig, grid_classes
 from models import build_model
-from sampling.sampler import SamplingStopped
+from sampling.options import SamplingStopped
 from utils.distributed import DistInfo
 from utils.preemption import TIME_LIMIT, StopRequest
 from utils.runlog import RunLogger

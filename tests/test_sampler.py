@@ -20,7 +20,7 @@ import sampling.sampler
 import sampling.solvers
 from models.dit import DiT
 from sampler import Sampler, save_grid, save_npz, time_grid, to_gif, to_uint8
-from sampling.sampler import Samples, SamplingOptions, sampling_options
+from sampling.options import Samples, SamplingOptions, sampling_options
 from sampling.solvers import FIXED_GRID_SOLVERS, GRIDS, METHODS, SOLVERS, get_solver
 from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import ConfigError, build_parser

@@ -7,7 +7,8 @@ import pytest
 import torch
 from test_sampler import GaussianFlow, gaussian_problem
 
-from sampling.sampler import Sampler, SamplingStopped, seeded_noise
+from sampling.options import SamplingStopped, seeded_noise
+from sampling.sampler import Sampler
 from sampling.solvers import SBDM_T0, euler_step, sde_grid, sde_step
 
 MU, S, N = torch.tensor([0.7, -0.4], dtype=torch.float64).view(2, 1, 1), 0.5, 20_000

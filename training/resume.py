@@ -13,6 +13,8 @@ A training checkpoint (``training_state``) is a dict of tensors and plain values
     "wandb_id"         the wandb run to continue (or None)
     "latent_space"     a latent DiT's ``models.vae.LatentSpace`` as a dict (what decodes its samples); None for pixels
     "sample_method"    the method its objective samples with (``Objective.sample_method``)
+An imported checkpoint (import_weights.py) holds "model_config", "ema", "latent_space", "sample_method", and
+"sampling" (its published protocol) and "source" (where its weights came from)
 Sampling needs only "model_config", "model"/"ema", "latent_space" and "sample_method"; a resume needs them all.
 """
 

@@ -1,15 +1,8 @@
-"""Sampling: integrate the flow ODE dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1), or jump along an
-average velocity.
-
-Time convention (owned by ``objectives/flow.py``): t = 0 is pure noise, t = 1 is data, and the network predicts
-the velocity dx/dt. An average-velocity network (``model.average_velocity``) also takes the length h of a jump
-and then predicts the average velocity over [t, t + h]; the "mean" method jumps along it.
+"""Sampling: integrate the flow ODE dx/dt = v(x, t, y) from noise (t = 0) to data (t = 1; the convention of
+objectives/flow.py), or jump along an average velocity over [t, t + h] (the "mean" method).
 
 ``Sampler`` wraps a network into such a velocity (guidance, precision, batching, seeds), checks what it is given
 (the network itself checks nothing), and runs a method of ``sampling/solvers.py`` on a time grid, or dopri5.
-``Sampler.generate`` returns ``Samples``: the images with the labels, NFE, seed and precision of that call. Its
-options (``SamplingOptions``) are the defaults of every call, which may override them, and also the sampling flags
-of sampler.py and evaluate.py.
 """
 
 from __future__ import annotations
@@ -64,21 +57,13 @@ def checkpoint_sample_method(state: dict[str, Any]) -> str:
 
 
 class Sampler:
-    """Sampler for a DiT: classifier-free guidance with a guidance interval, fixed-grid methods and dopri5.
+    """Sampler for a DiT: classifier-free guidance with a guidance interval, fixed-grid methods, dopri5 and the SDE.
 
-    ``Sampler(model, steps=20, method="heun")``: keyword options are ``SamplingOptions`` fields, the defaults of
-    every call. ``method`` None (the default) is heun here and the objective's own method in ``from_checkpoint``;
-    ``options.method`` always holds the resolved one. Works on any model with ``input_size``, ``in_channels`` and
-    ``num_classes`` (0 for an unconditional model) that maps (x, t, y) to a velocity; one with
-    ``average_velocity = True`` also takes ``interval=``. A latent model (``latent``, or a ``decoder``: a
-    ``models.vae.LatentCodec``) generates latents that ``decoder`` turns into images (``SamplingOptions.decode``).
-
-    NFE (``Samples.nfe``) counts evaluations of the velocity field per sample path: one call on the whole batch
-    counts once, a guided call (one pass of 2N) too; fixed-grid methods make ``nfe_per_step * steps``
-    (``sampling.solvers.SOLVERS``), dopri5 chooses its own. The ODE state, the times and the velocity handed to the
-    solver stay float32 (float64 for a float64 model) whatever the network runs in. The model is used unwrapped
-    (no DDP / torch.compile wrapper), in eval mode; its mode is restored afterwards. A call's results come back in
-    its ``Samples``; the Sampler keeps no state between calls.
+    Keyword options are ``SamplingOptions`` fields, the defaults of every call; ``method`` None is heun here and the
+    objective's own method in ``from_checkpoint``. Works on any model with ``input_size``, ``in_channels`` and
+    ``num_classes`` (0: unconditional) that maps (x, t, y) to a velocity. A latent model's samples are decoded by
+    ``decoder`` (a ``models.vae.LatentCodec``). NFE counts evaluations per sample path (a guided pass of 2N counts
+    once). The ODE state stays float32 (float64 for a float64 model) whatever the network runs in.
     """
 
     def __init__(self, model: nn.Module, decoder: Any | None = None, latent: bool = False, **options: Any):
@@ -108,11 +93,9 @@ class Sampler:
         vae: str | None = None,
         **options: Any,
     ) -> Sampler:
-        """A Sampler for the DiT of a training checkpoint, with its EMA (default) or raw weights, on device
-        ("auto", "cpu", "cuda", "cuda:N" or "mps"; the file loads on any device whatever device saved it).
-        Without a ``method`` (or with None) it samples with its objective's ``sample_method``. A latent DiT's
-        samples are decoded by the VAE its checkpoint names (``vae``: another copy of it, a folder or hub id),
-        loaded only when ``decode`` is on. ``path`` may also be a checkpoint already loaded (``load_checkpoint``)."""
+        """A Sampler for a checkpoint's DiT (``path``: a file or a loaded checkpoint), EMA (default) or raw weights, on
+        any device; without a ``method`` its objective's. A latent DiT decodes through the VAE its checkpoint names
+        (``vae``: another copy), loaded when first needed."""
         device = resolve_device(str(device))
         state = path if isinstance(path, dict) else load_checkpoint(path)
         if options.get("method") is None:
@@ -150,14 +133,11 @@ class Sampler:
         interval: float | None = None,
         options: SamplingOptions | None = None,
     ) -> torch.Tensor:
-        """Guided velocity (N, C, H, W) at states x (N, C, H, W), one time t and labels y (N,) (None for an
-        unconditional model), in the state's dtype; inputs are checked (one-line ValueErrors).
+        """Guided velocity (N, C, H, W) at states x (N, C, H, W), one time t and labels y (N,), inputs checked.
 
-        Guidance v_u + s (v_c - v_u) runs through the model's ``forward_with_cfg`` only for t inside the guidance
-        interval; elsewhere, and at scale 1, one conditional pass runs. A network with a guidance input
-        (``guidance_range``) takes the scale instead, in one pass of N (scale 1 outside the interval). ``interval``:
-        the jump length of an average-velocity network (its average velocity over [t, t + interval]).
-        """
+        Guidance v_u + s (v_c - v_u) runs only for t inside the guidance interval (elsewhere, and at scale 1, one
+        conditional pass); a guidance-input network takes the scale in one pass of N. ``interval``: the jump length
+        of an average-velocity network."""
         o = options or self.options
         if x.ndim != 4 or tuple(x.shape[1:]) != self._image_shape() or not x.is_floating_point():
             raise ValueError(
@@ -206,19 +186,11 @@ class Sampler:
     ) -> Samples:
         """Generate n images (n, C, H, W) in [0, 1] and what the call did (``Samples``).
 
-        y: labels (n,) of any integer dtype, or one int for every sample; None draws uniform random classes for a
-        conditional model (``Samples.labels``). noise: the state at t = 0, (n, C, H, W); with noise, seed only
-        draws the random labels. seed: makes the call repeatable; sample i's noise depends only on (seed, i), so
-        results do not depend on n or batch_size. Without a seed one is drawn from torch's global generator
-        whenever something is random (``Samples.seed``). ``options`` override the sampler's ``SamplingOptions``
-        for this call (a misspelled one is a TypeError; method None is the sampler's method).
-
-        trajectory=True also returns the raw states (K, n, C, H, W) on the CPU, K <= max_frames: on a fixed grid
-        the frames are spread evenly over the steps; with dopri5 over time.
-
-        should_stop: asked before each step of a fixed-grid method and at each network evaluation of dopri5 (a
-        Python call that returns a bool); True raises ``SamplingStopped`` (a training run's stop request).
-        """
+        y: labels (n,) or one int; None draws random classes. noise: the state at t = 0 (n, C, H, W). Sample i's
+        noise depends only on (seed, i), not on n or batch_size; without a seed one is drawn (``Samples.seed``).
+        ``options`` override the sampler's for this call. trajectory=True also returns up to max_frames raw states
+        (K, n, C, H, W) on the CPU. should_stop: asked before every step (dopri5: every evaluation); True raises
+        ``SamplingStopped``."""
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
         shape = self._image_shape()

@@ -130,9 +130,8 @@ def score(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, float]:
-    """ADM's ``metrics`` of sample batches (b, H, W, 3) uint8: FID, sFID, the Inception Score (10 equal parts, ADM's
-    parts of 5,000 at 50,000 samples) and precision/recall (k = 3, on ``device``). ``reference`` holds the (mu, sigma)
-    known ({"fid": ..., "sfid": ...}); the images of ``ref_batch`` give the rest."""
+    """ADM's ``metrics`` of uint8 sample batches (IS in 10 parts, precision/recall k = 3) against ``reference``'s
+    (mu, sigma) and the images of ``ref_batch``."""
     metrics = set(metrics)
     stats = {STATISTICS[m][0] for m in metrics & set(STATISTICS)}
     keep = ({"pool"} if "pr" in metrics else set()) | ({"logits"} if "is" in metrics else set())

@@ -38,8 +38,7 @@ def sample_t(
 
 @dataclass(kw_only=True)
 class FlowMatching(Objective):
-    """Conditional flow-matching loss on torchcfm's linear path. Under ``ot`` (OT-CFM, Tong et al. 2024) the rows of
-    x1 are re-paired with their labels; POT solves the plan on the CPU, numpy's global generator resamples it."""
+    """Conditional flow matching on torchcfm's linear path; ``ot`` (OT-CFM, Tong et al. 2024) re-pairs rows of x1."""
 
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
     t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)

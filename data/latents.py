@@ -2,8 +2,7 @@
 
 Shard k holds images k * shard_size ... of the sorted source folder: ``latents`` float16 (n, 2, C, h, w), the raw VAE
 posterior means of each image and its mirror, ``labels``, and per-channel ``sum``, ``sum_sq``. ``index.json``,
-written last, lists the shards with their sha256; without it the folder is not a dataset.
-"""
+written last, lists the shards with their sha256; without it the folder is not a dataset."""
 
 from __future__ import annotations
 
@@ -58,7 +57,7 @@ def file_sha256(path: Path) -> str:
 
 
 def damaged_shards(expected: dict[Path, str | None], rehash: bool = False) -> dict[Path, str]:
-    """{shard: why} of those whose sha256 is wrong; a shard no newer than an agreeing record is trusted unless rehash."""
+    """{shard: why} of those whose sha256 is wrong; one no newer than an agreeing record is trusted unless rehash."""
     want, todo, bad = {}, [], {}
     for path, sha in expected.items():
         recorded, fresh = recorded_digest(path)

@@ -193,12 +193,8 @@ def generated_statistics(
     on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` class-balanced images.
-
-    Under DDP process r draws samples r, r + world_size, ... (each with sample i's noise and label) and the float64
-    feature sums are all-reduced; every process asks ``should_stop`` (a collective) equally often, and a failure on one
-    raises on all (``PeerError`` on the others), so none waits in a collective alone.
-    """
+    """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` class-balanced images. Under DDP
+    process r draws samples r, r + world_size, ...; all ask ``should_stop`` equally often and fail together."""
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
     shape = (sampler.in_channels, sampler.input_size, sampler.input_size)

@@ -1,12 +1,5 @@
-"""Writing images: uint8 conversion, PNG grids, trajectory GIFs and .npz archives of samples.
-
-Images are float (N, C, H, W) in [0, 1], as ``Sampler.sample`` returns them; trajectories are raw ODE states
-(K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder and writes atomically
-(``utils.io.atomic_write``): a run stopped mid-write (Ctrl-C, a full disk) leaves the previous file or none,
-never a truncated one that a "file exists" check would then protect (``grid_bytes``, ``gif_bytes``: encoded, not
-written). Small images are unreadable at their real size: grids and GIFs show images under ``min_size`` (64) pixels
-enlarged by an integer factor, each pixel repeated (nearest neighbour); the npz keeps the real pixels.
-"""
+"""Writing images (float (N, C, H, W) in [0, 1]) as uint8, PNG grids, trajectory GIFs and .npz archives, atomically.
+Grids and GIFs enlarge images under ``min_size`` pixels, which are unreadable at their size; the npz keeps them."""
 
 from __future__ import annotations
 
@@ -52,7 +45,7 @@ def grid_uint8(images: torch.Tensor, nrow: int, min_size: int = 64) -> np.ndarra
 
 
 def grid_bytes(images: torch.Tensor, nrow: int = 8, min_size: int = 64, fmt: str = "PNG") -> bytes:
-    """Images (N, C, H, W) in [0, 1] as one grid encoded in PIL's format ``fmt``, small images enlarged (``upscale``)."""
+    """Images (N, C, H, W) in [0, 1] as one grid in PIL's format ``fmt``, small images enlarged (``upscale``)."""
     from PIL import Image
 
     out = io.BytesIO()

@@ -1,8 +1,7 @@
 """What train.py does beside training at some steps: sample grids and trajectory GIFs of the EMA model, and FID.
 
 They run inside ``utils.rng.isolated_rng``, so training randomness is the same with them on or off, and a failure is
-reported without stopping training. Stop requests and DDP: docs/reliability.md.
-"""
+reported without stopping training. Stop requests and DDP: docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -215,7 +214,7 @@ class Monitor:
         return seconds
 
     def real_statistics(self, stop: StopRequest | None) -> tuple[Any, Any]:
-        """--fid-ref-stats, else the cached statistics of the training set's real images (``fid_images`` for latents)."""
+        """--fid-ref-stats, else the cached statistics of the training set's images (``fid_images`` for latents)."""
         cfg = self.cfg
         if cfg.fid_ref_stats:
             return reference_statistics(cfg.fid_ref_stats, self.extractor)[:2]

@@ -1,6 +1,5 @@
 """The pretrained autoencoder of latent DiTs (a diffusers ``AutoencoderKL``) and the latent normalisation
-z = (z_vae - shift) * scale per channel, which gives the DiT data of about unit variance (docs/latents.md).
-"""
+z = (z_vae - shift) * scale per channel, which gives the DiT data of about unit variance (docs/latents.md)."""
 
 from __future__ import annotations
 

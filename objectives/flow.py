@@ -7,10 +7,8 @@ Lipman et al. 2023, Tong et al. 2024) of optional width sigma, as in torchcfm, w
 
 The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 to t = 1. Logit-normal times (SD3,
 Esser et al. 2024) put more training signal mid-path, where the velocity is hardest to predict. The velocity-direction
-loss (LightningDiT) adds w (1 - cos(v_pred, u_t)): the squared error weighs a sample by the target's magnitude, the
-cosine asks for the right direction at every magnitude. Its gradient at the untrained network's zero output is large
-(torch clamps the norm at 1e-8): gradient clipping (train.py's --grad-clip, on by default) bounds that first step.
-"""
+loss (LightningDiT) adds w (1 - cos(v_pred, u_t)), the right direction at every magnitude; its large gradient at the
+untrained network's zero output is bounded by --grad-clip (on by default)."""
 
 from __future__ import annotations
 

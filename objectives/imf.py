@@ -8,10 +8,8 @@ The MeanFlow identity read the other way round gives the velocity in terms of u,
 
 regressed onto x1 - x0 as in flow matching. The tangent is the network's own velocity v_theta(x_s, s) =
 u_theta(x_s, s, s) (sg), not x1 - x0: V_theta is then a function of (x_s, s, t) alone, its minimiser is
-E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average velocity ((t - s) u
-then has s-derivative -v and is 0 at s = t). The paper's V = u + (t - r) du/dt is this after tau -> 1 - tau.
-Only u_theta(x_s, s, t) carries a gradient, MeanFlow's with the target v + (t - s) D u: the tangent and the guided
-target change the training. Rows with s = t are the flow-matching term, weighted by ``imf_velocity_weight``.
+E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average velocity. The
+paper's V = u + (t - r) du/dt is this after tau -> 1 - tau. Rows with s = t are weighted by ``imf_velocity_weight``.
 
 The velocity is u at interval 0, not the paper's auxiliary v-head (8 more blocks): u(x, s, s) = v(x, s) anyway, and
 every ODE solver samples the function the tangent came from.
@@ -26,8 +24,7 @@ has mean v_y + (1 - 1/w)(v_c - v_u) given x_s; at the fixed point v_c equals it,
 scale w (MeanFlow's guidance with omega = 1, kappa = 1 - 1/w). A row's tangent is its velocity under its own
 conditioning. Times and the adaptive weight are MeanFlow's (the paper: 50% of rows with s = t; p = 1, c = 0.01).
 
-No host sync: the s < t rows come first, the guided rows are the first round(f * k) of those and of the rest.
-"""
+No host sync: the s < t rows come first, the guided rows are the first round(f * k) of those and of the rest."""
 
 from __future__ import annotations
 

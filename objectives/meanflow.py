@@ -21,8 +21,7 @@ true average velocity. At s = t the loss is flow matching's.
   velocity is CFG at scale omega / (1 - kappa), so one-step samples come guided.
 
 The JVP runs on the plain module's math attention kernel over the s < t rows only (placed first: no host sync), and
-falls back once to a float32 finite difference. t is embedded unscaled: sinusoids of t * 1000 make du/ds large.
-"""
+falls back once to a float32 finite difference. t is embedded unscaled: sinusoids of t * 1000 make du/ds large."""
 
 from __future__ import annotations
 
@@ -140,7 +139,7 @@ class AverageVelocityObjective(Objective):
     def draw(
         self, model: nn.Module, x1: Tensor, y: Tensor | None, x0: Tensor | None, s: Tensor | None, t: Tensor | None
     ) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None, int]:
-        """Checks, then draws x0, s <= t and one label-drop mask; returns (plain, x0, s, t, drop_mask, k), s < t on [0, k)."""
+        """Checks, then draws x0, s <= t and one label-drop mask: (plain, x0, s, t, drop_mask, k), s < t on [0, k)."""
         plain = unwrap_model(model)
         if getattr(plain, "average_velocity", None) is False:
             raise ValueError(f"the {self.label} objective needs a network with an interval input (network_options())")

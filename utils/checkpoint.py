@@ -1,7 +1,5 @@
-"""Checkpoint files: written atomically, read safely (``torch.load(weights_only=True)``: a file holding pickled
-python objects, which could run code when unpickled, is refused), damage said in words. What a training checkpoint
-holds is built and restored in training/resume.py.
-"""
+"""Checkpoint files: written atomically, read with ``weights_only=True`` (pickled code is refused), damage said in
+words. What a training checkpoint holds is built and restored in training/resume.py."""
 
 from __future__ import annotations
 

@@ -1,8 +1,7 @@
 """Stopping a training run cleanly: on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or before a wall-clock budget runs out.
 
 A signal only raises a flag; the run checkpoints the step in progress and exits with the reason's code
-(``EXIT_CODES``). Processes agree over a CPU (gloo) group that never waits for the GPU (docs/reliability.md).
-"""
+(``EXIT_CODES``). Processes agree over a CPU (gloo) group that never waits for the GPU (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -24,10 +23,8 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, TIME
 
 
 class StopRequest:
-    """Catches the stop signals and watches a budget of ``time_limit`` minutes from ``started`` (monotonic).
-
-    It stops once the time left would not cover twice the slowest step plus checkpoint, so a job never dies mid-save.
-    """
+    """Catches the stop signals and watches a budget of ``time_limit`` minutes from ``started`` (monotonic),
+    stopping once the time left would not cover twice the slowest step plus checkpoint."""
 
     def __init__(self, time_limit: float | None = None, started: float | None = None):
         self.signum: int | None = None
@@ -47,7 +44,7 @@ class StopRequest:
         self.reserve = max(self.reserve, 2 * seconds)
 
     def requested(self, seconds: float = 0.0) -> int | None:
-        """This process's reason to stop (a signal number, TIME_LIMIT) if ``seconds`` more work would not fit, else None."""
+        """This process's reason to stop (a signal number, TIME_LIMIT), also if ``seconds`` more would not fit."""
         if self.signum is None and self.deadline is not None:
             if time.monotonic() + seconds + self.reserve >= self.deadline:
                 return TIME_LIMIT

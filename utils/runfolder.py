@@ -1,6 +1,5 @@
 """One run per folder: the lock on OUT (``fcntl.flock``, dropped by the OS however the process ends), the check that a
-fresh run finds no other run there, and the clean-up of what killed writes left (docs/reliability.md).
-"""
+fresh run finds no other run there, and the clean-up of what killed writes left (docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -118,9 +118,7 @@ def main(
     logits_extractor: nn.Module | None = None,
     spatial_extractor: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """The JSON's contents on the main process ({} on the others, {"stopped_by": signal} after a stop). The extractors
-    (uint8 (N, 3, H, W) -> (N, D)) replace Inception's pool, logits and spatial features; a metric without one is
-    left out."""
+    """The JSON's contents on the main process ({} on the others); the extractors stand in for Inception's (tests)."""
     t_start, dist = time.perf_counter(), init_distributed(cfg.device)
     given = {"pool": extractor, "logits": logits_extractor, "spatial": spatial_extractor}
     try:

@@ -1,13 +1,8 @@
 """Pre-extracted VAE latents (``extract_latents.py``) as a dataset: ``--dataset latents --data-path FOLDER``.
 
-Shard k (``shard-0000k.safetensors``) holds images k * shard_size ... of the source folder in its sorted order:
-``latents`` float16 (n, 2, C, h, w), the unnormalised VAE posterior mean of each image (view 0) and of its mirror
-(view 1); ``labels`` int64 (n,); ``sum``, ``sum_sq`` float64 (C,) over both views, merged into the index's statistics.
-Its metadata hold the digest of the extraction settings, so shards of other settings never mix; its sha256 is
-recorded beside it (``NAME.sha256``). ``index.json``, written last, lists the shards (file, first, count, bytes,
-sha256), the classes, the source, the statistics and ``latent_space`` (``models.vae.LatentSpace``); without it the
-folder is not a dataset.
-"""
+Shard k holds images k * shard_size ... of the sorted source folder: ``latents`` float16 (n, 2, C, h, w), the raw VAE
+posterior means of each image and its mirror, ``labels``, and per-channel ``sum``, ``sum_sq``. ``index.json``,
+written last, lists the shards with their sha256; without it the folder is not a dataset."""
 
 from __future__ import annotations
 
@@ -62,8 +57,7 @@ def file_sha256(path: Path) -> str:
 
 
 def damaged_shards(expected: dict[Path, str | None], rehash: bool = False) -> dict[Path, str]:
-    """{shard: why} of those whose sha256 is not the expected one (None: the recorded one). A shard no newer than a
-    record that agrees is trusted unread unless rehash; the others are hashed, and their records renewed if right."""
+    """{shard: why} of those whose sha256 is wrong; one no newer than an agreeing record is trusted unless rehash."""
     want, todo, bad = {}, [], {}
     for path, sha in expected.items():
         recorded, fresh = recorded_digest(path)

@@ -1,9 +1,7 @@
 """ADM's evaluation suite (Dhariwal & Nichol 2021, openai/guided-diffusion evaluations/evaluator.py) in PyTorch.
 
-A sample batch is an npz of uint8 images ``arr_0`` (N, H, W, 3) and labels ``arr_1``; a reference batch
-(``VIRTUAL_imagenet256_labeled.npz``) holds ``mu``/``sigma`` of the pool features, ``mu_s``/``sigma_s`` of the
-spatial ones and 10,000 images ``arr_0``. Batches are streamed, never loaded whole (50k images at 256 px: 9.8 GB).
-"""
+A sample batch is an npz of uint8 images ``arr_0`` (N, H, W, 3) and labels ``arr_1``; a reference batch also holds
+``mu``/``sigma`` (pool) and ``mu_s``/``sigma_s`` (spatial). Batches are streamed (50k images at 256 px: 9.8 GB)."""
 
 from __future__ import annotations
 
@@ -130,9 +128,8 @@ def score(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, float]:
-    """ADM's ``metrics`` of sample batches (b, H, W, 3) uint8: FID, sFID, the Inception Score (10 equal parts, ADM's
-    parts of 5,000 at 50,000 samples) and precision/recall (k = 3, on ``device``). ``reference`` holds the (mu, sigma)
-    known ({"fid": ..., "sfid": ...}); the images of ``ref_batch`` give the rest."""
+    """ADM's ``metrics`` of uint8 sample batches (IS in 10 parts, precision/recall k = 3) against ``reference``'s
+    (mu, sigma) and the images of ``ref_batch``."""
     metrics = set(metrics)
     stats = {STATISTICS[m][0] for m in metrics & set(STATISTICS)}
     keep = ({"pool"} if "pr" in metrics else set()) | ({"logits"} if "is" in metrics else set())

@@ -1,8 +1,5 @@
-"""Fréchet Inception Distance (Heusel et al. 2017) of generated samples against a real image set, with the protocol
-of published numbers (``evaluation.inception``). Real statistics come from the un-augmented dataset, never the
-training stream, and are cached as npz under a key of everything that changes them (dataset, split, resolution,
-channels, content, feature extractor, image count).
-"""
+"""FID (Heusel et al. 2017) against real statistics of the un-augmented dataset, cached under a key of all that
+changes them."""
 
 from __future__ import annotations
 
@@ -90,8 +87,7 @@ def real_statistics(
     dataset: Any | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``dataset_statistics`` of the real set (``dataset`` or a fresh ``build_dataset``), cached (default
-    $XDG_CACHE_HOME/dit/fid_stats); ``info`` gets the cache path, whether it was a hit, the count and the extractor."""
+    """``dataset_statistics`` of the real set, cached (default $XDG_CACHE_HOME/dit/fid_stats); ``info`` gets details."""
     if dataset is None:
         dataset = build_dataset(dataset_name, root, image_size, channels, train=split == "train", download=download)
     n = len(dataset) if num_images is None else int(num_images)
@@ -136,8 +132,7 @@ def open_npz(path: str | os.PathLike) -> np.lib.npyio.NpzFile:
 def npz_statistics(
     f: np.lib.npyio.NpzFile, path: str | os.PathLike, keys: tuple[str, str], dim: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D), float64, under ``keys`` of an open npz, checked (D = dim, finite, a symmetric
-    PSD covariance up to round-off); a one-line FIDError naming what is wrong."""
+    """Checked float64 mean (D,) and covariance (D, D) under ``keys`` of an open npz; a one-line FIDError if bad."""
     m, s = keys
     if missing := [k for k in keys if k not in f.files]:
         raise FIDError(
@@ -199,27 +194,8 @@ def generated_statistics(
     on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` images from ``sampler``.
-
-    Labels are class-balanced (``balanced_labels``) for a conditional model. Sample i starts from the noise
-    ``python sampler.py --seed SEED`` gives sample i, whatever the batch size. ``options`` override the sampler's
-    sampling options (``batch_size`` among them: images per batch). NFE is the batches' mean ``Samples.nfe``.
-
-    In a DDP run every process calls this with its ``rank`` and the ``world_size``: process r draws the samples
-    i = r, r + world_size, ... (each with sample i's noise and label), and the feature sums are all-reduced in
-    float64, so every process returns the statistics of the same num_samples images as a single process would
-    (equal up to float64 round-off from the order of the sums). When sampling fails on any process, all of them
-    raise: the failing one its own error, the others ``PeerError``.
-
-    on_batch: called with each batch's images (b, C, H, W) in [0, 1] and labels (evaluate.py keeps them for the ADM
-    npz and the Inception Score).
-
-    should_stop: asked before each batch; True raises ``SamplingStopped`` (a training run's stop request). Under DDP
-    it must be a collective that gives every process the same answer (``StopRequest.check``): every process asks it
-    the same number of times (the batches of the largest share, and once after them), so none is left waiting in a
-    collective alone. step_stop: asked between solver steps (``Sampler.generate``'s should_stop); under DDP as often
-    as each process samples, with should_stop a meeting that waits for the others (``utils.preemption.AgreedStop``).
-    """
+    """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` class-balanced images. Under DDP
+    process r draws samples r, r + world_size, ...; all ask ``should_stop`` equally often and fail together."""
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
     shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
@@ -272,12 +248,7 @@ def compute_fid(
     extractor: nn.Module,
     **kwargs: Any,
 ) -> tuple[float | None, int]:
-    """FID of ``num_samples`` samples from ``sampler`` against real (mu (D,), sigma (D, D)); returns (fid, nfe).
-
-    ``kwargs`` are those of ``generated_statistics`` (seed, progress, rank, world_size, sampling options).
-    ``extractor`` must be the one that produced ``real_stats``. In a DDP run every process calls it; one without
-    the real statistics (None) samples its share and gets (None, nfe).
-    """
+    """(FID against ``real_stats``, NFE); a DDP process without the real statistics (None) gets (None, nfe)."""
     mu, sigma, nfe = generated_statistics(sampler, num_samples, extractor=extractor, **kwargs)
     if real_stats is None:
         return None, nfe

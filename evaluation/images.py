@@ -1,12 +1,5 @@
-"""Writing images: uint8 conversion, PNG grids, trajectory GIFs and .npz archives of samples.
-
-Images are float (N, C, H, W) in [0, 1], as ``Sampler.sample`` returns them; trajectories are raw ODE states
-(K, N, C, H, W) in [-1, 1]. Every writer creates the parent folder and writes atomically
-(``utils.io.atomic_write``): a run stopped mid-write (Ctrl-C, a full disk) leaves the previous file or none,
-never a truncated one that a "file exists" check would then protect (``grid_bytes``, ``gif_bytes``: encoded, not
-written). Small images are unreadable at their real size: grids and GIFs show images under ``min_size`` (64) pixels
-enlarged by an integer factor, each pixel repeated (nearest neighbour); the npz keeps the real pixels.
-"""
+"""Writing images (float (N, C, H, W) in [0, 1]) as uint8, PNG grids, trajectory GIFs and .npz archives, atomically.
+Grids and GIFs enlarge images under ``min_size`` pixels, which are unreadable at their size; the npz keeps them."""
 
 from __future__ import annotations
 
@@ -31,8 +24,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def upscale(images: torch.Tensor, min_size: int = 64) -> torch.Tensor:
-    """Images (N, C, H, W) enlarged by the integer factor ceil(min_size / H) when H < min_size, each pixel
-    repeated into a square block (nearest neighbour); unchanged otherwise."""
+    """Images (N, C, H, W) enlarged by nearest neighbour by the integer factor ceil(min_size / H) when H < min_size."""
     factor = -(-min_size // images.shape[-2])
     if factor <= 1:
         return images
@@ -53,8 +45,7 @@ def grid_uint8(images: torch.Tensor, nrow: int, min_size: int = 64) -> np.ndarra
 
 
 def grid_bytes(images: torch.Tensor, nrow: int = 8, min_size: int = 64, fmt: str = "PNG") -> bytes:
-    """Images (N, C, H, W) in [0, 1] as one grid with nrow images per row, encoded in PIL's format ``fmt``; images
-    under min_size pixels are enlarged by an integer factor (``upscale``; min_size=0 keeps the real size)."""
+    """Images (N, C, H, W) in [0, 1] as one grid in PIL's format ``fmt``, small images enlarged (``upscale``)."""
     from PIL import Image
 
     out = io.BytesIO()
@@ -80,9 +71,7 @@ def gif_bytes(
     min_size: int = 64,
     should_stop: Callable[[], bool] | None = None,
 ) -> bytes:
-    """A trajectory (K, N, C, H, W) of states in [-1, 1], clipped, as a K-frame GIF of image grids (``grid_bytes``;
-    identical neighbours merge into one longer frame); ``should_stop`` is asked before each frame (True raises
-    ``SamplingStopped``)."""
+    """A trajectory (K, N, C, H, W) in [-1, 1] as a GIF of grids; ``should_stop`` is asked before each frame."""
     from moviepy import VideoClip
 
     if trajectory.ndim != 5:
@@ -114,8 +103,7 @@ def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int 
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:
-    """Write images (N, C, H, W) in [0, 1] as uint8 (N, H, W, C) under "images" and labels (N,) int64 under
-    "labels" (-1 for an unconditional model)."""
+    """Write uint8 (N, H, W, C) "images" and int64 "labels" (-1: unconditional) as an npz."""
     if labels is None:
         labels = torch.full((images.shape[0],), -1, dtype=torch.int64)
     arrays = {"images": to_uint8(images), "labels": labels.cpu().numpy().astype(np.int64)}

@@ -122,10 +122,8 @@ def knn_radii(x: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
 
 
 def precision_recall(real: Array, fake: Array, k: int = 3, batch_size: int = 4096) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) of fake (M, D) against real (N, D) features, as ADM's
-    evaluator computes them, in float32 or float64. A set's manifold is the union of balls around its points, each of
-    radius the distance to the point's k-th nearest neighbour in its set; precision is the fraction of fake points in
-    the real manifold, recall of real points in the fake one. Blocks of batch_size rows bound the memory."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019) as ADM computes them: the fraction of fake points in
+    the real manifold (balls of k-th nearest neighbour radius) and of real points in the fake one."""
     real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     dtype = torch.promote_types(real.dtype, torch.float32)
     real, fake = real.to(dtype), fake.to(real.device, dtype)

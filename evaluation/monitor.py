@@ -1,18 +1,7 @@
 """What train.py does beside training at some steps: sample grids and trajectory GIFs of the EMA model, and FID.
 
-Both are diagnostics. They run inside ``utils.rng.isolated_rng``, so whatever they draw from the global generators,
-and whether they succeed or fail, the training randomness goes on exactly as without them (a run with them on ends
-bit-identical to one with them off); a failure is reported and training goes on. Grids show ``cfg.sample_classes``
-classes, spread evenly and the same at every step (``grid_classes``), GIFs the first ``GIF_SAMPLES`` of each.
-
-A stop request (``utils.preemption.StopRequest``: a signal, or a --time-limit near its end) is asked before every
-solver step (dopri5: network evaluation) and GIF frame: it abandons the diagnostic, which writes and logs nothing
-(every file is encoded before any is written), so the run checkpoints within seconds. With a budget, a diagnostic
-whose last run would not fit is skipped. Under DDP rank 0 alone draws the grids (the others wait in the next
-step's all-reduce) and asks its own flag (``StopRequest.requested``); FID runs on every process, each sampling its
-share (``evaluation.fid.generated_statistics``), and they agree (``utils.preemption.AgreedStop``) at every solver
-step, so all abandon it at the same exchange. Rank 0 alone holds the real statistics and logs the distance.
-"""
+They run inside ``utils.rng.isolated_rng``, so training randomness is the same with them on or off, and a failure is
+reported without stopping training. Stop requests and DDP: docs/reliability.md."""
 
 from __future__ import annotations
 
@@ -37,8 +26,7 @@ from utils.preemption import REASONS, AgreedStop, StopRequest
 from utils.rng import isolated_rng
 from utils.runlog import RunLogger, warn
 
-# The trajectory GIF: the first GIF_SAMPLES samples of each class row and at most GIF_FRAMES frames (a latent model
-# decodes each), so that it takes seconds whatever the grid (400 per class made 4,000 images x 21 frames).
+# The trajectory GIF's samples per class row and frames, so it takes seconds whatever the grid (docs/reliability.md).
 GIF_SAMPLES, GIF_FRAMES = 8, 20
 
 
@@ -69,9 +57,7 @@ class MonitorConfig:
 
 
 class Monitor:
-    """Sample grids every ``cfg.sample_every`` steps (rank 0) and FID of the EMA model every ``cfg.fid_every`` steps
-    (every process), and both at the last step. ``sample_method`` is the objective's solver; ``fid_extractor``
-    replaces Inception (tests)."""
+    """Sample grids (rank 0) and FID of the EMA model (every process) at their intervals and at the last step."""
 
     def __init__(
         self,
@@ -120,9 +106,7 @@ class Monitor:
     def timed(
         self, what: str, step: int, stop: StopRequest | None, run: Callable[[], float | None], agreed: bool = False
     ) -> None:
-        """run() unless a stop request says no: skipped when one is there already or when the last run would not
-        fit before a budget's reserve, abandoned (``SamplingStopped``) when one comes while it samples. ``agreed``:
-        every process calls this together and asks ``stop.check`` (a collective), else ``stop.requested``."""
+        """run(), skipped or abandoned on a stop request; ``agreed``: all processes ask ``stop.check`` together."""
         if stop is not None:
             self.reason = (stop.check if agreed else stop.requested)(self.seconds[what])
             if self.reason is not None:
@@ -151,10 +135,7 @@ class Monitor:
         return ask
 
     def samples(self, step: int, model: nn.Module, ema_model: nn.Module, stop: StopRequest | None = None) -> None:
-        """At each CFG scale, samples of the grid's classes (``grid_classes``) from the EMA and the raw weights side
-        by side (one class per row, EMA left), and the EMA trajectory: OUT/samples/stepNNNNNNN_cfgS.{png,gif},
-        logged to wandb with captions. The noise is fixed by the seed, so every sample step starts from the same
-        noise. Every file is encoded before any is written: a stop request (``SamplingStopped``) leaves nothing."""
+        """EMA and raw grids and the EMA trajectory at each CFG scale: OUT/samples/stepNNNNNNN_cfgS.{png,gif}."""
         cfg, k = self.cfg, self.cfg.samples_per_class
         ema, raw = (self.sampler(m) for m in (ema_model, model))
         classes = grid_classes(ema.num_classes, cfg.sample_classes)
@@ -234,8 +215,7 @@ class Monitor:
         return seconds
 
     def real_statistics(self, stop: StopRequest | None) -> tuple[Any, Any]:
-        """The reference statistics: --fid-ref-stats, else those of the training set's real images (for latents
-        the images they were extracted from, ``fid_images``), cached (``evaluation.fid.real_statistics``)."""
+        """--fid-ref-stats, else the cached statistics of the training set's images (``fid_images`` for latents)."""
         cfg = self.cfg
         if cfg.fid_ref_stats:
             return reference_statistics(cfg.fid_ref_stats, self.extractor)[:2]
@@ -255,9 +235,7 @@ class Monitor:
         )
 
     def _load(self, device: Any, stop: StopRequest | None = None) -> bool:
-        """Load the extractor (and on rank 0 the real statistics): each node's local rank 0 first (it downloads
-        the weights if needed), then the others from the caches. False, said once, when it fails anywhere;
-        ``SamplingStopped`` everywhere when a stop request came while rank 0 computed the real statistics."""
+        """Load the extractor (and on rank 0 the real statistics), local rank 0 first; False, said once, on failure."""
         error = None
         # Two turns with an agreed flag between them (not utils.distributed.first_then_others, a bare barrier):
         # when the first turn fails, for want of the weights say, the other processes must not try again.
@@ -285,8 +263,7 @@ class Monitor:
 
 
 def grid_classes(num_classes: int, count: int) -> list[int]:
-    """The classes of the sample grids: ``count`` of the ``num_classes`` (all when count is 0 or not smaller),
-    spread evenly (class i * num_classes // count), so they depend on nothing but these two numbers."""
+    """``count`` classes spread evenly over ``num_classes`` (all when count is 0 or not smaller)."""
     if count == 0 or count >= num_classes:
         return list(range(num_classes))
     return [i * num_classes // count for i in range(count)]

@@ -1,8 +1,7 @@
 """A sample batch drawn in shards by any number of processes, resumable to the same bytes.
 
 Shard s holds samples [s B, (s + 1) B), B = batch_size; sample i's noise and label depend only on (seed, i), so the
-shards do not depend on how many processes drew them. ``settings.json`` records what decides the images.
-"""
+shards do not depend on how many processes drew them. ``settings.json`` records what decides the images."""
 
 from __future__ import annotations
 

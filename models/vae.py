@@ -1,11 +1,5 @@
 """The pretrained autoencoder of latent DiTs (a diffusers ``AutoencoderKL``) and the latent normalisation
-
-    z = (z_vae - shift) * scale                               (C,) each, broadcast over H and W
-
-that gives the DiT's data about unit variance, as the flow's noise has. ``config``: the VAE's shift_factor (0 if none)
-and scaling_factor for every channel (SD-VAE: 0, 0.18215, as DiT); ``stats``: the per-channel mean and 1 / std of the
-extracted latents, flips included (LightningDiT). diffusers is imported only when a VAE is loaded.
-"""
+z = (z_vae - shift) * scale per channel, which gives the DiT data of about unit variance (docs/latents.md)."""
 
 from __future__ import annotations
 

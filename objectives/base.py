@@ -1,8 +1,5 @@
-"""What every training objective is: a config of its own flags (``--objective NAME --help`` lists them) whose
-``loss(net, x1, y)`` returns ``LossTerms``. Cross-field checks go in ``__post_init__``; ``network_options()`` (extra
-DiT arguments) and ``sample_method`` (the default solver) tell the rest of the project what it needs, so that nothing
-outside its file spells its name.
-"""
+"""A training objective: a config of its own flags whose ``loss(net, x1, y)`` returns ``LossTerms``;
+``network_options()`` and ``sample_method`` tell the rest of the project what it needs, so nothing else names it."""
 
 from __future__ import annotations
 

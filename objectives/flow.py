@@ -7,10 +7,8 @@ Lipman et al. 2023, Tong et al. 2024) of optional width sigma, as in torchcfm, w
 
 The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 to t = 1. Logit-normal times (SD3,
 Esser et al. 2024) put more training signal mid-path, where the velocity is hardest to predict. The velocity-direction
-loss (LightningDiT) adds w (1 - cos(v_pred, u_t)): the squared error weighs a sample by the target's magnitude, the
-cosine asks for the right direction at every magnitude. Its gradient at the untrained network's zero output is large
-(torch clamps the norm at 1e-8): gradient clipping (train.py's --grad-clip, on by default) bounds that first step.
-"""
+loss (LightningDiT) adds w (1 - cos(v_pred, u_t)), the right direction at every magnitude; its large gradient at the
+untrained network's zero output is bounded by --grad-clip (on by default)."""
 
 from __future__ import annotations
 
@@ -38,8 +36,7 @@ def sample_t(
 
 @dataclass(kw_only=True)
 class FlowMatching(Objective):
-    """Conditional flow-matching loss on torchcfm's linear path. Under ``ot`` (OT-CFM, Tong et al. 2024) the rows of
-    x1 are re-paired with their labels; POT solves the plan on the CPU, numpy's global generator resamples it."""
+    """Conditional flow matching on torchcfm's linear path; ``ot`` (OT-CFM, Tong et al. 2024) re-pairs rows of x1."""
 
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
     t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)

@@ -8,14 +8,11 @@ The MeanFlow identity read the other way round gives the velocity in terms of u,
 
 regressed onto x1 - x0 as in flow matching. The tangent is the network's own velocity v_theta(x_s, s) =
 u_theta(x_s, s, s) (sg), not x1 - x0: V_theta is then a function of (x_s, s, t) alone, its minimiser is
-E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average velocity ((t - s) u
-then has s-derivative -v and is 0 at s = t). The paper's V = u + (t - r) du/dt is this after tau -> 1 - tau.
-Only u_theta(x_s, s, t) carries a gradient, MeanFlow's with the target v + (t - s) D u: the tangent and the guided
-target change the training. Rows with s = t are the flow-matching term, weighted by ``imf_velocity_weight``.
+E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average velocity. The
+paper's V = u + (t - r) du/dt is this after tau -> 1 - tau. Rows with s = t are weighted by ``imf_velocity_weight``.
 
-The velocity is u at interval 0, not the paper's auxiliary v-head (8 more blocks): u(x, s, s) = v(x, s) anyway, the
-DiT keeps one output, and every ODE solver samples the function the tangent came from. The price is one forward pass
-without a graph over the s < t rows, which the two-head form needs too.
+The velocity is u at interval 0, not the paper's auxiliary v-head (8 more blocks): u(x, s, s) = v(x, s) anyway, and
+every ODE solver samples the function the tangent came from.
 
 Guidance as an input (section 5): the DiT's ``guidance_max`` embeds w / w_max, and the network learns the average
 velocity of v^w = v_u + w (v_c - v_u), so one pass samples at any w. ``imf_guidance_fraction`` of each batch draws
@@ -27,11 +24,7 @@ has mean v_y + (1 - 1/w)(v_c - v_u) given x_s; at the fixed point v_c equals it,
 scale w (MeanFlow's guidance with omega = 1, kappa = 1 - 1/w). A row's tangent is its velocity under its own
 conditioning. Times and the adaptive weight are MeanFlow's (the paper: 50% of rows with s = t; p = 1, c = 0.01).
 
-No row selection needs a host sync: the s < t rows come first, the guided rows are the first round(f * k) of those
-and of the rest. One pass at interval 0 without a graph gives the tangents of the s < t rows and v_u of the guided
-rows; v_c of a guided s = t row is the prediction itself under sg. Then the JVP on the s < t rows and the prediction
-through the model as given. Random draws: noise, times, label dropout, guidance scales, in that order.
-"""
+No host sync: the s < t rows come first, the guided rows are the first round(f * k) of those and of the rest."""
 
 from __future__ import annotations
 
@@ -163,8 +156,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
             w = torch.where(drop_mask, 1.0, self.sample_guidance(n, k, device=x1.device))
         s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
 
-        # One pass at interval 0 without a graph: the tangents of rows [0, k) under their own conditioning, then
-        # v_u (null label, w = 1) of the guided rows [0, gk) and [k, k + ge).
+        # One pass at interval 0 without a graph: the tangents of rows [0, k), then v_u (null label, w = 1).
         def pick(a: Tensor) -> Tensor:  # rows [0, k), then [0, gk) and [k, k + ge) again
             return torch.cat([a[:k], a[:gk], a[k : k + ge]])
 

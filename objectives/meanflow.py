@@ -14,18 +14,14 @@ with d/ds u = v . du/dx + du/ds, the JVP of (x, s, t) -> u with tangent (v, 1, 0
 applies the chain rule). Training regresses u_theta(x_s, s, t) onto sg(v + (t - s) JVP(u_theta; (v, 1, 0))) with the
 per-sample v = x1 - x0: the target is affine in v, so its mean given x_s uses the marginal v and the minimiser is the
 true average velocity. At s = t the loss is flow matching's.
-- Times: two logit-normal draws (SD3), s the smaller; ``mf_equal_fraction`` of each batch has t = s (the paper's best
-  75%; 100%, flow matching, fails at one step). The paper's (-0.4, 1.0) is (+0.4, 1.0) here (logit(1 - tau) = -logit).
+- Times: two logit-normal draws (SD3), s the smaller; ``mf_equal_fraction`` of each batch has t = s (paper: 75%).
 - Adaptive weight (section 4.3): loss = mean_i sg(w_i) mse_i, w_i = 1 / (||err_i||^2 + c)^p; p = 0 is the plain MSE.
 - Training-time guidance (section 4.2): v~ = omega v + kappa u(x_s, s, s | y) + (1 - omega - kappa) u(x_s, s, s | null)
   (under sg) is the target's v and the tangent, except where the label is dropped. At the fixed point the conditional
   velocity is CFG at scale omega / (1 - kappa), so one-step samples come guided.
 
-The target runs on the plain module under no_grad, the prediction through the model as given (DDP, torch.compile,
-flash attention). The JVP runs on the math attention kernel (the only one with a forward derivative), over the rows
-with s < t only (placed first: no host sync), and falls back once, with a warning, to a float32 finite difference.
-t is embedded unscaled: the target holds the network's time derivative, which sinusoids of t * 1000 make large.
-"""
+The JVP runs on the plain module's math attention kernel over the s < t rows only (placed first: no host sync), and
+falls back once to a float32 finite difference. t is embedded unscaled: sinusoids of t * 1000 make du/ds large."""
 
 from __future__ import annotations
 
@@ -65,15 +61,12 @@ def average_velocity_jvp(
     drop_mask: Tensor | None = None,
     guidance: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """u(x, s, t) and d/ds u = v . du/dx + du/ds, both (N, C, H, W) without a graph: the forward-mode JVP of
-    (x, s, t) -> model(x, s, y, interval=t - s) with tangent (v, 1, 0) on the plain module. A conditional network in
-    train mode needs drop_mask, or each call draws its own label dropout."""
+    """u(x, s, t) and d/ds u = v . du/dx + du/ds (no graph): forward-mode JVP with tangent (v, 1, 0)."""
     plain = unwrap_model(model)
 
     def u_fn(x_, s_, t_):
         return _call(plain, x_, s_, y, t_ - s_, drop_mask, guidance)
 
-    # the math kernel: the only attention with a forward derivative
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first use
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
@@ -91,8 +84,7 @@ def total_derivative_fd(
     eps: float = 5e-3,
     guidance: Tensor | None = None,
 ) -> Tensor:
-    """d/ds u of ``average_velocity_jvp`` by a central difference in float32 (autocast off), where forward-mode AD
-    fails: two forwards, error O(eps^2) plus float32 rounding over eps (about 1e-4 relative at eps 5e-3)."""
+    """d/ds u by a float32 central difference where forward-mode AD fails (about 1e-4 relative at eps 5e-3)."""
     plain = unwrap_model(model)
     h = _expand(torch.full_like(s, eps), x)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -147,9 +139,7 @@ class AverageVelocityObjective(Objective):
     def draw(
         self, model: nn.Module, x1: Tensor, y: Tensor | None, x0: Tensor | None, s: Tensor | None, t: Tensor | None
     ) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None, int]:
-        """Checks, then the draws in this order: noise x0, times s <= t (N,), label dropout (N,) (None without labels,
-        drawn once so that every pass drops the same labels). Returns the plain module, x0, s, t, the drop mask and k:
-        rows [0, k) have s < t (given times all count)."""
+        """Checks, then draws x0, s <= t and one label-drop mask: (plain, x0, s, t, drop_mask, k), s < t on [0, k)."""
         plain = unwrap_model(model)
         if getattr(plain, "average_velocity", None) is False:
             raise ValueError(f"the {self.label} objective needs a network with an interval input (network_options())")
@@ -261,8 +251,7 @@ class MeanFlow(AverageVelocityObjective):
         y: Tensor | None = None,
         drop_mask: Tensor | None = None,
     ) -> Tensor:
-        """The target sg(v + (t - s) d/ds u(x, s, t)) (N, C, H, W) at x of time s; v is x1 - x0 (or v~) in training,
-        or the marginal velocity, for which the true average velocity is its own target."""
+        """The target sg(v + (t - s) d/ds u(x, s, t)) at x of time s."""
         duds = self.total_derivative(model, x, s, t, v, y, drop_mask)
         return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 
@@ -276,9 +265,7 @@ class MeanFlow(AverageVelocityObjective):
         s: Tensor | None = None,
         t: Tensor | None = None,
     ) -> LossTerms:
-        """The loss for data x1 (N, C, H, W), labels y (N,) or None; the per-sample MSE and s go to LossTerms.
-        model may be wrapped (DDP, torch.compile): the prediction goes through it, the target through the plain
-        module. x0 and the times s, t (N,) are drawn unless given (tests)."""
+        """The loss for data x1; the prediction goes through ``model`` as given, the target through the plain module."""
         plain, x0, s, t, drop_mask, k = self.draw(model, x1, y, x0, s, t)
         s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
         if self.guided:

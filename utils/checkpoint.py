@@ -1,7 +1,5 @@
-"""Checkpoint files: written atomically, read safely (``torch.load(weights_only=True)``: a file holding pickled
-python objects, which could run code when unpickled, is refused), damage said in words. What a training checkpoint
-holds is built and restored in training/resume.py.
-"""
+"""Checkpoint files: written atomically, read with ``weights_only=True`` (pickled code is refused), damage said in
+words. What a training checkpoint holds is built and restored in training/resume.py."""
 
 from __future__ import annotations
 
@@ -38,10 +36,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write state to path atomically: a process killed while writing leaves the previous file intact.
-
-    A write that fails (a full disk) raises its OSError naming path, not the RuntimeError torch's zip writer turns
-    it into ("[enforce fail at inline_container.cc] unexpected pos"), which says neither what nor where."""
+    """Write state to path atomically; a failed write raises its OSError naming path, not torch's zip-writer error."""
 
     def write(f: BinaryIO) -> None:
         out = _WriteErrors(f)
@@ -87,8 +82,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def damage(path: Path, error: Exception) -> str:
-    """What is wrong with a checkpoint file that torch.load refused, in words (torch's own message does not say
-    that a file is cut short)."""
+    """What is wrong with a checkpoint file that torch.load refused, in words (torch's does not say "cut short")."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4)
@@ -105,8 +99,7 @@ NUMBERED = re.compile(r"(\d{7,})\.pt")  # f"{step:07d}.pt"
 
 
 def newest_readable(ckpt_dir: Path) -> tuple[Path, int] | None:
-    """The numbered checkpoint of the highest step in ckpt_dir that loads as a full training state, with its step,
-    or None: what to continue from when last.pt is damaged (read newest first; stops at the first good one)."""
+    """(path, step) of the newest numbered checkpoint that loads as a full training state, or None."""
     numbered = sorted(
         ((int(m.group(1)), p) for p in ckpt_dir.glob("*.pt") if (m := NUMBERED.fullmatch(p.name))), reverse=True
     )
@@ -121,8 +114,7 @@ def newest_readable(ckpt_dir: Path) -> tuple[Path, int] | None:
 
 
 def save_training_checkpoint(state: dict[str, Any], ckpt_dir: Path, keep: int) -> Path:
-    """Write ckpt_dir/STEP.pt, point ckpt_dir/last.pt at it (a hard link renamed into place: atomic, no copy) and
-    delete the numbered files beyond the ``keep`` newest (0 keeps all). Returns last.pt's path."""
+    """Write ckpt_dir/STEP.pt, hard-link last.pt to it atomically and prune to ``keep``; returns last.pt's path."""
     numbered, last = ckpt_dir / f"{state['step']:07d}.pt", ckpt_dir / "last.pt"
     save_checkpoint(state, numbered)
     tmp = ckpt_dir / f".last.pt.{os.getpid()}.link"
@@ -137,11 +129,7 @@ def save_training_checkpoint(state: dict[str, Any], ckpt_dir: Path, keep: int) -
 
 
 def prune_checkpoints(ckpt_dir: Path, keep: int, step: int) -> list[Path]:
-    """Delete numbered checkpoints of steps <= step except the ``keep`` newest; returns the deleted paths.
-
-    keep=0 keeps all. Never deleted: the file last.pt is a hard link to (whatever its step), and files of later
-    steps (left by a run rolled back to an earlier last.pt: not this run's to judge).
-    """
+    """Delete numbered checkpoints of steps <= step but the ``keep`` newest (0: none) and last.pt's; returns them."""
     if keep <= 0:
         return []
     last = ckpt_dir / "last.pt"

@@ -1,16 +1,7 @@
 """Stopping a training run cleanly: on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or before a wall-clock budget runs out.
 
-A signal only raises a flag; the run finishes the step in progress, writes a checkpoint of it and exits with
-the code of the reason (``EXIT_CODES``), so a scheduler can requeue it and ``--resume`` continues exactly there.
-Further signals while it saves change nothing (the checkpoint is written atomically anyway). Under DDP the
-processes agree at every step, over a CPU (gloo) process group that never waits for the GPU, so a signal that
-reaches only some of them stops all of them after the same step.
-
-Sample grids and FID (evaluation/monitor.py) can take minutes, so they ask too, before every solver step: rank 0's
-grids with ``requested`` (this process alone), FID, which every process runs, with ``AgreedStop`` (agreed). A stop
-request abandons the diagnostic, and the step after it is checkpointed within seconds. With a budget, a diagnostic
-is skipped when its last duration would not fit before the reserve.
-"""
+A signal only raises a flag; the run checkpoints the step in progress and exits with the reason's code
+(``EXIT_CODES``). Processes agree over a CPU (gloo) group that never waits for the GPU (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -32,13 +23,8 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, TIME
 
 
 class StopRequest:
-    """Catches SIGTERM, SIGINT and SIGUSR1 and watches a wall-clock budget; ``check`` tells every process at once,
-    ``requested`` this process alone.
-
-    time_limit: minutes the run may take in all, counted from ``started`` (``time.monotonic()``; default now), or
-    None. It stops once the time left would not cover twice the slowest step plus checkpoint seen so far, so a
-    fixed-length job never dies mid-save.
-    """
+    """Catches the stop signals and watches a budget of ``time_limit`` minutes from ``started`` (monotonic),
+    stopping once the time left would not cover twice the slowest step plus checkpoint."""
 
     def __init__(self, time_limit: float | None = None, started: float | None = None):
         self.signum: int | None = None
@@ -58,17 +44,14 @@ class StopRequest:
         self.reserve = max(self.reserve, 2 * seconds)
 
     def requested(self, seconds: float = 0.0) -> int | None:
-        """This process's reason to stop now (a signal number, or TIME_LIMIT), or None; no collective, so it may be
-        asked by one process alone (rank 0's sample grids). ``seconds``: work about to start, which must also fit
-        before the budget's reserve (a diagnostic that would not fit is skipped)."""
+        """This process's reason to stop (a signal number, TIME_LIMIT), also if ``seconds`` more would not fit."""
         if self.signum is None and self.deadline is not None:
             if time.monotonic() + seconds + self.reserve >= self.deadline:
                 return TIME_LIMIT
         return self.signum
 
     def check(self, seconds: float = 0.0) -> int | None:
-        """``requested(seconds)`` agreed by every process: the largest reason of any, or None. A collective: every
-        process calls it at the same points (after each step, between FID chunks)."""
+        """``requested(seconds)`` agreed by every process (the largest reason); a collective."""
         reason = self.requested(seconds)
         if self.group is None:
             return reason
@@ -83,12 +66,8 @@ class StopRequest:
 
 
 class AgreedStop:
-    """``should_stop`` callbacks of work that every process does at its own pace (FID): ``step`` between solver steps,
-    as often as each likes, and ``meet`` where all come (between batches, at the end). Each is an all-reduce over the
-    CPU group of [reason, not meeting]; a meeting repeats it, pairing with the steps of those still sampling, until
-    all meet, so none is left waiting in a collective, and all see a stop at the same exchange (then asking is free).
-    Agreed at every step: 0.4-1.3 ms an all-reduce on 2 processes of a loaded 2-core CPU (benchmarks/stop_checks.py
-    collective), small against a solver step of any batch worth stopping."""
+    """Stop callbacks of work every process does at its own pace (FID): ``step`` between solver steps, ``meet`` where
+    all come. Each all-reduces [reason, not meeting]; a meeting repeats until all meet, so none waits alone."""
 
     def __init__(self, stop: StopRequest):
         self.stop, self.reason = stop, None
@@ -110,8 +89,7 @@ class AgreedStop:
 
 
 class SetupInterrupted(KeyboardInterrupt):
-    """A signal during set-up, where there is nothing to checkpoint yet. A KeyboardInterrupt, so that whatever
-    handles Ctrl-C (loader workers, atomic writes) treats SIGTERM and SIGUSR1 alike."""
+    """A signal during set-up; a KeyboardInterrupt, so what handles Ctrl-C treats SIGTERM and SIGUSR1 alike."""
 
     def __init__(self, signum: int):
         super().__init__(REASONS[signum])
@@ -120,8 +98,7 @@ class SetupInterrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def signals_end_setup() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block; train's StopRequest then takes over
-    and lets the step in progress finish."""
+    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise SetupInterrupted(signum)

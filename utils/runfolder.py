@@ -1,6 +1,5 @@
 """One run per folder: the lock on OUT (``fcntl.flock``, dropped by the OS however the process ends), the check that a
-fresh run finds no other run there, and the clean-up of what killed writes left (docs/reliability.md).
-"""
+fresh run finds no other run there, and the clean-up of what killed writes left (docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -23,8 +22,7 @@ LOCK_NAME = ".lock"
 LAST_CHECKPOINT = Path("checkpoints", "last.pt")  # what --resume continues from, relative to OUT
 RUN_FILES = ("config.json", "metrics.jsonl", "config-resume-*.json")  # glob patterns
 RUN_FOLDERS = ("checkpoints", "samples", "wandb")  # a run's when they hold any file
-# What utils.io.atomic_write leaves when killed mid-write (".NAME.RANDOM.tmp") and the hard link that points
-# last.pt at a numbered checkpoint (".last.pt.PID.link"), in the folders train.py writes.
+# What a killed utils.io.atomic_write and last.pt's hard-linking leave in the folders train.py writes.
 TEMPORARY = re.compile(r"\..+\.tmp|\.last\.pt\.\d+\.link")
 TEMPORARY_FOLDERS = (".", "checkpoints", "samples")
 
@@ -48,8 +46,7 @@ class RunFolderError(ConfigError):
 
 
 class FolderLock:
-    """An exclusive lock on ``out``/.lock until ``release``, which removes the folders it created if still empty;
-    RunFolderError naming the holder (its host and pid, written into the file) when another process has it."""
+    """An exclusive lock on ``out``/.lock until ``release``; RunFolderError naming the holder's host and pid."""
 
     def __init__(self, out: Path):
         self.out, self.path = out, out / LOCK_NAME
@@ -155,8 +152,7 @@ def outside(path: Path, out: Path) -> bool:
 
 
 def resume_state(out: Path, resume: str) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint --resume continues from and its path, or (None, None) for a fresh run, which must find no run in
-    out; an unreadable last.pt names the newest readable checkpoint instead of switching to it unasked."""
+    """(checkpoint, path) --resume continues from, or (None, None) for a fresh run, which must find no run in out."""
     last = out / LAST_CHECKPOINT
     if resume in ("no", "yes", "auto"):
         path = last if resume == "yes" or (resume == "auto" and last.is_file()) else None

@@ -313,7 +313,8 @@ def test_a_signal_during_fid_or_a_sample_grid_abandons_it_and_checkpoints_within
     cfg = long_run(tmp_path / "run", **diagnostics)
     stopped, seconds = marked_run(tmp_path, cli_args(cfg), sig, **({"DOPRI5": "1"} if "dopri5" in what else {}))
     assert stopped.returncode == EXIT_CODES[sig], stopped.stderr[-2000:]
-    assert seconds < 5, f"{seconds:.1f} s from the signal to the exit"
+    # About 1-1.5 s alone on 2 cores; the bound leaves room for a loaded machine, far below a chunk's minute.
+    assert seconds < 12, f"{seconds:.1f} s from the signal to the exit"
     ckpts = tmp_path / "run/checkpoints"
     assert load_checkpoint(ckpts / "last.pt")["step"] == 7  # the step after the abandoned diagnostic
     assert f"at step 6 abandoned ({train.REASONS[sig]})" in stopped.stderr

@@ -1,0 +1,185 @@
+"""utils/phema.py: the power-function EMA (EDM2) and its post-hoc reconstruction, against known answers."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from scipy.integrate import quad
+
+from utils.config import ConfigError
+from utils.phema import (
+    PowerEMA,
+    gamma_to_sigma_rel,
+    overlap,
+    power_beta,
+    sigma_rel_to_gamma,
+    solve,
+)
+
+
+def scalar_model(dtype=torch.float64) -> nn.Module:
+    """Five parameters: a (1, 4) weight and a (1,) bias."""
+    return nn.Linear(4, 1).to(dtype)
+
+
+def set_weights(model: nn.Module, v: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.weight.copy_(v[:4].view(1, 4))
+        model.bias.copy_(v[4:])
+
+
+def flat(tensors) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors])
+
+
+def trajectory(steps: int, seed: int = 0) -> torch.Tensor:
+    """(steps, 5) float64 weights: a decaying start, a random walk and per-step noise, like SGD's."""
+    g = torch.Generator().manual_seed(seed)
+    start, drift = torch.randn(5, generator=g), 0.05 * torch.randn(steps, 5, generator=g).cumsum(0)
+    t = torch.arange(1, steps + 1, dtype=torch.float64)[:, None]
+    return start * torch.exp(-t / 300) + drift + 0.5 * torch.randn(steps, 5, generator=g, dtype=torch.float64)
+
+
+def track(traj: torch.Tensor, sigma_rels, every: int) -> tuple[PowerEMA, list[tuple[int, float, torch.Tensor]]]:
+    """Run a PowerEMA along traj; snapshots (step, sigma_rel, flat weights) every ``every`` steps."""
+    model = scalar_model()
+    ema, snaps = PowerEMA(model, sigma_rels), []
+    for t, v in enumerate(traj, start=1):
+        set_weights(model, v)
+        ema.update(t)
+        if t % every == 0:
+            snaps += [(t, s, flat(e).clone()) for s, e in zip(sigma_rels, ema.emas, strict=True)]
+    return ema, snaps
+
+
+def test_sigma_rel_and_gamma_convert_both_ways_with_edm2s_values():
+    # EDM2 (Sec. 3.1): sigma_rel 0.05 and 0.10 are gamma 16.97 and 6.94; gamma 0 is the plain mean, sqrt(1/12).
+    assert sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.005)
+    assert sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.005)
+    assert gamma_to_sigma_rel(0.0) == pytest.approx(12**-0.5, rel=1e-15)
+    for s in (0.001, 0.01, 0.05, 0.1, 0.2, 0.28):
+        assert gamma_to_sigma_rel(sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-12)
+    for g in (0.5, 1.0, 6.94, 100.0):
+        assert sigma_rel_to_gamma(gamma_to_sigma_rel(g)) == pytest.approx(g, rel=1e-9)
+    for bad in (0.0, -0.1, 0.29):
+        with pytest.raises(ValueError, match="sigma_rel"):
+            sigma_rel_to_gamma(bad)
+
+
+def test_the_tracked_ema_has_edm2s_per_step_decay_and_the_power_profile():
+    gamma = sigma_rel_to_gamma(0.1)
+    assert power_beta(gamma, 1) == 0.0  # the first update replaces the initial weights
+    assert power_beta(gamma, 7) == (1 - 1 / 7) ** (gamma + 1)
+    traj = trajectory(300)
+    model = scalar_model()
+    ema = PowerEMA(model, [0.1])
+    for t, v in enumerate(traj, start=1):
+        set_weights(model, v)
+        ema.update(t)
+        if t in (1, 2, 50, 300):  # theta_j's weight at step t: (j^(g+1) - (j-1)^(g+1)) / t^(g+1), the profile's mass
+            j = torch.arange(1, t + 1, dtype=torch.float64)
+            w = (j ** (gamma + 1) - (j - 1) ** (gamma + 1)) / t ** (gamma + 1)
+            torch.testing.assert_close(flat(ema.emas[0]), w @ traj[:t], rtol=1e-12, atol=1e-12)
+
+
+def test_profile_overlap_equals_the_integral_of_the_product():
+    def product(tau, t_a, g_a, t_b, g_b):
+        return (g_a + 1) * tau**g_a / t_a ** (g_a + 1) * (g_b + 1) * tau**g_b / t_b ** (g_b + 1)
+
+    for (t_a, s_a), (t_b, s_b) in [((1000, 0.05), (1500, 0.10)), ((1500, 0.05), (700, 0.2)), ((900, 0.1), (900, 0.1))]:
+        g_a, g_b = sigma_rel_to_gamma(s_a), sigma_rel_to_gamma(s_b)
+        expected = quad(product, 0, min(t_a, t_b), args=(t_a, g_a, t_b, g_b), limit=200, epsrel=1e-12)[0]
+        assert overlap(t_a, g_a, t_b, g_b) == pytest.approx(expected, rel=1e-9)
+        assert overlap(t_a, g_a, t_b, g_b) == pytest.approx(overlap(t_b, g_b, t_a, g_a), rel=1e-14)
+
+
+def test_a_tracked_profile_at_a_snapshot_step_reconstructs_to_itself():
+    _, snaps = track(trajectory(1000), [0.05, 0.10], every=100)
+    snaps = [s for s in snaps if s[0] <= 700]  # the target is a snapshot step before the last
+    x, residual = solve([s[0] for s in snaps], [s[1] for s in snaps], 700, [0.05, 0.10])
+    weights = torch.stack([s[2] for s in snaps])
+    for k, sigma_rel in enumerate((0.05, 0.10)):
+        own = next(i for i, s in enumerate(snaps) if s[:2] == (700, sigma_rel))
+        np.testing.assert_allclose(x[:, k], np.eye(len(snaps))[own], atol=1e-10)
+        assert residual[k] < 1e-6
+        torch.testing.assert_close(torch.from_numpy(x[:, k]) @ weights, snaps[own][2], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.07, 0.15])
+def test_an_untracked_length_matches_the_directly_tracked_power_ema(sigma_rel):
+    # Snapshots of 0.05 and 0.10 every 100 of 2000 steps; the weights move by ~1 and jitter by 0.5 a step.
+    traj = trajectory(2000)
+    _, snaps = track(traj, [0.05, 0.10], every=100)
+    direct, _ = track(traj, [sigma_rel], every=2000)
+    x, residual = solve([s[0] for s in snaps], [s[1] for s in snaps], 2000, [sigma_rel])
+    rebuilt = torch.from_numpy(x[:, 0]) @ torch.stack([s[2] for s in snaps])
+    error = (rebuilt - flat(direct.emas[0])).abs().max().item()
+    nearest = min((flat(direct.emas[0]) - s[2]).abs().max().item() for s in snaps if s[0] == 2000)
+    print(f"sigma_rel {sigma_rel}: error {error:.2e}, tracked profiles {nearest:.2e} away, residual {residual[0]:.4f}")
+    assert error < 1e-3 and nearest > 30 * error  # within 1e-3; the tracked lengths are 30x+ farther
+    assert residual[0] < 0.01
+
+
+def test_lengths_far_outside_the_tracked_pair_have_a_large_residual():
+    steps = [s for s in range(250, 1501, 250) for _ in (0, 1)]
+    _, residual = solve(steps, [0.05, 0.10] * 6, 1500, [0.005, 0.08, 0.28])
+    assert residual[0] > 0.5 and residual[1] < 0.05 and residual[2] > 0.25
+
+
+def test_update_makes_no_host_sync():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = scalar_model(torch.float32)
+    ema = PowerEMA(model, [0.05, 0.10])
+    with Record():
+        ema.update(1)
+        ema.update(2)
+    assert any("_foreach_lerp" in name for name in seen) and not any("_local_scalar_dense" in n for n in seen), seen
+
+
+def test_state_round_trips_exactly_and_refuses_other_profiles(tmp_path):
+    traj = trajectory(40).float()
+    model = scalar_model(torch.float32)
+    whole, half = PowerEMA(model, [0.05, 0.10]), PowerEMA(model, [0.05, 0.10])
+    for t, v in enumerate(traj[:20], start=1):
+        set_weights(model, v)
+        whole.update(t)
+        half.update(t)
+    torch.save(half.state_dict(), tmp_path / "state.pt")
+    resumed = PowerEMA(model, [0.05, 0.10])
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert resumed.run_id == half.run_id != PowerEMA(model, [0.05, 0.10]).run_id
+    for t, v in enumerate(traj[20:], start=21):
+        set_weights(model, v)
+        whole.update(t)
+        resumed.update(t)
+    for a, b in zip(whole.emas, resumed.emas, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ConfigError, match="tracked sigma_rel"):
+        PowerEMA(model, [0.05]).load_state_dict(half.state_dict())
+    with pytest.raises(ConfigError, match="tracked no power EMA"):
+        PowerEMA(model, [0.05, 0.10]).load_state_dict(None)
+
+
+def test_a_snapshot_holds_every_profile_as_a_state_dict_in_the_training_dtype(tmp_path):
+    model = scalar_model(torch.float32)
+    model.register_buffer("scale", torch.tensor([2.0]))  # a persistent buffer comes from the model
+    ema = PowerEMA(model, [0.05, 0.10], meta={"model_config": {"width": 4}})
+    set_weights(model, torch.arange(5.0))
+    ema.update(1)
+    path = ema.save_snapshot(tmp_path / "phema", 1)
+    assert path == tmp_path / "phema/0000001.pt" and not list((tmp_path / "phema").glob(".*"))
+    snap = torch.load(path, weights_only=True)
+    assert snap["step"] == 1 and snap["sigma_rels"] == [0.05, 0.10] and snap["run_id"] == ema.run_id
+    assert snap["model_config"] == {"width": 4}
+    for weights in snap["ema"]:
+        assert weights.keys() == model.state_dict().keys()
+        assert all(v.dtype == torch.float32 for v in weights.values())
+        torch.testing.assert_close(flat([weights["weight"], weights["bias"]]), torch.arange(5.0), rtol=0, atol=0)

@@ -6,6 +6,10 @@ import torch
 import torch.nn as nn
 from scipy.integrate import quad
 
+import posthoc_ema
+from models.dit import DiT
+from sampling.sampler import Sampler
+from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError
 from utils.phema import (
     PowerEMA,
@@ -183,3 +187,90 @@ def test_a_snapshot_holds_every_profile_as_a_state_dict_in_the_training_dtype(tm
         assert weights.keys() == model.state_dict().keys()
         assert all(v.dtype == torch.float32 for v in weights.values())
         torch.testing.assert_close(flat([weights["weight"], weights["bias"]]), torch.arange(5.0), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ posthoc_ema.py
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    """A tiny DiT whose weights wander for 300 steps with snapshots of 0.05 and 0.10 every 50 (run/phema), and the
+    directly tracked power EMA of 0.07 beside them."""
+    torch.manual_seed(0)
+    model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    run = tmp_path_factory.mktemp("run")
+    meta = dict(model_config=model.config, config={"objective": "flow", "dataset": "digits"}, latent_space=None)
+    ema, direct = PowerEMA(model, [0.05, 0.10], meta), PowerEMA(model, [0.07])
+    start = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(1)
+    for t in range(1, 301):
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), start, strict=True):
+                p.copy_(p0 * (1 + t / 300) + 0.05 * torch.randn(p.shape, generator=g))
+        ema.update(t)
+        direct.update(t)
+        if t % 50 == 0:
+            ema.save_snapshot(run / "phema", t)
+    return run, ema, direct
+
+
+def posthoc(args, capsys):
+    code = posthoc_ema.cli([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_posthoc_checkpoints_sample_like_any_other_and_hold_the_reconstruction(run_folder, tmp_path, capsys):
+    run, ema, direct = run_folder
+    code, err = posthoc([run, "--sigma-rel", 0.1, 0.07, "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["phema-0000300-0.0700.pt", "phema-0000300-0.1000.pt"]
+    state = load_checkpoint(tmp_path / "phema-0000300-0.1000.pt")
+    assert state["phema"]["sigma_rel"] == 0.1 and state["phema"]["step"] == 300 and state["phema"]["snapshots"] == 6
+    for k, v in ema.weights(1).items():  # the tracked profile itself, to float32 rounding
+        torch.testing.assert_close(state["ema"][k], v, rtol=0, atol=2e-6)
+    sampler = Sampler.from_checkpoint(tmp_path / "phema-0000300-0.0700.pt", device="cpu", steps=2)
+    for p, q in zip(sampler.model.parameters(), direct.emas[0], strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=2e-3)  # the weights span ~1; 0.05 and 0.10 differ by up to 0.07
+    assert sampler.sample(4, torch.arange(4), seed=0).shape == (4, 1, 8, 8)
+    code, err = posthoc([run, "--sweep", 0.04, 0.12, 3, "--step", 200, "--out", tmp_path / "sweep"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == [
+        f"phema-0000200-{s}.pt" for s in ("0.0400", "0.0800", "0.1200")
+    ]
+
+
+def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(run_folder, tmp_path, capsys):
+    run, ema, _ = run_folder
+    other = tmp_path / "other"
+    for name in ("0000050.pt", "0000100.pt"):
+        (other / "phema").mkdir(parents=True, exist_ok=True)
+        (other / "phema" / name).write_bytes((run / "phema" / name).read_bytes())
+    foreign = PowerEMA(ema.model, [0.05, 0.10], {"model_config": ema.meta["model_config"]})
+    foreign.save_snapshot(other / "phema", 150)  # another run's, with the same model
+    (tmp_path / "broken/phema").mkdir(parents=True)
+    (tmp_path / "broken/phema/0000050.pt").write_bytes(b"PK\x03\x04 cut short")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done/phema-0000300-0.0800.pt").write_bytes(b"x")
+    cases = [
+        ([tmp_path / "none", "--sigma-rel", 0.1], "no snapshots in"),
+        ([run, "--sigma-rel", 0.3], "sigma_rel 0.3 is outside (0, 0.2887)"),
+        ([run, "--sigma-rel", 0.01], "represent it only to a relative residual"),
+        ([run, "--sigma-rel", 0.1, "--step", 50], "too few snapshots: 1"),
+        ([run, "--sigma-rel", 0.1, "--step", 120], "--step 120: no snapshot of that step"),
+        ([other, "--sigma-rel", 0.1], "0000150.pt is a snapshot of another run"),
+        ([tmp_path / "broken", "--sigma-rel", 0.1], "cannot read snapshot"),
+        ([run, "--sweep", 0.05, 0.1, 2.5], "--sweep: N must be a whole number"),
+        ([run], "nothing to rebuild"),
+    ]
+    for args, message in cases:
+        code, err = posthoc([*args, "--out", tmp_path / "out"], capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err, (args, err)
+        assert not (tmp_path / "out").exists()
+    code, err = posthoc([run, "--sigma-rel", 0.08, "--out", tmp_path / "done"], capsys)
+    assert code == 2 and "exists; pass --overwrite" in err
+    assert (tmp_path / "done/phema-0000300-0.0800.pt").read_bytes() == b"x"
+    torch.manual_seed(0)
+    wider = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=1, num_heads=2, num_classes=10)
+    PowerEMA(wider, [0.05, 0.10], {"model_config": wider.config}).save_snapshot(other / "phema", 150)
+    code, err = posthoc([other, "--sigma-rel", 0.1, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "0000150.pt is a snapshot of another model" in err

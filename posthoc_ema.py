@@ -25,7 +25,7 @@ import torch
 
 from utils.checkpoint import damage, save_checkpoint
 from utils.config import Config, ConfigError, arg, build_parser
-from utils.phema import MAX_RESIDUAL, SIGMA_REL_MAX, solve
+from utils.phema import MAX_RESIDUAL, sigma_rel_to_gamma, solve
 
 SNAPSHOT_KEYS = {"step", "sigma_rels", "run_id", "model_config", "ema"}
 
@@ -50,8 +50,8 @@ def lengths(cfg: PosthocConfig) -> list[float]:
     out = sorted({round(float(s), 4) for s in (*cfg.sigma_rel, *np.linspace(lo, hi, int(n)))})
     if not out:
         raise ConfigError("nothing to rebuild: give --sigma-rel and/or --sweep")
-    if bad := [s for s in out if not 0 < s < SIGMA_REL_MAX]:
-        raise ConfigError(f"sigma_rel {bad[0]:g} is outside (0, {SIGMA_REL_MAX:.4f}), the widths a power EMA can have")
+    for s in out:
+        sigma_rel_to_gamma(s)  # ConfigError outside (0, sqrt(1/12))
     return out
 
 
@@ -104,7 +104,10 @@ def main(cfg: PosthocConfig) -> list[Path]:
             f"sigma_rel {targets[k]:g}: the {len(snaps)} snapshots up to step {step} represent it only to a relative "
             f"residual of {residual[k]:.2f} (limit {MAX_RESIDUAL}); they represent {span}"
         )
-    template, state = last["ema"][0], {k: last.get(k) for k in ("model_config", "config", "latent_space")}
+    template, state = (
+        last["ema"][0],
+        {k: last.get(k) for k in ("model_config", "config", "latent_space", "sample_method")},
+    )
     for s, path in enumerate(paths):  # one pass over the snapshots per length, one float64 sum in memory
         acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items()}
         for c, weights in zip(coefs[:, s], (w for snap in snaps for w in snap["ema"]), strict=True):

@@ -1,15 +1,20 @@
 """utils/phema.py: the power-function EMA (EDM2) and its post-hoc reconstruction, against known answers."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from scipy.integrate import quad
+from test_train import assert_one_error_line, assert_same, cli_args, run_cli, tiny, weights
 
 import posthoc_ema
+import train
 from models.dit import DiT
 from sampling.sampler import Sampler
-from utils.checkpoint import load_checkpoint
+from train import parse_args
+from utils.checkpoint import OPTIONAL_KEYS, TRAINING_KEYS, load_checkpoint
 from utils.config import ConfigError
 from utils.phema import (
     PowerEMA,
@@ -66,7 +71,7 @@ def test_sigma_rel_and_gamma_convert_both_ways_with_edm2s_values():
     for g in (0.5, 1.0, 6.94, 100.0):
         assert sigma_rel_to_gamma(gamma_to_sigma_rel(g)) == pytest.approx(g, rel=1e-9)
     for bad in (0.0, -0.1, 0.29):
-        with pytest.raises(ValueError, match="sigma_rel"):
+        with pytest.raises(ConfigError, match="is outside"):
             sigma_rel_to_gamma(bad)
 
 
@@ -183,10 +188,10 @@ def test_a_snapshot_holds_every_profile_as_a_state_dict_in_the_training_dtype(tm
     snap = torch.load(path, weights_only=True)
     assert snap["step"] == 1 and snap["sigma_rels"] == [0.05, 0.10] and snap["run_id"] == ema.run_id
     assert snap["model_config"] == {"width": 4}
-    for weights in snap["ema"]:
-        assert weights.keys() == model.state_dict().keys()
-        assert all(v.dtype == torch.float32 for v in weights.values())
-        torch.testing.assert_close(flat([weights["weight"], weights["bias"]]), torch.arange(5.0), rtol=0, atol=0)
+    for profile in snap["ema"]:
+        assert profile.keys() == model.state_dict().keys()
+        assert all(v.dtype == torch.float32 for v in profile.values())
+        torch.testing.assert_close(flat([profile["weight"], profile["bias"]]), torch.arange(5.0), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ posthoc_ema.py
@@ -274,3 +279,72 @@ def test_bad_input_is_one_line_and_exit_2_and_writes_nothing(run_folder, tmp_pat
     PowerEMA(wider, [0.05, 0.10], {"model_config": wider.config}).save_snapshot(other / "phema", 150)
     code, err = posthoc([other, "--sigma-rel", 0.1, "--out", tmp_path / "out"], capsys)
     assert code == 2 and "0000150.pt is a snapshot of another model" in err
+
+
+# ----------------------------------------------------------------------------------------------- train.py --phema
+
+
+def snapshot_weights(folder: Path) -> dict[int, list]:
+    return {int(p.stem): torch.load(p, weights_only=True)["ema"] for p in sorted(folder.glob("*.pt"))}
+
+
+def test_phema_off_changes_nothing_and_on_only_adds_its_state(tmp_path):
+    off = train.main(tiny(tmp_path / "off"))
+    on = train.main(tiny(tmp_path / "on", phema=(0.05, 0.10), phema_every=5))
+    assert not (tmp_path / "off/phema").exists()
+    state_off, state_on = (load_checkpoint(tmp_path / f"{r}/checkpoints/last.pt") for r in ("off", "on"))
+    assert set(state_off) == set(TRAINING_KEYS) | set(OPTIONAL_KEYS) and set(state_on) == set(state_off) | {"phema"}
+    assert_same(weights(tmp_path / "off/checkpoints/last.pt"), weights(tmp_path / "on/checkpoints/last.pt"))
+    assert off["losses"] == on["losses"]
+    # snapshots at every 5th step and the last (12); the newest holds the checkpoint's profiles
+    snaps = snapshot_weights(tmp_path / "on/phema")
+    assert sorted(snaps) == [5, 10, 12]
+    names = [name for name, _ in on["model"].named_parameters()]
+    for k, profile in enumerate(state_on["phema"]["ema"]):
+        assert all(torch.equal(snaps[12][k][name], v) for name, v in zip(names, profile, strict=True))
+
+
+def test_resume_with_phema_is_bit_exact(tmp_path):
+    full = tiny(tmp_path / "full", phema=(0.05, 0.10), phema_every=4, ckpt_every=3)
+    train.main(full)
+    train.main(tiny(tmp_path / "split", phema=(0.05, 0.10), phema_every=4, ckpt_every=3, steps=7))
+    train.main(tiny(tmp_path / "split", phema=(0.05, 0.10), phema_every=4, ckpt_every=3, resume="yes"))
+    a, b = (load_checkpoint(tmp_path / f"{r}/checkpoints/last.pt") for r in ("full", "split"))
+    assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "split/checkpoints/last.pt"))
+    for pa, pb in zip(a["phema"]["ema"], b["phema"]["ema"], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(pa, pb, strict=True))
+    sa, sb = snapshot_weights(tmp_path / "full/phema"), snapshot_weights(tmp_path / "split/phema")
+    assert sorted(sa) == [4, 8, 12] and sorted(sb) == [4, 7, 8, 12]  # 7: the last step of the first part
+    for step in sa:
+        for wa, wb in zip(sa[step], sb[step], strict=True):
+            assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ids = {torch.load(p, weights_only=True)["run_id"] for p in (tmp_path / "split/phema").glob("*.pt")}
+    assert ids == {b["phema"]["run_id"]}  # the resumed run's snapshots are the same run's
+
+
+def test_phema_flags_and_their_refusals(tmp_path, capsys):
+    assert parse_args([]).phema == () and parse_args(["--phema"]).phema == (0.05, 0.10)
+    assert parse_args(["--phema", "0.08", "0.2", "--phema-every", "100"]).phema == (0.08, 0.2)
+    code, err = run_cli([*cli_args(tiny(tmp_path / "bad")), "--phema", "0.3"], capsys)
+    assert_one_error_line(code, err, "sigma_rel 0.3 is outside (0, 0.2887)")
+    assert not (tmp_path / "bad").exists()
+    train.main(tiny(tmp_path / "plain", steps=4))
+    code, err = run_cli([*cli_args(tiny(tmp_path / "plain", steps=8, resume="yes")), "--phema"], capsys)
+    assert_one_error_line(code, err, "--phema")
+    train.main(tiny(tmp_path / "tracked", steps=4, phema=(0.05, 0.10)))
+    code, err = run_cli(cli_args(tiny(tmp_path / "tracked", steps=8, resume="yes", phema=(0.05,))), capsys)
+    assert_one_error_line(code, err, "--phema 0.05 0.1 -> 0.05")
+
+
+def test_a_trained_run_rebuilds_into_checkpoints_that_sample(tmp_path, capsys):
+    train.main(tiny(tmp_path / "run", steps=40, phema=(0.05, 0.10), phema_every=10, ckpt_every=0))
+    assert "phema: sigma_rel 0.05 0.1: 2 copies of the weights" in capsys.readouterr().out
+    code, err = posthoc([tmp_path / "run", "--sigma-rel", 0.1, 0.15, "--out", tmp_path / "posthoc"], capsys)
+    assert code == 0, err
+    tracked = torch.load(tmp_path / "run/phema/0000040.pt", weights_only=True)["ema"][1]
+    rebuilt = load_checkpoint(tmp_path / "posthoc/phema-0000040-0.1000.pt")
+    assert all(torch.allclose(rebuilt["ema"][k], v, rtol=0, atol=1e-6) for k, v in tracked.items())
+    assert rebuilt["config"]["phema"] == (0.05, 0.10)
+    sampler = Sampler.from_checkpoint(tmp_path / "posthoc/phema-0000040-0.1500.pt", device="cpu", steps=2)
+    images = sampler.sample(4, torch.arange(4), seed=0)
+    assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()

@@ -15,6 +15,7 @@ A training checkpoint is a dict of tensors and plain values:
     "wandb_id"         the wandb run to continue (str or None)
     "latent_space"     for a latent DiT, what decodes its samples (``models.vae.LatentSpace`` as a dict: VAE id and
                        revision, shift and scale, shapes); absent or None for a pixel-space one
+    "phema"            with --phema, the power-function EMAs (``utils.phema.PowerEMA.state_dict``); absent without
 Only "model_config" and "model" (and "latent_space") are needed to sample; a resume needs them all.
 
 Loading is safe: ``torch.load(weights_only=True)``, so a file that holds pickled python objects (which could
@@ -54,7 +55,7 @@ TRAINING_KEYS = (
 )
 OPTIONAL_KEYS = ("latent_space",)  # written since latent datasets exist; older checkpoints lack them
 # Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
-RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe")
+RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe", "phema")
 
 
 class CheckpointError(ValueError):
@@ -152,6 +153,7 @@ def training_state(
     optimizer: torch.optim.Optimizer,
     stream: Any,
     step: int,
+    phema: Any = None,
     skipped_steps: int,
     config: dict[str, Any],
     rng: list[dict[str, Any]],
@@ -175,7 +177,7 @@ def training_state(
         "world_size": world_size,
         "wandb_id": wandb_id,
         "latent_space": latent_space,
-    }
+    } | ({"phema": phema.state_dict()} if phema else {})
 
 
 def check_resume(
@@ -246,6 +248,7 @@ def restore_training_state(
     stream: Any,
     rank: int,
     world_size: int,
+    phema: Any = None,
 ) -> Resumed:
     """Load a checkpoint's weights, EMA, optimizer and data position into the run's objects.
 
@@ -254,6 +257,8 @@ def restore_training_state(
     unwrap_model(model).load_state_dict(state["model"])
     ema.model.load_state_dict(state["ema"])
     ema.updates.fill_(state["ema_num_updates"])
+    if phema is not None:
+        phema.load_state_dict(state.get("phema"))
     optimizer.load_state_dict(state["optimizer"])
     same_split = state["world_size"] == world_size
     data = state["data_state"]

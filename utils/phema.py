@@ -35,7 +35,9 @@ MAX_RESIDUAL = 0.25
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent of a relative width: the largest root of g^3 + 7g^2 + (16 - s^-2) g + 12 - s^-2 (EDM2 Alg. 2)."""
     if not 0 < sigma_rel < SIGMA_REL_MAX:
-        raise ValueError(f"sigma_rel must lie in (0, {SIGMA_REL_MAX:.4f}), got {sigma_rel}")
+        raise ConfigError(
+            f"sigma_rel {sigma_rel:g} is outside (0, {SIGMA_REL_MAX:.4f}), the widths a power EMA can have"
+        )
     s = float(sigma_rel) ** -2
     return float(np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]).real.max())
 
@@ -105,6 +107,16 @@ class PowerEMA:
         snap = {"step": step, "sigma_rels": list(self.sigma_rels), "run_id": self.run_id, **self.meta}
         snap["ema"] = [self.weights(k) for k in range(len(self.emas))]
         return atomic_write(Path(folder) / f"{step:07d}.pt", lambda f: torch.save(snap, f))
+
+    def plan(self, steps: int, every: int, folder: Path) -> str:
+        """The start-up line: what the profiles cost in memory and their snapshots on disk by the last step."""
+        mb = sum(p.numel() * p.element_size() for p in self.emas[0]) / 2**20
+        n, each = -(-steps // every), mb * len(self.emas)
+        return (
+            f"phema: sigma_rel {' '.join(map(str, self.sigma_rels))}: {len(self.emas)} copies of the weights "
+            f"({each:.1f} MiB); a snapshot every {every} steps and at the last, {n} of {each:.1f} MiB "
+            f"({n * each:.1f} MiB) by step {steps} in {folder}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"sigma_rels": list(self.sigma_rels), "run_id": self.run_id, "ema": self.emas}

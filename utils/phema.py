@@ -109,24 +109,20 @@ class PowerEMA:
         return atomic_write(Path(folder) / f"{step:07d}.pt", lambda f: torch.save(snap, f))
 
     def plan(self, steps: int, every: int, folder: Path) -> str:
-        """The start-up line: what the profiles cost in memory and their snapshots on disk by the last step."""
-        mb = sum(p.numel() * p.element_size() for p in self.emas[0]) / 2**20
-        n, each = -(-steps // every), mb * len(self.emas)
+        """The start-up line: the profiles' memory, and their snapshots' count and size by the last step."""
+        mib, n = sum(p.numel() * p.element_size() for e in self.emas for p in e) / 2**20, -(-steps // every)
         return (
-            f"phema: sigma_rel {' '.join(map(str, self.sigma_rels))}: {len(self.emas)} copies of the weights "
-            f"({each:.1f} MiB); a snapshot every {every} steps and at the last, {n} of {each:.1f} MiB "
-            f"({n * each:.1f} MiB) by step {steps} in {folder}"
+            f"phema: sigma_rel {' '.join(map(str, self.sigma_rels))}: {mib:.1f} MiB of weights tracked; a snapshot "
+            f"every {every} steps and at the last: {n} of {mib:.1f} MiB ({n * mib:.1f} MiB) by step {steps} in {folder}"
         )
 
     def state_dict(self) -> dict[str, Any]:
         return {"sigma_rels": list(self.sigma_rels), "run_id": self.run_id, "ema": self.emas}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        """Continue the profiles of a checkpoint; ConfigError if it tracked none or others."""
+        """Continue the profiles of a checkpoint (train.py refuses other lengths); ConfigError if it tracked none."""
         if state is None:
             raise ConfigError("--phema: the checkpoint's run tracked no power EMA, and one cannot start mid-run")
-        if tuple(state["sigma_rels"]) != self.sigma_rels:
-            raise ConfigError(f"--phema: the checkpoint's run tracked sigma_rel {state['sigma_rels']}, not this run's")
         for ema, saved in zip(self.emas, state["ema"], strict=True):
             torch._foreach_copy_(ema, [s.to(e.device) for e, s in zip(ema, saved, strict=True)])
         self.run_id = state["run_id"]

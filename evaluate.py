@@ -43,9 +43,10 @@ from evaluation.fid import (
     reference_statistics,
 )
 from evaluation.images import to_uint8
+from models import model_from_checkpoint
 from sampling.sampler import Sampler, SamplingOptions, checkpoint_decoder, checkpoint_sample_method, sampling_options
 from sampling.solvers import ADAPTIVE
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.config import ConfigError, arg, parse
 from utils.device import resolve_device, resolve_precision
 from utils.io import atomic_write, write_json_atomic

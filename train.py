@@ -5,24 +5,10 @@
     python train.py --out runs/cifar10 --resume           # continue from runs/cifar10/checkpoints/last.pt
     torchrun --nproc_per_node 8 train.py --batch-size 1024   # DDP; --batch-size is the global batch
 
-The objectives live in objectives/ (``--objective``, each with its own flags); the time convention (t = 0 noise,
-t = 1 data, target x1 - x0) in objectives/flow.py. One training step is ``utils.optim.TrainStep``.
-OUT holds config.json, metrics.jsonl, samples/ (PNG grids and GIFs), checkpoints/ (last.pt and the
---keep-checkpoints newest numbered files; utils/checkpoint.py lists what they hold) and wandb/. A resumed run
-keeps config.json as the first run wrote it and records its own settings in config-resume-STEP.json.
-
-Exact resume: every random draw of training comes from torch's, numpy's and python's global generators plus
-the data stream's position, all stored in every checkpoint; samples and FID never move them (evaluation/monitor.py).
-SIGTERM, SIGINT and SIGUSR1 stop the run after the step in progress with a checkpoint, as does --time-limit
-(utils/preemption.py), and abandon sample grids and FID between chunks (evaluation/monitor.py); the exit code
-tells why: 0 done, 1 failed, 2 bad input, 130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 124 time limit. ``--resume auto``
-continues a run when it has a checkpoint, for requeued jobs; ``--resume PATH`` continues from any checkpoint. One run
-per folder: OUT/.lock is held for the life of the run, and a fresh run refuses a folder that holds a run's files
-(utils/runfolder.py).
-
-No host sync per step: the loss, gradient norm and skip counters stay on the device and are read back at
---log-every steps and checkpoints (utils/optim.py), where --nan-patience non-finite steps in a row stop the
-run without writing a checkpoint. DDP: rank 0 alone writes the run folder, logs and draws the sample grids.
+Exact resume: every random draw comes from the global generators and the data stream's position, all in every
+checkpoint (training/resume.py); diagnostics never move them (evaluation/monitor.py). A signal or --time-limit stops
+the run with a checkpoint (utils/preemption.py; exit codes in docs/reliability.md). No host sync per step: the
+statistics stay on the device until --log-every (utils/optim.py). Under DDP rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -40,21 +26,15 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data import DATASETS, BatchStream, DataError, build_dataset
+from data import BatchStream, DataError, build_dataset
 from evaluation.monitor import Monitor
-from models import ModelConfig, build_model
+from models import build_model
 from models.vae import LatentCodec, LatentSpace, VAEError
-from objectives import OBJECTIVES, ObjectiveConfig
-from utils.checkpoint import (
-    CheckpointError,
-    changed_settings,
-    check_resume,
-    restore_training_state,
-    save_training_checkpoint,
-    training_state,
-)
-from utils.config import ConfigError, arg, fill_unset, parse, settings
-from utils.device import PRECISIONS, allow_tf32, compile_or_eager, resolve_precision
+from training.config import PRESETS, TrainConfig, resolve, run_folder
+from training.resume import changed_settings, check_resume, restore_training_state, training_state, upgraded_run_config
+from utils.checkpoint import CheckpointError, save_training_checkpoint
+from utils.config import ConfigError, parse
+from utils.device import allow_tf32, compile_or_eager
 from utils.distributed import (
     DistInfo,
     PeerError,
@@ -67,219 +47,13 @@ from utils.distributed import (
 from utils.ema import EMA
 from utils.io import write_json_atomic
 from utils.optim import StepStats, TrainStep, build_adamw, learning_rate
-from utils.phema import PowerEMA, SigmaRels
+from utils.phema import PowerEMA
 from utils.preemption import EXIT_CODES, REASONS, SetupInterrupted, StopRequest, signals_end_setup
 from utils.rng import rng_state, seed_everything, set_rng_state, training_seed
 from utils.runfolder import LAST_CHECKPOINT, hold_run_folder, outside, resume_state
-from utils.runlog import WANDB_MODES, RunLogger
+from utils.runlog import RunLogger, warn
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Recognisable digits within a few minutes on a 2-core laptop CPU (see README).
-    "digits-quick": dict(
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        flip=False,
-        model="DiT-XS/2",
-        hidden_size=64,
-        depth=3,
-        num_heads=4,
-        steps=2000,
-        batch_size=128,
-        lr=1e-3,
-        warmup=100,
-        ema_decay=0.999,
-        sample_every=500,
-        ckpt_every=500,
-        log_every=50,
-        sample_steps=20,
-        fid_every=0,
-        num_workers=0,
-        out="runs/digits-quick",
-    ),
-    # One-step generation on the digits (README, "One-step generation"): a MeanFlow DiT sampled in 1 NFE.
-    "digits-meanflow": dict(
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        flip=False,
-        model="DiT-XS/2",
-        hidden_size=128,
-        depth=4,
-        num_heads=4,
-        steps=3000,
-        batch_size=128,
-        lr=1e-3,
-        warmup=100,
-        ema_decay=0.999,
-        objective="meanflow",
-        sample_every=1000,
-        ckpt_every=1000,
-        log_every=100,
-        sample_steps=1,
-        fid_every=0,
-        num_workers=0,
-        out="runs/digits-meanflow",
-    ),
-    # One step at a guidance scale chosen when sampling (README, "One-step generation"): an iMF DiT on the digits.
-    "digits-imf": dict(
-        dataset="digits",
-        image_size=8,
-        channels=1,
-        flip=False,
-        model="DiT-XS/2",
-        hidden_size=128,
-        depth=4,
-        num_heads=4,
-        steps=3000,
-        batch_size=128,
-        lr=1e-3,
-        warmup=100,
-        ema_decay=0.999,
-        objective="imf",
-        imf_equal_fraction=0.75,
-        imf_guidance_fraction=0.5,
-        imf_guidance_max=4.0,
-        cfg_scales=(1.0, 2.0, 4.0),
-        sample_every=1000,
-        ckpt_every=1000,
-        log_every=100,
-        sample_steps=1,
-        fid_every=0,
-        num_workers=0,
-        out="runs/digits-imf",
-    ),
-    # DiT-XL/2 on ImageNet 256x256 latents (README, "ImageNet 256x256"): the DiT paper's optimisation (AdamW lr 1e-4
-    # constant, no warm-up or weight decay, global batch 256, EMA 0.9999, flips), 400k steps = 80 epochs; 8 GPUs.
-    "imagenet256-xl2": dict(
-        dataset="latents",
-        data_path="latents/imagenet256",
-        model="DiT-XL/2",
-        batch_size=256,
-        lr=1e-4,
-        warmup=0,
-        ema_decay=0.9999,
-        steps=400_000,
-        ckpt_every=10_000,
-        sample_every=20_000,
-        cfg_scales=(1.0, 1.5, 4.0),
-        sample_classes=10,
-        fid_every=50_000,
-        fid_samples=10_000,
-        fid_cfg_scale=1.5,
-        num_workers=8,
-        out="runs/imagenet256-xl2",
-    ),
-}
-
-# --recipe: values for the flags it names that a run leaves unset (None), resolved into config.json and the
-# checkpoints. dit is the DiT paper's block and optimizer; lightning is LightningDiT's (Table 1's last row: AdamW
-# beta2 0.95, cosine loss, SwiGLU, RMSNorm, RoPE), the best measured within 1.15x DiT's time per step (README,
-# "Faster convergence"); JiT's in-context class tokens stay an option (--class-tokens). The cosine weight applies to
-# objectives that have it (flow matching).
-RECIPES: dict[str, dict[str, Any]] = {
-    "dit": dict(mlp="gelu", norm="layernorm", rope=False, class_tokens=0, adam_beta2=0.999, cosine_loss_weight=0.0),
-    "lightning": dict(mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=0, adam_beta2=0.95, cosine_loss_weight=1.0),
-}
-
-
-@dataclass(kw_only=True)
-class TrainConfig(ModelConfig, ObjectiveConfig):
-    """Every setting of a training run; the resolved copy is saved in OUT/config.json and every checkpoint."""
-
-    recipe: str = arg(
-        "dit",
-        "defaults of the block, loss and optimizer flags left unset: dit (the DiT paper) or "
-        'lightning (LightningDiT\'s changes; README, "Faster convergence")',
-        choices=RECIPES,
-        group="recipe",
-    )
-    dataset: str = arg("cifar10", "training set", choices=DATASETS, group="data")
-    data_path: str = arg(
-        "./datasets",
-        "CIFAR-10 download folder, the folder of class sub-folders for 'folder', or "
-        "the output folder of extract_latents.py for 'latents'",
-    )
-    image_size: int | None = arg(
-        None,
-        "image side in pixels; the patch size must divide it (default 32; for latents "
-        "the size of the images they encode, from their index)",
-        min=1,
-    )
-    channels: int | None = arg(
-        None, "image channels, 1 gray or 3 RGB (default 3; for latents the images')", choices=(1, 3)
-    )
-    flip: bool = arg(True, "random horizontal flips")
-    num_workers: int = arg(4, "data loader processes (unused with --data-on-device)", min=0)
-    data_on_device: bool | None = arg(None, "hold the whole set on the device (default: yes, except for folder)")
-    steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
-    batch_size: int = arg(128, "global batch size, split over DDP processes", min=1)
-    lr: float = arg(1e-4, "AdamW learning rate, constant after warm-up", gt=0)
-    warmup: int = arg(1000, "linear learning-rate warm-up steps", min=0)
-    weight_decay: float = arg(0.0, "AdamW weight decay", min=0)
-    adam_beta2: float | None = arg(
-        None, "AdamW beta2 (default: the recipe's: 0.999 for dit, 0.95 for lightning)", gt=0, lt=1
-    )
-    grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
-    ema_decay: float = arg(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", min=0, lt=1)
-    phema: tuple[float, ...] = arg(
-        (),
-        "also track power-function EMAs of these lengths (sigma_rel; --phema alone: EDM2's 0.05 0.10) and write "
-        "snapshots to OUT/phema for posthoc_ema.py (docs/posthoc-ema.md)",
-        nargs="*",
-        action=SigmaRels,
-    )
-    phema_every: int = arg(5000, "steps between --phema snapshots (and one at the last step)", min=1)
-    nan_patience: int = arg(5, "stop after this many non-finite losses in a row", min=1)
-    cfg_scales: tuple[float, ...] = arg(
-        (1.0, 2.5, 5.0), "guidance scales of the periodic EMA samples", group="samples and FID"
-    )
-    sample_every: int = arg(5000, "steps between EMA samples (0: never)", min=0)
-    samples_per_class: int = arg(8, "samples per class (one row per class)", min=1)
-    sample_classes: int = arg(
-        10,
-        "classes in the sample grids, spread evenly over all classes and the same at every "
-        "step: class i * num_classes // N (0: every class)",
-        min=0,
-    )
-    sample_steps: int = arg(
-        50, "steps of the periodic samples and of FID, with the objective's solver (heun for flow)", min=1
-    )
-    fid_every: int = arg(20_000, "steps between FID evaluations of the EMA model (0: never)", min=0)
-    fid_samples: int = arg(10_000, "generated images per FID evaluation (report this n)", min=2)
-    fid_cfg_scale: float = arg(1.0, "guidance scale of the FID samples")
-    fid_ref_stats: str | None = arg(
-        None,
-        "FID reference statistics: an npz with mu and sigma, e.g. ADM's "
-        "VIRTUAL_imagenet256_labeled.npz (default: computed from the training images)",
-    )
-    ckpt_every: int = arg(10_000, "steps between checkpoints (0: only at the end)", min=0, group="run")
-    keep_checkpoints: int = arg(3, "keep this many newest numbered checkpoints besides last.pt (0: all)", min=0)
-    log_every: int = arg(100, "steps between loss read-backs and logs", min=1)
-    out: str | None = arg(None, "run folder (default runs/<dataset>)")
-    seed: int = arg(0, "global seed (process r uses seed + r)")
-    resume: str = arg(
-        "no",
-        "no: a fresh run; yes (--resume alone): continue from OUT/checkpoints/last.pt; auto: "
-        "continue when it exists, else start fresh; PATH: continue from that checkpoint, into OUT "
-        "(which must hold no run when PATH lies outside it)",
-        nargs="?",
-        const="yes",
-        metavar="no|yes|auto|PATH",
-    )
-    time_limit: float | None = arg(None, "minutes this job may run: checkpoint and stop (exit 124) before then", gt=0)
-    wandb: str = arg(
-        os.environ.get("WANDB_MODE") if os.environ.get("WANDB_MODE") in WANDB_MODES else "online",
-        "online (falls back to offline without credentials), offline, disabled; default $WANDB_MODE or online",
-        choices=WANDB_MODES,
-    )
-    wandb_project: str = arg("dit-flow-matching", "wandb project name")
-    compile: bool | None = arg(
-        None, "torch.compile the model (default: on CUDA, off on CPU, where compiling takes minutes)"
-    )
-    precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
-    device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
-    dist_timeout: float = arg(30.0, "DDP: minutes a process may wait for the others in a collective", gt=0)
+SKIPPED_WARNING = 0.01  # the console hears of skipped steps past this fraction of the steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -305,6 +79,7 @@ class Run:
     skipped_before: int  # skipped steps of the runs before a resume
     started: float  # time.monotonic() when main() began: --time-limit counts from there
     latent_space: dict[str, Any] | None  # latent data: what decodes samples (checkpoints record it); None: pixels
+    skipped_said: int = 0  # skipped steps the console was last told of
 
 
 def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict[str, Any]:
@@ -317,8 +92,7 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
     except ValueError as e:  # e.g. --device cuda on a machine without one
         raise ConfigError(str(e)) from None
     try:
-        cfg = resolve(cfg, dist.device)
-        with hold_run_folder(Path(cfg.out), dist.is_main):  # one run per folder (utils/runfolder.py)
+        with hold_run_folder(run_folder(cfg), dist.is_main):  # one run per folder (utils/runfolder.py)
             with signals_end_setup():
                 run = setup(cfg, dist, fid_extractor, started)
             return train(run)
@@ -326,35 +100,16 @@ def main(cfg: TrainConfig, fid_extractor: torch.nn.Module | None = None) -> dict
         cleanup()
 
 
-def resolve(cfg: TrainConfig, device: torch.device) -> TrainConfig:
-    """Fill in the recipe's values of the flags left unset, what depends on the machine (precision, data placement,
-    compilation), the output folder and every setting of the objective (its defaults too, so that config.json and
-    the checkpoints record them all)."""
-    cfg = fill_unset(cfg, RECIPES[cfg.recipe])
-    size, channels = cfg.image_size, cfg.channels
-    if size is None or channels is None:  # the data's own (latents: the images they encode), else 32 px RGB
-        native = DATASETS[cfg.dataset].native_size(Path(cfg.data_path)) or (32, 3)
-        size, channels = size or native[0], channels or native[1]
-    return dataclasses.replace(
-        cfg,
-        out=cfg.out or f"runs/{cfg.dataset}",
-        precision=resolve_precision(cfg.precision, device),
-        image_size=size,
-        channels=channels,
-        objective_args=settings(cfg.build_objective()),
-        device=device.type,
-        # sets that sit in memory anyway are indexed directly; image folders go through loader workers.
-        data_on_device=DATASETS[cfg.dataset].in_memory if cfg.data_on_device is None else cfg.data_on_device,
-        compile=device.type == "cuda" if cfg.compile is None else cfg.compile,  # compiling on a CPU takes minutes
-    )
-
-
 def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | None, started: float) -> Run:
-    """Everything before the first step. What can fail on bad input fails before anything is written."""
-    out, device = Path(cfg.out), dist.device
+    """Everything before the first step, from the flags as given. What can fail on bad input fails before anything
+    is written."""
+    out, device = run_folder(cfg), dist.device
     if cfg.batch_size % dist.world_size:
         raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by {dist.world_size} processes")
     state, state_path = resume_state(out, cfg.resume)
+    if state is not None:
+        state["config"] = upgraded_run_config(state["config"])
+    cfg = resolve(cfg, device, state and state["config"])  # a resume keeps the checkpoint's unset weight settings
     foreign = state_path is not None and outside(state_path, out)  # a fork of another folder's run
     with first_then_others(dist.is_main):  # only one process downloads
         dataset = build_dataset(cfg.dataset, cfg.data_path, cfg.image_size, cfg.channels, train=True)
@@ -370,7 +125,6 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         at = f"--image-size {cfg.image_size}" if latent_space is None else f"latents {'x'.join(map(str, shape))}"
         raise ConfigError(f"--model {cfg.model} at {at}: {e}") from None
     if state is not None:
-        state["config"] = upgraded_run_config(state["config"])
         check_resume(state, dataclasses.asdict(cfg), model.config, latent_space)
         if dist.is_main:  # they apply from here on, so say which (config-resume-STEP.json records them all)
             changed = [
@@ -477,15 +231,6 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         started,
         latent_space,
     )
-
-
-def upgraded_run_config(old: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's run config in today's terms: versions before objectives owned their flags kept them at the
-    top level, so they are gathered into objective_args (then compared, and reported when they change)."""
-    if "objective_args" in old or old.get("objective", "flow") not in OBJECTIVES:
-        return old
-    names = {f.name for f in dataclasses.fields(OBJECTIVES[old.get("objective", "flow")])}
-    return {k: v for k, v in old.items() if k not in names} | {"objective_args": {k: old[k] for k in names if k in old}}
 
 
 def last_checkpoint(cfg: TrainConfig) -> Path:
@@ -604,6 +349,10 @@ def log(run: Run, step: int, stats: StepStats, lr: float, clock: Clock, bar: tqd
     if run.dist.device.type == "cuda":
         metrics["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2**30
     run.logger.log(metrics, step)
+    skipped = metrics["train/skipped_steps"]
+    if run.dist.is_main and skipped > max(SKIPPED_WARNING * step, 2 * run.skipped_said):  # said again as it doubles
+        run.skipped_said = skipped
+        warn(f"{skipped:.0f} of {step} steps skipped for a non-finite loss: check the data and the learning rate")
     bar.set_postfix(loss=f"{s['loss']:.4f}", steps_s=f"{steps_per_s:.2f}", img_s=f"{img_per_s:.0f}")
     return [(step, s["loss"])] if s["good_steps"] else []
 

@@ -1,5 +1,4 @@
-"""Datasets (CIFAR-10, image folders, embedded digits) behind the ``DATASETS`` registry (``data/datasets.py``),
-and the resumable, sharded batch stream."""
+"""Datasets behind the ``DATASETS`` registry (``data/datasets.py``), and the resumable, sharded batch stream."""
 
 from data.base import ImageDataset, TensorImageDataset
 from data.datasets import DATASETS, DataError, build_dataset

@@ -1,28 +1,9 @@
-"""What every dataset here is: the ``ImageDataset`` interface, its in-memory form ``TensorImageDataset``, DataError.
+"""The dataset interface (``ImageDataset``), its in-memory form (``TensorImageDataset``) and DataError.
 
-A dataset returns ``(image, label)`` with ``image`` a uint8 tensor (C, H, W) in 0..255 and ``label`` an int,
-un-augmented (flips and scaling to [-1, 1] live in ``data.loader.BatchStream``, so the same dataset gives the
-real images for FID statistics). What the rest of the project may ask of one, and nothing else:
-
-- ``in_memory`` (class attribute, bool): whether training holds it on the device by default;
-- ``build(root, image_size, channels, train, download)`` (classmethod): the instance ``data.build_dataset``
-  returns (the common checks of channels and image_size are done before it is called);
-- ``num_classes`` (int) and ``classes`` (list[str]) on the instance;
-- ``fingerprint()``: a short hex string that changes when the content does (the FID statistics cache key);
-- ``tensors()``: the whole set as (images uint8 (N, C, H, W), labels int64 (N,)) when it is held in memory,
-  else None; ``BatchStream(on_device=True)`` then uses them without iterating.
-- ``training_batch(x, flip)``: a batch of items (B, ...) and flip bits (B,) on the device -> the float32 batch
-  (B, C, H, W) the network trains on (pixels: mirrored where flip, scaled to [-1, 1]); ``sample_shape`` is its
-  (C, H, W).
-
-Three more answers with defaults, for datasets whose items are not the images themselves (``data/latents.py``):
-- ``native_size(root)`` (classmethod): the (image_size, channels) the data fixes, or None when the flags choose;
-- ``latent_space()``: what decodes the network's samples to images (``models.vae.LatentSpace`` as a dict), or
-  None for pixels; checkpoints record it;
-- ``fid_images()``: (registry name, root, dataset) of the images FID compares with, or None for the set itself.
-
-``TensorImageDataset`` implements all of it for a set held as tensors, and ``__getitems__`` so a plain
-DataLoader fetches a batch of it with one gather instead of item by item.
+Items are un-augmented ``(uint8 image (C, H, W), int label)``: ``training_batch`` flips and scales a batch on the
+device (``data.loader.BatchStream``), so the same dataset gives the real images for FID statistics. Nothing outside
+data/ asks a dataset more than ``ImageDataset`` declares; datasets whose items are not images (``data/latents.py``)
+also answer ``native_size``, ``latent_space`` and ``fid_images``.
 """
 
 from __future__ import annotations
@@ -40,15 +21,15 @@ class DataError(ValueError):
 
 
 class ImageDataset(Dataset):
-    """The interface of a registered dataset (see the module docstring); subclasses fill it in."""
+    """The interface of a registered dataset; subclasses fill it in."""
 
-    in_memory: ClassVar[bool] = False
+    in_memory: ClassVar[bool] = False  # whether training holds it on the device by default
     classes: list[str]
     num_classes: int
 
     @classmethod
     def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> ImageDataset:
-        """The dataset for these settings; items (uint8 (channels, image_size, image_size), int)."""
+        """The dataset for these settings (``build_dataset`` has checked channels and image_size)."""
         raise NotImplementedError(f"{cls.__name__} does not define build()")
 
     def fingerprint(self) -> str:
@@ -61,7 +42,7 @@ class ImageDataset(Dataset):
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one training sample as the network sees it."""
+        """(C, H, W) of one training sample."""
         return tuple(self[0][0].shape)  # type: ignore[return-value]
 
     def training_batch(self, x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
@@ -83,7 +64,7 @@ class ImageDataset(Dataset):
 
 
 def pixel_batch(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-    """The training batch of uint8 images x (B, C, H, W): mirrored where flip (B,), scaled 0..255 -> [-1, 1]."""
+    """uint8 images x (B, C, H, W) mirrored where flip (B,), scaled 0..255 -> [-1, 1]."""
     if x.dtype != torch.uint8:
         raise DataError(f"dataset images must be uint8 (C, H, W) in 0..255; got {x.dtype}")
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
@@ -112,12 +93,12 @@ class TensorImageDataset(ImageDataset):
         return self.images[index], int(self.labels[index])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        """The items at ``indices`` from one gather; DataLoader calls it for a whole batch and collates the list."""
+        """A whole batch for DataLoader from one gather instead of item by item."""
         index = torch.as_tensor(indices, dtype=torch.long)
         return list(zip(self.images[index].unbind(0), self.labels[index].tolist(), strict=True))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images uint8 (N, C, H, W) and labels int64 (N,) themselves (not copies)."""
+        """The tensors themselves (not copies)."""
         return self.images, self.labels
 
     @property
@@ -125,7 +106,7 @@ class TensorImageDataset(ImageDataset):
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def fingerprint(self) -> str:
-        """A hash of the image tensor (dtype, shape, bytes); labels do not enter (FID statistics ignore them)."""
+        """A hash of the images (dtype, shape, bytes); labels do not enter (FID statistics ignore them)."""
         images = self.images.detach().cpu().contiguous()
         h = hashlib.sha256(f"len={len(self)}".encode())
         h.update(f"{images.dtype}:{tuple(images.shape)}".encode())

@@ -1,26 +1,11 @@
-"""The dataset registry, ``build_dataset`` (the one way the rest of the project gets a dataset), and the sets
-held in memory; each class implements the interface of ``data.base``:
+"""The dataset registry, ``build_dataset`` (the one way the project gets a dataset), and the sets held in memory:
+``cifar10`` (torchvision's; downloaded into ``root``, or unpacked from an archive placed there; another image_size than
+32 resizes the set once, for experiments, not comparable FID), ``folder`` (data/folder.py), ``latents``
+(data/latents.py), and ``digits`` (scikit-learn's 1797 embedded 8x8 digits, for a CPU quick start without a
+download; no split).
 
-- ``cifar10``: torchvision's CIFAR-10, downloaded on first use into ``root``, held in memory. It is RGB, so
-  ``channels`` must be 3. Its native size is 32; any other ``image_size`` resizes the whole set once at load
-  (bilinear, antialiased), which is meant for experiments, not for comparable FID numbers. ``train`` picks the
-  50k training or the 10k test images. With ``download=False`` an archive placed by hand in ``root`` is
-  unpacked (after its md5 is checked).
-- ``folder`` (``data/folder.py``): one sub-folder of images per class, read from disk.
-- ``latents`` (``data/latents.py``): VAE latents written by ``extract_latents.py``; shapes and classes come from
-  its index, and ``image_size`` / ``channels`` must be those of the images they encode.
-- ``digits``: scikit-learn's embedded handwritten digits (1797 images, 8x8, values 0..16, 10 classes), held in
-  memory, for a CPU quick start with no download. Values are scaled to 0..255; ``image_size`` other than 8
-  resizes bilinearly; ``channels=3`` repeats the gray channel. There is no train/test split: ``root``,
-  ``train`` and ``download`` are ignored and the whole set is used.
-
-Adding a dataset is one class (usually a ``TensorImageDataset`` subclass whose ``build`` loads the tensors)
-and one line, from anywhere before the config is parsed::
-
-    DATASETS["toy"] = ToyDataset
-
-Configs take the dict itself as their ``choices``, so a name added later is accepted by ``--dataset``, and
-nothing outside ``data/`` looks at a dataset's name or attributes beyond that interface.
+A new dataset is a class and a line, ``DATASETS["toy"] = ToyDataset``, from anywhere before the config is parsed:
+configs take the dict itself as their ``choices``, so ``--dataset toy`` is then accepted.
 """
 
 from __future__ import annotations
@@ -54,7 +39,6 @@ class Cifar10Dataset(TensorImageDataset):
 
     @classmethod
     def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> Cifar10Dataset:
-        """The train (50k) or test (10k) split from ``root``, downloaded there when missing and ``download``."""
         from torchvision.datasets import CIFAR10
         from torchvision.datasets.utils import check_integrity, extract_archive
 
@@ -64,7 +48,7 @@ class Cifar10Dataset(TensorImageDataset):
         archive, folder = root / CIFAR10.filename, root / CIFAR10.base_folder
         where = f"put the extracted folder at {folder} or the archive {archive.name} in {root} (from {CIFAR10_URL})"
         if not download and not folder.exists() and archive.exists():
-            # the user placed the archive by hand and asked for no download: unpack it ourselves
+            # an archive placed by hand, and no download asked for: unpack it here
             if not check_integrity(str(archive), CIFAR10.tgz_md5):
                 raise DataError(f"{archive} is damaged (md5 mismatch); {where}")
             extract_archive(str(archive), str(root))
@@ -86,7 +70,6 @@ class DigitsDataset(TensorImageDataset):
 
     @classmethod
     def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> DigitsDataset:
-        """All 1797 digits at ``image_size`` with ``channels`` (1, or 3 by repeating the gray channel)."""
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -116,12 +99,8 @@ def build_dataset(
     train: bool = True,
     download: bool = True,
 ) -> ImageDataset:
-    """The un-augmented dataset ``name`` (a key of DATASETS): items (uint8 (channels, image_size, image_size), int).
-
-    ``root`` is where CIFAR-10 lives or is downloaded to, and for "folder" the folder with class
-    sub-folders; "digits" ignores it. The result has ``.num_classes``, ``.classes`` and ``.fingerprint()``.
-    Raises DataError for an unknown name, for missing, empty or unreadable data and for settings that do not fit it.
-    """
+    """The un-augmented dataset ``name`` (a key of DATASETS); ``root``: CIFAR-10's folder or the image folder.
+    Raises DataError for an unknown name, missing, empty or unreadable data, or settings that do not fit it."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if channels not in (1, 3):

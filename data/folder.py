@@ -1,28 +1,12 @@
-"""A folder of images with one sub-folder per class, read from disk item by item (not held in memory).
+"""A folder with one sub-folder of images per class (sorted names give the labels; names starting with "." are
+skipped), read from disk item by item; no split.
 
-``root`` holds one sub-folder per class: the sorted names give the labels; images may sit deeper inside a
-class folder; names starting with "." are skipped. There is no train/test split: ``train`` and ``download``
-are ignored and the whole folder is used.
-
-Pixels. Each image is converted to L (``channels=1``) or RGB (``channels=3``) and centre-cropped to ``image_size``
-as ADM and DiT do it (``center_crop_arr``: box-filter halving while the shorter side is at least twice the size,
-a bicubic resize of the shorter side to the size, the centre square), so statistics of an ImageNet folder match
-the published protocol and the latents of ``extract_latents.py``. Single-channel images of a higher bit depth
-are scaled to 8 bits first, never clipped (PIL's own conversion clips them at 255): 16-bit ones (PIL modes
-I;16*, and I, which PIL also uses for 16-bit PGM/PNM files) as round(v * 255 / 65535), float ones (F) as
-round(v * 255) with v read as 0..1. Values outside that range (a 32-bit integer image beyond 16 bits, floats
-outside 0..1, NaN) are refused with a DataError naming the file rather than guessed at. Colour images of 16
-bits per channel are reduced to 8 by PIL when it decodes them.
-
-Links. A class folder may itself be a link, and links to files are followed. Inside a class folder a link to a
-directory is followed only when it leads outside every class folder (data kept elsewhere, linked in): links
-that lead back into the class itself, into another class, or to a folder that holds a class folder (``..``,
-the dataset root) are skipped, and every real directory is scanned at most once per class, so there are no
-loops (os.walk does not detect them) and no images counted twice or under another class's label.
-
-At build time every file's header is opened (cheap, it reads a few bytes), so files that are not images fail
-at once with a message naming them; a file whose header is fine but whose pixels are damaged is met when it
-is first decoded and raises ``DataError`` naming it.
+Images are converted to L or RGB and centre-cropped as ADM and DiT do (``center_crop_arr``), so an ImageNet folder's
+statistics match the published protocol and ``extract_latents.py``'s latents. Single-channel 16-bit and float images
+are scaled to 8 bits, never clipped as PIL's conversion would. A link to a directory inside a class is followed only
+when it leads outside every class folder, and each real directory is scanned once per class: no loops, no image
+counted twice or under another label. Headers are opened at build time and damaged pixels when decoded; either
+failure is a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -41,22 +25,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 class ImageFolderDataset(ImageDataset):
-    """Images under ``root/<class>/...`` as (uint8 (channels, image_size, image_size), class index) items;
-    ``samples`` lists the (path, label) pairs in item order."""
+    """Images under ``root/<class>/...``; ``samples`` lists the (path, label) pairs in item order."""
 
     in_memory = False  # read by loader workers; a large folder would not fit on the device anyway
 
     def __init__(self, root: str | Path, image_size: int, channels: int) -> None:
-        self.root = Path(root)
-        self.image_size = image_size
-        self.channels = channels
+        self.root, self.image_size, self.channels = Path(root), image_size, channels
         self.mode = "L" if channels == 1 else "RGB"
         self.classes, self.samples = _scan_image_folder(self.root)
         self.num_classes = len(self.classes)
 
     @classmethod
     def build(cls, root: Path, image_size: int, channels: int, train: bool, download: bool) -> ImageFolderDataset:
-        """The folder ``root`` (``~`` expanded); ``train`` and ``download`` do not apply."""
         return cls(Path(root).expanduser(), image_size, channels)
 
     def __len__(self) -> int:
@@ -87,11 +67,8 @@ class ImageFolderDataset(ImageDataset):
 
 
 def to_8_bits(img: Image.Image, path: str | os.PathLike) -> Image.Image:
-    """A 16-bit (I;16*, I) or float (F) single-channel image as 8-bit L, scaled (not clipped); others unchanged.
-
-    16-bit values v in 0..65535 become round(v * 255 / 65535); float values in 0..1 become round(v * 255).
-    Raises DataError naming ``path`` for values outside that range.
-    """
+    """A 16-bit (I;16*, I) or float (F) single-channel image as 8-bit L: round(v * 255 / 65535) or round(v * 255)
+    (DataError naming ``path`` for values outside the range); others unchanged."""
     if img.mode == "F":
         top, what = 1.0, "0..1 (float images are read as 0..1)"
     elif img.mode == "I" or img.mode.startswith("I;16"):
@@ -110,9 +87,8 @@ def to_8_bits(img: Image.Image, path: str | os.PathLike) -> Image.Image:
 
 
 def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
-    """ADM's centre crop (Dhariwal & Nichol 2021; DiT trains and evaluates ImageNet with it): halve the image with
-    a box filter while its shorter side is at least 2 * size, resize (bicubic) so the shorter side is ``size``,
-    then crop the centre ``size`` x ``size`` (offsets rounded down)."""
+    """ADM's centre crop (Dhariwal & Nichol 2021; DiT's ImageNet): box-filter halving while the shorter side is at
+    least 2 * size, a bicubic resize of it to ``size``, then the centre square (offsets rounded down)."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)
@@ -133,7 +109,7 @@ def _crosses_classes(real: Path, own: Path, classes: list[Path]) -> bool:
 
 
 def _class_images(top: Path, own: Path, classes: list[Path]) -> list[str]:
-    """Image paths under the class folder ``top`` (real path ``own``), sorted per directory, links as documented."""
+    """Image paths under the class folder ``top`` (real path ``own``), sorted per directory; links as above."""
     found: list[str] = []
     visited = {own}
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):

@@ -1,23 +1,10 @@
 """BatchStream: the endless, resumable, rank-sharded stream of augmented training batches.
 
-The stream is a pure function of (seed, epoch, position). For epoch e one generator seeded from
-(seed, e) draws the permutation of the whole dataset and one flip bit per image; both are the same on
-every rank. As in DistributedSampler (drop_last), the permutation is cut to a multiple of world_size
-and rank r takes every world_size-th entry from r, so ranks see disjoint images and the same number
-of batches; an incomplete last batch is dropped. The state is just {"epoch", "index"} (batches
-consumed in the epoch), so resuming at step k reproduces the uninterrupted stream bit for bit, plus
-"num_samples": a position means nothing in the permutation of a dataset of another size (an image folder
-from which a damaged file was removed), so such a state continues at the start of the next epoch instead,
-where every image that is left is seen once, rather than mid-way through a permutation it never had.
-
-Two ways to fetch the images give identical batches:
-- on_device=False: a DataLoader (workers, pinned memory on CUDA, persistent workers) whose batch
-  sampler is handed the epoch's remaining batches; resuming mid-epoch slices that list.
-- on_device=True: the whole set is loaded once as uint8 onto ``device`` (CIFAR-10 is 150 MB) and
-  batches are gathered there, so loading never limits throughput. A dataset held in memory hands over
-  its tensors (``tensors()``); any other is gathered through a DataLoader once.
-Flip and scaling to [-1, 1] are tensor ops applied to the uint8 batch on ``device`` in both cases (the dataset's
-``training_batch``: a latent dataset picks the stored encoding of the mirrored image where the flip bit says so).
+A pure function of (seed, epoch, position): a generator seeded from (seed, epoch) draws the epoch's permutation and
+flip bits, the same on every rank, and rank r takes every world_size-th entry from r (DistributedSampler, drop_last).
+The state {"epoch", "index"} resumes it bit for bit; a state of a dataset of another size ("num_samples": a damaged
+file removed from a folder) continues at the next epoch. Batches come from a DataLoader or, with ``on_device``, from
+the whole set held on the device as uint8 (CIFAR-10 is 150 MB), identically; ``training_batch`` flips and scales them.
 """
 
 from __future__ import annotations
@@ -26,32 +13,15 @@ import os
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from data.base import DataError, ImageDataset, pixel_batch
 
 EPOCH_SEED_STRIDE = 1_000_003  # seed * stride + epoch: no two (seed, epoch) pairs share a permutation (epoch < stride)
 
 
-class _BatchList(Sampler[list[int]]):
-    """A batch sampler that yields the batches it is handed; set ``batches`` before each iter(loader)."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def _worker_error(e: DataError) -> DataError:
-    """The one-line message of a DataError raised inside a DataLoader worker.
-
-    DataLoader re-raises a worker's exception with the worker's traceback as the message; the last
-    line is "module.DataError: <message>", which is what the user needs to read.
-    """
+    """A worker's DataError as one line (DataLoader puts the worker's traceback in the message)."""
     text = str(e)
     if not text.startswith("Caught "):
         return e
@@ -60,12 +30,7 @@ def _worker_error(e: DataError) -> DataError:
 
 
 class BatchStream:
-    """Endless, resumable stream of training batches (x float32 in [-1,1] [B,C,H,W] on device, y int64 [B] on device).
-
-    ``dataset`` items are (uint8 (C, H, W), int label). ``batch_size`` is per rank. ``flip`` enables random
-    horizontal flips. ``on_device`` holds the whole dataset on ``device``; otherwise a DataLoader with
-    ``num_workers`` workers feeds it. ``steps_per_epoch`` is the number of batches per epoch on each rank.
-    """
+    """Batches x float32 (B, C, H, W) in [-1, 1] and y int64 (B,) on ``device``; ``batch_size`` is per rank."""
 
     def __init__(
         self,
@@ -80,14 +45,8 @@ class BatchStream:
         num_workers: int = 0,
     ) -> None:
         num_workers = usable_workers(num_workers)
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seed = int(seed)
-        self.rank = rank
-        self.world_size = world_size
-        self.device = torch.device(device)
-        self.flip = flip
-        self.on_device = on_device
+        self.dataset, self.batch_size, self.seed, self.rank = dataset, batch_size, int(seed), rank
+        self.world_size, self.device, self.flip, self.on_device = world_size, torch.device(device), flip, on_device
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         self.per_rank = self.num_samples // world_size
         self.steps_per_epoch = self.per_rank // batch_size
@@ -96,22 +55,19 @@ class BatchStream:
                 f"the dataset has {self.num_samples} images, too few for one batch of {batch_size} "
                 f"on each of {world_size} rank(s)"
             )
-        self._epoch = 0
-        self._index = 0
+        self._epoch = self._index = 0
         self._plan_epoch: int | None = None
         self._order = torch.empty(0, dtype=torch.long)  # this rank's dataset indices for the epoch
         self._flips = torch.empty(0, dtype=torch.bool)  # flip bit per dataset index for the epoch
         self._iter: Iterator | None = None
         self._batch = dataset.training_batch if isinstance(dataset, ImageDataset) else pixel_batch
         if on_device:
-            images, labels = _materialize(dataset, num_workers)
-            self._images = images.to(self.device)
-            self._labels = labels.to(self.device)
+            self._images, self._labels = (a.to(self.device) for a in _materialize(dataset, num_workers))
         else:
-            self._sampler = _BatchList()
+            self._batches: list[list[int]] = []  # the batch sampler: the epoch's remaining batches, set in place
             self._loader = DataLoader(
                 dataset,
-                batch_sampler=self._sampler,
+                batch_sampler=self._batches,
                 num_workers=num_workers,
                 pin_memory=self.device.type == "cuda",
                 persistent_workers=num_workers > 0,  # workers survive epoch ends and resumes
@@ -126,7 +82,7 @@ class BatchStream:
         return self._epoch
 
     def _plan(self, epoch: int) -> None:
-        """Draw epoch's permutation and flips (rank-independent), keep this rank's slice."""
+        """Draw the epoch's permutation and flips (the same on every rank) and keep this rank's slice."""
         if self._plan_epoch == epoch:
             return
         g = torch.Generator().manual_seed((self.seed * EPOCH_SEED_STRIDE + epoch) % 2**64)
@@ -156,7 +112,7 @@ class BatchStream:
             flip = self._flips_dev[idx]
         else:
             if self._iter is None:
-                self._sampler.batches = self._order[lo:].view(-1, self.batch_size).tolist()
+                self._batches[:] = self._order[lo:].view(-1, self.batch_size).tolist()
                 self._iter = iter(self._loader)
             try:
                 x, y = next(self._iter)
@@ -170,12 +126,11 @@ class BatchStream:
         return self._batch(x, flip), y.long()  # pixels: mirrored where flip, 0..255 -> [-1, 1]
 
     def state_dict(self) -> dict:
-        """{"epoch": int, "index": int (batches consumed in this epoch), "num_samples": int (the dataset's size)}."""
+        """{"epoch", "index" (batches consumed in the epoch), "num_samples" (the dataset's size)}."""
         return {"epoch": self._epoch, "index": self._index, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict(); the next batch is the one that followed it. A state of a dataset of
-        another size (``resized_since``) continues at the start of the next epoch."""
+        """Continue from a state_dict() (of a dataset of another size: at the start of the next epoch)."""
         epoch, index = int(state["epoch"]), int(state["index"])
         if self.resized_since(state):
             epoch, index = epoch + 1, 0
@@ -187,7 +142,7 @@ class BatchStream:
         self._iter = None  # the next batch restarts the loader at the new position
 
     def resized_since(self, state: dict) -> bool:
-        """Whether state was saved over a dataset of another size (states without "num_samples" are taken as fit)."""
+        """Whether state was saved over a dataset of another size (one without "num_samples" is taken as fit)."""
         return int(state.get("num_samples", self.num_samples)) != self.num_samples
 
 
@@ -198,8 +153,7 @@ def usable_workers(num_workers: int) -> int:
 
 
 def _materialize(dataset: Dataset, num_workers: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All items (N, ...) (uint8 images (N, C, H, W) for pixels) and labels int64 (N,), in dataset order (see the
-    module docstring)."""
+    """All items (N, ...) and labels int64 (N,) in dataset order: the dataset's own tensors, else gathered once."""
     whole = dataset.tensors() if isinstance(dataset, ImageDataset) else None
     if whole is not None:
         images, labels = whole

@@ -1,6 +1,6 @@
 """Networks only: they map (x, t, y) to a velocity and know nothing of the objective or the solver."""
 
-from models.config import ModelConfig, build_model, model_from_config, upgraded_config
+from models.config import ModelConfig, build_model, model_from_checkpoint, model_from_config, upgraded_config
 from models.cost import count_params, forward_flops, forward_macs
 from models.dit import DiT, DiT_models
 
@@ -9,6 +9,7 @@ __all__ = [
     "DiT_models",
     "ModelConfig",
     "build_model",
+    "model_from_checkpoint",
     "model_from_config",
     "upgraded_config",
     "count_params",

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from models.blocks import MLPS, NORMS
 from models.dit import DiT, DiT_models
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import Config, arg
 
 
@@ -23,21 +27,14 @@ class ModelConfig(Config):
     class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
     qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
     # None: the value of train.py's --recipe (DiT's block without one).
-    mlp: str | None = arg(
-        None, "block MLP: gelu (DiT) or swiglu (LightningDiT, 2/3 width); default: the recipe's", choices=MLPS
-    )
-    norm: str | None = arg(
-        None, "block norm: layernorm (DiT) or rmsnorm (LightningDiT); default: the recipe's", choices=NORMS
-    )
+    mlp: str | None = arg(None, "block MLP: gelu (DiT), swiglu (LightningDiT); default: the recipe's", choices=MLPS)
+    norm: str | None = arg(None, "norms: layernorm (DiT), rmsnorm (LightningDiT); default: the recipe's", choices=NORMS)
     rope: bool | None = arg(None, "2-D axial RoPE on queries and keys (LightningDiT, JiT); default: the recipe's")
-    class_tokens: int | None = arg(
-        None, "in-context class tokens prepended to the patches (JiT); default: the recipe's", min=0
-    )
+    class_tokens: int | None = arg(None, "in-context class tokens (JiT); default: the recipe's", min=0)
 
 
 def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:
-    """A DiT from the model flags and the data's shape; ``extra`` are further DiT arguments."""
-    # Flags left at None keep the named size's or DiT's own default.
+    """A DiT from the model flags and the data's shape; flags left at None keep the size's or DiT's default."""
     optional = dict(
         hidden_size=cfg.hidden_size,
         depth=cfg.depth,
@@ -60,9 +57,8 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
 
 
 def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``model_config`` in today's terms, every DiT argument present: checkpoints written before the
-    interval input was renamed say ``mean_flow`` for ``average_velocity`` with t embedded unscaled, and lack the
-    arguments added since (their defaults are what those checkpoints were built with)."""
+    """A checkpoint's ``model_config`` with every DiT argument: ``mean_flow`` is ``average_velocity`` with t unscaled,
+    and arguments added since an old checkpoint take their defaults (what it was built with)."""
     config = dict(config)
     if config.pop("mean_flow", False):
         config.update(average_velocity=True, time_scale=1.0)
@@ -73,3 +69,18 @@ def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
 def model_from_config(config: dict[str, Any]) -> DiT:
     """The DiT that a checkpoint's ``model_config`` (``DiT.config``, maybe of an older version) describes."""
     return DiT(**upgraded_config(config))
+
+
+def model_from_checkpoint(
+    state: dict[str, Any] | str | os.PathLike, ema: bool = True, device: str | torch.device = "cpu"
+) -> DiT:
+    """The DiT a checkpoint (a path or a loaded one) describes, with its EMA (default) or raw weights, in eval mode."""
+    state = state if isinstance(state, dict) else load_checkpoint(state)
+    if ema and state.get("ema") is None:
+        raise CheckpointError("checkpoint holds no EMA weights; load the raw weights with ema=False")
+    model = model_from_config(state["model_config"])
+    try:
+        model.load_state_dict(state["ema" if ema else "model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit its model config: {e}") from None
+    return model.to(device).eval()

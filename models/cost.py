@@ -13,11 +13,7 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
 
 
 def forward_macs(model: DiT) -> int:
-    """Multiply-accumulates of one forward pass for one image, counted as in the DiT paper (Table 4).
-
-    Counts every matrix multiplication (patch embedding, attention projections, attention scores and
-    values, MLP, adaLN, final layer and the conditioning MLPs); element-wise work is left out.
-    """
+    """Multiply-accumulates of a forward pass per image: every matmul, no element-wise work (DiT's Table 4)."""
     d, p, c = model.hidden_size, model.patch_size, model.in_channels
     tokens = model.num_patches + model.num_prefix  # patches, registers and in-context class tokens
     mlp_weights = sum(m.weight.numel() for m in model.blocks[0].mlp.modules() if isinstance(m, nn.Linear))

@@ -1,32 +1,11 @@
-"""DiT: a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
+"""DiT (Peebles & Xie 2023): a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
 
-Architecture after Peebles & Xie, "Scalable Diffusion Models with Transformers" (2023): patch
-embedding, fixed 2-D sin-cos position embedding, adaLN-Zero blocks, a final adaLN layer and
-unpatchify. Additions: register tokens (Darcet et al., "Vision Transformers Need Registers", 2024),
-qk-norm (RMSNorm on queries and keys per head) and attention through
-``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels run on GPU.
-
-Options from LightningDiT (Yao et al. 2025) and JiT (Li & He 2025), each off by default (DiT's block): a SwiGLU MLP
-(``mlp_type="swiglu"``), RMSNorm for the block and final norms (``norm_type="rmsnorm"``), 2-D axial RoPE on the
-queries and keys (``rope=True``; registers and class tokens are not rotated: ``models/blocks.py`` says why), and
-JiT's in-context class tokens (``class_tokens=K``): K tokens, the class embedding plus a learned embedding per
-token, prepended like the registers and dropped with them before the final layer, while the class also conditions
-every block through adaLN as before. None of them changes the zero-initialised outputs, so the untrained network
-still outputs exactly zero.
-
-Time convention (the project's one, shared with torchcfm and defined in ``objectives/flow.py``):
-t = 0 is pure noise, t = 1 is data, and the network predicts the velocity dx/dt of the path.
-The network knows nothing else about the objective or the solver: it maps (x, t, y) to a velocity.
-Inputs are checked where they enter the project (the Sampler, the command lines, train.py's set-up), not here.
-
-Average-velocity networks (``average_velocity=True``, for objectives that jump along a trajectory, such as
-MeanFlow, Geng et al. 2025) map (x, t, y, interval h) to the average velocity over [t, t + h], so that
-x + h * output is the point at t + h; at h = 0 it is the velocity, so every ODE solver still applies. The
-interval gets its own embedder, added to the conditioning with t and y (the paper's best choice: t and t_end - t).
-``time_scale`` multiplies t (and h) before the sinusoids: DiT's 1000 maps t in [0, 1] onto its integer timestep
-range; an objective whose target contains the network's own time derivative asks for 1 instead, since t * 1000
-puts sinusoids of up to 1000 rad per unit time into the conditioning and makes that derivative, and the target
-with it, large (the objective's module says why; the README has the measurement).
+Beside DiT's blocks: registers (Darcet et al. 2024), qk-norm, scaled_dot_product_attention (flash kernels on GPU),
+and, off by default, LightningDiT's and JiT's blocks (models/blocks.py) and JiT's in-context class tokens; none changes
+the zero-initialised output. An average-velocity network (MeanFlow) also takes an interval h and returns the average
+velocity over [t, t + h] (the velocity at h = 0). ``time_scale`` multiplies t and h before the sinusoids: DiT's 1000
+matches its integer timesteps; an objective whose target holds the network's time derivative asks for 1, since
+sinusoids of t * 1000 make that derivative large. The time convention is objectives/flow.py's.
 """
 
 from __future__ import annotations
@@ -40,11 +19,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch import Tensor
 
-from models.blocks import MLPS, NORMS, SwiGLU, apply_rope, make_norm, rope_tables
+from models.blocks import MLPS, NORMS, apply_rope, rope_tables
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation of tokens x (N, T, D) by per-sample shift and scale (N, D)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -55,19 +35,15 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
         self.frequency_embedding_size = frequency_embedding_size
-        # 1000 spans the sinusoid frequencies over the same range as in DiT, whose timesteps are integers in
-        # [0, 1000); see the module docstring for networks that embed t unscaled.
-        self.time_scale = time_scale
+        self.time_scale = time_scale  # 1000: DiT's integer timesteps (the module docstring says when 1)
 
     @staticmethod
     def timestep_embedding(
-        t: torch.Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
+        t: Tensor, dim: int, max_period: float = 10000.0, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
         """Sinusoidal embedding (N, dim) of scalar times t (N,), computed in dtype (float32 or float64)."""
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
@@ -77,7 +53,7 @@ class TimestepEmbedder(nn.Module):
             embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
         return embedding
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: Tensor) -> Tensor:
         dtype = self.mlp[0].weight.dtype
         # float32 sinusoids for float32 / bf16 weights; float64 only for a float64 network (exact-derivative tests).
         freq_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -88,19 +64,13 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Embeds class labels; index num_classes is the learned null class used for guidance."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int):
         super().__init__()
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
 
-    def forward(self, labels: torch.Tensor, drop: bool, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
-        # A given drop_mask says exactly which labels become the null class (DiT's force_drop_ids): a loss that
-        # evaluates the network twice on one batch (a target pass and a gradient pass) needs the same dropout in both.
-        if drop_mask is None and drop and self.dropout_prob > 0:
-            # Label dropout teaches the null class that classifier-free guidance needs.
-            drop_mask = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        if drop_mask is not None:
+    def forward(self, labels: Tensor, drop_mask: Tensor | None = None) -> Tensor:
+        if drop_mask is not None:  # (N,) bool: these labels become the null class
             labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)  # (N, D)
 
@@ -112,7 +82,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         x = self.proj(x)  # (N, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (N, T, D)
 
@@ -133,7 +103,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Attention over tokens x (N, T, D); rope: cos and sin (T, Dh / 2) that rotate queries and keys (RoPE)."""
         n, t, d = x.shape
         qkv = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim)
@@ -146,19 +116,6 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh)
         return self.proj(x.transpose(1, 2).reshape(n, t, d))  # (N, T, D)
-
-
-class Mlp(nn.Module):
-    """Two-layer MLP with tanh-approximated GELU, as in DiT."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class DiTBlock(nn.Module):
@@ -174,20 +131,13 @@ class DiTBlock(nn.Module):
         norm_type: str = "layernorm",
     ):
         super().__init__()
-        self.norm1 = make_norm(norm_type, hidden_size)
+        self.norm1 = NORMS[norm_type](hidden_size)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
-        self.norm2 = make_norm(norm_type, hidden_size)
-        # SwiGLU at 2/3 of the GELU MLP's width: about the same parameters (models/blocks.py).
-        mlp = SwiGLU if mlp_type == "swiglu" else Mlp
-        self.mlp = mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.norm2 = NORMS[norm_type](hidden_size)
+        self.mlp = MLPS[mlp_type](hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: Tensor, c: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -199,18 +149,18 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm_type: str = "layernorm"):
         super().__init__()
-        self.norm_final = make_norm(norm_type, hidden_size)
+        self.norm_final = NORMS[norm_type](hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         x = modulate(self.norm_final(x), shift, scale)
         return self.linear(x)  # (N, T, p * p * C)
 
 
 class DiT(nn.Module):
-    """Diffusion Transformer mapping (x, t, y) to the flow-matching velocity dx/dt (or an average velocity)."""
+    """Diffusion Transformer mapping (x, t, y) to the velocity dx/dt (or an average velocity)."""
 
     def __init__(
         self,
@@ -241,7 +191,7 @@ class DiT(nn.Module):
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
         if mlp_type not in MLPS or norm_type not in NORMS:
-            raise ValueError(f"mlp_type must be one of {MLPS} and norm_type one of {NORMS}")
+            raise ValueError(f"mlp_type must be one of {tuple(MLPS)} and norm_type one of {tuple(NORMS)}")
         if class_tokens < 0 or (class_tokens and num_classes == 0):
             raise ValueError("class_tokens must be >= 0, and 0 for an unconditional model (num_classes 0)")
         if guidance_max and (guidance_max < 1.0 or num_classes == 0):
@@ -250,12 +200,8 @@ class DiT(nn.Module):
                 f"got {guidance_max} with num_classes={num_classes}"
             )
         # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
-        self.input_size, self.patch_size, self.in_channels, self.out_channels = (
-            input_size,
-            patch_size,
-            in_channels,
-            in_channels,
-        )
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.out_channels = in_channels
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
         self.num_classes, self.class_dropout_prob, self.num_registers = num_classes, class_dropout_prob, num_registers
         self.qk_norm, self.average_velocity, self.time_scale = qk_norm, average_velocity, time_scale
@@ -267,12 +213,11 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
-        # The interval h = t_end - t to jump over also conditions an average-velocity network (MeanFlow).
+        # The interval h = t_end - t conditions an average-velocity network (MeanFlow).
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if average_velocity else None
-        # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow, Geng et al. 2025): one pass gives
-        # the guided velocity. Embedded as w / guidance_max, like a time; 0 (the default) builds none.
+        # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow), embedded as w / guidance_max.
         self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if guidance_max else None
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
@@ -284,20 +229,14 @@ class DiT(nn.Module):
             cos, sin = rope_tables(self.grid_size, hidden_size // num_heads, self.num_prefix)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList(
-            [
-                DiTBlock(
-                    hidden_size, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type
-                )
-                for _ in range(depth)
-            ]
-        )
+        block = dict(mlp_ratio=mlp_ratio, qk_norm=qk_norm, mlp_type=mlp_type, norm_type=norm_type)
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, **block) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_type=norm_type)
         self.initialize_weights()
 
     @property
     def config(self) -> dict:
-        """Every constructor argument, so that DiT(**model.config) rebuilds the same network (checkpoints store it)."""
+        """Every constructor argument: DiT(**model.config) rebuilds the same network (checkpoints store it)."""
         names = [p for p in inspect.signature(DiT.__init__).parameters if p != "self"]
         return {name: getattr(self, name) for name in names}
 
@@ -337,29 +276,24 @@ class DiT(nn.Module):
         for param in self.final_layer.parameters():
             nn.init.zeros_(param)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+    def unpatchify(self, x: Tensor) -> Tensor:
         """Patch tokens (N, T, p * p * C) back to images (N, C, H, W)."""
         p = self.patch_size
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=self.grid_size, p=p, q=p)
 
     def forward(
         self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        y: torch.Tensor | None = None,
-        interval: torch.Tensor | float | None = None,
-        drop_mask: torch.Tensor | None = None,
-        guidance: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        """Velocity (N, C, H, W) at images x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None when
-        unconditional; the index num_classes is the null class).
-
-        An average-velocity network returns the average velocity over [t, t + interval], interval (N,) or scalar
-        (None: 0, the instantaneous velocity), so x + interval * output is the point at t + interval. In train
-        mode labels are replaced by the null class with probability class_dropout_prob; drop_mask (N,) bool
-        replaces exactly those labels instead (in any mode, like DiT's force_drop_ids). A network built with
-        ``guidance_max`` also takes the guidance scale, guidance (N,) or scalar in [1, guidance_max] (None: 1).
-        """
+        x: Tensor,
+        t: Tensor | float,
+        y: Tensor | None = None,
+        interval: Tensor | float | None = None,
+        drop_mask: Tensor | None = None,
+        guidance: Tensor | float | None = None,
+    ) -> Tensor:
+        """Velocity (N, C, H, W) at x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None: unconditional;
+        num_classes is the null class). interval (N,) or scalar: an average-velocity network's h (None: 0). drop_mask
+        (N,) bool: exactly these labels become the null class, in any mode (else ``label_drop_mask`` in train mode).
+        guidance (N,) or scalar in [1, guidance_max] (None: 1): the scale of a network built with ``guidance_max``."""
         n = x.shape[0]
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if self.registers is not None:
@@ -367,11 +301,13 @@ class DiT(nn.Module):
         c = self.t_embedder(torch.as_tensor(t, device=x.device).expand(n))  # (N, D)
         if self.h_embedder is not None:
             c = c + self.h_embedder(torch.as_tensor(0.0 if interval is None else interval, device=x.device).expand(n))
-        if self.w_embedder is not None:  # guidance (N,) or scalar, None: 1 (unguided); ignored by other networks
+        if self.w_embedder is not None:  # other networks ignore guidance
             w = torch.as_tensor(1.0 if guidance is None else guidance, device=x.device).expand(n)
             c = c + self.w_embedder(w / self.guidance_max)
         if self.y_embedder is not None:
-            y_emb = self.y_embedder(y, drop=self.training, drop_mask=drop_mask)  # (N, D); the null class if dropped
+            if drop_mask is None and self.training:
+                drop_mask = self.label_drop_mask(y)
+            y_emb = self.y_embedder(y, drop_mask)  # (N, D); the null class where dropped
             c = c + y_emb
             if self.class_token_embed is not None:  # JiT's in-context class tokens, first in the sequence
                 x = torch.cat([y_emb.unsqueeze(1) + self.class_token_embed, x], dim=1)  # (N, K + R + T, D)
@@ -382,26 +318,22 @@ class DiT(nn.Module):
         x = self.final_layer(x, c)  # (N, T, p * p * C)
         return self.unpatchify(x)  # (N, C, H, W)
 
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor | float,
-        y: torch.Tensor,
-        cfg_scale: float,
-        interval: torch.Tensor | float | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guided velocity v_u + cfg_scale * (v_c - v_u) on all channels.
+    def label_drop_mask(self, y: Tensor) -> Tensor:
+        """(N,) bool: the labels y (N,) that label dropout (the null class guidance needs) replaces in this mode, each
+        with probability class_dropout_prob in train mode. A loss with several passes draws it once for all."""
+        if self.training and self.class_dropout_prob > 0:
+            return torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
+        return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
 
-        Runs one batched pass of 2N (conditional and null labels); at cfg_scale == 1 it runs the
-        conditional pass alone. Label dropout is not applied here. On an average-velocity network the same
-        combination of average velocities over [t, t + interval] is returned. A network with a guidance input
-        (``guidance_max``) returns its output at guidance=cfg_scale instead: one pass of N.
-        """
+    def forward_with_cfg(
+        self, x: Tensor, t: Tensor | float, y: Tensor, cfg_scale: float, interval: Tensor | float | None = None
+    ) -> Tensor:
+        """v_u + cfg_scale * (v_c - v_u) (N, C, H, W) in one pass of 2N (of N at scale 1 or with a guidance input)."""
         if self.y_embedder is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes > 0)")
         n = x.shape[0]
         keep = torch.zeros(n, dtype=torch.bool, device=x.device)
-        if self.w_embedder is not None:  # a network that takes the scale as an input: one pass of N
+        if self.w_embedder is not None:
             return self(x, t, y, interval=interval, drop_mask=keep, guidance=cfg_scale)
         if cfg_scale == 1.0:
             return self(x, t, y, interval=interval, drop_mask=keep)

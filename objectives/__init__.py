@@ -1,7 +1,4 @@
-"""Training objectives: each maps (network, data batch, labels) to LossTerms; ``OBJECTIVES`` names them.
-
-Adding one is a file here with an ``Objective`` subclass and a line below (the README's "Extending" section).
-"""
+"""Training objectives: each maps (network, data, labels) to LossTerms. A new one is a file here and a line below."""
 
 import dataclasses
 from typing import Any
@@ -21,8 +18,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 @dataclasses.dataclass(kw_only=True)
 class ObjectiveConfig(Config):
-    """The objective flags of a script's config (train.py, the benchmark): ``--objective NAME`` and that objective's
-    own flags, held in ``objective_args`` (utils.config's ``nested``) and checked by the objective."""
+    """``--objective NAME`` and that objective's own flags, held in ``objective_args`` (``Config.nested``)."""
 
     objective: str = arg(
         "flow",
@@ -36,7 +32,6 @@ class ObjectiveConfig(Config):
     nested = {"objective_args": ("objective", OBJECTIVES)}
 
     def build_objective(self) -> Objective:
-        """The objective these settings describe."""
         return OBJECTIVES[self.objective](**self.objective_args)
 
 

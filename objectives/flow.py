@@ -1,25 +1,15 @@
-"""The flow-matching objective, and the project's one statement of its time convention.
+"""The flow-matching objective, and the project's one statement of its time convention: t = 0 is noise
+x0 ~ N(0, I), t = 1 is data x1, on the linear path (rectified flow, Liu et al. 2023; conditional flow matching,
+Lipman et al. 2023, Tong et al. 2024) of optional width sigma, as in torchcfm, which builds x_t and u_t:
 
-Time convention (every other module refers here):
-    t = 0 is pure noise x0 ~ N(0, I), t = 1 is data x1.
-    The path is linear (rectified flow, Liu et al. 2023; conditional flow matching, Lipman et al. 2023 and
-    Tong et al. 2024) with optional Gaussian width sigma:
-        x_t = t * x1 + (1 - t) * x0 + sigma * eps,        eps ~ N(0, I)
-        u_t = x1 - x0                                     (the regression target, dx_t/dt)
-    The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 (noise) to t = 1 (data).
-This is torchcfm's convention, so its ConditionalFlowMatcher builds x_t and u_t here; this module draws
-x0 and t itself (from torch's global RNG, which train.py checkpoints, so a resumed run is exact).
+    x_t = t * x1 + (1 - t) * x0 + sigma * eps,        eps ~ N(0, I)
+    u_t = x1 - x0                                     (the regression target, dx_t/dt)
 
-Timesteps are drawn uniformly or from a logit-normal distribution (Esser et al. 2024, "Scaling Rectified
-Flow Transformers", SD3, section 3.1): t = sigmoid(m + s * n), n ~ N(0, 1), which puts more training
-signal on the middle of the path, where the velocity is hardest to predict.
-
-The velocity-direction loss (LightningDiT, Yao et al. 2025, ``use_cosine_loss``; Table 1: FID 13.99 -> 12.52) adds
-w * (1 - cos(v_pred, u_t)) per sample, the cosine taken between the flattened tensors: the squared error weighs a
-sample by the target's magnitude, the cosine term asks for the right direction at every magnitude. It is 0 for a
-prediction along the target and 2 against it. At the untrained network's exact zero output its gradient is
-large (the direction of a zero vector is undefined; torch clamps the norm at 1e-8): gradient clipping (train.py's
---grad-clip, on by default) bounds that first step, and the output is nonzero after it.
+The network v(x_t, t, y) predicts u_t; sampling integrates dx/dt = v from t = 0 to t = 1. Logit-normal times (SD3,
+Esser et al. 2024) put more training signal mid-path, where the velocity is hardest to predict. The velocity-direction
+loss (LightningDiT) adds w (1 - cos(v_pred, u_t)): the squared error weighs a sample by the target's magnitude, the
+cosine asks for the right direction at every magnitude. Its gradient at the untrained network's zero output is large
+(torch clamps the norm at 1e-8): gradient clipping (train.py's --grad-clip, on by default) bounds that first step.
 """
 
 from __future__ import annotations
@@ -29,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from objectives.base import LossTerms, Objective
 from utils.config import arg
@@ -38,7 +29,7 @@ T_SAMPLERS = ("logit-normal", "uniform")
 
 def sample_t(
     n: int, sampler: str = "logit-normal", mean: float = 0.0, std: float = 1.0, device: str | torch.device = "cpu"
-) -> torch.Tensor:
+) -> Tensor:
     """Training times t (n,) in (0, 1): logit-normal (SD3: sigmoid(mean + std * N(0, 1))) or uniform."""
     if sampler == "uniform":
         return torch.rand(n, device=device)
@@ -47,11 +38,8 @@ def sample_t(
 
 @dataclass(kw_only=True)
 class FlowMatching(Objective):
-    """Conditional flow-matching loss on torchcfm's linear path (t = 0 noise, t = 1 data).
-
-    With ``ot`` (OT-CFM, Tong et al. 2024) each image keeps its label; the plan is solved on the CPU with POT and
-    resampled with numpy's global RNG.
-    """
+    """Conditional flow-matching loss on torchcfm's linear path. Under ``ot`` (OT-CFM, Tong et al. 2024) the rows of
+    x1 are re-paired with their labels; POT solves the plan on the CPU, numpy's global generator resamples it."""
 
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
     t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
@@ -78,18 +66,9 @@ class FlowMatching(Objective):
         self.matcher = matcher(sigma=self.sigma)
 
     def sample_path(
-        self,
-        x1: torch.Tensor,
-        y: torch.Tensor | None = None,
-        x0: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Points on the path and their targets for data x1 (N, C, H, W) with labels y (N,).
-
-        x0 (noise, default N(0, I)) and t (N,) (default from the t sampler) may be given.
-        Returns t (N,), x_t (N, C, H, W), u_t (N, C, H, W) and the labels (N,) of the data each row came
-        from (reordered with the rows under OT pairing; y itself otherwise).
-        """
+        self, x1: Tensor, y: Tensor | None = None, x0: Tensor | None = None, t: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """t (N,), x_t, u_t (N, C, H, W) and each row's labels (re-paired under OT); x0 and t drawn unless given."""
         if x0 is None:
             x0 = torch.randn_like(x1)
         if t is None:
@@ -101,9 +80,8 @@ class FlowMatching(Objective):
             t, xt, ut = self.matcher.sample_location_and_conditional_flow(x0, x1, t=t)
         return t, xt, ut, y
 
-    def loss(self, model: Callable[..., torch.Tensor], x1: torch.Tensor, y: torch.Tensor | None = None) -> LossTerms:
-        """Mean squared error between model(x_t, t, y) and the target velocity u_t (float32), plus the
-        velocity-direction loss when its weight is set (the logged per-sample error stays the squared error)."""
+    def loss(self, model: Callable[..., Tensor], x1: Tensor, y: Tensor | None = None) -> LossTerms:
+        """MSE of model(x_t, t, y) against u_t in float32, plus the weighted velocity-direction loss (not logged)."""
         t, xt, ut, y = self.sample_path(x1, y)
         pred, target = model(xt, t, y).float().flatten(1), ut.float().flatten(1)  # (N, C * H * W)
         mse = (pred - target).square().mean(1)  # (N,)
@@ -113,6 +91,6 @@ class FlowMatching(Objective):
         return LossTerms(loss, mse.detach(), t)
 
 
-def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def cosine_loss(pred: Tensor, target: Tensor) -> Tensor:
     """1 - cos(pred, target) (N,) per row of pred and target (N, D): 0 when aligned, 2 when opposite."""
     return 1 - F.cosine_similarity(pred, target, dim=1)

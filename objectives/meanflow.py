@@ -1,67 +1,41 @@
-"""MeanFlow: a network that predicts the average velocity over an interval, for one- and few-step sampling.
-
-Geng, Deng, Bai, Kolter, He, "Mean Flows for One-step Generative Modeling" (2025). Written here in the project's
-time convention (``objectives/flow.py``: t = 0 noise, t = 1 data, x_t = t * x1 + (1 - t) * x0, conditional velocity
-x1 - x0); the paper puts noise at t = 1.
-
-Derivation. Let v(x, tau) = E[x1 - x0 | x_tau = x] be the marginal velocity and x_tau the solution of
-dx/dtau = v(x, tau) through x_s at time s. The average velocity from s to t is
+"""MeanFlow (Geng, Deng, Bai, Kolter, He 2025): u(x, s, t) predicts the average velocity over [s, t], for one- and
+few-step sampling. In the project's convention (objectives/flow.py: t = 0 noise); the paper puts noise at t = 1, and
+its u = v - (t - r) du/dt is the identity below after tau -> 1 - tau. With v the marginal velocity,
 
     u(x_s, s, t) = 1 / (t - s) * integral_s^t v(x_tau, tau) dtau,     so that     x_t = x_s + (t - s) u(x_s, s, t),
 
-and u(x, s, s) = v(x, s): at a zero interval it is the instantaneous velocity, so a MeanFlow network is also a
-flow model for every ODE solver. Multiply by (t - s) and differentiate in s along the trajectory, t fixed
-(moving s moves the start point x_s at rate v):
+and u(x, s, s) = v(x, s), so every ODE solver still applies. Differentiating (t - s) u in s along the trajectory,
+t fixed (moving s moves x_s at rate v):
 
-    d/ds [(t - s) u(x_s, s, t)] = d/ds integral_s^t v(x_tau, tau) dtau = -v(x_s, s)
     -u(x_s, s, t) + (t - s) d/ds u(x_s, s, t) = -v(x_s, s)
     u(x_s, s, t) = v(x_s, s) + (t - s) d/ds u(x_s, s, t)                                    (MeanFlow identity)
 
-with the total derivative d/ds u = v . du/dx + du/ds (t is held fixed, so du/dt does not enter): the
-Jacobian-vector product of (x, s, t) -> u(x, s, t) with the tangent (v, 1, 0). The paper's identity
-u = v - (t - r) du/dt (noise at 1, r < t) is this one after tau -> 1 - tau, which flips the signs of v and u.
-The DiT is called as model(x_s, s, y, interval=t - s): the JVP goes through a function of (x, s, t) that forms
-the interval itself, so the chain rule (tangent (v, 1, -1) on (x, s, interval)) is left to autograd.
+with d/ds u = v . du/dx + du/ds, the JVP of (x, s, t) -> u with tangent (v, 1, 0) (the DiT takes t - s: autograd
+applies the chain rule). Training regresses u_theta(x_s, s, t) onto sg(v + (t - s) JVP(u_theta; (v, 1, 0))) with the
+per-sample v = x1 - x0: the target is affine in v, so its mean given x_s uses the marginal v and the minimiser is the
+true average velocity. At s = t the loss is flow matching's.
+- Times: two logit-normal draws (SD3), s the smaller; ``mf_equal_fraction`` of each batch has t = s (the paper's best
+  75%; 100%, flow matching, fails at one step). The paper's (-0.4, 1.0) is (+0.4, 1.0) here (logit(1 - tau) = -logit).
+- Adaptive weight (section 4.3): loss = mean_i sg(w_i) mse_i, w_i = 1 / (||err_i||^2 + c)^p; p = 0 is the plain MSE.
+- Training-time guidance (section 4.2): v~ = omega v + kappa u(x_s, s, s | y) + (1 - omega - kappa) u(x_s, s, s | null)
+  (under sg) is the target's v and the tangent, except where the label is dropped. At the fixed point the conditional
+  velocity is CFG at scale omega / (1 - kappa), so one-step samples come guided.
 
-Training (the paper's Algorithm 1). Draw x0 ~ N(0, I), times s <= t, x_s on the straight path, and regress
-    u_theta(x_s, s, t)  onto  sg( v + (t - s) * JVP(u_theta; (x_s, s, t); (v, 1, 0)) ),   v = x1 - x0,
-the per-sample conditional velocity in both places. The target is affine in v, so its mean given x_s is the
-identity's right-hand side with the marginal v, and the minimiser of the squared error is the true average
-velocity (the argument that makes per-sample targets work in flow matching). With s = t the target is x1 - x0
-and the loss is the flow-matching loss.
-- Times (SD3-style logit-normal, Esser et al. 2024, both times): two draws sigmoid(mean + std * n), s the smaller,
-  t the larger; a fraction ``equal_fraction`` of each batch gets t = s (the paper's best: 75%; 100% is flow
-  matching, which fails at one step). The paper's ImageNet setting, logit-normal (-0.4, 1.0) with noise at 1,
-  is (+0.4, 1.0) here: logit(1 - tau) = -logit(tau).
-- Adaptive weight (the paper's section 4.3): loss = mean_i sg(w_i) * mse_i, w_i = 1 / (||err_i||^2 + c)^p with
-  ||.||^2 the squared L2 norm over the sample's elements; p = 0 is the plain mean squared error.
-- Training-time guidance (the paper's section 4.2): the velocity becomes
-    v~ = omega * v + kappa * u(x_s, s, s | y) + (1 - omega - kappa) * u(x_s, s, s | null)
-  (network terms under stop-gradient), used both as the target's v and as the JVP tangent; rows whose label is
-  dropped keep v. At the fixed point the network's conditional velocity is CFG at scale omega / (1 - kappa), so
-  one-step samples come guided without a second pass. omega = 1, kappa = 0 is off.
-
-Engineering. The target is computed on the plain module (``unwrap_model``) under no_grad, and the prediction by
-an ordinary forward through the model as given, so DDP gradient sync, torch.compile and flash attention keep
-working for the pass that is differentiated. Forward-mode AD through attention: the flash and memory-efficient
-kernels of scaled_dot_product_attention have no forward derivative, so the JVP pass runs under
-``sdpa_kernel(SDPBackend.MATH)``. It runs under whatever autocast the caller set (bf16 on GPU). Rows with s = t
-need no JVP (the target is v), so only the 1 - equal_fraction of the batch with s < t goes through it; its cost
-against a flow-matching step is measured in the README. Should forward-mode AD fail for some operator, the
-derivative falls back, with one warning, to a central finite difference in float32.
-The network is built with an interval input and with t embedded unscaled (``network_options``): the target
-contains the network's own derivative in time, which sinusoids of t * 1000 would make large.
-All randomness comes from torch's global generator, which train.py checkpoints; nothing here syncs with the host.
+The target runs on the plain module under no_grad, the prediction through the model as given (DDP, torch.compile,
+flash attention). The JVP runs on the math attention kernel (the only one with a forward derivative), over the rows
+with s < t only (placed first: no host sync), and falls back once, with a warning, to a float32 finite difference.
+t is embedded unscaled: the target holds the network's time derivative, which sinusoids of t * 1000 make large.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from objectives.base import LossTerms, Objective
@@ -70,42 +44,36 @@ from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
 
-def _expand(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _expand(a: Tensor, x: Tensor) -> Tensor:
     """Per-sample scalars (N,) shaped to broadcast against x (N, ...)."""
     return a.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> torch.Tensor:
-    """model(x, s, y, interval=..., drop_mask=..., guidance=...), leaving drop_mask and guidance out when there are
-    none (stand-in models, networks without a guidance input)."""
-    extra = {} if guidance is None else {"guidance": guidance}
-    if drop_mask is not None:
-        extra["drop_mask"] = drop_mask
+def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> Tensor:
+    """model(x, s, y, interval=...), passing drop_mask and guidance only when given (stand-ins lack them)."""
+    extra = {k: v for k, v in (("drop_mask", drop_mask), ("guidance", guidance)) if v is not None}
     return model(x, s, y, interval=interval, **extra)
 
 
 def average_velocity_jvp(
     model: nn.Module,
-    x: torch.Tensor,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    v: torch.Tensor,
-    y: torch.Tensor | None = None,
-    drop_mask: torch.Tensor | None = None,
-    guidance: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """u(x, s, t) and its total derivative d/ds u = v . du/dx + du/ds (both (N, C, H, W), no graph).
-
-    The forward-mode JVP of (x, s, t) -> model(x, s, y, interval=t - s) with tangent (v, 1, 0), on the plain
-    module, under no_grad and on the math attention kernel (the only one with a forward derivative).
-    x, v (N, C, H, W); s, t (N,); y, drop_mask (N,) or None. A conditional network in train mode needs drop_mask:
-    without it every call draws its own label dropout. guidance (N,): the scale input of a network that takes one.
-    """
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    v: Tensor,
+    y: Tensor | None = None,
+    drop_mask: Tensor | None = None,
+    guidance: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """u(x, s, t) and d/ds u = v . du/dx + du/ds, both (N, C, H, W) without a graph: the forward-mode JVP of
+    (x, s, t) -> model(x, s, y, interval=t - s) with tangent (v, 1, 0) on the plain module. A conditional network in
+    train mode needs drop_mask, or each call draws its own label dropout."""
     plain = unwrap_model(model)
 
     def u_fn(x_, s_, t_):
         return _call(plain, x_, s_, y, t_ - s_, drop_mask, guidance)
 
+    # the math kernel: the only attention with a forward derivative
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first use
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
@@ -114,18 +82,17 @@ def average_velocity_jvp(
 
 def total_derivative_fd(
     model: nn.Module,
-    x: torch.Tensor,
-    s: torch.Tensor,
-    t: torch.Tensor,
-    v: torch.Tensor,
-    y: torch.Tensor | None = None,
-    drop_mask: torch.Tensor | None = None,
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    v: Tensor,
+    y: Tensor | None = None,
+    drop_mask: Tensor | None = None,
     eps: float = 5e-3,
-    guidance: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """d/ds u of ``average_velocity_jvp`` by a central finite difference along (v, 1, 0), in float32 (autocast
-    off): the fallback where forward-mode AD fails. Two ordinary forwards; error O(eps^2) plus float32 rounding
-    over eps (about 1e-4 relative at eps 5e-3)."""
+    guidance: Tensor | None = None,
+) -> Tensor:
+    """d/ds u of ``average_velocity_jvp`` by a central difference in float32 (autocast off), where forward-mode AD
+    fails: two forwards, error O(eps^2) plus float32 rounding over eps (about 1e-4 relative at eps 5e-3)."""
     plain = unwrap_model(model)
     h = _expand(torch.full_like(s, eps), x)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -134,23 +101,12 @@ def total_derivative_fd(
     return (up - um) / (2 * eps)
 
 
-def interval_times(
-    n: int, t_mean: float, t_std: float, equal_fraction: float, device: str | torch.device = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Current times s (n,) and end times t (n,), s <= t, both logit-normal; the last round(n * equal_fraction)
-    rows have t = s exactly (the rows with s < t come first, so the JVP can skip the rest without a sync)."""
-    a = sample_t(n, "logit-normal", t_mean, t_std, device=device)
-    b = sample_t(n, "logit-normal", t_mean, t_std, device=device)
-    s, t = torch.minimum(a, b), torch.maximum(a, b)
-    k = n - round(n * equal_fraction)
-    return s, torch.cat([t[:k], s[k:]])
-
-
 @dataclass(kw_only=True)
-class MeanFlow(Objective):
-    """MeanFlow loss (Geng et al. 2025) in this project's convention (t = 0 noise, t = 1 data); see the module doc."""
+class AverageVelocityObjective(Objective):
+    """What MeanFlow and iMF share: the times, the JVP with its fallback, and the draws of a batch."""
 
     sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
+    label: ClassVar[str] = ""  # the objective's name in messages
 
     t_mean: float = arg(
         0.4,
@@ -159,6 +115,91 @@ class MeanFlow(Objective):
         group="objective",
     )
     t_std: float = arg(1.0, "logit-normal scale s of both times", gt=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
+        self._use_fd = False  # set, with one warning, if forward-mode AD fails
+
+    @property
+    def equal_fraction(self) -> float:
+        """The fraction of each batch with s = t (the subclass's flag)."""
+        raise NotImplementedError
+
+    def network_options(self) -> dict[str, Any]:
+        return {"average_velocity": True, "time_scale": 1.0}  # t unscaled: the module docstring says why
+
+    def num_unequal(self, n: int) -> int:
+        """Rows with s < t in a batch of n drawn by ``sample_times``."""
+        return n - round(n * self.equal_fraction)
+
+    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+        """Times s <= t (n,), both logit-normal; the rows from ``num_unequal(n)`` on have t = s exactly."""
+        a = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
+        b = sample_t(n, "logit-normal", self.t_mean, self.t_std, device=device)
+        s, t = torch.minimum(a, b), torch.maximum(a, b)
+        k = self.num_unequal(n)
+        return s, torch.cat([t[:k], s[k:]])
+
+    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
+        """Raise ValueError where this objective's guidance cannot work with these labels and this network."""
+
+    def draw(
+        self, model: nn.Module, x1: Tensor, y: Tensor | None, x0: Tensor | None, s: Tensor | None, t: Tensor | None
+    ) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None, int]:
+        """Checks, then the draws in this order: noise x0, times s <= t (N,), label dropout (N,) (None without labels,
+        drawn once so that every pass drops the same labels). Returns the plain module, x0, s, t, the drop mask and k:
+        rows [0, k) have s < t (given times all count)."""
+        plain = unwrap_model(model)
+        if getattr(plain, "average_velocity", None) is False:
+            raise ValueError(f"the {self.label} objective needs a network with an interval input (network_options())")
+        self.check_labels(plain, y)
+        if (s is None) != (t is None):
+            raise ValueError("give both times s and t, or neither")
+        n = x1.shape[0]
+        if x0 is None:
+            x0 = torch.randn_like(x1)
+        if s is None:
+            s, t = self.sample_times(n, device=x1.device)
+            k = self.num_unequal(n)
+        else:
+            k = n  # given times: no row is known to have s = t without a host sync
+        drop_mask = None if y is None else plain.label_drop_mask(y)
+        return plain, x0, s, t, drop_mask, k
+
+    def total_derivative(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        tangent: Tensor,
+        y: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+        w: Tensor | None = None,
+    ) -> Tensor:
+        """D u = tangent . du/dx + du/ds (N, C, H, W), no graph: the JVP, or the finite difference once that fails."""
+        if not self._use_fd:
+            try:
+                return average_velocity_jvp(model, x, s, t, tangent, y, drop_mask, guidance=w)[1]
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
+                self._use_fd = True
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                warnings.warn(
+                    f"{self.label}: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
+                    stacklevel=2,
+                )
+        return total_derivative_fd(model, x, s, t, tangent, y, drop_mask, guidance=w)
+
+
+@dataclass(kw_only=True)
+class MeanFlow(AverageVelocityObjective):
+    """MeanFlow loss (Geng et al. 2025) in this project's convention; see the module docstring."""
+
+    label = "MeanFlow"
+
     mf_equal_fraction: float = arg(0.75, "fraction of each batch with equal times (flow matching rows)", min=0, max=1)
     mf_weight_power: float = arg(1.0, "adaptive loss weight 1 / (|err|^2 + c)^p, this p (0: plain MSE)", min=0)
     mf_weight_eps: float = arg(1e-3, "the c of the adaptive weight", gt=0)
@@ -173,40 +214,24 @@ class MeanFlow(Objective):
         lo, hi = self.mf_guidance_interval
         if not 0.0 <= lo <= hi <= 1.0:
             raise ConfigError(f"mf_guidance_interval must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
-        self.path = FlowMatching()  # builds x_s on the straight path: objectives/flow.py owns the convention
-        self._use_fd = False  # set, with one warning, if forward-mode AD fails
 
-    def network_options(self) -> dict[str, Any]:
-        """An interval input, and t embedded unscaled (the module docstring says why)."""
-        return {"average_velocity": True, "time_scale": 1.0}
+    @property
+    def equal_fraction(self) -> float:
+        return self.mf_equal_fraction
 
     @property
     def guided(self) -> bool:
         """Whether training-time guidance is on."""
         return self.mf_omega != 1.0 or self.mf_kappa != 0.0
 
-    def sample_times(self, n: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """``interval_times`` with this objective's times and fraction of rows with s = t."""
-        return interval_times(n, self.t_mean, self.t_std, self.mf_equal_fraction, device)
-
-    def num_unequal(self, n: int) -> int:
-        """Rows with s < t in a batch of n drawn by ``sample_times``."""
-        return n - round(n * self.mf_equal_fraction)
+    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
+        if self.guided and y is None:
+            raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
 
     def guided_velocity(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        v: torch.Tensor,
-        y: torch.Tensor,
-        drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """v~ = omega v + kappa u(x, s, s | y) + (1 - omega - kappa) u(x, s, s | null) (N, C, H, W), no graph.
-
-        Rows with a dropped label (drop_mask) or s outside mf_guidance_interval keep v. Needs a class-conditional
-        model that takes drop_mask (the DiT); the network runs on the plain module, one pass of N or 2N.
-        """
+        self, model: nn.Module, x: Tensor, s: Tensor, v: Tensor, y: Tensor, drop_mask: Tensor | None = None
+    ) -> Tensor:
+        """v~ (N, C, H, W) without a graph; rows with a dropped label or s outside mf_guidance_interval keep v."""
         plain = unwrap_model(model)
         omega, kappa = self.mf_omega, self.mf_kappa
         zero = torch.zeros_like(s)
@@ -229,89 +254,40 @@ class MeanFlow(Objective):
     def target(
         self,
         model: nn.Module,
-        x: torch.Tensor,
-        s: torch.Tensor,
-        t: torch.Tensor,
-        v: torch.Tensor,
-        y: torch.Tensor | None = None,
-        drop_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The regression target sg(v + (t - s) d/ds u(x, s, t)) (N, C, H, W) at points x (N, C, H, W) of time s (N,).
-
-        v (N, C, H, W) is the velocity at (x, s): the per-sample x1 - x0 (or its guided v~) in training, or the
-        marginal velocity, for which the true average velocity makes the target equal to itself.
-        """
-        if self._use_fd:
-            duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
-        else:
-            try:
-                _, duds = average_velocity_jvp(model, x, s, t, v, y, drop_mask)
-            except torch.OutOfMemoryError:
-                raise
-            except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
-                self._use_fd = True
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                warnings.warn(
-                    f"MeanFlow: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
-                    stacklevel=2,
-                )
-                duds = total_derivative_fd(model, x, s, t, v, y, drop_mask)
+        x: Tensor,
+        s: Tensor,
+        t: Tensor,
+        v: Tensor,
+        y: Tensor | None = None,
+        drop_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The target sg(v + (t - s) d/ds u(x, s, t)) (N, C, H, W) at x of time s; v is x1 - x0 (or v~) in training,
+        or the marginal velocity, for which the true average velocity is its own target."""
+        duds = self.total_derivative(model, x, s, t, v, y, drop_mask)
         return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 
     def loss(
         self,
         model: nn.Module,
-        x1: torch.Tensor,
-        y: torch.Tensor | None = None,
+        x1: Tensor,
+        y: Tensor | None = None,
         *,
-        x0: torch.Tensor | None = None,
-        s: torch.Tensor | None = None,
-        t: torch.Tensor | None = None,
+        x0: Tensor | None = None,
+        s: Tensor | None = None,
+        t: Tensor | None = None,
     ) -> LossTerms:
-        """MeanFlow loss for data x1 (N, C, H, W) with labels y (N,) (None for an unconditional model).
-
-        model may be wrapped by DDP and/or torch.compile: the prediction goes through it, the target through the
-        plain module. x0 (noise) and the times s, t (N,) are drawn unless given (tests). Returns LossTerms: the
-        weighted loss, the raw per-sample mean squared error (N,) and the current time s (N,).
-        """
-        plain = unwrap_model(model)
-        if getattr(plain, "average_velocity", None) is False:
-            raise ValueError("the MeanFlow objective needs a network with an interval input (network_options())")
-        if self.guided and y is None:
-            raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
-        if (s is None) != (t is None):
-            raise ValueError("give both times s and t, or neither")
-        n = x1.shape[0]
-        if x0 is None:
-            x0 = torch.randn_like(x1)
-        if s is None:
-            s, t = self.sample_times(n, device=x1.device)
-            k = self.num_unequal(n)
-        else:
-            k = n  # given times: no row is known to have s = t without a host sync
-        drop_mask = None
-        if y is not None:
-            # Drawn here, not inside the network, so the target's pass and the prediction drop the same labels.
-            p = float(getattr(plain, "class_dropout_prob", 0.0))
-            if plain.training and p > 0:
-                drop_mask = torch.rand(n, device=x1.device) < p
-            else:
-                drop_mask = torch.zeros(n, dtype=torch.bool, device=x1.device)
+        """The loss for data x1 (N, C, H, W), labels y (N,) or None; the per-sample MSE and s go to LossTerms.
+        model may be wrapped (DDP, torch.compile): the prediction goes through it, the target through the plain
+        module. x0 and the times s, t (N,) are drawn unless given (tests)."""
+        plain, x0, s, t, drop_mask, k = self.draw(model, x1, y, x0, s, t)
         s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
         if self.guided:
             v = self.guided_velocity(plain, xs, s, v, y, drop_mask)
         target = v
         if k > 0:
-            head = self.target(
-                plain,
-                xs[:k],
-                s[:k],
-                t[:k],
-                v[:k],
-                None if y is None else y[:k],
-                None if drop_mask is None else drop_mask[:k],
-            )
-            target = torch.cat([head, v[k:]]) if k < n else head
+            y_k, mask_k = (None if a is None else a[:k] for a in (y, drop_mask))
+            head = self.target(plain, xs[:k], s[:k], t[:k], v[:k], y_k, mask_k)
+            target = torch.cat([head, v[k:]]) if k < len(v) else head
         pred = _call(model, xs, s, y, t - s, drop_mask)
         err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
         mse = err.mean(1)  # (N,)

@@ -26,15 +26,15 @@ import torch.nn as nn
 from torchdiffeq import odeint
 from tqdm import tqdm
 
+from models import model_from_checkpoint, upgraded_config
 from models.cost import count_params
 from models.vae import LatentCodec, LatentSpace
-from objectives import OBJECTIVES, Objective
 from sampling.solvers import ADAPTIVE, GRIDS, METHODS, SOLVERS, frame_indices, get_solver, time_grid
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.config import Config, ConfigError, arg
 from utils.device import PRECISIONS, autocast, module_device_dtype, resolve_device, resolve_precision, unwrap_model
 
-DEFAULT_METHOD = Objective.sample_method  # for a network without a checkpoint (whose objective names its own)
+DEFAULT_METHOD = "heun"  # for a network without a checkpoint (whose objective names its own)
 
 METHOD_HELP = (
     "sampling method (default: the sample_method of the checkpoint's objective; heun for a bare network). "
@@ -103,12 +103,10 @@ def checkpoint_decoder(state: dict[str, Any], device: torch.device, vae: str | N
 
 
 def checkpoint_sample_method(state: dict[str, Any]) -> str:
-    """The method a checkpoint's network samples with by default: its objective's ``sample_method``
-    (``state["config"]["objective"]``; checkpoints without one are flow models)."""
-    name = (state.get("config") or {}).get("objective", "flow")
-    if name not in OBJECTIVES:
-        raise ValueError(f"the checkpoint's objective {name!r} is unknown; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name].sample_method
+    """The method a checkpoint's network samples with by default: the one its objective recorded ("sample_method");
+    for checkpoints from before that, "mean" for an average-velocity network, else heun."""
+    average = upgraded_config(state["model_config"]).get("average_velocity")
+    return state.get("sample_method") or ("mean" if average else DEFAULT_METHOD)
 
 
 class SamplingStopped(Exception):

@@ -10,11 +10,12 @@ from test_train import assert_same, tiny, weights
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import train
-from models import DiT, count_params, model_from_config
-from models.blocks import SwiGLU, apply_rope, make_norm, rope_angles, rope_tables, swiglu_width
+from models import DiT, ModelConfig, build_model, count_params, model_from_config
+from models.blocks import MLPS, NORMS, SwiGLU, apply_rope, rope_angles, rope_tables, swiglu_width
 from objectives.flow import FlowMatching, cosine_loss
 from sampling import Sampler
-from utils.config import ConfigError
+from training.config import RECIPES
+from utils.config import ConfigError, build_parser
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -71,11 +72,26 @@ def test_swiglu_has_the_gelu_mlps_weights_at_two_thirds_width():
 
 
 def test_rmsnorm_has_no_parameters_and_unit_root_mean_square():
-    norm = make_norm("rmsnorm", 64)
+    norm = NORMS["rmsnorm"](64)
     assert count_params(norm) == 0 and count_params(DiT(norm_type="rmsnorm")) == count_params(DiT())
     x = torch.randn(3, 7, 64) + 2.0
     assert torch.allclose(norm(x).square().mean(-1), torch.ones(3, 7), atol=1e-4)
-    assert not torch.allclose(norm(x), make_norm("layernorm", 64)(x), atol=1e-2)  # no mean subtracted
+    assert not torch.allclose(norm(x), NORMS["layernorm"](64)(x), atol=1e-2)  # no mean subtracted
+
+
+def test_a_block_registered_in_one_file_is_a_flag_choice_and_builds(monkeypatch):
+    class ReluMlp(torch.nn.Sequential):
+        def __init__(self, dim, hidden_dim):
+            super().__init__(torch.nn.Linear(dim, hidden_dim), torch.nn.ReLU(), torch.nn.Linear(hidden_dim, dim))
+
+    monkeypatch.setitem(MLPS, "relu", ReluMlp)
+    monkeypatch.setitem(NORMS, "identity", lambda dim: torch.nn.Identity())
+    args = build_parser(ModelConfig, "test", "").parse_args(["--mlp", "relu", "--norm", "identity"])
+    model = build_model(ModelConfig(**vars(args)), input_size=8, in_channels=1, num_classes=10)
+    assert isinstance(model.blocks[0].mlp, ReluMlp) and isinstance(model.final_layer.norm_final, torch.nn.Identity)
+    assert model.blocks[0].mlp[0].out_features == 4 * model.hidden_size
+    with pytest.raises(ConfigError, match="unknown mlp 'tanh'; choose from gelu, swiglu, relu"):
+        ModelConfig(mlp="tanh")
 
 
 def test_cosine_loss_is_zero_aligned_one_orthogonal_two_opposite():
@@ -129,10 +145,10 @@ def test_new_blocks_keep_the_cfg_formula_and_a_forward_mode_jvp():
     assert torch.allclose(tangent, diff, atol=1e-6)
 
 
-@pytest.mark.parametrize("recipe", sorted(train.RECIPES))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_every_recipe_network_starts_at_exactly_zero_and_samples(tmp_path, recipe):
     cfg = train.resolve(tiny(tmp_path / "run", recipe=recipe, steps=2, ckpt_every=0), torch.device("cpu"))
-    assert all(getattr(cfg, k) == v for k, v in train.RECIPES[recipe].items() if hasattr(cfg, k))
+    assert all(getattr(cfg, k) == v for k, v in RECIPES[recipe].items() if hasattr(cfg, k))
     model = train.build_model(cfg, 8, 1, 10)
     out = model(torch.randn(4, 1, 8, 8), torch.rand(4), torch.randint(0, 10, (4,)))
     assert torch.equal(out, torch.zeros_like(out))
@@ -148,11 +164,15 @@ def test_lightning_resumes_bit_exactly_and_refuses_another_recipe(tmp_path):
     run = lambda out, **kw: train.main(tiny(tmp_path / out, **{"recipe": "lightning", "steps": 8, **kw}))  # noqa: E731
     run("full")
     run("split", steps=4)
-    run("split", resume="yes")
+    run("split", resume="yes", recipe=None)  # a plain --resume: the settings that define the weights are the run's
     assert_same(weights(tmp_path / "full/checkpoints/last.pt"), weights(tmp_path / "split/checkpoints/last.pt"))
     same_model = dict(mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=0)
-    with pytest.raises(ConfigError, match="recipe lightning -> dit"):
+    with pytest.raises(ConfigError, match="--recipe lightning -> dit"):
         train.main(tiny(tmp_path / "split", recipe="dit", steps=12, resume="yes", **same_model))
+    with pytest.raises(ConfigError, match="--mlp 'swiglu' -> 'gelu'"):  # refusals name the flags
+        train.main(tiny(tmp_path / "split", recipe=None, mlp="gelu", steps=12, resume="yes"))
+    run("norope", steps=4, rope=False)  # a flag given against the recipe is kept on a plain resume too
+    assert train.main(tiny(tmp_path / "norope", recipe=None, steps=6, resume="yes"))["model"].rope is False
 
 
 def test_explicit_flags_override_the_recipe():

@@ -6,19 +6,10 @@ import pytest
 import torch
 
 from data import BatchStream, build_dataset
+from models import model_from_checkpoint
 from models.dit import DiT
-from utils.checkpoint import (
-    OPTIONAL_KEYS,
-    TRAINING_KEYS,
-    CheckpointError,
-    check_resume,
-    load_checkpoint,
-    model_from_checkpoint,
-    newest_readable,
-    restore_training_state,
-    save_checkpoint,
-    training_state,
-)
+from training.resume import OPTIONAL_KEYS, check_resume, restore_training_state, training_state
+from utils.checkpoint import TRAINING_KEYS, CheckpointError, load_checkpoint, newest_readable, save_checkpoint
 from utils.config import ConfigError
 from utils.ema import EMA
 from utils.optim import build_adamw

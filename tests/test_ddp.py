@@ -114,8 +114,8 @@ sys.exit(train.cli(sys.argv[1:]))
 def test_fid_on_two_processes_equals_the_single_process_value(tmp_path):
     """Each process samples half the FID images; the all-reduced statistics give the single-process FID."""
     from evaluation.fid import compute_fid, real_statistics
+    from models import model_from_checkpoint
     from sampler import Sampler
-    from utils.checkpoint import model_from_checkpoint
 
     script = tmp_path / "train_fid.py"
     script.write_text(FID_SCRIPT)

@@ -288,6 +288,17 @@ def test_drop_mask_replaces_exactly_those_labels_by_the_null_class(train):
     assert all_close(model(x, t, y, drop_mask=torch.zeros(8, dtype=torch.bool)), cond)
 
 
+def test_label_drop_mask_is_the_dropout_a_forward_in_that_mode_draws():
+    model = randomize(tiny(class_dropout_prob=0.5)).train()
+    x, t, y = inputs(n=16)
+    torch.manual_seed(0)
+    own = model(x, t, y)
+    torch.manual_seed(0)
+    mask = model.label_drop_mask(y)
+    assert 0 < mask.sum() < 16 and torch.equal(model(x, t, y, drop_mask=mask), own)
+    assert not model.eval().label_drop_mask(y).any() and not tiny(class_dropout_prob=0.0).label_drop_mask(y).any()
+
+
 def test_float64_network_embeds_time_in_float64():
     model = randomize(tiny(average_velocity=True, time_scale=1.0)).double()
     x, t, y = inputs()

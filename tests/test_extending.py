@@ -1,13 +1,15 @@
-"""The README's "Extending" recipes, followed literally: a new objective and a new dataset, each written in a
-module of its own and registered with one line, train through train.main, resume exactly and sample."""
+"""The README's "Extending" recipes, followed literally: a new objective (the README's own code) and a new dataset,
+each written in a module of its own and registered with one line, train through train.main, resume exactly and
+sample; a new MLP (the README's own code) is one class and one line in models/blocks.py."""
 
 import importlib.util
-import textwrap
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+import models.blocks
 import train
 from data import DATASETS
 from objectives import OBJECTIVES
@@ -15,28 +17,24 @@ from sampling import Sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-PLUGIN = '''
-from dataclasses import dataclass
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def readme_code(first_line: str) -> str:
+    """The README's python block that starts with first_line."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README, re.S) if b.startswith(first_line)]
+    assert len(blocks) == 1, f"the README's Extending holds one python block that starts with {first_line!r}"
+    return blocks[0]
+
+
+# The README's objective, and a dataset of the README's form with real content (the README's leaves it open).
+PLUGIN = (
+    readme_code("# objectives/l1.py")
+    + '''
 
 import torch
 
 from data.datasets import TensorImageDataset
-from objectives.base import LossTerms
-from objectives.flow import FlowMatching
-from utils.config import arg
-
-
-@dataclass(kw_only=True)
-class L1Flow(FlowMatching):
-    """Flow matching with a pseudo-Huber loss instead of the squared error."""
-
-    huber_c: float = arg(0.01, "pseudo-Huber width c: sqrt(err^2 + c^2) - c", gt=0)
-
-    def loss(self, net, x1, y=None) -> LossTerms:
-        t, xt, ut, y = self.sample_path(x1, y)
-        err = ((net(xt, t, y).float() - ut.float()).square() + self.huber_c**2).sqrt() - self.huber_c
-        per_sample = err.flatten(1).mean(1)  # (N,)
-        return LossTerms(per_sample.mean(), per_sample.detach(), t)
 
 
 class Stripes(TensorImageDataset):
@@ -55,13 +53,14 @@ class Stripes(TensorImageDataset):
         images = images.to(torch.uint8).unsqueeze(1).expand(64, channels, image_size, image_size)
         return cls(images.contiguous(), label, classes=["rows", "columns"])
 '''
+)
 
 
 @pytest.fixture
 def plugin(tmp_path, monkeypatch):
     """The plug-in module, imported, and its two registry lines."""
     path = tmp_path / "stripes_plugin.py"
-    path.write_text(textwrap.dedent(PLUGIN))
+    path.write_text(PLUGIN)
     spec = importlib.util.spec_from_file_location("stripes_plugin", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -136,3 +135,21 @@ def test_a_new_objective_and_dataset_train_resume_and_sample(plugin, tmp_path):
     out = sampler.generate(4, torch.tensor([0, 1, 0, 1]), steps=2, seed=0)
     assert out.images.shape == (4, 1, 8, 8) and out.nfe == 4 and sampler.options.method == "heun"
     assert torch.isfinite(out.images).all()
+
+
+@pytest.mark.skipif(not isinstance(models.blocks.MLPS, dict), reason="MLPS is not a registry of classes here")
+def test_a_new_mlp_is_one_class_and_one_registry_line(plugin, tmp_path):
+    """The README's MLP, run as if written into models/blocks.py (its imports are that module's), trains with
+    --mlp, is recorded in the checkpoint and rebuilt from it."""
+    namespace = dict(vars(models.blocks))
+    exec(readme_code("class ReLU2"), namespace)  # the class and its line MLPS["relu2"] = ReLU2
+    try:
+        result = run(tmp_path / "relu2", 2, mlp="relu2")
+        assert isinstance(result["model"].blocks[0].mlp, namespace["ReLU2"]) and result["step"] == 2
+        saved = torch.load(result["checkpoint"], weights_only=True)["config"]
+        assert saved["mlp"] == "relu2"
+        sampler = Sampler.from_checkpoint(result["checkpoint"], device="cpu")
+        assert isinstance(sampler.model.blocks[0].mlp, namespace["ReLU2"])
+        assert torch.isfinite(sampler.sample(2, torch.tensor([0, 1]), steps=2, seed=0)).all()
+    finally:
+        models.blocks.MLPS.pop("relu2", None)

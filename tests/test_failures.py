@@ -1,4 +1,4 @@
-"""What a cluster run does when something goes wrong: the README's Slurm script requeues only the stops that
+"""What a cluster run does when something goes wrong: docs/reliability.md's Slurm script requeues only the stops that
 continue, a damaged image met mid-run leaves a checkpoint of the last finished step, a full disk and a signal
 during set-up end with one line and the documented exit code, and nothing already written is lost."""
 
@@ -32,15 +32,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def slurm_script() -> str:
-    """The README's Slurm job script (the bash block that starts with #!/bin/bash and holds #SBATCH)."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """docs/reliability.md's Slurm job script (the bash block that starts with #!/bin/bash and holds #SBATCH)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "reliability.md").read_text(), re.S)
     scripts = [b for b in blocks if b.startswith("#!/bin/bash") and "#SBATCH" in b]
-    assert len(scripts) == 1, "the README holds one Slurm script"
+    assert len(scripts) == 1, "docs/reliability.md holds one Slurm script"
     return scripts[0]
 
 
 @pytest.mark.parametrize("code", [0, 1, 2, 124, 130, 138, 143, 137])
-def test_the_readme_slurm_script_requeues_only_runs_that_stopped_to_continue(tmp_path, code):
+def test_the_documented_slurm_script_requeues_only_runs_that_stopped_to_continue(tmp_path, code):
     """srun and scontrol are fakes on PATH: srun exits with train.py's code, scontrol records what it is asked."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
@@ -165,7 +165,7 @@ def test_a_damaged_image_mid_run_checkpoints_the_last_step_and_names_the_file(tm
     bad = Path(samples[met_at_step(320, cfg.batch_size, step=6)])  # first read for step 6
     bad.write_bytes(bad.read_bytes()[:48])  # the header reads, the pixels do not (as a file damaged on disk)
     code, err = run_cli(cli_args(cfg), capsys)
-    assert code == 2  # bad input: the README's Slurm script does not requeue it
+    assert code == 2  # bad input: the documented Slurm script does not requeue it
     assert_one_error_line(code, "\n".join(messages(err)), str(bad), "step 5", str(ckpts / "last.pt"))
     assert load_checkpoint(ckpts / "last.pt")["step"] == 5  # the last finished step, beside the regular one
     # Exact up to there: the same as a run of 5 steps on the undamaged data.

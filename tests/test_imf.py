@@ -239,11 +239,11 @@ def test_resume_is_bit_identical_and_the_checkpoint_samples_guided_in_one_step(t
 @pytest.mark.parametrize(
     "flags, match",
     [
-        (["--objective", "imf", "--imf-guidance-max", "0.5"], "imf_guidance_max must be a finite number >= 1"),
-        (["--objective", "imf", "--imf-guidance-fraction", "1.5"], "imf_guidance_fraction must be <= 1"),
-        (["--objective", "imf", "--imf-equal-fraction", "-0.1"], "imf_equal_fraction must be >= 0"),
-        (["--objective", "imf", "--imf-weight-eps", "0"], "imf_weight_eps must be > 0"),
-        (["--objective", "imf", "--imf-velocity-weight", "-1"], "imf_velocity_weight must be >= 0"),
+        (["--objective", "imf", "--imf-guidance-max", "0.5"], "--imf-guidance-max must be a finite number >= 1"),
+        (["--objective", "imf", "--imf-guidance-fraction", "1.5"], "--imf-guidance-fraction must be <= 1"),
+        (["--objective", "imf", "--imf-equal-fraction", "-0.1"], "--imf-equal-fraction must be >= 0"),
+        (["--objective", "imf", "--imf-weight-eps", "0"], "--imf-weight-eps must be > 0"),
+        (["--objective", "imf", "--imf-velocity-weight", "-1"], "--imf-velocity-weight must be >= 0"),
     ],
 )
 def test_bad_imf_flags_are_one_line_errors(flags, match, tmp_path, capsys):

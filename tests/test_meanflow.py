@@ -360,13 +360,13 @@ def test_one_step_samples_of_a_short_digits_run_classify_as_their_labels(one_thr
 @pytest.mark.parametrize(
     "flags, match",
     [
-        (["--mf-equal-fraction", "1.5"], "mf_equal_fraction must be <= 1"),
-        (["--mf-equal-fraction", "-0.1"], "mf_equal_fraction must be >= 0"),
-        (["--mf-weight-power", "-1"], "mf_weight_power must be >= 0"),
-        (["--mf-weight-eps", "0"], "mf_weight_eps must be > 0"),
-        (["--mf-omega", "0"], "mf_omega must be > 0"),
-        (["--mf-kappa", "1"], "mf_kappa must be < 1"),
-        (["--t-std", "0"], "t_std must be > 0"),
+        (["--mf-equal-fraction", "1.5"], "--mf-equal-fraction must be <= 1"),
+        (["--mf-equal-fraction", "-0.1"], "--mf-equal-fraction must be >= 0"),
+        (["--mf-weight-power", "-1"], "--mf-weight-power must be >= 0"),
+        (["--mf-weight-eps", "0"], "--mf-weight-eps must be > 0"),
+        (["--mf-omega", "0"], "--mf-omega must be > 0"),
+        (["--mf-kappa", "1"], "--mf-kappa must be < 1"),
+        (["--t-std", "0"], "--t-std must be > 0"),
         (["--mf-guidance-interval", "0.5", "0.2"], "mf_guidance_interval must satisfy 0 <= lo <= hi <= 1"),
     ],
 )

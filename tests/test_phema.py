@@ -14,7 +14,8 @@ import train
 from models.dit import DiT
 from sampling.sampler import Sampler
 from train import parse_args
-from utils.checkpoint import OPTIONAL_KEYS, TRAINING_KEYS, load_checkpoint
+from training.resume import OPTIONAL_KEYS
+from utils.checkpoint import TRAINING_KEYS, load_checkpoint
 from utils.config import ConfigError
 from utils.phema import (
     PowerEMA,

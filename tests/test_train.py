@@ -15,9 +15,10 @@ from PIL import Image
 from stand_ins import Features, wandb_history
 
 import train
+from models import model_from_checkpoint
 from objectives.flow import FlowMatching
 from train import NonFiniteLossError, TrainConfig, parse_args
-from utils.checkpoint import load_checkpoint, model_from_checkpoint, prune_checkpoints
+from utils.checkpoint import load_checkpoint, prune_checkpoints
 from utils.config import ConfigError, build_parser, flag_values
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_resume_refuses_a_changed_model_or_batch(tmp_path, capsys):
     with pytest.raises(ConfigError, match="batch-size"):
         train.main(tiny(tmp_path / "run", steps=8, batch_size=16, resume="yes"))
     code, err = run_cli(cli_args(tiny(tmp_path / "run", steps=8, hidden_size=64, num_heads=4, resume="yes")), capsys)
-    assert_one_error_line(code, err, "model differs from this run's: hidden_size 32 -> 64; num_heads 2 -> 4")
+    assert_one_error_line(code, err, "model differs from this run's: --hidden-size 32 -> 64; --num-heads 2 -> 4")
     assert "depth" not in err and len(err) < 300  # the keys that differ, not two whole model dicts
 
 
@@ -208,11 +209,13 @@ def inject_nonfinite(monkeypatch, bad_calls: set[int] | None = None, from_call: 
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_a_nonfinite_loss_skips_its_update_exactly_and_is_counted(tmp_path, monkeypatch, value):
+def test_a_nonfinite_loss_skips_its_update_exactly_and_is_counted(tmp_path, monkeypatch, capsys, value):
     reference = train.main(tiny(tmp_path / "ref", steps=2, ckpt_every=0))
     inject_nonfinite(monkeypatch, bad_calls={3}, value=value)
+    capsys.readouterr()
     result = train.main(tiny(tmp_path / "bad", steps=3, ckpt_every=0, log_every=1))
     assert result["skipped_steps"] == 1
+    assert "1 of 3 steps skipped for a non-finite loss" in capsys.readouterr().err  # the console hears of it
     # The skipped third step leaves weights, EMA and optimizer moments exactly as after two steps.
     assert_same(weights(tmp_path / "ref/checkpoints/last.pt"), weights(tmp_path / "bad/checkpoints/last.pt"))
     assert reference["step"] == 2 and result["step"] == 3
@@ -493,9 +496,9 @@ def test_fresh_run_into_a_folder_with_checkpoints_refuses_to_overwrite(tmp_path,
 def test_impossible_flags_are_one_line(tmp_path, capsys):
     args = cli_args(tiny(tmp_path / "out"))
     for flags, needle in [
-        (["--batch-size", "0"], "batch_size must be >= 1"),
-        (["--t-std", "0"], "t_std must be > 0"),
-        (["--ema-decay", "1"], "ema_decay must be < 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--t-std", "0"], "--t-std must be > 0"),
+        (["--ema-decay", "1"], "--ema-decay must be < 1"),
         (["--lr", "nan"], "lr must be finite"),
     ]:
         code, err = run_cli(args + flags, capsys)  # the last of a repeated flag wins
@@ -574,9 +577,9 @@ def test_out_under_a_file_is_one_line(tmp_path, capsys):
 
 def test_impossible_upkeep_flags_are_one_line(tmp_path, capsys):
     code, err = run_cli(cli_args(tiny(tmp_path / "out")) + ["--keep-checkpoints", "-1"], capsys)
-    assert_one_error_line(code, err, "keep_checkpoints")
+    assert_one_error_line(code, err, "--keep-checkpoints")
     code, err = run_cli(cli_args(tiny(tmp_path / "out")) + ["--dist-timeout", "0"], capsys)
-    assert_one_error_line(code, err, "dist_timeout")
+    assert_one_error_line(code, err, "--dist-timeout")
     assert not (tmp_path / "out").exists()
 
 

@@ -1,16 +1,11 @@
-"""Settings declared once: a dataclass field holds a setting's default, help text and bounds; the command-line
-parser is built from the fields and the values are checked when the config is made.
+"""Settings declared once: a dataclass field (``arg``) holds a setting's default, help text and bounds; the parser
+is built from the fields, and the values are checked when the config is made:
 
-    @dataclass
-    class TrainConfig(ModelConfig):
-        steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
+    steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
 
-gives ``--steps`` (an int, with its help and default), and ``TrainConfig(steps=0)`` raises ConfigError. A bool
-field gives ``--name`` / ``--no-name``; a tuple field takes several values. A field listed in ``nested`` holds
-the settings of a class picked from a registry by another field (train.py's ``objective_args``, picked by
-``--objective``): the picked class's own fields become flags too, and are checked by that class. train.py,
-sampler.py, evaluate.py and the benchmark each declare one config class; the model flags (``models.ModelConfig``)
-and the sampling flags (``sampling.sampler.SamplingOptions``) are shared by inheritance.
+gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError. A bool gives ``--name`` / ``--no-name``, a tuple
+takes several values. A field in ``nested`` holds the settings of a class that another field picks from a registry
+(``objective_args``, picked by ``--objective``): that class's fields become flags too, checked by the class.
 """
 
 from __future__ import annotations
@@ -44,10 +39,8 @@ def arg(
     lt: float | None = None,
     **argparse_kwargs: Any,
 ) -> Any:
-    """A config field: its default, its --help text, the allowed values (choices and the bounds min <= v <= max,
-    gt < v < lt) and extra argparse keywords (nargs, const, metavar). ``choices`` may be a tuple or a registry
-    (a dict: its keys, read when the config is made, so names added later count). ``group`` starts a titled
-    section of --help that the following fields join."""
+    """A config field. ``choices`` may be a registry (a dict: its keys when the config is made, so names added later
+    count); ``group`` starts a titled section of --help that the following fields join; the rest go to argparse."""
     bounds = {k: v for k, v in dict(min=min, max=max, gt=gt, lt=lt).items() if v is not None}
     metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=argparse_kwargs)
     return field(default=default, metadata=metadata)
@@ -64,23 +57,23 @@ class Config:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
-            value = getattr(self, f.name)
+            value, flag = getattr(self, f.name), "--" + f.name.replace("_", "-")
             if isinstance(value, list):  # argparse gives lists for several values
                 value = tuple(value)
                 setattr(self, f.name, value)
             if value is None or not f.metadata:
                 continue
             if hints[f.name] in (int, int | None) and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"{f.name} must be an integer, got {value!r}")
+                raise ConfigError(f"{flag} must be an integer, got {value!r}")
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.name} must be finite, got {value}")
+                raise ConfigError(f"{flag} must be finite, got {value}")
             choices = f.metadata["choices"]
             if choices is not None and value not in choices:
                 raise ConfigError(f"unknown {f.name} {value!r}; choose from {', '.join(map(str, choices))}")
             for key, bound in f.metadata["bounds"].items():
                 compare, sign = BOUNDS[key]
                 if not compare(value, bound):
-                    raise ConfigError(f"{f.name} must be {sign} {bound}, got {value!r}")
+                    raise ConfigError(f"{flag} must be {sign} {bound}, got {value!r}")
         for name, (key, registry) in self.nested.items():
             given = {k: tuple(v) if isinstance(v, list) else v for k, v in (getattr(self, name) or {}).items()}
             chosen = registry[getattr(self, key)]
@@ -100,9 +93,8 @@ C = TypeVar("C", bound=Config)
 
 
 def fill_unset(cfg: C, values: dict[str, Any]) -> C:
-    """cfg with the settings that were left unset filled from values (train.py's --recipe): a field whose value is
-    None, and a setting of the nested class (``Config.nested``) that was not given and that this class has; values
-    that fit neither (a field set explicitly, a setting another objective owns) are left out."""
+    """cfg with its unset settings (None fields, nested settings not given) filled from values (train.py's
+    --recipe); values that fit neither (set explicitly, owned by another nested class) are left out."""
     top = {k: v for k, v in values.items() if k in {f.name for f in fields(cfg)} and getattr(cfg, k) is None}
     for name, (key, registry) in cfg.nested.items():
         given, own = getattr(cfg, name), {f.name for f in fields(registry[getattr(cfg, key)])}
@@ -153,12 +145,9 @@ def parse(
     description: str,
     presets: dict[str, dict[str, Any]] | None = None,
 ) -> C:
-    """Flags -> cls. With presets, ``--preset NAME`` sets defaults that explicit flags override.
-
-    The flags of a nested class (``Config.nested``) are those of the class its selector picks, so they are read
-    in two passes: the selector (and the preset) first, then everything. argparse exits (status 2) on a
-    malformed or unknown flag; a value out of range raises ConfigError, which each script's ``cli`` turns into
-    one error line."""
+    """Flags -> cls; ``--preset NAME`` sets defaults that explicit flags override. Two passes: the selector of a nested
+    class (and the preset) first, then every flag. argparse exits (status 2) on a malformed or unknown flag; a value
+    out of range raises ConfigError."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset")
     defaults = (presets or {}).get(first.parse_known_args(argv)[0].preset, {})

@@ -25,12 +25,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """The device a --device flag names: auto (cuda:LOCAL_RANK with a GPU, else the CPU), cpu, cuda, cuda:N or mps.
-
-    "cuda" is this process's GPU, cuda:LOCAL_RANK (torchrun's index on the node, never the global RANK); more
-    processes on a node than it has GPUs is an error, not a silent doubling up. A device this machine does not
-    have is a one-line ValueError.
-    """
+    """The device of a --device flag: auto, cpu, cuda (this process's GPU: cuda:LOCAL_RANK, never the global RANK),
+    cuda:N or mps. A device this machine lacks, or more processes on a node than GPUs, is a one-line ValueError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -56,11 +52,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """What a precision setting means on device: "bf16" (bf16 autocast) or "fp32" (no autocast).
-
-    "auto" is bf16 on a CUDA device that supports it and fp32 elsewhere; "bf16" and "fp32" are taken as asked
-    (bf16 on the CPU runs CPU autocast). "fp32" runs the network in its own parameter dtype.
-    """
+    """ "bf16" (autocast) or "fp32" (the parameters' own dtype); "auto" is bf16 on a CUDA device that supports it."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     if precision == "auto":
@@ -89,9 +81,7 @@ def allow_tf32(device: torch.device) -> None:
 
 
 def compile_or_eager(net: nn.Module, batch_size: int, precision: str, verbose: bool = True):
-    """torch.compile(net), probed with one forward and backward pass on a batch of zeros shaped for the network
-    inside it (x, t, and labels for a conditional model); the eager net, with a warning, if compiling fails. The
-    probe's gradients are cleared; the global RNG is left as it was."""
+    """torch.compile(net) if a forward and backward on zeros passes (RNG untouched), else net and a warning."""
     model = unwrap_model(net)
     device = module_device_dtype(model)[0]
     x = torch.zeros(batch_size, model.in_channels, model.input_size, model.input_size, device=device)

@@ -1,13 +1,8 @@
 """Process-group helpers for torchrun launches (single or multi-node); a plain run is world size 1.
 
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE. The device index is LOCAL_RANK (the GPU on this node),
-never RANK, which counts across nodes (``utils.device.resolve_device``). NCCL is used on GPUs, gloo on CPUs.
-
-Timeout: a collective that waits longer than the process group's timeout (``init_distributed``'s
-``timeout_minutes``, train.py's --dist-timeout, default 30) ends the run. Everything train.py does
-between two collectives has to fit in it on every process: a step, a checkpoint written by rank 0, the
-sample grids drawn by rank 0, and the first FID evaluation, where rank 0 alone computes the real
-statistics of the training set (minutes on a GPU for CIFAR-10, cached on disk after that).
+NCCL on GPUs, gloo on CPUs. A collective that waits longer than the group's timeout (train.py's --dist-timeout) ends
+the run, so all that train.py does between two collectives must fit in it on every process: a step, a checkpoint,
+sample grids, and the first FID evaluation, where rank 0 alone computes the training set's statistics.
 """
 
 from __future__ import annotations
@@ -44,10 +39,7 @@ class DistInfo:
 
 
 def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the torchrun process group if launched by torchrun, else describe a single process.
-
-    timeout_minutes: how long any collective may wait for the slowest process before the run fails.
-    """
+    """Join torchrun's process group (RANK, LOCAL_RANK, WORLD_SIZE), or describe a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -69,7 +61,7 @@ def cleanup() -> None:
 
 
 def is_initialized() -> bool:
-    """Whether this process is in a process group (False in a plain single-process run)."""
+    """Whether this process is in a process group."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -111,9 +103,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def first_then_others(first: bool) -> Iterator[None]:
-    """Run the block on the processes where ``first`` holds, then on the others: e.g. rank 0 downloads a file that
-    the others then find in the cache. Just the block in a single process. When the block fails on a first process
-    the others are released all the same and meet the failure themselves, instead of waiting out the timeout."""
+    """Run the block where ``first`` holds, then on the others (rank 0 downloads, the others find the file). A
+    failure on a first process still releases the others, which meet it themselves instead of the timeout."""
     if not first and is_initialized():
         dist.barrier()
     try:

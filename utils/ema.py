@@ -11,17 +11,13 @@ from utils.device import unwrap_model
 
 
 class EMA:
-    """An EMA copy of a model: ema <- decay_n * ema + (1 - decay_n) * weights after every update.
-
-    With warmup, decay_n = min(decay, (1 + n) / (10 + n)) where n counts the updates applied so far, so
-    the average is not dominated by the random initialisation early in training. Buffers are copied.
-    The counter n (``updates``) lives on the model's device so that a masked (skipped) update needs no host sync.
-    """
+    """ema <- decay_n * ema + (1 - decay_n) * weights; buffers are copied. With warmup decay_n = min(decay,
+    (1 + n) / (10 + n)), n the updates so far (on the device: a skipped update needs no host sync), so the random
+    initialisation does not dominate the early average."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
         self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
-        self.decay = decay
-        self.warmup = warmup
+        self.decay, self.warmup = decay, warmup
         device = next(self.model.parameters()).device
         self.updates = torch.zeros((), dtype=torch.float64, device=device)
 

@@ -1,14 +1,13 @@
-"""Atomic file writes: the one helper that checkpoints, cached FID statistics and JSON records go through.
+"""Atomic file writes: checkpoints, cached FID statistics and JSON records all go through ``atomic_write``.
 
-A writer fills a temporary file in the target's own folder (same file system, so the rename is atomic),
-flushes and fsyncs it, then ``os.replace`` puts it in place. A process killed at any point leaves either
-the previous file or the complete new one at the path, never half a file, and an error removes the
-temporary file. An OSError that names no file (a write, flush or fsync on a full disk: "[Errno 28] No space
-left on device") is raised again naming the target, so the one line a script prints says which file failed.
+A temporary file in the target's folder is filled, fsynced and ``os.replace``d onto the path, so a process killed at
+any point leaves the previous file or the complete new one, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -16,24 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-_UMASK: int | None = None
 
-
+@functools.cache
 def _file_mode() -> int:
     """The mode a plain open() would give a new file (0o666 less the umask); mkstemp alone gives 0o600."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)  # the only way to read the umask is to set it: put it straight back
-        os.umask(_UMASK)
-    return 0o666 & ~_UMASK
+    umask = os.umask(0)  # the only way to read the umask is to set it: put it straight back
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write a file atomically: ``write(f)`` fills a binary temporary file that then replaces path.
-
-    The parent folder is created if missing. Returns path as a Path. Any error in ``write`` (or a
-    KeyboardInterrupt) removes the temporary file and leaves an existing file at path untouched.
-    """
+    """``write(f)`` fills a binary temporary file that then replaces path (its folder created if missing). An error
+    (or a KeyboardInterrupt) removes the temporary file and leaves path untouched; an OSError that names no file (a
+    full disk) is raised again naming path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,16 +51,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def _fsync_dir(folder: Path) -> None:
     """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> Path:

@@ -1,11 +1,9 @@
-"""The training step: the optimizer update with on-device skipping of non-finite steps, and device-side statistics.
+"""The training step: the optimizer update that skips non-finite steps on the device, and device-side statistics.
 
-A step whose loss or gradient norm is not finite must leave the weights, the optimizer's moments and the
-EMA exactly as they were. Deciding with ``loss.item()`` would stall the GPU on every step, so the decision
-stays on the device: fused AdamW takes it as ``found_inf`` (the mechanism torch.amp.GradScaler uses) and
-its kernel then changes nothing, and the EMA update is multiplied by the same mask (utils/ema.py).
-Statistics accumulate in device tensors and are read back once per logging interval. Under DDP both the
-decision and the statistics are all-reduced, so every process takes or skips the same steps.
+A step whose loss or gradient norm is not finite leaves the weights, the optimizer's moments and the EMA as they
+were, decided without ``loss.item()`` (a stall per step): fused AdamW takes the decision as ``found_inf`` (as
+torch.amp.GradScaler does) and the EMA update is multiplied by it. Under DDP the decision and the statistics are
+all-reduced, so every process takes or skips the same steps.
 """
 
 from __future__ import annotations
@@ -38,9 +36,8 @@ def build_adamw(
 def guarded_step(
     opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, max_norm: float = float("inf")
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """After loss.backward(): clip gradients, step unless the loss or gradient norm is non-finite (on any DDP
-    process), zero the gradients. Returns ok (0-d bool) and the gradient norm before clipping (0-d), both on the
-    device. With fused AdamW nothing here waits for the device; a non-fused optimizer needs one host sync."""
+    """After backward: clip, step unless the loss or gradient norm is non-finite on any process, zero the gradients.
+    Returns ok (0-d bool) and the unclipped gradient norm on the device (a non-fused optimizer needs a host sync)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
     ok = all_reduce_(ok.to(torch.int32), "min").bool()  # every process takes or skips the step
@@ -54,9 +51,8 @@ def guarded_step(
 
 
 class StepStats:
-    """Training statistics kept on the device: per-interval sums of the loss, the gradient norm and the loss in
-    ``bins`` equal bins of the training time t (where along the path the model is still wrong), skipped steps
-    and the longest run of consecutive non-finite steps; ``read`` is the one host sync."""
+    """Per-interval sums on the device (loss, gradient norm, loss per bin of t: where along the path the model is
+    still wrong), skipped steps and the longest non-finite run; ``read`` is the one host sync."""
 
     def __init__(self, device: torch.device | str, bins: int = 8):
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
@@ -78,11 +74,7 @@ class StepStats:
         torch.maximum(self.worst_streak, self.streak, out=self.worst_streak)
 
     def read(self) -> dict[str, float | list[float]]:
-        """Means over the interval since the last read (over every DDP process), then reset them.
-
-        Returns loss (nan if no step was good), grad_norm, loss_by_t (one mean per bin of t, nan for an empty
-        bin), good_steps, skipped (since construction) and worst_streak (the longest non-finite run so far).
-        """
+        """Means since the last read over every process (nan where none), then reset; skipped and worst_streak total."""
         sums = all_reduce_(torch.cat([self.sums, self.by_t.flatten()]))
         (loss, gnorm, good), (bin_loss, bin_count) = sums[:3].tolist(), sums[3:].view(2, -1).tolist()
         self.sums.zero_()
@@ -104,13 +96,8 @@ def learning_rate(step: int, lr: float, warmup: int) -> float:
 
 
 class TrainStep:
-    """One training step, the one train.py, the benchmark and the GPU tests run: the objective's loss under
-    autocast, backward, the guarded optimizer update (clipping; a non-finite step changes nothing), the EMA update
-    and the on-device statistics. No host sync.
-
-    net is what the loss calls (the model, maybe inside DDP and torch.compile); the EMA follows its plain module.
-    ``mark``, when given, is called after each phase (loss, backward, update): the benchmark's phase timer.
-    """
+    """The training step train.py, the benchmark and the GPU tests run, without a host sync: loss under autocast,
+    backward, the guarded update, EMA and statistics. net may be wrapped (DDP, torch.compile)."""
 
     def __init__(
         self,
@@ -131,8 +118,8 @@ class TrainStep:
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor | None, lr: float, mark: Callable[[], None] | None = None
     ) -> torch.Tensor:
-        """Train on images x (N, C, H, W) in [-1, 1] with labels y (N,) at learning rate lr; returns whether the
-        update was taken (a 0-d bool on the device: reading it is a host sync)."""
+        """One step on x (N, C, H, W), y (N,); returns whether it was taken (0-d bool on the device). ``mark`` is
+        called after each phase (the benchmark's timer)."""
         mark = mark or (lambda: None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

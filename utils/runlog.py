@@ -1,9 +1,6 @@
-"""Run logging: a wandb wrapper that never prompts and never stops training, plus a local metrics file.
-
-Scalars always go to OUT/metrics.jsonl (one JSON object per line), whatever the wandb mode. Images and
-GIFs are logged from files that the caller has already written under OUT/samples/, so they survive
-without wandb. Every wandb call is guarded: the first failure of each kind prints one warning and
-training goes on.
+"""Run logging: a wandb wrapper that never prompts and never stops training, and OUT/metrics.jsonl, written whatever
+the wandb mode. Images and GIFs are logged from files already under OUT/samples/. Each kind of wandb failure prints one
+warning and training goes on.
 """
 
 from __future__ import annotations
@@ -36,10 +33,7 @@ def _has_wandb_credentials(wandb) -> bool:
 
 
 def truncate_metrics(path: str | os.PathLike, step: int) -> int:
-    """Drop the rows of a metrics.jsonl file logged after ``step`` (and unreadable lines); returns how many.
-
-    The file is rewritten atomically, and only when something is dropped.
-    """
+    """Drop the rows of metrics.jsonl after ``step``, and unreadable lines (atomically); returns how many."""
     path = Path(path)
     if not path.is_file():
         return 0
@@ -61,16 +55,9 @@ def truncate_metrics(path: str | os.PathLike, step: int) -> int:
 
 
 class RunLogger:
-    """Logs scalars, images and videos of one run to wandb (online, offline or disabled) and OUT/metrics.jsonl.
-
-    out_dir: the run folder; wandb writes under out_dir/wandb unless WANDB_DIR is set.
-    mode: 'online' falls back to 'offline' (with a note on how to sync) when no credentials are found.
-    enabled: False on non-zero ranks, which then log nothing at all.
-    run_id: pass the id of an earlier run (``self.run_id``) to continue its wandb history on resume.
-    start_step: the step the run starts from (the resumed checkpoint's, 0 for a fresh run). Rows of an existing
-        metrics.jsonl beyond it were logged after that checkpoint by a run that then died; they are dropped
-        (with unreadable half lines), so the resumed run does not log those steps twice. None: append only.
-    """
+    """Logs one run's scalars, images and videos to wandb and OUT/metrics.jsonl. 'online' without credentials falls
+    back to 'offline'; ``enabled`` is False on ranks that log nothing; ``run_id`` continues a wandb run. Rows of
+    metrics.jsonl after ``start_step`` (logged by a run that died after its checkpoint) are dropped."""
 
     def __init__(
         self,
@@ -152,7 +139,7 @@ class RunLogger:
             self._guard("wandb scalars", lambda: self.run.log(dict(metrics), step=step))
 
     def log_media(self, step: int, images: dict[str, tuple[Path, str]], videos: dict[str, tuple[Path, str]]) -> None:
-        """Images (PNG) and animations (GIF) already saved as files, keyed by wandb name, each with a caption."""
+        """Images (PNG) and animations (GIF) saved as files, by wandb name, each with a caption."""
         if self.run is None:
             return
         import wandb

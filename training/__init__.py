@@ -1,0 +1,1 @@
+"""Training: the run's settings (config.py) and the resume policy (resume.py); train.py runs the loop."""

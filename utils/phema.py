@@ -35,9 +35,7 @@ MAX_RESIDUAL = 0.25
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The exponent of a relative width: the largest root of g^3 + 7g^2 + (16 - s^-2) g + 12 - s^-2 (EDM2 Alg. 2)."""
     if not 0 < sigma_rel < SIGMA_REL_MAX:
-        raise ConfigError(
-            f"sigma_rel {sigma_rel:g} is outside (0, {SIGMA_REL_MAX:.4f}), the widths a power EMA can have"
-        )
+        raise ConfigError(f"sigma_rel {sigma_rel:g} is outside (0, {SIGMA_REL_MAX:.4f}), a power EMA's widths")
     s = float(sigma_rel) ** -2
     return float(np.roots([1.0, 7.0, 16.0 - s, 12.0 - s]).real.max())
 

@@ -48,6 +48,7 @@ from utils.distributed import (
 from utils.ema import EMA
 from utils.io import write_json_atomic
 from utils.optim import StepStats, TrainStep, build_adamw, learning_rate
+from utils.phema import PowerEMA
 from utils.preemption import EXIT_CODES, REASONS, SetupInterrupted, StopRequest, signals_end_setup
 from utils.rng import rng_state, seed_everything, set_rng_state, training_seed
 from utils.runfolder import LAST_CHECKPOINT, hold_run_folder, outside, resume_state
@@ -69,6 +70,7 @@ class Run:
     model: torch.nn.Module  # the plain network, whose weights are saved
     net: torch.nn.Module  # what the loss calls: the model, maybe inside DDP and torch.compile
     ema: EMA
+    phema: PowerEMA | None  # --phema's profiles
     opt: torch.optim.Optimizer
     stream: BatchStream
     step_fn: TrainStep
@@ -146,6 +148,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             ) from None
     allow_tf32(device)
     ema = EMA(model, cfg.ema_decay)
+    meta = dict(model_config=model.config, config=dataclasses.asdict(cfg), latent_space=latent_space)
+    phema = PowerEMA(model, cfg.phema, meta | {"sample_method": objective.sample_method}) if cfg.phema else None
     opt = build_adamw(model.parameters(), cfg.lr, cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
     stream = BatchStream(
         dataset,
@@ -161,7 +165,14 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     resumed = None
     if state is not None:
         resumed = restore_training_state(
-            state, model=model, ema=ema, optimizer=opt, stream=stream, rank=dist.rank, world_size=dist.world_size
+            state,
+            model=model,
+            ema=ema,
+            phema=phema,
+            optimizer=opt,
+            stream=stream,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
     net = model
     if dist.distributed:  # LOCAL_RANK's GPU (utils/device.py)
@@ -181,6 +192,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
             error = e
     if not all_ok(error is None):
         raise error or PeerError("rank 0 could not write the run folder")
+    if phema and dist.is_main:
+        print(phema.plan(cfg.steps, cfg.phema_every, out / "phema"))
     logger = RunLogger(
         out,
         cfg.wandb,
@@ -214,6 +227,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         model,
         net,
         ema,
+        phema,
         opt,
         stream,
         step_fn,
@@ -254,6 +268,8 @@ def train(run: Run) -> dict[str, Any]:
             lr = learning_rate(step, cfg.lr, cfg.warmup)
             run.step_fn(x, y, lr)
             step += 1
+            if run.phema:
+                run.phema.update(step)
             bar.update()
             reason = stop.check()
             last = step == cfg.steps
@@ -263,6 +279,8 @@ def train(run: Run) -> dict[str, Any]:
             with clock.paused():  # checkpoints and diagnostics do not count against throughput
                 if save:
                     checkpoint(run, step, stats)
+                if run.phema and run.dist.is_main and (step % cfg.phema_every == 0 or last):
+                    run.phema.save_snapshot(Path(cfg.out) / "phema", step)
                 stop.time_taken(time.perf_counter() - started)  # a step and its checkpoint: what the budget keeps
                 if reason is None:
                     run.monitor(step, model, run.ema.model, last, stop)  # abandoned on a stop request
@@ -353,6 +371,7 @@ def checkpoint(run: Run, step: int, stats: StepStats) -> None:
         state = training_state(
             model=run.model,
             ema=run.ema,
+            phema=run.phema,
             optimizer=run.opt,
             stream=run.stream,
             step=step,

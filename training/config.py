@@ -15,6 +15,7 @@ from models import ModelConfig
 from objectives import ObjectiveConfig
 from utils.config import arg, fill_unset, settings
 from utils.device import PRECISIONS, resolve_precision
+from utils.phema import SigmaRels
 from utils.runlog import WANDB_MODES
 
 # The digits that ship inside scikit-learn (8x8, 10 classes): a small DiT that trains on a laptop CPU.
@@ -124,6 +125,14 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
     )
     grad_clip: float = arg(1.0, "clip the gradient norm to this (0: no clipping)", min=0)
     ema_decay: float = arg(0.9999, "EMA decay (warmed up as min(decay, (1+n)/(10+n)))", min=0, lt=1)
+    phema: tuple[float, ...] = arg(
+        (),
+        "also track power-function EMAs of these lengths (sigma_rel; --phema alone: EDM2's 0.05 0.10) and write "
+        "snapshots to OUT/phema for posthoc_ema.py (docs/posthoc-ema.md)",
+        nargs="*",
+        action=SigmaRels,
+    )
+    phema_every: int = arg(5000, "steps between --phema snapshots (and one at the last step)", min=1)
     nan_patience: int = arg(5, "stop after this many non-finite losses in a row", min=1)
     cfg_scales: tuple[float, ...] = arg(
         (1.0, 2.5, 5.0), "guidance scales of the periodic EMA samples", group="samples and FID"

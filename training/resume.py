@@ -13,6 +13,7 @@ A training checkpoint (``training_state``) is a dict of tensors and plain values
     "wandb_id"         the wandb run to continue (or None)
     "latent_space"     a latent DiT's ``models.vae.LatentSpace`` as a dict (what decodes its samples); None for pixels
     "sample_method"    the method its objective samples with (``Objective.sample_method``)
+    "phema"            with --phema only: the power-function EMAs (``utils.phema.PowerEMA.state_dict``)
 An imported checkpoint (import_weights.py) holds "model_config", "ema", "latent_space", "sample_method", and
 "sampling" (its published protocol) and "source" (where its weights came from)
 Sampling needs only "model_config", "model"/"ema", "latent_space" and "sample_method"; a resume needs them all.
@@ -34,7 +35,7 @@ from utils.device import unwrap_model
 
 OPTIONAL_KEYS = ("latent_space", "sample_method")  # written by later versions; older checkpoints lack them
 # Settings a resumed run must share with its checkpoint: they define the weights and the data stream.
-RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe")
+RESUME_MUST_MATCH = ("dataset", "image_size", "channels", "flip", "batch_size", "seed", "objective", "recipe", "phema")
 # The flag that sets a DiT argument, where it is not the argument's own name (--hidden-size for hidden_size).
 MODEL_FLAGS = {
     "patch_size": "--model",
@@ -55,6 +56,7 @@ def training_state(
     optimizer: torch.optim.Optimizer,
     stream: Any,
     step: int,
+    phema: Any = None,
     skipped_steps: int,
     config: dict[str, Any],
     rng: list[dict[str, Any]],
@@ -79,7 +81,7 @@ def training_state(
         "wandb_id": wandb_id,
         "latent_space": latent_space,
         "sample_method": OBJECTIVES[config.get("objective", "flow")].sample_method,
-    }
+    } | ({"phema": phema.state_dict()} if phema else {})
 
 
 def upgraded_run_config(old: dict[str, Any]) -> dict[str, Any]:
@@ -162,12 +164,15 @@ def restore_training_state(
     stream: Any,
     rank: int,
     world_size: int,
+    phema: Any = None,
 ) -> Resumed:
     """Load a checkpoint's weights, EMA, optimizer and data position into the run's objects. With another number
     of processes the data stream starts the next epoch and the generators are reseeded (``rng`` None)."""
     unwrap_model(model).load_state_dict(state["model"])
     ema.model.load_state_dict(state["ema"])
     ema.updates.fill_(state["ema_num_updates"])
+    if phema is not None:
+        phema.load_state_dict(state.get("phema"))
     optimizer.load_state_dict(state["optimizer"])
     same_split = state["world_size"] == world_size
     data = state["data_state"]

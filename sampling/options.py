@@ -87,24 +87,15 @@ class SamplingStopped(Exception):
 
 @dataclass(frozen=True)
 class Samples:
-    """What one ``Sampler.generate`` call made.
+    """What one ``Sampler.generate`` call made; None where nothing was asked for or drawn."""
 
-    images: (n, C, H, W) float32 in [0, 1], on the model's device; for a latent model the images its VAE decodes
-    (``decode`` off: the latents themselves, unclipped). labels: (n,) int64 on the CPU, those given or drawn; None
-    for an unconditional model. trajectory: raw states (K, n, C, H, W) float32 on the CPU, K <= max_frames, the first
-    frame the noise and the last the final state; None unless asked for. nfe: network evaluations per sample path,
-    the largest over the chunks of batch_size; nfe_per_chunk: each chunk's.
-    seed: the seed the noise (and random labels) came from; None when nothing was drawn. precision: the network
-    precision that ran ("auto" resolved).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    trajectory: torch.Tensor | None
-    nfe: int
+    images: torch.Tensor  # (n, C, H, W) float32 in [0, 1] on the model's device (decode off: raw latents)
+    labels: torch.Tensor | None  # (n,) int64 on the CPU; None for an unconditional model
+    trajectory: torch.Tensor | None  # (K, n, C, H, W) float32 on the CPU, K <= max_frames, noise first
+    nfe: int  # network evaluations per sample path, the largest over the chunks
     nfe_per_chunk: list[int]
     seed: int | None
-    precision: str
+    precision: str  # "auto" resolved
 
 
 #################################################################################
@@ -113,11 +104,9 @@ class Samples:
 
 
 def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise (len(indices), *shape) float32 on the CPU; sample i depends only on (seed, i).
+    """Noise (len(indices), *shape) float32 on the CPU; sample i depends only on (seed, i), not on n or batch size.
 
-    One generator per sample keeps a sample's noise independent of n and of the batch size; the spawn key
-    keeps the streams of different (seed, i) apart (torch's CPU generator keeps only 32 seed bits).
-    """
+    The spawn key keeps the streams of different (seed, i) apart (torch's CPU generator keeps only 32 seed bits)."""
     out = np.empty((len(indices), *shape), dtype=np.float32)
     for j, i in enumerate(indices):
         out[j] = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, i))).standard_normal(shape)

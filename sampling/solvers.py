@@ -1,10 +1,7 @@
 """Time grids and the fixed-grid solver steps of the sampler, from t = 0 (noise) to t = 1 (data).
 
-``SOLVERS`` names the fixed-grid methods. Each entry is a step function, the network evaluations it makes per
-step, and whether it needs an average-velocity network (one that takes the jump length h and predicts the
-average velocity over [t, t + h]). Adding a solver is one step function and one line in ``SOLVERS``; the sampler,
-its flags and the benchmarks read their choices from here. The adaptive dopri5 (torchdiffeq) is no fixed-grid
-method: the Sampler runs it itself (``ADAPTIVE``).
+``SOLVERS``: name -> (step function, evaluations per step, needs an average-velocity network). The adaptive
+dopri5 (torchdiffeq) is run by the Sampler itself (``ADAPTIVE``).
 
 "sde" integrates an SDE with the ODE's marginals (SiT, Ma et al. 2024): on the linear path E[x0 | x_t] = x - t v, so
 the score is s = (t v - x) / (1 - t), and dx = [v + (w/2) s] dt + sqrt(w) dW keeps every marginal for any w(t) >= 0.
@@ -57,8 +54,7 @@ SDE_DIFFUSIONS, LAST_STEPS, SBDM_T0 = ("sigma", "SBDM"), ("mean", "euler"), 1e-3
 
 
 def sde_grid(steps: int, last_step_size: float, diffusion: str = "sigma") -> torch.Tensor:
-    """SiT's window (steps + 1,) float64: steps - 1 Euler-Maruyama steps on [t0, 1 - last_step_size] (t0 = 0, SBDM:
-    1e-3), then the last step to exactly 1."""
+    """SiT's window (steps + 1,) float64: steps - 1 steps on [t0, 1 - last_step_size], then the last step to 1."""
     t0 = SBDM_T0 if diffusion == "SBDM" else 0.0
     return torch.cat([torch.linspace(t0, 1 - last_step_size, steps, dtype=torch.float64), torch.ones(1).double()])
 
@@ -85,18 +81,15 @@ def midpoint_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.T
 
 
 def heun_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Heun's method, the explicit trapezoid (Karras et al. 2022, Alg. 1 without the noise), from t0 to t1:
-    x (N, ...) -> (N, ...). Two evaluations, on the last step too: it ends at t = 1, where the velocity is finite
-    (EDM's last step, to sigma = 0, is a plain Euler step)."""
+    """Heun's method (Karras et al. 2022, Alg. 1 without noise), two evaluations even on the last step: unlike EDM's
+    sigma = 0, the velocity at t = 1 is finite."""
     h = t1 - t0
     d0 = f(x, t0)
     return x + 0.5 * h * (d0 + f(x + h * d0, t1))
 
 
 def mean_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """A jump along an average-velocity network's prediction: x_t1 = x_t0 + h u(x_t0, t0, h), h = t1 - t0, exact
-    for the true average velocity; x (N, ...) -> (N, ...). One evaluation. No ODE solver: it needs a network that
-    takes the jump length h."""
+    """x_t1 = x_t0 + h u(x_t0, t0, h), h = t1 - t0: exact for the true average velocity u."""
     h = t1 - t0
     return x + h * f(x, t0, h)
 
@@ -111,8 +104,7 @@ def sde_step(
     norm: float = 1.0,
     last_step: str = "mean",
 ) -> torch.Tensor:
-    """Euler-Maruyama from t0 to t1 on the SDE of the module docstring (w scaled by norm): x (N, ...) -> (N, ...), one
-    evaluation. noise (N, ...) standard normal; None: the noise-free last step (mean: the drift; euler: v)."""
+    """Euler-Maruyama on the module docstring's SDE (w scaled by norm); noise None: the noise-free last step."""
     v, h = f(x, t0), t1 - t0
     if noise is None and last_step == "euler":
         return x + h * v

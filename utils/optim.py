@@ -1,9 +1,7 @@
 """The training step: the optimizer update that skips non-finite steps on the device, and device-side statistics.
 
-A step whose loss or gradient norm is not finite leaves the weights, the optimizer's moments and the EMA as they
-were, decided without ``loss.item()`` (a stall per step): fused AdamW takes the decision as ``found_inf`` (as
-torch.amp.GradScaler does) and the EMA update is multiplied by it. Under DDP the decision and the statistics are
-all-reduced, so every process takes or skips the same steps.
+No ``loss.item()`` (a stall per step): fused AdamW takes the decision as ``found_inf`` (as torch.amp.GradScaler
+does), the EMA update is multiplied by it, and under DDP it is all-reduced so every process skips the same steps.
 """
 
 from __future__ import annotations

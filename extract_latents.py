@@ -61,8 +61,7 @@ SETTINGS = "extraction.json"
 
 
 class Stop:
-    """The handler of SIGINT, SIGTERM and SIGUSR1: SetupInterrupted, except while ``held`` (loader workers start:
-    Python drops what a handler raises in a fork hook); ``signum`` keeps the signal for the loop to raise then."""
+    """Raises SetupInterrupted on a stop signal, except while ``held`` (Python drops what a fork hook raises)."""
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     held, signum = False, None

@@ -57,8 +57,7 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
 
 
 def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``model_config`` with every DiT argument: ``mean_flow`` is ``average_velocity`` with t unscaled,
-    and arguments added since an old checkpoint take their defaults (what it was built with)."""
+    """A checkpoint's ``model_config`` with every DiT argument (old ``mean_flow``; later arguments at defaults)."""
     config = dict(config)
     if config.pop("mean_flow", False):
         config.update(average_velocity=True, time_scale=1.0)

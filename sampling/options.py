@@ -1,5 +1,4 @@
-"""What a sampling call is given and gives back: ``SamplingOptions`` (also the sampling flags of sampler.py and
-evaluate.py), ``Samples``, and the seeded noise and labels that make sample i depend only on (seed, i)."""
+"""``SamplingOptions``, ``Samples``, and the seeded noise and labels that make sample i depend only on (seed, i)."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ METHOD_HELP = (
 
 @dataclass(kw_only=True)
 class SamplingOptions(Config):
-    """How ``Sampler.generate`` samples: method, grid, guidance, precision, batching. Also sampler.py's and
-    evaluate.py's sampling flags. ``method`` None is the default method (``Sampler``, ``Sampler.from_checkpoint``)."""
+    """How ``Sampler.generate`` samples, and sampler.py's and evaluate.py's sampling flags; ``method`` None: default."""
 
     steps: int = arg(50, "steps on the time grid (not dopri5)", min=1, group="sampling")
     method: str | None = arg(None, METHOD_HELP, choices=METHODS)
@@ -81,8 +79,7 @@ def sampling_options(cfg: SamplingOptions) -> dict[str, Any]:
 
 
 class SamplingStopped(Exception):
-    """A ``should_stop`` callback asked to stop (a training run's stop request): the call returns nothing, so no
-    partial result can be mistaken for a whole one."""
+    """A ``should_stop`` callback asked to stop: the call returns nothing, so no partial result passes as whole."""
 
 
 @dataclass(frozen=True)
@@ -98,11 +95,6 @@ class Samples:
     precision: str  # "auto" resolved
 
 
-#################################################################################
-#                                Noise and labels                               #
-#################################################################################
-
-
 def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Noise (len(indices), *shape) float32 on the CPU; sample i depends only on (seed, i), not on n or batch size.
 
@@ -114,9 +106,8 @@ def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> t
 
 
 def step_noise(x0: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The SDE's noise for samples starting at x0 (b, C, H, W): each call draws the next step's (b, C, H, W) float32.
-    A sample's draws are a function of its own x0 alone (so of (seed, i) when x0 came from the seed), whatever the
-    batch: seeded by a hash of its float32 bytes."""
+    """Each call draws the next SDE step's noise (b, C, H, W) float32; a sample's draws are seeded by a hash of its
+    own x0's float32 bytes, whatever the batch."""
     keys = [np.frombuffer(hashlib.sha256(z.numpy().tobytes()).digest(), np.uint32) for z in x0.float().cpu()]
     rngs = [np.random.default_rng(key) for key in keys]
     return lambda: torch.from_numpy(np.stack([r.standard_normal(x0.shape[1:], dtype=np.float32) for r in rngs]))

@@ -27,10 +27,8 @@ ADAPTIVE = ("dopri5",)  # methods that choose their own steps (torchdiffeq), run
 def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
     """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
 
-    - "uniform": equal steps.
-    - "shifted": t -> s t / (1 + (s - 1) t); s > 1 puts more, smaller steps near the data end (t = 1).
-      This is the time shift of SD3 (Esser et al. 2024) applied to the noise level 1 - t with factor 1 / s,
-      so it runs in the opposite direction of SD3's / Flux's ``shift`` parameter.
+    - "shifted": t -> s t / (1 + (s - 1) t), s > 1 refining near t = 1: SD3's shift (Esser et al. 2024) on 1 - t
+      with factor 1 / s, so opposite to SD3's / Flux's ``shift``.
     - "edm": the EDM noise levels (Karras et al. 2022, rho = 7, sigma in [0.002, 80]) mapped to the linear
       path by t = 1 / (1 + sigma), with the first point moved to t = 0 so the run starts from pure noise.
     """

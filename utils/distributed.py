@@ -1,8 +1,4 @@
-"""Process-group helpers for torchrun launches (NCCL on GPUs, gloo on CPUs); a plain run is world size 1.
-
-A collective that waits longer than the group's timeout (train.py's --dist-timeout) ends the run, so what any process
-does between two collectives must fit in it (the first FID: rank 0 alone computes the real statistics).
-"""
+"""Process-group helpers for torchrun launches (NCCL on GPUs, gloo on CPUs); a plain run is world size 1."""
 
 from __future__ import annotations
 
@@ -100,8 +96,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def first_then_others(first: bool) -> Iterator[None]:
-    """Run the block where ``first`` holds, then on the others (rank 0 downloads, the others find the file); a failure
-    still releases the others, which meet it themselves instead of the timeout."""
+    """Run the block where ``first`` holds, then on the others; a failure still releases the others."""
     if not first and is_initialized():
         dist.barrier()
     try:

@@ -49,8 +49,7 @@ def guarded_step(
 
 
 class StepStats:
-    """Per-interval sums on the device (loss, gradient norm, loss per bin of t: where along the path the model is
-    still wrong), skipped steps and the longest non-finite run; ``read`` is the one host sync."""
+    """Per-interval sums on the device, skipped steps and the longest non-finite run; ``read`` is the one host sync."""
 
     def __init__(self, device: torch.device | str, bins: int = 8):
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
@@ -89,13 +88,12 @@ class StepStats:
 
 
 def learning_rate(step: int, lr: float, warmup: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant."""
+    """Linear warm-up over ``warmup`` steps (``step`` 0-based), then constant."""
     return lr * min(1.0, (step + 1) / warmup) if warmup else lr
 
 
 class TrainStep:
-    """The training step train.py, the benchmark and the GPU tests run, without a host sync: loss under autocast,
-    backward, the guarded update, EMA and statistics. net may be wrapped (DDP, torch.compile)."""
+    """Loss under autocast, backward, the guarded update, EMA and statistics, without a host sync."""
 
     def __init__(
         self,
@@ -116,8 +114,7 @@ class TrainStep:
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor | None, lr: float, mark: Callable[[], None] | None = None
     ) -> torch.Tensor:
-        """One step on x (N, C, H, W), y (N,); returns whether it was taken (0-d bool on the device). ``mark`` is
-        called after each phase (the benchmark's timer)."""
+        """One step; returns whether it was taken (0-d bool on the device). ``mark`` is called after each phase."""
         mark = mark or (lambda: None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

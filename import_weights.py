@@ -109,7 +109,6 @@ def convert(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -> tup
 
 
 def main(cfg: ImportConfig) -> Path:
-    """Write the checkpoint; returns its path."""
     if cfg.format == "dit":
         raise ConfigError("DiT's networks predict the noise with a learned variance (DDPM); this project samples flows")
     if cfg.format not in REPOS:

@@ -1,8 +1,6 @@
-"""BatchStream: the endless, resumable, rank-sharded stream of augmented training batches.
-
-A pure function of (seed, epoch, position): rank r takes every world_size-th entry of the epoch's permutation
-(DistributedSampler, drop_last), so {"epoch", "index"} resumes it bit for bit, from a DataLoader or ``on_device``.
-"""
+"""BatchStream: the endless, resumable, rank-sharded stream of augmented training batches, a pure function of
+(seed, epoch, position): rank r takes every world_size-th entry of the epoch's permutation (DistributedSampler,
+drop_last), so {"epoch", "index"} resumes it bit for bit, from a DataLoader or ``on_device``."""
 
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ class ModelConfig(Config):
     num_registers: int = arg(4, "register tokens (Darcet et al. 2024); 0 disables", min=0)
     class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
     qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
-    # None: the value of train.py's --recipe (DiT's block without one).
     mlp: str | None = arg(None, "block MLP: gelu (DiT), swiglu (LightningDiT); default: the recipe's", choices=MLPS)
     norm: str | None = arg(None, "norms: layernorm (DiT), rmsnorm (LightningDiT); default: the recipe's", choices=NORMS)
     rope: bool | None = arg(None, "2-D axial RoPE on queries and keys (LightningDiT, JiT); default: the recipe's")

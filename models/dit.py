@@ -84,8 +84,6 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional qk-norm, computed by scaled_dot_product_attention."""
-
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
         if dim % num_heads:
@@ -214,12 +212,10 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
-        # The interval h = t_end - t conditions an average-velocity network (MeanFlow).
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if average_velocity else None
         # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow), embedded as w / guidance_max.
         self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if guidance_max else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
         # Register tokens (Darcet et al. 2024): extra learned tokens that attention can use as scratch space.

@@ -97,7 +97,6 @@ class Samples:
 
 def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     """Noise (len(indices), *shape) float32 on the CPU; sample i depends only on (seed, i), not on n or batch size.
-
     The spawn key keeps the streams of different (seed, i) apart (torch's CPU generator keeps only 32 seed bits)."""
     out = np.empty((len(indices), *shape), dtype=np.float32)
     for j, i in enumerate(indices):

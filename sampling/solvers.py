@@ -25,13 +25,9 @@ ADAPTIVE = ("dopri5",)  # methods that choose their own steps (torchdiffeq), run
 
 
 def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
-    """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
-
-    - "shifted": t -> s t / (1 + (s - 1) t), s > 1 refining near t = 1: SD3's shift (Esser et al. 2024) on 1 - t
-      with factor 1 / s, so opposite to SD3's / Flux's ``shift``.
-    - "edm": the EDM noise levels (Karras et al. 2022, rho = 7, sigma in [0.002, 80]) mapped to the linear
-      path by t = 1 / (1 + sigma), with the first point moved to t = 0 so the run starts from pure noise.
-    """
+    """Increasing times (steps + 1,) float64 from exactly 0 (noise) to exactly 1 (data). "shifted": t -> s t / (1 +
+    (s - 1) t), s > 1 refining near t = 1 (SD3's shift on 1 - t with factor 1 / s: opposite to SD3's / Flux's). "edm":
+    EDM's sigmas (Karras et al. 2022) at t = 1 / (1 + sigma), the first moved to t = 0 (pure noise)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -68,12 +64,10 @@ Velocity = Callable[..., torch.Tensor]
 
 
 def euler_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Explicit Euler from t0 to t1: x (N, ...) -> (N, ...). One evaluation."""
     return x + (t1 - t0) * f(x, t0)
 
 
 def midpoint_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Explicit midpoint (second order) from t0 to t1: x (N, ...) -> (N, ...). Two evaluations."""
     h = t1 - t0
     return x + h * f(x + 0.5 * h * f(x, t0), t0 + 0.5 * h)
 
@@ -116,8 +110,6 @@ Step = Callable[[Velocity, torch.Tensor, float, float], torch.Tensor]
 
 @dataclass(frozen=True)
 class Solver:
-    """A fixed-grid method (see the module docstring), with a few words for --help."""
-
     step: Step
     nfe_per_step: int
     average_velocity: bool = False

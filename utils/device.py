@@ -14,7 +14,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod

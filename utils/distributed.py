@@ -70,7 +70,6 @@ class PeerError(RuntimeError):
 
 
 def all_ok(ok: bool) -> bool:
-    """Whether ok holds on every process (a collective)."""
     if not is_initialized():
         return ok
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=collective_device())

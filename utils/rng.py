@@ -20,7 +20,6 @@ def training_seed(seed: int, rank: int, step: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy and python."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -4,8 +4,7 @@
     torchrun --nproc_per_node 8 extract_latents.py --data-path /imagenet/train --image-size 256 --out latents/imagenet256
     python train.py --dataset latents --data-path latents/imagenet256 --model DiT-XL/2     # then train on them
 
-The same command resumes a stopped extraction to the same bytes (docs/latents.md).
-"""
+The same command resumes a stopped extraction to the same bytes (docs/latents.md)."""
 
 from __future__ import annotations
 

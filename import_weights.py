@@ -5,8 +5,7 @@
     python sampler.py --ckpt sit-xl2.pt --steps 250 --cfg-scale 1.5 --n 16 # its SDE, guidance on 3 channels
 
 The size is read from the tensors, the heads from DiT's size of that width (or --num-heads); the format is named,
-not guessed (``dit`` is refused). REPA's time runs from data to noise: its network is built with ``reverse_time``.
-"""
+not guessed (``dit`` is refused). REPA's time runs from data to noise: its network is built with ``reverse_time``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
 """The dataset registry, ``build_dataset``, and the in-memory sets ``cifar10`` and ``digits`` (scikit-learn's 8x8
-digits, no download). A new dataset is a class and a line, ``DATASETS["toy"] = ToyDataset``.
-"""
+digits, no download). A new dataset is a class and a line, ``DATASETS["toy"] = ToyDataset``."""
 
 from __future__ import annotations
 

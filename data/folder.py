@@ -1,6 +1,5 @@
 """A folder with one sub-folder of images per class (sorted names give the labels), centre-cropped as ADM and DiT
-do. Links are followed only out of every class folder, each directory once: no loops, no image counted twice.
-"""
+do. Links are followed only out of every class folder, each directory once: no loops, no image counted twice."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 registries the DiT picks its blocks from. RoPE (Su et al. 2021) rotates each query and key channel pair by an
 angle proportional to the token's position, so q_i . k_j depends on positions only through i - j; the 2-D axial form
 (after EVA-02) gives half of each head's pairs the row, half the column. Plain tensor operations (no complex
-numbers, no fused kernel) keep torch.compile, bf16 autocast and MeanFlow's forward-mode JVP working through it.
-"""
+numbers, no fused kernel) keep torch.compile, bf16 autocast and MeanFlow's forward-mode JVP working through it."""
 
 from __future__ import annotations
 

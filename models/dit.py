@@ -1,8 +1,7 @@
 """DiT (Peebles & Xie 2023) predicting a flow-matching velocity, with registers, qk-norm and optional
 LightningDiT / JiT parts (models/blocks.py). ``time_scale`` multiplies t and h before the sinusoids: DiT's 1000 matches
 its integer timesteps; an objective whose target holds the network's time derivative asks for 1, since sinusoids of
-t * 1000 make that derivative large.
-"""
+t * 1000 make that derivative large."""
 
 from __future__ import annotations
 

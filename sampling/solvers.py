@@ -1,5 +1,4 @@
 """Time grids and the fixed-grid solver steps of the sampler, from t = 0 (noise) to t = 1 (data).
-
 ``SOLVERS``: name -> (step function, evaluations per step, needs an average-velocity network). The adaptive
 dopri5 (torchdiffeq) is run by the Sampler itself (``ADAPTIVE``).
 
@@ -8,8 +7,7 @@ the score is s = (t v - x) / (1 - t), and dx = [v + (w/2) s] dt + sqrt(w) dW kee
 SiT's "sigma" form w = 2 (1 - t) (its command line's default; REPA's 2 t in its reversed time) gives the drift
 (1 + t) v - x, finite up to t = 1; "SBDM" w = 2 (1 - t) / t is infinite at t = 0, where SiT's own sampler turns to NaN
 for a velocity network, so its window starts at SiT's sample_eps of other networks, 1e-3. Both end with a noise-free
-step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here).
-"""
+step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,7 @@
 
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
 
-gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError; a bool gives ``--name`` / ``--no-name``.
-"""
+gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError; a bool gives ``--name`` / ``--no-name``."""
 
 from __future__ import annotations
 

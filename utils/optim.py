@@ -1,8 +1,6 @@
 """The training step: the optimizer update that skips non-finite steps on the device, and device-side statistics.
-
 No ``loss.item()`` (a stall per step): fused AdamW takes the decision as ``found_inf`` (as torch.amp.GradScaler
-does), the EMA update is multiplied by it, and under DDP it is all-reduced so every process skips the same steps.
-"""
+does), the EMA update is multiplied by it, and under DDP it is all-reduced so every process skips the same steps."""
 
 from __future__ import annotations
 

@@ -4,9 +4,7 @@
     torchrun --nproc_per_node 8 extract_latents.py --data-path /imagenet/train --image-size 256 --out latents/imagenet256
     python train.py --dataset latents --data-path latents/imagenet256 --model DiT-XL/2     # then train on them
 
-The same command continues a stopped extraction to the same bytes (docs/latents.md: format, checks, exit codes).
-Under torchrun process r encodes shards r, r + world_size, ...; rank 0 writes the index.
-"""
+The same command resumes a stopped extraction to the same bytes (docs/latents.md)."""
 
 from __future__ import annotations
 
@@ -62,8 +60,7 @@ SETTINGS = "extraction.json"
 
 
 class Stop:
-    """The handler of SIGINT, SIGTERM and SIGUSR1: SetupInterrupted, except while ``held`` (loader workers start:
-    Python drops what a handler raises in a fork hook); ``signum`` keeps the signal for the loop to raise then."""
+    """Raises SetupInterrupted on a stop signal, except while ``held`` (Python drops what a fork hook raises)."""
 
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     held, signum = False, None

@@ -4,11 +4,8 @@
     python import_weights.py repa last.pt --out repa-xl2.pt                # sihyun-yu/REPA, 4M iterations
     python sampler.py --ckpt sit-xl2.pt --steps 250 --cfg-scale 1.5 --n 16 # its SDE, guidance on 3 channels
 
-The size is read from the tensors, the heads from DiT's size of that hidden width (or --num-heads). The format is
-named, not guessed: DiT's epsilon networks have SiT's tensors (``dit`` is refused; trained learned-sigma outputs, which
-SiT never trains, are reported). REPA's time runs from data to noise: its network is built with ``reverse_time``.
-The checkpoint records the SD-VAE, the published sampling protocol and the source file.
-"""
+The size is read from the tensors, the heads from DiT's size of that width (or --num-heads); the format is named,
+not guessed (``dit`` is refused). REPA's time runs from data to noise: its network is built with ``reverse_time``."""
 
 from __future__ import annotations
 
@@ -111,7 +108,6 @@ def convert(sd: dict[str, torch.Tensor], fmt: str, num_heads: int | None) -> tup
 
 
 def main(cfg: ImportConfig) -> Path:
-    """Write the checkpoint; returns its path."""
     if cfg.format == "dit":
         raise ConfigError("DiT's networks predict the noise with a learned variance (DDPM); this project samples flows")
     if cfg.format not in REPOS:

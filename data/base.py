@@ -1,7 +1,5 @@
-"""The dataset interface (``ImageDataset``), its in-memory form (``TensorImageDataset``) and DataError. Items are
-un-augmented (uint8 image (C, H, W), int label) and ``training_batch`` flips and scales a batch on the device, so the
-same dataset gives the real images of FID.
-"""
+"""``ImageDataset``, ``TensorImageDataset`` and DataError. Items are un-augmented (uint8 (C, H, W), int label), so
+the same dataset gives FID's real images; ``training_batch`` flips and scales on the device."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""The dataset registry, ``build_dataset`` (the one way the project gets a dataset), and the sets held in memory:
-``cifar10`` (torchvision's; another image_size than 32 resizes it once, for experiments, not comparable FID) and
-``digits`` (scikit-learn's 1797 embedded 8x8 digits: a CPU quick start without a download). A new dataset is a class
-and a line, ``DATASETS["toy"] = ToyDataset``, before the config is parsed.
-"""
+"""The dataset registry, ``build_dataset``, and the in-memory sets ``cifar10`` and ``digits`` (scikit-learn's 8x8
+digits, no download). A new dataset is a class and a line, ``DATASETS["toy"] = ToyDataset``."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""A folder with one sub-folder of images per class (sorted names give the labels; names starting with "." are
-skipped), centre-cropped as ADM and DiT do. 16-bit and float gray images are scaled to 8 bits, never clipped as PIL
-would. A link to a directory inside a class is followed only when it leads outside every class folder, and each real
-directory is scanned once per class: no loops, no image counted twice or under another label.
-"""
+"""A folder with one sub-folder of images per class (sorted names give the labels), centre-cropped as ADM and DiT
+do. Links are followed only out of every class folder, each directory once: no loops, no image counted twice."""
 
 from __future__ import annotations
 
@@ -79,8 +76,7 @@ def to_8_bits(img: Image.Image, path: str | os.PathLike) -> Image.Image:
 
 
 def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
-    """ADM's centre crop (Dhariwal & Nichol 2021; DiT's ImageNet): box-filter halving while the shorter side is at
-    least 2 * size, a bicubic resize of it to ``size``, then the centre square (offsets rounded down)."""
+    """ADM's centre crop (Dhariwal & Nichol 2021), as DiT prepares ImageNet."""
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
     scale = size / min(img.size)

@@ -1,10 +1,6 @@
-"""BatchStream: the endless, resumable, rank-sharded stream of augmented training batches.
-
-A pure function of (seed, epoch, position): a generator seeded from (seed, epoch) draws the epoch's permutation and
-flip bits, the same on every rank, and rank r takes every world_size-th entry from r (DistributedSampler, drop_last),
-so the state {"epoch", "index"} resumes it bit for bit. Batches come from a DataLoader or, with ``on_device``, from
-the whole set held on the device (CIFAR-10 is 150 MB), identically.
-"""
+"""BatchStream: the endless, resumable, rank-sharded stream of augmented training batches, a pure function of
+(seed, epoch, position): rank r takes every world_size-th entry of the epoch's permutation (DistributedSampler,
+drop_last), so {"epoch", "index"} resumes it bit for bit, from a DataLoader or ``on_device``."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""The block parts that LightningDiT and JiT swap into a DiT, and the registries the DiT picks its blocks from.
-
-LightningDiT (Yao et al. 2025, Table 1) adds them one at a time to DiT-XL/2 and each lowers FID (SwiGLU, RMSNorm,
-RoPE); JiT (Li & He 2025) uses the same three. RoPE (Su et al. 2021) rotates each query and key channel pair by an
+"""SwiGLU, RMSNorm and RoPE, the block parts of LightningDiT (Yao et al. 2025) and JiT (Li & He 2025), and the
+registries the DiT picks its blocks from. RoPE (Su et al. 2021) rotates each query and key channel pair by an
 angle proportional to the token's position, so q_i . k_j depends on positions only through i - j; the 2-D axial form
 (after EVA-02) gives half of each head's pairs the row, half the column. Plain tensor operations (no complex
-numbers, no fused kernel) keep torch.compile, bf16 autocast and MeanFlow's forward-mode JVP working through it.
-"""
+numbers, no fused kernel) keep torch.compile, bf16 autocast and MeanFlow's forward-mode JVP working through it."""
 
 from __future__ import annotations
 
@@ -71,9 +68,8 @@ def rope_angles(positions: Tensor, head_dim: int, theta: float = 10000.0) -> Ten
 
 
 def rope_tables(grid_size: int, head_dim: int, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """cos and sin (num_prefix + G * G, head_dim / 2), float32, of num_prefix tokens (registers, class tokens) then
-    a G x G grid of patches in row-major order. The prefix gets angle 0: it has no place in the image, so patch scores
-    stay functions of offsets and a prefix token meets every patch through the same vectors (as in JiT)."""
+    """cos and sin (num_prefix + G * G, head_dim / 2) float32, prefix first, patches row-major. The prefix has no
+    place in the image: angle 0, so it meets every patch through the same vectors (as in JiT)."""
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     angles = rope_angles(torch.stack([rows.flatten(), cols.flatten()], dim=1), head_dim)  # (G * G, Dh / 2)
     angles = torch.cat([angles.new_zeros(num_prefix, head_dim // 2), angles])  # (P + G * G, Dh / 2)

@@ -26,7 +26,6 @@ class ModelConfig(Config):
     num_registers: int = arg(4, "register tokens (Darcet et al. 2024); 0 disables", min=0)
     class_dropout: float = arg(0.1, "label dropout probability for CFG training", min=0.0, lt=1.0)
     qk_norm: bool = arg(True, "RMSNorm on queries and keys (--no-qk-norm disables)")
-    # None: the value of train.py's --recipe (DiT's block without one).
     mlp: str | None = arg(None, "block MLP: gelu (DiT), swiglu (LightningDiT); default: the recipe's", choices=MLPS)
     norm: str | None = arg(None, "norms: layernorm (DiT), rmsnorm (LightningDiT); default: the recipe's", choices=NORMS)
     rope: bool | None = arg(None, "2-D axial RoPE on queries and keys (LightningDiT, JiT); default: the recipe's")
@@ -57,8 +56,7 @@ def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes
 
 
 def upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's ``model_config`` with every DiT argument: ``mean_flow`` is ``average_velocity`` with t unscaled,
-    and arguments added since an old checkpoint take their defaults (what it was built with)."""
+    """A checkpoint's ``model_config`` with every DiT argument (old ``mean_flow``; later arguments at defaults)."""
     config = dict(config)
     if config.pop("mean_flow", False):
         config.update(average_velocity=True, time_scale=1.0)

@@ -8,7 +8,6 @@ from models.dit import DiT
 
 
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable) parameters of a model."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 

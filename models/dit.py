@@ -1,12 +1,7 @@
-"""DiT (Peebles & Xie 2023): a class-conditional Diffusion Transformer that predicts a flow-matching velocity.
-
-Beside DiT's blocks: registers (Darcet et al. 2024), qk-norm, scaled_dot_product_attention (flash kernels on GPU),
-and, off by default, LightningDiT's and JiT's blocks (models/blocks.py) and JiT's in-context class tokens; none changes
-the zero-initialised output. An average-velocity network (MeanFlow) also takes an interval h and returns the average
-velocity over [t, t + h] (the velocity at h = 0). ``time_scale`` multiplies t and h before the sinusoids: DiT's 1000
-matches its integer timesteps; an objective whose target holds the network's time derivative asks for 1, since
-sinusoids of t * 1000 make that derivative large. The time convention is objectives/flow.py's.
-"""
+"""DiT (Peebles & Xie 2023) predicting a flow-matching velocity, with registers, qk-norm and optional
+LightningDiT / JiT parts (models/blocks.py). ``time_scale`` multiplies t and h before the sinusoids: DiT's 1000 matches
+its integer timesteps; an objective whose target holds the network's time derivative asks for 1, since sinusoids of
+t * 1000 make that derivative large."""
 
 from __future__ import annotations
 
@@ -88,8 +83,6 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional qk-norm, computed by scaled_dot_product_attention."""
-
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
         if dim % num_heads:
@@ -202,7 +195,6 @@ class DiT(nn.Module):
                 f"guidance_max must be 0 (no guidance input) or >= 1 on a class-conditional model, "
                 f"got {guidance_max} with num_classes={num_classes}"
             )
-        # Every constructor argument is kept under its own name: ``config`` reads them back for checkpoints.
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * (2 if learn_sigma else 1)  # DiT's learned variance, dropped in forward
         self.hidden_size, self.depth, self.num_heads, self.mlp_ratio = hidden_size, depth, num_heads, mlp_ratio
@@ -219,12 +211,10 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
-        # The interval h = t_end - t conditions an average-velocity network (MeanFlow).
         self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if average_velocity else None
         # The guidance scale w in [1, guidance_max] as an input (improved MeanFlow), embedded as w / guidance_max.
         self.w_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale) if guidance_max else None
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
-        # Fixed sin-cos position embedding, rebuilt from the config rather than stored in checkpoints.
         pos_embed = get_2d_sincos_pos_embed(hidden_size, self.grid_size)
         self.register_buffer("pos_embed", torch.from_numpy(pos_embed).float().unsqueeze(0), persistent=False)
         # Register tokens (Darcet et al. 2024): extra learned tokens that attention can use as scratch space.
@@ -247,7 +237,6 @@ class DiT(nn.Module):
         return {name: getattr(self, name) for name in names}
 
     def initialize_weights(self) -> None:
-        # Xavier-uniform for every linear layer, zero biases (as in ViT / DiT).
         def _basic_init(module: nn.Module) -> None:
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -255,13 +244,9 @@ class DiT(nn.Module):
                     nn.init.zeros_(module.bias)
 
         self.apply(_basic_init)
-
-        # Patch embedding initialised like a linear layer on the flattened patch.
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-
-        # Label, time and register embeddings on the same small scale (std 0.02).
         if self.y_embedder is not None:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for embedder in (self.t_embedder, self.h_embedder, self.w_embedder):
@@ -272,12 +257,10 @@ class DiT(nn.Module):
             nn.init.normal_(self.registers, std=0.02)
         if self.class_token_embed is not None:
             nn.init.normal_(self.class_token_embed, std=0.02)
-
         # Zero-init adaLN modulation so each block starts as the identity.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-
         # Zero-init the output layers (adaLN and linear) so the untrained network predicts exactly zero velocity.
         for param in self.final_layer.parameters():
             nn.init.zeros_(param)
@@ -296,10 +279,9 @@ class DiT(nn.Module):
         drop_mask: Tensor | None = None,
         guidance: Tensor | float | None = None,
     ) -> Tensor:
-        """Velocity (N, C, H, W) at x (N, C, H, W), times t (N,) or scalar, labels y (N,) (None: unconditional;
-        num_classes is the null class). interval (N,) or scalar: an average-velocity network's h (None: 0). drop_mask
-        (N,) bool: exactly these labels become the null class, in any mode (else ``label_drop_mask`` in train mode).
-        guidance (N,) or scalar in [1, guidance_max] (None: 1): the scale of a network built with ``guidance_max``."""
+        """Velocity (N, C, H, W) at x (N, C, H, W), t (N,) or scalar, labels y (N,) (num_classes: the null class).
+        interval: MeanFlow's h (None: 0); drop_mask (N,) bool: labels made null in any mode (None: ``label_drop_mask``);
+        guidance in [1, guidance_max] (None: 1)."""
         n, t = x.shape[0], 1 - t if self.reverse_time else t
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if self.registers is not None:
@@ -325,8 +307,7 @@ class DiT(nn.Module):
         return -x if self.reverse_time else x
 
     def label_drop_mask(self, y: Tensor) -> Tensor:
-        """(N,) bool: the labels y (N,) that label dropout (the null class guidance needs) replaces in this mode, each
-        with probability class_dropout_prob in train mode. A loss with several passes draws it once for all."""
+        """(N,) bool: labels to replace by the null class, each with class_dropout_prob in train mode (none in eval)."""
         if self.training and self.class_dropout_prob > 0:
             return torch.rand(y.shape[0], device=y.device) < self.class_dropout_prob
         return torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)

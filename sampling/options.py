@@ -1,5 +1,4 @@
-"""What a sampling call is given and gives back: ``SamplingOptions`` (also the sampling flags of sampler.py and
-evaluate.py), ``Samples``, and the seeded noise and labels that make sample i depend only on (seed, i)."""
+"""``SamplingOptions``, ``Samples``, and the seeded noise and labels that make sample i depend only on (seed, i)."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ METHOD_HELP = (
 
 @dataclass(kw_only=True)
 class SamplingOptions(Config):
-    """How ``Sampler.generate`` samples: method, grid, guidance, precision, batching. Also sampler.py's and
-    evaluate.py's sampling flags. ``method`` None is the default method (``Sampler``, ``Sampler.from_checkpoint``)."""
+    """How ``Sampler.generate`` samples, and sampler.py's and evaluate.py's sampling flags; ``method`` None: default."""
 
     steps: int = arg(50, "steps on the time grid (not dopri5)", min=1, group="sampling")
     method: str | None = arg(None, METHOD_HELP, choices=METHODS)
@@ -81,43 +79,25 @@ def sampling_options(cfg: SamplingOptions) -> dict[str, Any]:
 
 
 class SamplingStopped(Exception):
-    """A ``should_stop`` callback asked to stop (a training run's stop request): the call returns nothing, so no
-    partial result can be mistaken for a whole one."""
+    """A ``should_stop`` callback asked to stop: the call returns nothing, so no partial result passes as whole."""
 
 
 @dataclass(frozen=True)
 class Samples:
-    """What one ``Sampler.generate`` call made.
+    """What one ``Sampler.generate`` call made; None where nothing was asked for or drawn."""
 
-    images: (n, C, H, W) float32 in [0, 1], on the model's device; for a latent model the images its VAE decodes
-    (``decode`` off: the latents themselves, unclipped). labels: (n,) int64 on the CPU, those given or drawn; None
-    for an unconditional model. trajectory: raw states (K, n, C, H, W) float32 on the CPU, K <= max_frames, the first
-    frame the noise and the last the final state; None unless asked for. nfe: network evaluations per sample path,
-    the largest over the chunks of batch_size; nfe_per_chunk: each chunk's.
-    seed: the seed the noise (and random labels) came from; None when nothing was drawn. precision: the network
-    precision that ran ("auto" resolved).
-    """
-
-    images: torch.Tensor
-    labels: torch.Tensor | None
-    trajectory: torch.Tensor | None
-    nfe: int
+    images: torch.Tensor  # (n, C, H, W) float32 in [0, 1] on the model's device (decode off: raw latents)
+    labels: torch.Tensor | None  # (n,) int64 on the CPU; None for an unconditional model
+    trajectory: torch.Tensor | None  # (K, n, C, H, W) float32 on the CPU, K <= max_frames, noise first
+    nfe: int  # network evaluations per sample path, the largest over the chunks
     nfe_per_chunk: list[int]
     seed: int | None
-    precision: str
-
-
-#################################################################################
-#                                Noise and labels                               #
-#################################################################################
+    precision: str  # "auto" resolved
 
 
 def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise (len(indices), *shape) float32 on the CPU; sample i depends only on (seed, i).
-
-    One generator per sample keeps a sample's noise independent of n and of the batch size; the spawn key
-    keeps the streams of different (seed, i) apart (torch's CPU generator keeps only 32 seed bits).
-    """
+    """Noise (len(indices), *shape) float32 on the CPU; sample i depends only on (seed, i), not on n or batch size.
+    The spawn key keeps the streams of different (seed, i) apart (torch's CPU generator keeps only 32 seed bits)."""
     out = np.empty((len(indices), *shape), dtype=np.float32)
     for j, i in enumerate(indices):
         out[j] = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(0, i))).standard_normal(shape)
@@ -125,9 +105,8 @@ def seeded_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...]) -> t
 
 
 def step_noise(x0: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """The SDE's noise for samples starting at x0 (b, C, H, W): each call draws the next step's (b, C, H, W) float32.
-    A sample's draws are a function of its own x0 alone (so of (seed, i) when x0 came from the seed), whatever the
-    batch: seeded by a hash of its float32 bytes."""
+    """Each call draws the next SDE step's noise (b, C, H, W) float32; a sample's draws are seeded by a hash of its
+    own x0's float32 bytes, whatever the batch."""
     keys = [np.frombuffer(hashlib.sha256(z.numpy().tobytes()).digest(), np.uint32) for z in x0.float().cpu()]
     rngs = [np.random.default_rng(key) for key in keys]
     return lambda: torch.from_numpy(np.stack([r.standard_normal(x0.shape[1:], dtype=np.float32) for r in rngs]))

@@ -1,18 +1,13 @@
 """Time grids and the fixed-grid solver steps of the sampler, from t = 0 (noise) to t = 1 (data).
-
-``SOLVERS`` names the fixed-grid methods. Each entry is a step function, the network evaluations it makes per
-step, and whether it needs an average-velocity network (one that takes the jump length h and predicts the
-average velocity over [t, t + h]). Adding a solver is one step function and one line in ``SOLVERS``; the sampler,
-its flags and the benchmarks read their choices from here. The adaptive dopri5 (torchdiffeq) is no fixed-grid
-method: the Sampler runs it itself (``ADAPTIVE``).
+``SOLVERS``: name -> (step function, evaluations per step, needs an average-velocity network). The adaptive
+dopri5 (torchdiffeq) is run by the Sampler itself (``ADAPTIVE``).
 
 "sde" integrates an SDE with the ODE's marginals (SiT, Ma et al. 2024): on the linear path E[x0 | x_t] = x - t v, so
 the score is s = (t v - x) / (1 - t), and dx = [v + (w/2) s] dt + sqrt(w) dW keeps every marginal for any w(t) >= 0.
 SiT's "sigma" form w = 2 (1 - t) (its command line's default; REPA's 2 t in its reversed time) gives the drift
 (1 + t) v - x, finite up to t = 1; "SBDM" w = 2 (1 - t) / t is infinite at t = 0, where SiT's own sampler turns to NaN
 for a velocity network, so its window starts at SiT's sample_eps of other networks, 1e-3. Both end with a noise-free
-step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here).
-"""
+step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here)."""
 
 from __future__ import annotations
 
@@ -28,15 +23,9 @@ ADAPTIVE = ("dopri5",)  # methods that choose their own steps (torchdiffeq), run
 
 
 def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
-    """Increasing times (steps + 1,) in float64 from exactly 0 (noise) to exactly 1 (data).
-
-    - "uniform": equal steps.
-    - "shifted": t -> s t / (1 + (s - 1) t); s > 1 puts more, smaller steps near the data end (t = 1).
-      This is the time shift of SD3 (Esser et al. 2024) applied to the noise level 1 - t with factor 1 / s,
-      so it runs in the opposite direction of SD3's / Flux's ``shift`` parameter.
-    - "edm": the EDM noise levels (Karras et al. 2022, rho = 7, sigma in [0.002, 80]) mapped to the linear
-      path by t = 1 / (1 + sigma), with the first point moved to t = 0 so the run starts from pure noise.
-    """
+    """Increasing times (steps + 1,) float64 from exactly 0 (noise) to exactly 1 (data). "shifted": t -> s t / (1 +
+    (s - 1) t), s > 1 refining near t = 1 (SD3's shift on 1 - t with factor 1 / s: opposite to SD3's / Flux's). "edm":
+    EDM's sigmas (Karras et al. 2022) at t = 1 / (1 + sigma), the first moved to t = 0 (pure noise)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -57,8 +46,7 @@ SDE_DIFFUSIONS, LAST_STEPS, SBDM_T0 = ("sigma", "SBDM"), ("mean", "euler"), 1e-3
 
 
 def sde_grid(steps: int, last_step_size: float, diffusion: str = "sigma") -> torch.Tensor:
-    """SiT's window (steps + 1,) float64: steps - 1 Euler-Maruyama steps on [t0, 1 - last_step_size] (t0 = 0, SBDM:
-    1e-3), then the last step to exactly 1."""
+    """SiT's window (steps + 1,) float64: steps - 1 steps on [t0, 1 - last_step_size], then the last step to 1."""
     t0 = SBDM_T0 if diffusion == "SBDM" else 0.0
     return torch.cat([torch.linspace(t0, 1 - last_step_size, steps, dtype=torch.float64), torch.ones(1).double()])
 
@@ -74,29 +62,24 @@ Velocity = Callable[..., torch.Tensor]
 
 
 def euler_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Explicit Euler from t0 to t1: x (N, ...) -> (N, ...). One evaluation."""
     return x + (t1 - t0) * f(x, t0)
 
 
 def midpoint_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Explicit midpoint (second order) from t0 to t1: x (N, ...) -> (N, ...). Two evaluations."""
     h = t1 - t0
     return x + h * f(x + 0.5 * h * f(x, t0), t0 + 0.5 * h)
 
 
 def heun_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Heun's method, the explicit trapezoid (Karras et al. 2022, Alg. 1 without the noise), from t0 to t1:
-    x (N, ...) -> (N, ...). Two evaluations, on the last step too: it ends at t = 1, where the velocity is finite
-    (EDM's last step, to sigma = 0, is a plain Euler step)."""
+    """Heun's method (Karras et al. 2022, Alg. 1 without noise), two evaluations even on the last step: unlike EDM's
+    sigma = 0, the velocity at t = 1 is finite."""
     h = t1 - t0
     d0 = f(x, t0)
     return x + 0.5 * h * (d0 + f(x + h * d0, t1))
 
 
 def mean_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """A jump along an average-velocity network's prediction: x_t1 = x_t0 + h u(x_t0, t0, h), h = t1 - t0, exact
-    for the true average velocity; x (N, ...) -> (N, ...). One evaluation. No ODE solver: it needs a network that
-    takes the jump length h."""
+    """x_t1 = x_t0 + h u(x_t0, t0, h), h = t1 - t0: exact for the true average velocity u."""
     h = t1 - t0
     return x + h * f(x, t0, h)
 
@@ -111,8 +94,7 @@ def sde_step(
     norm: float = 1.0,
     last_step: str = "mean",
 ) -> torch.Tensor:
-    """Euler-Maruyama from t0 to t1 on the SDE of the module docstring (w scaled by norm): x (N, ...) -> (N, ...), one
-    evaluation. noise (N, ...) standard normal; None: the noise-free last step (mean: the drift; euler: v)."""
+    """Euler-Maruyama on the module docstring's SDE (w scaled by norm); noise None: the noise-free last step."""
     v, h = f(x, t0), t1 - t0
     if noise is None and last_step == "euler":
         return x + h * v
@@ -126,8 +108,6 @@ Step = Callable[[Velocity, torch.Tensor, float, float], torch.Tensor]
 
 @dataclass(frozen=True)
 class Solver:
-    """A fixed-grid method (see the module docstring), with a few words for --help."""
-
     step: Step
     nfe_per_step: int
     average_velocity: bool = False

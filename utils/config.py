@@ -2,10 +2,7 @@
 
     steps: int = arg(200_000, "total optimizer steps", min=1, group="optimisation")
 
-gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError; a bool gives ``--name`` / ``--no-name``. A field in
-``nested`` holds the settings of the class another field picks from a registry (``objective_args`` by ``--objective``),
-whose fields become flags too.
-"""
+gives ``--steps`` and makes ``TrainConfig(steps=0)`` a ConfigError; a bool gives ``--name`` / ``--no-name``."""
 
 from __future__ import annotations
 
@@ -28,8 +25,7 @@ BOUNDS = {"min": (operator.ge, ">="), "max": (operator.le, "<="), "gt": (operato
 
 
 def arg(default: Any, help: str, *, choices: Collection[Any] | None = None, group: str | None = None, **kw: Any) -> Any:
-    """A config field. ``choices`` may be a registry (names added later count); ``group`` starts a section of --help
-    that the following fields join; ``min``, ``max``, ``gt`` and ``lt`` bound the value; the rest go to argparse."""
+    """A config field; ``choices`` may be a registry; ``group`` starts a --help section; the rest go to argparse."""
     bounds = {k: v for k in BOUNDS if (v := kw.pop(k, None)) is not None}
     metadata = dict(help=help, choices=choices, group=group, bounds=bounds, argparse=kw)
     return field(default=default, metadata=metadata)

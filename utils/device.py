@@ -14,7 +14,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):  # torch.compile
             model = model._orig_mod
@@ -25,8 +24,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """The device of a --device flag: auto, cpu, cuda (this process's GPU: cuda:LOCAL_RANK, never the global RANK),
-    cuda:N or mps. A device this machine lacks, or more processes on a node than GPUs, is a one-line ValueError."""
+    """The device of a --device flag; cuda is cuda:LOCAL_RANK, never the global RANK. A missing device: ValueError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -1,8 +1,4 @@
-"""Process-group helpers for torchrun launches (NCCL on GPUs, gloo on CPUs); a plain run is world size 1.
-
-A collective that waits longer than the group's timeout (train.py's --dist-timeout) ends the run, so what any process
-does between two collectives must fit in it (the first FID: rank 0 alone computes the real statistics).
-"""
+"""Process-group helpers for torchrun launches (NCCL on GPUs, gloo on CPUs); a plain run is world size 1."""
 
 from __future__ import annotations
 
@@ -74,7 +70,6 @@ class PeerError(RuntimeError):
 
 
 def all_ok(ok: bool) -> bool:
-    """Whether ok holds on every process (a collective)."""
     if not is_initialized():
         return ok
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=collective_device())
@@ -100,8 +95,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def first_then_others(first: bool) -> Iterator[None]:
-    """Run the block where ``first`` holds, then on the others (rank 0 downloads, the others find the file); a failure
-    still releases the others, which meet it themselves instead of the timeout."""
+    """Run the block where ``first`` holds, then on the others; a failure still releases the others."""
     if not first and is_initialized():
         dist.barrier()
     try:

@@ -11,9 +11,8 @@ from utils.device import unwrap_model
 
 
 class EMA:
-    """ema <- decay_n * ema + (1 - decay_n) * weights; buffers are copied. With warmup decay_n = min(decay,
-    (1 + n) / (10 + n)), n the updates so far (on the device: a skipped update needs no host sync), so the random
-    initialisation does not dominate the early average."""
+    """ema <- decay_n * ema + (1 - decay_n) * weights; buffers copied. Warmup: decay_n = min(decay, (1 + n) / (10 + n)),
+    n the updates so far, so the random initialisation does not dominate the early average."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
         self.model = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)

@@ -1,10 +1,6 @@
 """The training step: the optimizer update that skips non-finite steps on the device, and device-side statistics.
-
-A step whose loss or gradient norm is not finite leaves the weights, the optimizer's moments and the EMA as they
-were, decided without ``loss.item()`` (a stall per step): fused AdamW takes the decision as ``found_inf`` (as
-torch.amp.GradScaler does) and the EMA update is multiplied by it. Under DDP the decision and the statistics are
-all-reduced, so every process takes or skips the same steps.
-"""
+No ``loss.item()`` (a stall per step): fused AdamW takes the decision as ``found_inf`` (as torch.amp.GradScaler
+does), the EMA update is multiplied by it, and under DDP it is all-reduced so every process skips the same steps."""
 
 from __future__ import annotations
 
@@ -51,8 +47,7 @@ def guarded_step(
 
 
 class StepStats:
-    """Per-interval sums on the device (loss, gradient norm, loss per bin of t: where along the path the model is
-    still wrong), skipped steps and the longest non-finite run; ``read`` is the one host sync."""
+    """Per-interval sums on the device, skipped steps and the longest non-finite run; ``read`` is the one host sync."""
 
     def __init__(self, device: torch.device | str, bins: int = 8):
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
@@ -91,13 +86,12 @@ class StepStats:
 
 
 def learning_rate(step: int, lr: float, warmup: int) -> float:
-    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over ``warmup`` steps, then constant."""
+    """Linear warm-up over ``warmup`` steps (``step`` 0-based), then constant."""
     return lr * min(1.0, (step + 1) / warmup) if warmup else lr
 
 
 class TrainStep:
-    """The training step train.py, the benchmark and the GPU tests run, without a host sync: loss under autocast,
-    backward, the guarded update, EMA and statistics. net may be wrapped (DDP, torch.compile)."""
+    """Loss under autocast, backward, the guarded update, EMA and statistics, without a host sync."""
 
     def __init__(
         self,
@@ -118,8 +112,7 @@ class TrainStep:
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor | None, lr: float, mark: Callable[[], None] | None = None
     ) -> torch.Tensor:
-        """One step on x (N, C, H, W), y (N,); returns whether it was taken (0-d bool on the device). ``mark`` is
-        called after each phase (the benchmark's timer)."""
+        """One step; returns whether it was taken (0-d bool on the device). ``mark`` is called after each phase."""
         mark = mark or (lambda: None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

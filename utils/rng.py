@@ -1,7 +1,5 @@
-"""Seeding, and capturing and restoring every global generator a training run draws from (torch's CPU and CUDA,
-numpy's for OT pairing, python's), so that a resumed run is bit-identical and ``isolated_rng`` keeps samples and FID
-from moving them. The state holds only tensors and plain values, so it loads with ``torch.load(weights_only=True)``.
-"""
+"""Seeding, and capturing and restoring every global generator a run draws from, so a resumed run is bit-identical.
+The state holds only tensors and plain values: it loads with ``torch.load(weights_only=True)``."""
 
 from __future__ import annotations
 
@@ -22,7 +20,6 @@ def training_seed(seed: int, rank: int, step: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and every CUDA device), numpy and python."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -16,7 +16,6 @@ WANDB_MODES = ("online", "offline", "disabled")
 
 
 def warn(message: str) -> None:
-    """One warning line on stderr."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
@@ -138,7 +137,6 @@ class RunLogger:
         self._guard("wandb media", log)
 
     def finish(self) -> None:
-        """Close the wandb run (flushes offline files)."""
         if self.run is not None:
             self._guard("wandb finish", self.run.finish)
             self.run = None

@@ -22,7 +22,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 SEPARATORS = {"&&", "||", ";", ";;", "|", "&"}
 WRAPPERS = {"time", "exec", "srun", "nohup"}  # run the command that follows them
 # Shell variables in a script's command, and the real value each stands for here (none today: add one with its use).
-VARIABLES: dict[str, str] = {}
+VARIABLES: dict[str, str] = {"recipe": "lightning", "run": "flow-lightning-s0"}
 PACKAGES = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
 
 

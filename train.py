@@ -31,6 +31,7 @@ from evaluation.fid import check_reference_statistics
 from evaluation.monitor import Monitor, MonitorConfig
 from models import build_model
 from models.vae import LatentCodec, LatentSpace, VAEError
+from objectives.repa import representation_alignment
 from training.config import PRESETS, TrainConfig, resolve, run_folder
 from training.resume import changed_settings, check_resume, restore_training_state, training_state, upgraded_run_config
 from utils.checkpoint import CheckpointError, save_training_checkpoint
@@ -119,10 +120,15 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     shape, latent_space = dataset.sample_shape, dataset.latent_space()  # latents: (C, h, w) of the VAE's
     if latent_space is None and shape != (cfg.channels, cfg.image_size, cfg.image_size):
         raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
-    objective = cfg.build_objective()
+    objective, projector = cfg.build_objective(), {}
+    if cfg.repa_weight and latent_space is not None:
+        raise ConfigError("--repa-weight needs the clean images, which latent datasets do not hold yet")
+    if cfg.repa_weight:  # the encoder loads (and may fail) before anything is written
+        grid = shape[-1] // int(cfg.model.split("/")[1])
+        objective, projector = representation_alignment(cfg, objective, grid, device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     try:
-        model = build_model(cfg, shape[-1], shape[0], dataset.num_classes, **objective.network_options())
+        model = build_model(cfg, shape[-1], shape[0], dataset.num_classes, **objective.network_options(), **projector)
         model.to(device)
     except ValueError as e:
         at = f"--image-size {cfg.image_size}" if latent_space is None else f"latents {'x'.join(map(str, shape))}"
@@ -266,7 +272,8 @@ def train(run: Run) -> dict[str, Any]:
             started = time.perf_counter()
             x, y = next(run.stream)
             lr = learning_rate(step, cfg.lr, cfg.warmup)
-            run.step_fn(x, y, lr)
+            aligning = cfg.repa_weight and (cfg.repa_until is None or step < cfg.repa_until)
+            run.step_fn(x, y, lr, images=(x + 1) / 2 if aligning else None)
             step += 1
             if run.phema:
                 run.phema.update(step)
@@ -346,6 +353,7 @@ def log(run: Run, step: int, stats: StepStats, lr: float, clock: Clock, bar: tqd
     metrics = {
         "train/loss": s["loss"],
         "train/grad_norm": s["grad_norm"],
+        **({"train/repa_loss": s["align"]} if run.cfg.repa_weight else {}),
         "train/lr": lr,
         "train/steps_per_s": steps_per_s,
         "train/img_per_s": img_per_s,

@@ -178,6 +178,9 @@ class DiT(nn.Module):
         learn_sigma: bool = False,
         reverse_time: bool = False,
         guidance_channels: int | None = None,
+        repa_depth: int = 0,
+        repa_dim: int = 0,
+        repa_projector_dim: int = 2048,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -190,6 +193,8 @@ class DiT(nn.Module):
             raise ValueError(f"mlp_type must be one of {tuple(MLPS)} and norm_type one of {tuple(NORMS)}")
         if class_tokens < 0 or (class_tokens and num_classes == 0):
             raise ValueError("class_tokens must be >= 0, and 0 for an unconditional model (num_classes 0)")
+        if repa_dim and not 1 <= repa_depth <= depth:
+            raise ValueError(f"repa_depth must be in [1, depth {depth}], got {repa_depth}")
         if guidance_max and (guidance_max < 1.0 or num_classes == 0):
             raise ValueError(
                 f"guidance_max must be 0 (no guidance input) or >= 1 on a class-conditional model, "
@@ -229,6 +234,18 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, **block) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm_type=norm_type)
         self.initialize_weights()
+        # REPA (Yu et al. 2025): an MLP from the patch tokens after block repa_depth to a frozen encoder's features,
+        # trained with the network and unused when sampling; built last, so the network's own weights stay the same.
+        self.repa_depth, self.repa_dim, self.repa_projector_dim = repa_depth, repa_dim, repa_projector_dim
+        self.projector = None
+        if repa_dim:
+            width = repa_projector_dim
+            self.projector = nn.Sequential(
+                nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, repa_dim)
+            )
+            for layer in self.projector[::2]:
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     @property
     def config(self) -> dict:
@@ -278,10 +295,11 @@ class DiT(nn.Module):
         interval: Tensor | float | None = None,
         drop_mask: Tensor | None = None,
         guidance: Tensor | float | None = None,
-    ) -> Tensor:
+        align: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Velocity (N, C, H, W) at x (N, C, H, W), t (N,) or scalar, labels y (N,) (num_classes: the null class).
         interval: MeanFlow's h (None: 0); drop_mask (N,) bool: labels made null in any mode (None: ``label_drop_mask``);
-        guidance in [1, guidance_max] (None: 1)."""
+        guidance in [1, guidance_max] (None: 1). align: also return REPA's projected patch tokens (N, T, repa_dim)."""
         n, t = x.shape[0], 1 - t if self.reverse_time else t
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         if self.registers is not None:
@@ -300,11 +318,15 @@ class DiT(nn.Module):
             if self.class_token_embed is not None:  # JiT's in-context class tokens, first in the sequence
                 x = torch.cat([y_emb.unsqueeze(1) + self.class_token_embed, x], dim=1)  # (N, K + R + T, D)
         rope = (self.rope_cos, self.rope_sin) if self.rope else None
-        for block in self.blocks:
+        projected = None
+        for i, block in enumerate(self.blocks, 1):
             x = block(x, c, rope)
+            if align and i == self.repa_depth:
+                projected = self.projector(x[:, self.num_prefix :])
         x = x[:, self.num_prefix :]  # class tokens and registers never reach the output: (N, T, D)
         x = self.unpatchify(self.final_layer(x, c))[:, : self.in_channels]  # (N, C, H, W)
-        return -x if self.reverse_time else x
+        x = -x if self.reverse_time else x
+        return (x, projected) if align else x
 
     def label_drop_mask(self, y: Tensor) -> Tensor:
         """(N,) bool: labels to replace by the null class, each with class_dropout_prob in train mode (none in eval)."""

@@ -13,11 +13,13 @@ from utils.config import Config
 
 
 class LossTerms(NamedTuple):
-    """The scalar to minimise and, for logging, each sample's squared error (N,) and time (N,), on the device."""
+    """The scalar to minimise and, for logging, each sample's squared error (N,) and time (N,), on the device, and
+    REPA's alignment term (0-d; None without REPA)."""
 
     loss: Tensor
     mse: Tensor
     t: Tensor
+    align: Tensor | None = None
 
 
 @dataclass(kw_only=True)

@@ -104,10 +104,11 @@ def test_stats_known_answers():
     seq = [(True, 1.0), (False, math.nan), (False, math.inf), (True, 3.0), (False, math.nan)]
     t = torch.tensor([0.1, 0.6])
     for ok, loss in seq:
-        stats.update(torch.tensor(ok), torch.full((2,), loss), t, torch.tensor(2.0 if ok else math.nan))
+        align = torch.tensor(-loss / 4 if ok else math.nan)  # REPA's alignment loss: -0.25, -0.75 on good steps
+        stats.update(torch.tensor(ok), torch.full((2,), loss), t, torch.tensor(2.0 if ok else math.nan), align)
     s = stats.read()
     by_t = s.pop("loss_by_t")
-    assert s == {"loss": 2.0, "grad_norm": 2.0, "good_steps": 2.0, "skipped": 3.0, "worst_streak": 2.0}
+    assert s == {"loss": 2.0, "grad_norm": 2.0, "align": -0.5, "good_steps": 2.0, "skipped": 3.0, "worst_streak": 2.0}
     assert by_t[0] == by_t[4] == 2.0 and all(math.isnan(v) for i, v in enumerate(by_t) if i not in (0, 4))
     stats.update(torch.tensor(False), torch.full((2,), math.nan), t, torch.tensor(math.nan))
     s = stats.read()

@@ -12,6 +12,7 @@ import torch
 
 from data import DATASETS
 from models import ModelConfig
+from models.dit import DIT_SIZES
 from objectives import ObjectiveConfig
 from utils.config import arg, fill_unset, settings
 from utils.device import PRECISIONS, resolve_precision
@@ -81,8 +82,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "dit": dict(mlp="gelu", norm="layernorm", rope=False, class_tokens=0, adam_beta2=0.999, cosine_loss_weight=0.0),
     "lightning": dict(mlp="swiglu", norm="rmsnorm", rope=True, class_tokens=0, adam_beta2=0.95, cosine_loss_weight=1.0),
 }
+REPA_SETTINGS = ("repa_weight", "repa_encoder", "repa_depth", "repa_projector_dim", "repa_until")
 # Settings that define the weights: a resume takes the checkpoint's values of those it is not given.
-WEIGHT_SETTINGS = ("recipe", "hidden_size", "depth", "num_heads", *RECIPES["dit"])
+WEIGHT_SETTINGS = ("recipe", "hidden_size", "depth", "num_heads", *RECIPES["dit"], *REPA_SETTINGS)
 
 
 @dataclass(kw_only=True)
@@ -133,6 +135,22 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
         action=SigmaRels,
     )
     phema_every: int = arg(5000, "steps between --phema snapshots (and one at the last step)", min=1)
+    repa_weight: float | None = arg(
+        None,
+        "weight of REPA's representation alignment loss (default 0: off; REPA's 0.5; docs/repa.md)",
+        min=0,
+        group="REPA",
+    )
+    repa_encoder: str | None = arg(
+        None,
+        "frozen encoder: a torch.hub DINOv2 name (default dinov2_vitb14), a timm ViT name, or a torch.export .pt2 file "
+        "mapping images (B, C, H, W) in [0, 1] to tokens (B, N, D) or vectors (B, D)",
+    )
+    repa_depth: int | None = arg(None, "align the tokens after this block (default: depth / 3, at most 8)", min=1)
+    repa_projector_dim: int | None = arg(
+        None, "hidden width of the projector MLP (default: REPA's 2048, at most hidden size x depth / 2)", min=1
+    )
+    repa_until: int | None = arg(None, "stop aligning at this step (HASTE; default: never)", min=1)
     nan_patience: int = arg(5, "stop after this many non-finite losses in a row", min=1)
     cfg_scales: tuple[float, ...] = arg(
         (1.0, 2.5, 5.0), "guidance scales of the periodic EMA samples", group="samples and FID"
@@ -193,6 +211,12 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
         kept = {k: old[k] for k in WEIGHT_SETTINGS if k in old}
         cfg = fill_unset(cfg, kept | {k: v for k, v in old.get("objective_args", {}).items() if k in WEIGHT_SETTINGS})
     cfg = fill_unset(dataclasses.replace(cfg, recipe=cfg.recipe or "dit"), RECIPES[cfg.recipe or "dit"])
+    cfg = dataclasses.replace(cfg, repa_weight=cfg.repa_weight or 0.0)
+    if cfg.repa_weight:  # REPA's settings at DiT-XL/2 (block 8 of 28, a 2048-wide projector), scaled down
+        hidden, depth, _ = DIT_SIZES[cfg.model.split("-")[1].split("/")[0]]
+        hidden, depth = cfg.hidden_size or hidden, cfg.depth or depth
+        defaults = dict(repa_encoder="dinov2_vitb14", repa_depth=max(1, min(8, depth // 3)))
+        cfg = fill_unset(cfg, defaults | dict(repa_projector_dim=min(2048, hidden * depth // 2)))
     size, channels = cfg.image_size, cfg.channels
     if size is None or channels is None:  # the data's own (latents: the images they encode), else 32 px RGB
         native = DATASETS[cfg.dataset].native_size(Path(cfg.data_path)) or (32, 3)

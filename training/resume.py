@@ -46,6 +46,7 @@ MODEL_FLAGS = {
     "input_size": "--image-size",
     "in_channels": "--channels",
     "num_classes": "--dataset",
+    "repa_dim": "--repa-encoder",
 }
 
 

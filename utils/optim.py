@@ -52,15 +52,24 @@ class StepStats:
     def __init__(self, device: torch.device | str, bins: int = 8):
         zeros = lambda *shape: torch.zeros(shape, dtype=torch.float64, device=device)  # noqa: E731
         self.bins = bins
-        self.sums = zeros(3)  # loss, grad norm, good steps (this interval)
+        self.sums = zeros(4)  # loss, grad norm, good steps, REPA's alignment loss (this interval)
         self.by_t = zeros(2, bins)  # per bin of t: summed per-sample loss, samples (this interval)
         self.skipped, self.streak, self.worst_streak = zeros(), zeros(), zeros()
 
-    def update(self, ok: torch.Tensor, mse: torch.Tensor, t: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Count one step: its per-sample losses (N,) at times t (N,) and grad norm enter the sums only if ok."""
+    def update(
+        self,
+        ok: torch.Tensor,
+        mse: torch.Tensor,
+        t: torch.Tensor,
+        grad_norm: torch.Tensor,
+        align: torch.Tensor | None = None,
+    ) -> None:
+        """Count one step: its per-sample losses (N,) at times t (N,), grad norm and alignment loss enter the sums
+        only if ok."""
         good = ok.double()
         mse = torch.where(ok, mse.detach().double(), 0.0)
-        self.sums += torch.stack([mse.mean(), torch.where(ok, grad_norm.detach().double(), 0.0), good])
+        align = torch.where(ok, align.double(), 0.0) if align is not None else torch.zeros_like(good)
+        self.sums += torch.stack([mse.mean(), torch.where(ok, grad_norm.detach().double(), 0.0), good, align])
         bin_of = (t.detach() * self.bins).long().clamp_(0, self.bins - 1)
         self.by_t[0].index_add_(0, bin_of, mse)
         self.by_t[1].index_add_(0, bin_of, good.expand_as(mse))
@@ -71,13 +80,14 @@ class StepStats:
     def read(self) -> dict[str, float | list[float]]:
         """Means since the last read over every process (nan where none), then reset; skipped and worst_streak total."""
         sums = all_reduce_(torch.cat([self.sums, self.by_t.flatten()]))
-        (loss, gnorm, good), (bin_loss, bin_count) = sums[:3].tolist(), sums[3:].view(2, -1).tolist()
+        (loss, gnorm, good, align), (bin_loss, bin_count) = sums[:4].tolist(), sums[4:].view(2, -1).tolist()
         self.sums.zero_()
         self.by_t.zero_()
         nan = float("nan")
         return {
             "loss": loss / good if good else nan,
             "grad_norm": gnorm / good if good else nan,
+            "align": align / good if good else nan,
             "loss_by_t": [s / c if c else nan for s, c in zip(bin_loss, bin_count, strict=True)],
             "good_steps": good,
             "skipped": self.skipped.item(),
@@ -110,19 +120,25 @@ class TrainStep:
         self.precision, self.max_norm = precision, grad_clip or math.inf
 
     def __call__(
-        self, x: torch.Tensor, y: torch.Tensor | None, lr: float, mark: Callable[[], None] | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        lr: float,
+        mark: Callable[[], None] | None = None,
+        images: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One step; returns whether it was taken (0-d bool on the device). ``mark`` is called after each phase."""
+        """One step; returns whether it was taken (0-d bool on the device). ``mark`` is called after each phase;
+        images: the clean images REPA's encoder sees (None: no alignment this step)."""
         mark = mark or (lambda: None)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with autocast(self.device, self.precision):
-            terms = self.objective.loss(self.net, x, y)
+            terms = self.objective.loss(self.net, x, y, **({} if images is None else {"images": images}))
         mark()
         terms.loss.backward()
         mark()
         ok, grad_norm = guarded_step(self.optimizer, self.params, terms.loss, self.max_norm)
         self.ema.update(self.model, mask=ok)
-        self.stats.update(ok, terms.mse, terms.t, grad_norm)
+        self.stats.update(ok, terms.mse, terms.t, grad_norm, terms.align)
         mark()
         return ok

@@ -95,6 +95,7 @@ class ExtractConfig(Config):
     device: str = arg("auto", "auto: cuda:LOCAL_RANK when available", choices=("auto", "cpu", "cuda"))
     progress: bool = arg(True, "show a progress bar")
     verify: bool = arg(False, "hash every shard already there against its record (else one unchanged since is trusted)")
+    images: bool = arg(False, "also store each image's uint8 centre crop (the clean image REPA's encoder sees)")
 
 
 def digest(settings: dict[str, Any]) -> str:
@@ -109,7 +110,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
             old = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise ConfigError(f"{path} is damaged; remove {out} or choose another --out") from None
-        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+        keys = [*settings, *(old.keys() - settings.keys())]
+        changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
         if changed:
             raise ConfigError(
                 f"{out} holds latents of other settings ({'; '.join(changed)}); choose another --out or remove it"
@@ -157,7 +159,7 @@ def encode_shard(
     """One shard's tensors; its batches start at its first image, so a rerun writes the same bytes."""
     subset = torch.utils.data.Subset(dataset, range(first, first + count))
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
-    latents, labels = [], []
+    latents, labels, crops = [], [], []
     STOP.held = True
     batches = iter(loader)  # starts the loader's workers
     STOP.held = False
@@ -169,12 +171,15 @@ def encode_shard(
             z = codec.encode(torch.cat([x, x.flip(-1)])).cpu()  # (2b, C, h, w): the images, then their mirrors
             latents.append(torch.stack(z.chunk(2), dim=1).to(torch.float16))  # (b, 2, C, h, w)
             labels.append(y.long())
+            if cfg.images:
+                crops.append(images)  # uint8 (b, C, S, S)
             bar.update(len(y))
     except DataError as e:
         raise _worker_error(e) from None
     z = torch.cat(latents)
     sums = {"sum": z.double().sum((0, 1, 3, 4)), "sum_sq": z.double().square().sum((0, 1, 3, 4))}  # (C,) each
-    return {"latents": z.contiguous(), "labels": torch.cat(labels), **sums}
+    stored = {"images": torch.cat(crops)} if cfg.images else {}
+    return {"latents": z.contiguous(), "labels": torch.cat(labels), **sums, **stored}
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], key: str) -> None:
@@ -229,6 +234,7 @@ def write_index(
         "stats": {"mean": mean.tolist(), "std": std.tolist()},
         "latent_space": space.to_dict(),
         "settings": digest(settings),
+        **({"images": True} if cfg.images else {}),  # the shards hold the centre crops
     }
     write_json_atomic(index, out / INDEX)
     return index
@@ -276,6 +282,7 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
         "precision": precision,
+        **({"store_images": True} if cfg.images else {}),  # absent without --images: older folders keep their digest
     }
     key = digest(settings)
     error: Exception | None = None

@@ -53,6 +53,10 @@ class ImageDataset(Dataset):
         """How samples decode to images (``models.vae.LatentSpace.to_dict()``); None: the samples are images."""
         return None
 
+    def image(self, index: int) -> torch.Tensor:
+        """The clean uint8 (C, H, W) image of item index where samples are not images (latents), for REPA."""
+        raise DataError(f"{type(self).__name__} keeps no images beside its samples")
+
     def fid_images(self) -> tuple[str, Path, ImageDataset] | None:
         """(name, root, dataset) of the real images FID compares with; None: this dataset's own images."""
         return None

@@ -1,8 +1,9 @@
 """Pre-extracted VAE latents (``extract_latents.py``) as a dataset: ``--dataset latents --data-path FOLDER``.
 
 Shard k holds images k * shard_size ... of the sorted source folder: ``latents`` float16 (n, 2, C, h, w), the raw VAE
-posterior means of each image and its mirror, ``labels``, and per-channel ``sum``, ``sum_sq``. ``index.json``,
-written last, lists the shards with their sha256; without it the folder is not a dataset."""
+posterior means of each image and its mirror, ``labels``, per-channel ``sum``, ``sum_sq`` and, with ``--images``,
+``images`` uint8 (n, C, S, S), the centre crops (REPA's encoder sees them). ``index.json``, written last, lists the
+shards with their sha256; without it the folder is not a dataset."""
 
 from __future__ import annotations
 
@@ -140,8 +141,9 @@ class LatentDataset(ImageDataset):
         self.latent_shape = tuple(int(v) for v in self.space["latent_shape"])
         self.classes = list(self.index["classes"])
         self.num_classes = len(self.classes)
+        self.has_images = bool(self.index.get("images", False))
         again = f"; run the extract_latents.py command that made {self.root} again to encode it anew"
-        self._latents, labels, starts, paths = [], [], [0], []
+        self._latents, self._crops, labels, starts, paths = [], [], [], [0], []
         for shard in self.index["shards"]:
             path = self.root / shard["file"]
             if not path.is_file():
@@ -159,6 +161,8 @@ class LatentDataset(ImageDataset):
                     f"({shard['count']}, 2, {', '.join(map(str, self.latent_shape))})"
                 )
             self._latents.append(latents)
+            if self.has_images:
+                self._crops.append(map_tensor(path, "images", np.uint8))
             labels.append(np.asarray(map_tensor(path, "labels", np.int64)))
             starts.append(starts[-1] + shard["count"])
         bad = damaged_shards({p: s["sha256"] for p, s in zip(paths, self.index["shards"], strict=True)})
@@ -197,6 +201,16 @@ class LatentDataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         k = int(np.searchsorted(self._starts, index, side="right")) - 1
         return torch.from_numpy(np.array(self._latents[k][index - self._starts[k]])), int(self.labels[index])
+
+    def image(self, index: int) -> torch.Tensor:
+        """The uint8 (C, S, S) centre crop that item index's latents encode (before any flip)."""
+        if not self.has_images:
+            raise DataError(
+                f"the latents in {self.root} hold no images; run extract_latents.py with --images (into a new --out) "
+                "to store the centre crops REPA's encoder needs"
+            )
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return torch.from_numpy(np.array(self._crops[k][index - self._starts[k]]))
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All latents float16 (N, 2, C, h, w) (read into memory once) and labels int64 (N,)."""

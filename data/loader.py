@@ -25,7 +25,9 @@ def _worker_error(e: DataError) -> DataError:
 
 
 class BatchStream:
-    """Batches x float32 (B, C, H, W) in [-1, 1] and y int64 (B,) on ``device``; ``batch_size`` is per rank."""
+    """Batches x float32 (B, C, H, W) in [-1, 1] and y int64 (B,) on ``device``; ``batch_size`` is per rank.
+    ``with_images`` adds the clean images of the same views, float32 (B, C, H, W) in [0, 1], for REPA's encoder: the
+    pixels themselves, or a latent dataset's stored crops (read from its shards, so not ``on_device``)."""
 
     def __init__(
         self,
@@ -38,10 +40,12 @@ class BatchStream:
         flip: bool = True,
         on_device: bool = False,
         num_workers: int = 0,
+        with_images: bool = False,
     ) -> None:
         num_workers = usable_workers(num_workers)
         self.dataset, self.batch_size, self.seed, self.rank = dataset, batch_size, int(seed), rank
         self.world_size, self.device, self.flip, self.on_device = world_size, torch.device(device), flip, on_device
+        self.with_images = with_images
         self.num_samples = len(dataset)  # type: ignore[arg-type]
         self.per_rank = self.num_samples // world_size
         self.steps_per_epoch = self.per_rank // batch_size
@@ -56,6 +60,14 @@ class BatchStream:
         self._flips = torch.empty(0, dtype=torch.bool)  # flip bit per dataset index for the epoch
         self._iter: Iterator | None = None
         self._batch = dataset.training_batch if isinstance(dataset, ImageDataset) else pixel_batch
+        if with_images and isinstance(dataset, ImageDataset) and dataset.latent_space() is not None:
+            dataset.image(0)  # the dataset's one-line error when it keeps no images
+            if on_device:
+                raise DataError(
+                    "the images beside latents are read from the memory-mapped shards, not held on the device: "
+                    "pass on_device=False (train.py --no-data-on-device)"
+                )
+            dataset = _WithImages(dataset)  # items (latents, label, uint8 crop)
         if on_device:
             self._images, self._labels = (a.to(self.device) for a in _materialize(dataset, num_workers))
         else:
@@ -93,31 +105,35 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, ...]:
         if self._index >= self.steps_per_epoch:
             self._epoch += 1
             self._index = 0
             self._iter = None
         self._plan(self._epoch)
         lo, hi = self._index * self.batch_size, (self._index + 1) * self.batch_size
+        non_blocking = self.device.type == "cuda"
         if self.on_device:
             idx = self._order_dev[lo:hi]
-            x, y = self._images[idx], self._labels[idx]
+            x, y, crops = self._images[idx], self._labels[idx], []
             flip = self._flips_dev[idx]
         else:
             if self._iter is None:
                 self._batches[:] = self._order[lo:].view(-1, self.batch_size).tolist()
                 self._iter = iter(self._loader)
             try:
-                x, y = next(self._iter)
+                x, y, *crops = next(self._iter)
             except DataError as e:
                 raise _worker_error(e) from None
-            non_blocking = self.device.type == "cuda"
             x = x.to(self.device, non_blocking=non_blocking)
             y = y.to(self.device, non_blocking=non_blocking)
             flip = self._flips[self._order[lo:hi]].to(self.device, non_blocking=non_blocking)
         self._index += 1
-        return self._batch(x, flip), y.long()  # pixels: mirrored where flip, 0..255 -> [-1, 1]
+        batch = self._batch(x, flip), y.long()  # pixels: mirrored where flip, 0..255 -> [-1, 1]
+        if not self.with_images:
+            return batch
+        u = crops[0].to(self.device, non_blocking=non_blocking) if crops else x  # uint8, not yet mirrored
+        return *batch, torch.where(flip.view(-1, 1, 1, 1), u.flip(-1), u).float().div_(255)
 
     def state_dict(self) -> dict:
         """{"epoch", "index" (batches consumed in the epoch), "num_samples"}."""
@@ -138,6 +154,19 @@ class BatchStream:
     def resized_since(self, state: dict) -> bool:
         """Whether state was saved over a dataset of another size (one without "num_samples" is taken as fit)."""
         return int(state.get("num_samples", self.num_samples)) != self.num_samples
+
+
+class _WithImages(Dataset):
+    """Items (sample, label, uint8 image) of a dataset that keeps its images beside its samples."""
+
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        return *self.dataset[index], self.dataset.image(index)
 
 
 def usable_workers(num_workers: int) -> int:

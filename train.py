@@ -121,11 +121,8 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
     if latent_space is None and shape != (cfg.channels, cfg.image_size, cfg.image_size):
         raise ConfigError(f"--channels {cfg.channels} --image-size {cfg.image_size} do not match the data {shape}")
     objective, projector = cfg.build_objective(), {}
-    if cfg.repa_weight and latent_space is not None:
-        raise ConfigError("--repa-weight needs the clean images, which latent datasets do not hold yet")
     if cfg.repa_weight:  # the encoder loads (and may fail) before anything is written
-        grid = shape[-1] // int(cfg.model.split("/")[1])
-        objective, projector = representation_alignment(cfg, objective, grid, device)
+        objective, projector = representation_alignment(cfg, objective, shape[-1], device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every process
     try:
         model = build_model(cfg, shape[-1], shape[0], dataset.num_classes, **objective.network_options(), **projector)
@@ -167,6 +164,7 @@ def setup(cfg: TrainConfig, dist: DistInfo, fid_extractor: torch.nn.Module | Non
         flip=cfg.flip,
         on_device=cfg.data_on_device,
         num_workers=cfg.num_workers,
+        with_images=bool(cfg.repa_weight),  # the clean images REPA's encoder sees
     )
     resumed = None
     if state is not None:
@@ -270,10 +268,10 @@ def train(run: Run) -> dict[str, Any]:
     try:
         while step < cfg.steps and reason is None:
             started = time.perf_counter()
-            x, y = next(run.stream)
+            x, y, *images = next(run.stream)  # with REPA, the clean images too
             lr = learning_rate(step, cfg.lr, cfg.warmup)
-            aligning = cfg.repa_weight and (cfg.repa_until is None or step < cfg.repa_until)
-            run.step_fn(x, y, lr, images=(x + 1) / 2 if aligning else None)
+            aligning = images and (cfg.repa_until is None or step < cfg.repa_until)
+            run.step_fn(x, y, lr, images=images[0] if aligning else None)
             step += 1
             if run.phema:
                 run.phema.update(step)

@@ -76,11 +76,11 @@ class RepresentationAlignment:
 
 
 def representation_alignment(
-    cfg: Any, objective: Objective, grid: int, device: torch.device
+    cfg: Any, objective: Objective, side: int, device: torch.device
 ) -> tuple[RepresentationAlignment, dict[str, int]]:
-    """--repa-*: the objective with REPA's loss, and the DiT arguments of its projector; the encoder is loaded and
-    tried on two blank images first, so bad input fails with one line before anything is written."""
-    name = cfg.repa_encoder
+    """--repa-*: the objective with REPA's loss, and the DiT arguments of its projector, for data side x side; the
+    encoder is loaded and tried on two blank images first, so bad input fails with one line before anything is written."""
+    name, grid = cfg.repa_encoder, side // int(cfg.model.split("/")[1])
     if cfg.objective != "flow":
         raise ConfigError("--repa-weight needs --objective flow (MeanFlow and iMF call the network inside a JVP)")
     encoder = load_encoder(name, grid, device)

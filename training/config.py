@@ -221,6 +221,9 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
     if size is None or channels is None:  # the data's own (latents: the images they encode), else 32 px RGB
         native = DATASETS[cfg.dataset].native_size(Path(cfg.data_path)) or (32, 3)
         size, channels = size or native[0], channels or native[1]
+    # Sets that sit in memory anyway are indexed directly; image folders, and the clean images REPA needs beside
+    # latents, are read by loader workers.
+    on_device = DATASETS[cfg.dataset].in_memory and not (cfg.repa_weight and cfg.dataset == "latents")
     return dataclasses.replace(
         cfg,
         out=str(run_folder(cfg)),
@@ -229,8 +232,7 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
         channels=channels,
         objective_args=settings(cfg.build_objective()),
         device=device.type,
-        # sets that sit in memory anyway are indexed directly; image folders go through loader workers.
-        data_on_device=DATASETS[cfg.dataset].in_memory if cfg.data_on_device is None else cfg.data_on_device,
+        data_on_device=on_device if cfg.data_on_device is None else cfg.data_on_device,
         compile=device.type == "cuda" if cfg.compile is None else cfg.compile,  # compiling on a CPU takes minutes
     )
 

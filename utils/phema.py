@@ -51,9 +51,8 @@ def power_beta(gamma: float, step: int) -> float:
 
 
 def overlap(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
-    """<p_a, p_b>, the integral of the product of two profiles (broadcast):
-    (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) hi) (lo / hi)^g, lo and hi the earlier and later end, g the later's exponent.
-    """
+    """<p_a, p_b> (broadcast) = (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) hi) (lo / hi)^g, lo and hi the earlier and
+    later end, g the later's exponent."""
     t_a, g_a, t_b, g_b = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b)))
     lo, hi = np.minimum(t_a, t_b), np.maximum(t_a, t_b)
     g = np.where(t_a < t_b, g_b, g_a)
@@ -78,9 +77,8 @@ def solve(
 
 
 class PowerEMA:
-    """Power-function EMAs of a model's parameters, one per sigma_rel, updated on the device (foreach, no host sync).
-
-    ``meta`` (plain values: the model config, the run config) is written into every snapshot beside the weights."""
+    """Power-function EMAs of a model's parameters, one per sigma_rel, updated on the device (foreach, no host sync);
+    ``meta`` (plain values: the model and run config) goes into every snapshot."""
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float], meta: dict[str, Any] | None = None):
         self.model, self.sigma_rels, self.meta = model, tuple(float(s) for s in sigma_rels), meta or {}

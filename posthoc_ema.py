@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import damage, save_checkpoint
-from utils.config import Config, ConfigError, arg, build_parser
+from utils.config import Config, ConfigError, arg, build_parser, script_exit
 from utils.phema import MAX_RESIDUAL, sigma_rel_to_gamma, solve
 
 
@@ -110,8 +110,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(PosthocConfig(**vars(parser.parse_args(argv))))
     except (ConfigError, OSError) as e:
-        print(f"posthoc_ema.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return script_exit("posthoc_ema.py", e).code
     return 0
 
 

@@ -1,5 +1,4 @@
 """What train.py does beside training at some steps: sample grids and trajectory GIFs of the EMA model, and FID.
-
 They run inside ``utils.rng.isolated_rng``, so training randomness is the same with them on or off, and a failure is
 reported without stopping training. Stop requests and DDP: docs/reliability.md."""
 

@@ -36,16 +36,10 @@ class LatentSpace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentSpace:
-        return cls(
-            vae=str(d["vae"]),
-            revision=d.get("revision"),
-            normalization=str(d["normalization"]),
-            shift=tuple(float(v) for v in d["shift"]),
-            scale=tuple(float(v) for v in d["scale"]),
-            image_size=int(d["image_size"]),
-            image_channels=int(d["image_channels"]),
-            latent_shape=tuple(int(v) for v in d["latent_shape"]),
-        )
+        names = {"vae": str(d["vae"]), "revision": d.get("revision"), "normalization": str(d["normalization"])}
+        floats = {k: tuple(float(v) for v in d[k]) for k in ("shift", "scale")}
+        ints = {"image_size": int(d["image_size"]), "image_channels": int(d["image_channels"])}
+        return cls(**names, **floats, **ints, latent_shape=tuple(int(v) for v in d["latent_shape"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

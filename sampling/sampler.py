@@ -37,14 +37,6 @@ from utils.device import autocast, module_device_dtype, resolve_device, resolve_
 Labels = torch.Tensor | Sequence[int] | int | None  # (n,) labels, one for all, or None (random classes)
 
 
-def checkpoint_decoder(state: dict[str, Any], device: torch.device, vae: str | None = None) -> Any | None:
-    """The ``LatentCodec`` of a latent checkpoint's "latent_space" (``vae``: another copy), None for pixels."""
-    space = state.get("latent_space")
-    if not space:
-        return None
-    return LatentCodec.from_space(LatentSpace.from_dict(space), device, vae=vae)
-
-
 def checkpoint_sample_method(state: dict[str, Any]) -> str:
     """The checkpoint's "sample_method"; for older checkpoints "mean" for an average-velocity network, else heun."""
     average = upgraded_config(state["model_config"]).get("average_velocity")
@@ -89,9 +81,9 @@ class Sampler:
         if options.get("method") is None:
             options = {**options, "method": checkpoint_sample_method(state)}
         model = model_from_checkpoint(state, ema=ema, device=device)
-        latent = bool(state.get("latent_space"))
-        decoder = (lambda: checkpoint_decoder(state, device, vae)) if latent and options.get("decode", True) else None
-        return cls(model, decoder, latent=latent, **options)
+        space = state.get("latent_space")
+        decoder = lambda: LatentCodec.from_space(LatentSpace.from_dict(space), device, vae=vae)
+        return cls(model, decoder if space and options.get("decode", True) else None, latent=bool(space), **options)
 
     @property
     def decoder(self) -> Any | None:

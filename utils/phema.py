@@ -62,9 +62,8 @@ def overlap(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
 def solve(
     steps: Sequence[int], sigma_rels: Sequence[float], step: int, targets: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Coefficients (n_snapshots, n_targets) that combine snapshots (steps[i], sigma_rels[i]) into the power EMAs of
-    the target widths at step, normalised to sum to 1, and each target's relative L2 residual ||p - p_target|| /
-    ||p_target|| (0: exact; near 1: not representable)."""
+    """Coefficients (n_snapshots, n_targets), summing to 1, combining snapshots (steps[i], sigma_rels[i]) into the
+    targets' power EMAs at step, and each target's relative L2 residual (0: exact; near 1: not representable)."""
     t, g = np.asarray(steps, np.float64), np.array([sigma_rel_to_gamma(s) for s in sigma_rels])
     g_out = np.array([sigma_rel_to_gamma(s) for s in targets])
     a = overlap(t[:, None], g[:, None], t[None, :], g[None, :])

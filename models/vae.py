@@ -114,22 +114,13 @@ class LatentCodec:
         self.batch_size = batch_size
 
     @classmethod
-    def from_space(
-        cls,
-        space: LatentSpace,
-        device: str | torch.device = "cpu",
-        vae: str | None = None,
-        batch_size: int = 32,
-        precision: str = "auto",
-    ) -> LatentCodec:
+    def from_space(cls, space: LatentSpace, device: str | torch.device = "cpu", vae: str | None = None) -> LatentCodec:
         """The codec of a LatentSpace (``vae``: another copy of its VAE, e.g. a local folder without network)."""
-        model = load_autoencoder(vae or space.vae, None if vae else space.revision, device)
-        if int(model.config.latent_channels) != space.latent_shape[0]:
-            raise VAEError(
-                f"the VAE {vae or space.vae} has {model.config.latent_channels} latent channels; the "
-                f"latents have {space.latent_shape[0]}"
-            )
-        return cls(model, space.shift, space.scale, batch_size, precision)
+        name = vae or space.vae
+        model = load_autoencoder(name, None if vae else space.revision, device)
+        if (channels := int(model.config.latent_channels)) != space.latent_shape[0]:
+            raise VAEError(f"the VAE {name} has {channels} latent channels; the latents have {space.latent_shape[0]}")
+        return cls(model, space.shift, space.scale)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

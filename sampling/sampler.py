@@ -57,8 +57,7 @@ class Sampler:
         self.in_channels = int(self.model.in_channels)
         self.num_classes = int(getattr(self.model, "num_classes", 0))
         self.average_velocity = bool(getattr(self.model, "average_velocity", False))
-        # A network that takes the guidance scale as an input (its ``guidance_max``) samples guided in one pass of N,
-        # at scales in the range it was trained on; None: ordinary classifier-free guidance, any scale.
+        # A guidance-input network (``guidance_max``) takes the scales it was trained on; None: any scale.
         top = float(getattr(self.model, "guidance_max", 0.0) or 0.0)
         self.guidance_range: tuple[float, float] | None = (1.0, top) if top else None
         self.device, self.model_dtype = module_device_dtype(self.model)

@@ -23,7 +23,7 @@ import torch
 from models.dit import DIT_SIZES, DiT
 from models.vae import DEFAULT_VAE, LatentSpace
 from utils.checkpoint import damage, save_checkpoint
-from utils.config import Config, ConfigError, arg, build_parser
+from utils.config import Config, ConfigError, arg, build_parser, script_exit
 
 REPOS = {"sit": "willisma/SiT", "repa": "sihyun-yu/REPA"}
 # SiT's sample_ddp.py SDE --cfg-scale 1.5 and REPA's generate.py --mode sde --cfg-scale 1.8 --guidance-high 0.7 (its
@@ -138,8 +138,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(ImportConfig(**vars(parser.parse_args(argv))))
     except (ConfigError, OSError) as e:
-        print(f"import_weights.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return script_exit("import_weights.py", e).code
     return 0
 
 

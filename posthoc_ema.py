@@ -5,10 +5,7 @@
     python sampler.py --ckpt runs/digits/posthoc/phema-0002000-0.0800.pt
 
 Each length is the least-squares combination (utils/phema.py) of the snapshots up to --step (default: the newest),
-at that step, written as OUT_DIR/phema-STEP-SIGMA.pt: a checkpoint that Sampler.from_checkpoint, sampler.py and
-evaluate.py load as any other, its EMA and raw weights both the reconstruction (training dtype), "phema" recording
-the length, step, snapshots and residual. When to use it and what it costs: docs/posthoc-ema.md.
-"""
+written as OUT_DIR/phema-STEP-SIGMA.pt, a checkpoint that loads as any other (docs/posthoc-ema.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ import numpy as np
 import torch
 
 from utils.checkpoint import damage, save_checkpoint
-from utils.config import Config, ConfigError, arg, build_parser
+from utils.config import Config, ConfigError, arg, build_parser, script_exit
 from utils.phema import MAX_RESIDUAL, sigma_rel_to_gamma, solve
 
 
@@ -93,10 +90,8 @@ def main(cfg: PosthocConfig) -> list[Path]:
             f"residual of {residual[k]:.2f} (limit {MAX_RESIDUAL}); they represent "
             + (f"{ok.min():.3f} to {ok.max():.3f}" if len(ok) else "no length")
         )
-    template, state = (
-        last["ema"][0],
-        {k: last.get(k) for k in ("model_config", "config", "latent_space", "sample_method")},
-    )
+    template = last["ema"][0]
+    state = {k: last.get(k) for k in ("model_config", "config", "latent_space", "sample_method")}
     for s, path in enumerate(paths):  # one pass over the snapshots per length, one float64 sum in memory
         acc = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in template.items()}
         for c, weights in zip(coefs[:, s], (w for snap in snaps for w in snap["ema"]), strict=True):
@@ -115,8 +110,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     try:
         main(PosthocConfig(**vars(parser.parse_args(argv))))
     except (ConfigError, OSError) as e:
-        print(f"posthoc_ema.py: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return script_exit("posthoc_ema.py", e).code
     return 0
 
 

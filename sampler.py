@@ -1,15 +1,9 @@
 """Sample images from a trained DiT by integrating the flow ODE dx/dt = v(x, t, y) from noise to data.
 
-As a library (``sampling/sampler.py``, ``evaluation/images.py``)::
-
-    from sampler import Sampler, save_grid, to_gif
-    sampler = Sampler.from_checkpoint("runs/cifar10/checkpoints/last.pt")   # or Sampler(model)
-    images = sampler.sample(10, cfg_scale=2.5)                              # (10, C, H, W) in [0, 1]
-    out = sampler.generate(10, cfg_scale=2.5)                               # Samples: images, labels, nfe, ...
-
     python sampler.py --ckpt runs/cifar10/checkpoints/last.pt --n 64 --cfg-scale 2.5 --steps 20 --method heun \\
         --seed 0 --out grid.png --gif traj.gif --npz samples.npz
-"""
+
+As a library: ``from sampler import Sampler, save_grid, to_gif`` (README; docs/sampling.md)."""
 
 from __future__ import annotations
 
@@ -39,10 +33,7 @@ class SampleConfig(SamplingOptions):
     """The sampler CLI: the sampling options plus what to load and where to write."""
 
     ckpt: str = arg(
-        None,
-        "training checkpoint written by train.py, e.g. runs/cifar10/checkpoints/last.pt",
-        group="input and output",
-        required=True,
+        None, "train.py's checkpoint, e.g. runs/cifar10/checkpoints/last.pt", group="input and output", required=True
     )
     ema: bool = arg(True, "use the EMA weights (--no-ema: the raw weights)")
     device: str = arg("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")

@@ -75,12 +75,9 @@ class DigitsDataset(TensorImageDataset):
         return cls(images.contiguous(), labels, [str(i) for i in range(10)])
 
 
-DATASETS: dict[str, type[ImageDataset]] = {
-    "cifar10": Cifar10Dataset,
-    "folder": ImageFolderDataset,
-    "digits": DigitsDataset,
-    "latents": LatentDataset,
-}
+DATASETS: dict[str, type[ImageDataset]] = dict(
+    cifar10=Cifar10Dataset, folder=ImageFolderDataset, digits=DigitsDataset, latents=LatentDataset
+)
 
 
 def build_dataset(

@@ -88,12 +88,8 @@ def center_crop_arr(img: Image.Image, size: int) -> Image.Image:
 
 def _crosses_classes(real: Path, own: Path, classes: list[Path]) -> bool:
     """Whether the real directory ``real`` holds a class folder (own: a loop) or lies inside another class."""
-    for c in classes:
-        if c.is_relative_to(real):
-            return True
-        if c != own and real.is_relative_to(c) and not own.is_relative_to(c):
-            return True
-    return False
+    inside_other = lambda c: c != own and real.is_relative_to(c) and not own.is_relative_to(c)
+    return any(c.is_relative_to(real) or inside_other(c) for c in classes)
 
 
 def _class_images(top: Path, own: Path, classes: list[Path]) -> list[str]:

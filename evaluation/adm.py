@@ -1,5 +1,4 @@
 """ADM's evaluation suite (Dhariwal & Nichol 2021, openai/guided-diffusion evaluations/evaluator.py) in PyTorch.
-
 A sample batch is an npz of uint8 images ``arr_0`` (N, H, W, 3) and labels ``arr_1``; a reference batch also holds
 ``mu``/``sigma`` (pool) and ``mu_s``/``sigma_s`` (spatial). Batches are streamed (50k images at 256 px: 9.8 GB)."""
 

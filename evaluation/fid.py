@@ -191,7 +191,6 @@ def generated_statistics(
     world_size: int = 1,
     should_stop: Callable[[], bool] | None = None,
     step_stop: Callable[[], bool] | None = None,
-    on_batch: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Feature mean (D,), covariance (D, D) and NFE per sample of ``num_samples`` class-balanced images. Under DDP
@@ -220,8 +219,6 @@ def generated_statistics(
                 out = sampler.generate(len(idx), y, noise=noise, should_stop=step_stop, **options)  # (b, C, H, W)
                 nfes.append(out.nfe)
                 stats.update(extract_features(extractor, out.images))
-                if on_batch is not None:
-                    on_batch(out.images, out.labels)
                 bar.update(len(idx))
             except Exception as e:
                 if world_size == 1:
@@ -241,15 +238,11 @@ def generated_statistics(
 
 
 def compute_fid(
-    sampler: Sampler,
-    real_stats: tuple[np.ndarray, np.ndarray] | None,
-    num_samples: int,
-    *,
-    extractor: nn.Module,
-    **kwargs: Any,
+    sampler: Sampler, real_stats: tuple[np.ndarray, np.ndarray] | None, num_samples: int, **kwargs: Any
 ) -> tuple[float | None, int]:
-    """(FID against ``real_stats``, NFE); a DDP process without the real statistics (None) gets (None, nfe)."""
-    mu, sigma, nfe = generated_statistics(sampler, num_samples, extractor=extractor, **kwargs)
+    """(FID against ``real_stats``, NFE); keywords as for ``generated_statistics``. A DDP process without the real
+    statistics (None) gets (None, nfe)."""
+    mu, sigma, nfe = generated_statistics(sampler, num_samples, **kwargs)
     if real_stats is None:
         return None, nfe
     if mu.shape != np.shape(real_stats[0]):

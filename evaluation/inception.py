@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from evaluation.metrics import FIDError
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.device import module_device_dtype
 
 # torch-fidelity's weights (its URL_INCEPTION_V3), kept by torch.hub in <torch.hub.get_dir()>/checkpoints/
@@ -42,14 +43,10 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
     except Exception as e:  # urllib, http and hub errors all mean: the weights could not be fetched
         if weights_path is not None:  # one line: a mismatch would list every key of both state dicts
             try:
-                held = torch.load(weights_path, map_location="cpu", weights_only=True)
-            except Exception:
-                held = None
-            what = (
-                "it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
-                if isinstance(held, dict) and {"model_config", "model"} <= held.keys()
-                else f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})"
-            )
+                load_checkpoint(weights_path)
+                what = "it is a training checkpoint of this project (pass it as --ckpt), not the Inception weights"
+            except CheckpointError:
+                what = f"not torch-fidelity's Inception-v3 weights ({type(e).__name__})"
             raise FIDError(
                 f"cannot load Inception weights from {weights_path}: {what}; expected {INCEPTION_FILENAME} "
                 f"from {INCEPTION_URL}"
@@ -64,8 +61,7 @@ def load_inception(device: str | torch.device = "cpu", weights_path: str | os.Pa
 
 
 class InceptionSuite(nn.Module):
-    """ADM's features in one pass: uint8 (N, 3, H, W) -> {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)}.
-
+    """ADM's features in one pass: uint8 (N, 3, H, W) -> {"pool": (N, 2048), "spatial": (N, 2023), "logits": (N, 1008)};
     spatial: TF's ``mixed_6/conv`` is torch-fidelity's ``Mixed_6d.branch1x1`` (after its ReLU, (N, 192, 17, 17)), of
     which ADM keeps 7 channels in TF's (H, W, C) order; logits: without the bias, ADM's ``softmax/logits/MatMul``."""
 

@@ -17,11 +17,9 @@ class FIDError(ValueError):
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """d^2 = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) of N(mu1, sigma1), N(mu2, sigma2), float64.
-
     With A = sigma1^(1/2), sigma1 sigma2 is similar to the symmetric PSD A sigma2 A, so tr (sigma1 sigma2)^(1/2) is the
     sum of the square roots of its eigenvalues: two symmetric eigendecompositions, exact up to round-off, need no eps
-    for singular covariances (fewer samples than dimensions) and take seconds at D = 2048 (scipy's sqrtm: a minute).
-    """
+    for singular covariances (fewer samples than dimensions) and take seconds at D = 2048 (scipy's sqrtm: a minute)."""
     mu1, mu2 = (np.atleast_1d(np.asarray(m, dtype=np.float64)) for m in (mu1, mu2))
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     d = mu1.shape[0]

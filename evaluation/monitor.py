@@ -1,5 +1,4 @@
 """What train.py does beside training at some steps: sample grids and trajectory GIFs of the EMA model, and FID.
-
 They run inside ``utils.rng.isolated_rng``, so training randomness is the same with them on or off, and a failure is
 reported without stopping training. Stop requests and DDP: docs/reliability.md."""
 
@@ -192,20 +191,11 @@ class Monitor:
         cfg, dist = self.cfg, self.dist
         sampler = self.sampler(model)
         agreed = None if stop is None else AgreedStop(stop)
+        kw = dict(extractor=self.extractor, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed, progress=dist.is_main)
+        kw |= dict(rank=dist.rank, world_size=dist.world_size)  # this process's share of the samples
+        kw |= dict(should_stop=agreed and agreed.meet, step_stop=agreed and agreed.step)
         try:
-            fid, nfe = compute_fid(
-                sampler,
-                self.real,
-                cfg.fid_samples,
-                extractor=self.extractor,
-                cfg_scale=cfg.fid_cfg_scale,
-                seed=cfg.seed,
-                progress=dist.is_main,
-                rank=dist.rank,
-                world_size=dist.world_size,
-                should_stop=agreed and agreed.meet,
-                step_stop=agreed and agreed.step,
-            )
+            fid, nfe = compute_fid(sampler, self.real, cfg.fid_samples, **kw)
         finally:
             self.reason = agreed and agreed.reason
         seconds = time.perf_counter() - start
@@ -222,17 +212,8 @@ class Monitor:
         ref = self.dataset.fid_images() if self.dataset is not None else None
         name, root, dataset = ref if ref is not None else (cfg.dataset, cfg.data_path, None)
         size, channels = (dataset.image_size, dataset.channels) if ref is not None else (cfg.image_size, cfg.channels)
-        return real_statistics(
-            name,
-            root,
-            size,
-            channels,
-            extractor=self.extractor,
-            num_workers=cfg.num_workers,
-            download=False,
-            dataset=dataset,
-            should_stop=self.should_stop(stop),
-        )
+        kw = dict(num_workers=cfg.num_workers, download=False, dataset=dataset, should_stop=self.should_stop(stop))
+        return real_statistics(name, root, size, channels, extractor=self.extractor, **kw)
 
     def _load(self, device: Any, stop: StopRequest | None = None) -> bool:
         """Load the extractor (and on rank 0 the real statistics), local rank 0 first; False, said once, on failure."""

@@ -1,7 +1,6 @@
-"""A sample batch drawn in shards by any number of processes, resumable to the same bytes.
-
-Shard s holds samples [s B, (s + 1) B), B = batch_size; sample i's noise and label depend only on (seed, i), so the
-shards do not depend on how many processes drew them. ``settings.json`` records what decides the images."""
+"""A sample batch drawn in shards by any number of processes, resumable to the same bytes: shard s holds samples
+[s B, (s + 1) B), B = batch_size, and sample i's noise and label depend only on (seed, i), so the shards do not
+depend on how many processes drew them. ``settings.json`` records what decides the images."""
 
 from __future__ import annotations
 

@@ -4,15 +4,5 @@ from models.config import ModelConfig, build_model, model_from_checkpoint, model
 from models.cost import count_params, forward_flops, forward_macs
 from models.dit import DiT, DiT_models
 
-__all__ = [
-    "DiT",
-    "DiT_models",
-    "ModelConfig",
-    "build_model",
-    "model_from_checkpoint",
-    "model_from_config",
-    "upgraded_config",
-    "count_params",
-    "forward_flops",
-    "forward_macs",
-]
+__all__ = ["DiT", "DiT_models", "ModelConfig", "build_model", "model_from_checkpoint", "model_from_config"]
+__all__ += ["upgraded_config", "count_params", "forward_flops", "forward_macs"]

@@ -36,16 +36,10 @@ class LatentSpace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatentSpace:
-        return cls(
-            vae=str(d["vae"]),
-            revision=d.get("revision"),
-            normalization=str(d["normalization"]),
-            shift=tuple(float(v) for v in d["shift"]),
-            scale=tuple(float(v) for v in d["scale"]),
-            image_size=int(d["image_size"]),
-            image_channels=int(d["image_channels"]),
-            latent_shape=tuple(int(v) for v in d["latent_shape"]),
-        )
+        names = {"vae": str(d["vae"]), "revision": d.get("revision"), "normalization": str(d["normalization"])}
+        floats = {k: tuple(float(v) for v in d[k]) for k in ("shift", "scale")}
+        ints = {"image_size": int(d["image_size"]), "image_channels": int(d["image_channels"])}
+        return cls(**names, **floats, **ints, latent_shape=tuple(int(v) for v in d["latent_shape"]))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -120,22 +114,13 @@ class LatentCodec:
         self.batch_size = batch_size
 
     @classmethod
-    def from_space(
-        cls,
-        space: LatentSpace,
-        device: str | torch.device = "cpu",
-        vae: str | None = None,
-        batch_size: int = 32,
-        precision: str = "auto",
-    ) -> LatentCodec:
+    def from_space(cls, space: LatentSpace, device: str | torch.device = "cpu", vae: str | None = None) -> LatentCodec:
         """The codec of a LatentSpace (``vae``: another copy of its VAE, e.g. a local folder without network)."""
-        model = load_autoencoder(vae or space.vae, None if vae else space.revision, device)
-        if int(model.config.latent_channels) != space.latent_shape[0]:
-            raise VAEError(
-                f"the VAE {vae or space.vae} has {model.config.latent_channels} latent channels; the "
-                f"latents have {space.latent_shape[0]}"
-            )
-        return cls(model, space.shift, space.scale, batch_size, precision)
+        name = vae or space.vae
+        model = load_autoencoder(name, None if vae else space.revision, device)
+        if (channels := int(model.config.latent_channels)) != space.latent_shape[0]:
+            raise VAEError(f"the VAE {name} has {channels} latent channels; the latents have {space.latent_shape[0]}")
+        return cls(model, space.shift, space.scale)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

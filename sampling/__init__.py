@@ -5,14 +5,5 @@ from sampling.options import Samples, SamplingOptions, sampling_options, seeded_
 from sampling.sampler import Sampler
 from sampling.solvers import FIXED_GRID_SOLVERS, SOLVERS, time_grid
 
-__all__ = [
-    "FIXED_GRID_SOLVERS",
-    "SOLVERS",
-    "Sampler",
-    "Samples",
-    "SamplingOptions",
-    "sampling_options",
-    "seeded_labels",
-    "seeded_noise",
-    "time_grid",
-]
+__all__ = ["FIXED_GRID_SOLVERS", "SOLVERS", "Sampler", "Samples", "SamplingOptions", "sampling_options"]
+__all__ += ["seeded_labels", "seeded_noise", "time_grid"]

@@ -35,11 +35,7 @@ class SamplingOptions(Config):
     method: str | None = arg(None, METHOD_HELP, choices=METHODS)
     grid: str = arg("uniform", "time grid of the fixed-grid methods", choices=GRIDS)
     grid_shift: float = arg(
-        3.0,
-        "shift s of --grid shifted: s > 1 puts more steps near the data (t=1); this is "
-        "SD3/Flux's shift run the other way (their shift > 1 puts steps near the noise): s here is "
-        "their 1/shift",
-        gt=0,
+        3.0, "shift s of --grid shifted: s > 1 puts more steps near the data (t=1); SD3/Flux's shift is 1/s", gt=0
     )
     cfg_scale: float = arg(1.0, "classifier-free guidance scale; 1 disables it")
     guidance_interval: tuple[float, float] = arg(
@@ -61,10 +57,7 @@ class SamplingOptions(Config):
     )
     batch_size: int = arg(256, "samples per forward batch (bounds memory)", min=1)
     max_frames: int = arg(50, "at most this many trajectory frames (GIFs)", min=2)
-    decode: bool = arg(
-        True,
-        "latent models: decode the samples to images through the checkpoint's VAE (--no-decode: return the latents)",
-    )
+    decode: bool = arg(True, "latent models: decode samples to images with the checkpoint VAE (--no-decode: latents)")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,37 +34,18 @@ from sampling.solvers import ADAPTIVE, SOLVERS, frame_indices, get_solver, time_
 from utils.checkpoint import load_checkpoint
 from utils.device import autocast, module_device_dtype, resolve_device, resolve_precision, unwrap_model
 
-
-def checkpoint_decoder(state: dict[str, Any], device: torch.device, vae: str | None = None) -> Any | None:
-    """The ``models.vae.LatentCodec`` that decodes the samples of a checkpoint trained on latents (its
-    "latent_space"; ``vae`` another copy of its VAE), on device; None for a pixel-space checkpoint."""
-    space = state.get("latent_space")
-    if not space:
-        return None
-    return LatentCodec.from_space(LatentSpace.from_dict(space), device, vae=vae)
+Labels = torch.Tensor | Sequence[int] | int | None  # (n,) labels, one for all, or None (random classes)
 
 
 def checkpoint_sample_method(state: dict[str, Any]) -> str:
-    """The method a checkpoint's network samples with by default: the one its objective recorded ("sample_method");
-    for checkpoints from before that, "mean" for an average-velocity network, else heun."""
+    """The checkpoint's "sample_method"; for older checkpoints "mean" for an average-velocity network, else heun."""
     average = upgraded_config(state["model_config"]).get("average_velocity")
     return state.get("sample_method") or ("mean" if average else DEFAULT_METHOD)
 
 
-#################################################################################
-#                                    Sampler                                    #
-#################################################################################
-
-
 class Sampler:
-    """Sampler for a DiT: classifier-free guidance with a guidance interval, fixed-grid methods, dopri5 and the SDE.
-
-    Keyword options are ``SamplingOptions`` fields, the defaults of every call; ``method`` None is heun here and the
-    objective's own method in ``from_checkpoint``. Works on any model with ``input_size``, ``in_channels`` and
-    ``num_classes`` (0: unconditional) that maps (x, t, y) to a velocity. A latent model's samples are decoded by
-    ``decoder`` (a ``models.vae.LatentCodec``). NFE counts evaluations per sample path (a guided pass of 2N counts
-    once). The ODE state stays float32 (float64 for a float64 model) whatever the network runs in.
-    """
+    """Sampler for any network mapping (x, t, y) to a velocity (docs/sampling.md); ``options`` are
+    ``SamplingOptions``, the defaults of every call. NFE counts evaluations per sample path (a guided pass once)."""
 
     def __init__(self, model: nn.Module, decoder: Any | None = None, latent: bool = False, **options: Any):
         self.model = unwrap_model(model)
@@ -76,8 +57,7 @@ class Sampler:
         self.in_channels = int(self.model.in_channels)
         self.num_classes = int(getattr(self.model, "num_classes", 0))
         self.average_velocity = bool(getattr(self.model, "average_velocity", False))
-        # A network that takes the guidance scale as an input (its ``guidance_max``) samples guided in one pass of N,
-        # at scales in the range it was trained on; None: ordinary classifier-free guidance, any scale.
+        # A guidance-input network (``guidance_max``) takes the scales it was trained on; None: any scale.
         top = float(getattr(self.model, "guidance_max", 0.0) or 0.0)
         self.guidance_range: tuple[float, float] | None = (1.0, top) if top else None
         self.device, self.model_dtype = module_device_dtype(self.model)
@@ -93,17 +73,16 @@ class Sampler:
         vae: str | None = None,
         **options: Any,
     ) -> Sampler:
-        """A Sampler for a checkpoint's DiT (``path``: a file or a loaded checkpoint), EMA (default) or raw weights, on
-        any device; without a ``method`` its objective's. A latent DiT decodes through the VAE its checkpoint names
-        (``vae``: another copy), loaded when first needed."""
+        """A Sampler for a checkpoint (a file or loaded), EMA or raw weights, by default with its objective's method;
+        a latent DiT decodes through the VAE the checkpoint names (``vae``: another copy), loaded when first needed."""
         device = resolve_device(str(device))
         state = path if isinstance(path, dict) else load_checkpoint(path)
         if options.get("method") is None:
             options = {**options, "method": checkpoint_sample_method(state)}
         model = model_from_checkpoint(state, ema=ema, device=device)
-        latent = bool(state.get("latent_space"))
-        decoder = (lambda: checkpoint_decoder(state, device, vae)) if latent and options.get("decode", True) else None
-        return cls(model, decoder, latent=latent, **options)
+        space = state.get("latent_space")
+        decoder = lambda: LatentCodec.from_space(LatentSpace.from_dict(space), device, vae=vae)
+        return cls(model, decoder if space and options.get("decode", True) else None, latent=bool(space), **options)
 
     @property
     def decoder(self) -> Any | None:
@@ -133,11 +112,8 @@ class Sampler:
         interval: float | None = None,
         options: SamplingOptions | None = None,
     ) -> torch.Tensor:
-        """Guided velocity (N, C, H, W) at states x (N, C, H, W), one time t and labels y (N,), inputs checked.
-
-        Guidance v_u + s (v_c - v_u) runs only for t inside the guidance interval (elsewhere, and at scale 1, one
-        conditional pass); a guidance-input network takes the scale in one pass of N. ``interval``: the jump length
-        of an average-velocity network."""
+        """Guided velocity (N, C, H, W) at states x (N, C, H, W), one time t and labels y (N,), inputs checked;
+        ``interval``: the jump length of an average-velocity network."""
         o = options or self.options
         if x.ndim != 4 or tuple(x.shape[1:]) != self._image_shape() or not x.is_floating_point():
             raise ValueError(
@@ -159,9 +135,8 @@ class Sampler:
         """``velocity`` without the checks: the solvers' inner loop."""
         lo, hi = o.guidance_interval
         scale = o.cfg_scale if lo <= float(t) <= hi else 1.0
-        n = x.shape[0]
         # t stays in the state's precision even for a bf16 network: bf16 would round 0.998 to 1.0.
-        tt = torch.full((n,), float(t), device=x.device, dtype=x.dtype)
+        tt = torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
         extra = {} if interval is None else {"interval": torch.full_like(tt, float(interval))}
         extra |= {} if o.guidance_channels is None or self.num_classes == 0 else {"channels": o.guidance_channels}
         with autocast(x.device, resolve_precision(o.precision, self.device)):
@@ -175,7 +150,7 @@ class Sampler:
     def generate(
         self,
         n: int,
-        y: torch.Tensor | Sequence[int] | int | None = None,
+        y: Labels = None,
         *,
         noise: torch.Tensor | None = None,
         seed: int | None = None,
@@ -184,13 +159,9 @@ class Sampler:
         should_stop: Callable[[], bool] | None = None,
         **options: Any,
     ) -> Samples:
-        """Generate n images (n, C, H, W) in [0, 1] and what the call did (``Samples``).
-
-        y: labels (n,) or one int; None draws random classes. noise: the state at t = 0 (n, C, H, W). Sample i's
-        noise depends only on (seed, i), not on n or batch_size; without a seed one is drawn (``Samples.seed``).
-        ``options`` override the sampler's for this call. trajectory=True also returns up to max_frames raw states
-        (K, n, C, H, W) on the CPU. should_stop: asked before every step (dopri5: every evaluation); True raises
-        ``SamplingStopped``."""
+        """n images (n, C, H, W) in [0, 1] and what the call did (``Samples``). y: labels (n,), one int, or None for
+        random classes; noise: the state at t = 0, else drawn from (seed, i) for sample i; ``options`` override the
+        sampler's; should_stop: asked before every step (dopri5: every evaluation), True raises ``SamplingStopped``."""
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
         shape = self._image_shape()
@@ -230,8 +201,7 @@ class Sampler:
         )
 
     def to_images(self, x: torch.Tensor, options: SamplingOptions | None = None) -> torch.Tensor:
-        """Final states x (n, C, H, W) -> images float32 in [0, 1]: decoded by a latent model's VAE, else mapped from
-        [-1, 1]; with ``decode`` off a latent model's states are returned as they are."""
+        """Final states x (n, C, H, W) -> images float32 in [0, 1] (latents decoded unless ``decode`` is off)."""
         o = options or self.options
         if not self.latent:
             return ((x.float() + 1) / 2).clamp_(0, 1)
@@ -247,8 +217,7 @@ class Sampler:
     def trajectory_images(
         self, trajectory: torch.Tensor, should_stop: Callable[[], bool] | None = None
     ) -> torch.Tensor:
-        """A trajectory (K, n, C, H, W) as images in [0, 1], decoded for a latent model (a VAE pass a frame, each
-        after asking ``should_stop``, as ``generate`` does)."""
+        """A trajectory (K, n, C, H, W) as images in [0, 1], ``should_stop`` asked before each frame's decoding."""
         frames = []
         for i, frame in enumerate(trajectory):
             if should_stop is not None and should_stop():
@@ -257,8 +226,8 @@ class Sampler:
         return torch.stack(frames)
 
     def generate_each_class(self, n_per_class: int, classes: Sequence[int] | None = None, **kwargs: Any) -> Samples:
-        """n_per_class samples of every class (or of ``classes``, in their order), the i-th class in rows
-        i * n_per_class ...: a grid with nrow=n_per_class shows one class per row. Keywords as for ``generate``."""
+        """n_per_class samples of every class (or of ``classes``) in class order: a grid with nrow=n_per_class shows
+        one class per row. Keywords as for ``generate``."""
         if self.num_classes == 0:
             raise ValueError("sampling each class needs a class-conditional model; this one is unconditional")
         if not isinstance(n_per_class, int) or isinstance(n_per_class, bool) or n_per_class < 1:
@@ -270,26 +239,17 @@ class Sampler:
         return self.generate(len(y), y, **kwargs)
 
     def sample(
-        self,
-        n: int,
-        y: torch.Tensor | Sequence[int] | int | None = None,
-        *,
-        noise: torch.Tensor | None = None,
-        seed: int | None = None,
-        return_trajectory: bool = False,
-        progress: bool = False,
-        **options: Any,
+        self, n: int, y: Labels = None, *, return_trajectory: bool = False, **kwargs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``generate``'s images (n, C, H, W) in [0, 1]; with return_trajectory=True (images, trajectory (K, n, C,
-        H, W)). For notebooks: ``generate`` also returns the labels, NFE, seed and precision."""
-        out = self.generate(n, y, noise=noise, seed=seed, trajectory=return_trajectory, progress=progress, **options)
+        """``generate``'s images (n, C, H, W) in [0, 1], with return_trajectory=True also the trajectory (K, n, C, H,
+        W); keywords as for ``generate``."""
+        out = self.generate(n, y, trajectory=return_trajectory, **kwargs)
         return (out.images, out.trajectory) if return_trajectory else out.images
 
     def sample_each_class(
         self, n_per_class: int, *, return_trajectory: bool = False, **kwargs: Any
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """``generate_each_class``'s images (classes * n_per_class, C, H, W), with return_trajectory=True also the
-        trajectory (K, classes * n_per_class, C, H, W)."""
+        """``generate_each_class``'s images (classes * n_per_class, C, H, W), as ``sample``."""
         out = self.generate_each_class(n_per_class, trajectory=return_trajectory, **kwargs)
         return (out.images, out.trajectory) if return_trajectory else out.images
 
@@ -302,9 +262,8 @@ class Sampler:
         ask: Callable[[], bool],
         noises: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE; ``ask``
-        before each step (dopri5: each evaluation), True raises ``SamplingStopped``; ``noises``: the next step's noise
-        of a stochastic method (``step_noise``; none on its last step)."""
+        """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE; ``noises``:
+        the next step's noise of a stochastic method (``step_noise``)."""
         nfe = 0
 
         def f(x: torch.Tensor, t: float, h: float | None = None) -> torch.Tensor:

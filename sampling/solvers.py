@@ -1,13 +1,10 @@
-"""Time grids and the fixed-grid solver steps of the sampler, from t = 0 (noise) to t = 1 (data).
-``SOLVERS``: name -> (step function, evaluations per step, needs an average-velocity network). The adaptive
-dopri5 (torchdiffeq) is run by the Sampler itself (``ADAPTIVE``).
+"""Time grids and the fixed-grid solver steps of the sampler (``SOLVERS``), from t = 0 (noise) to t = 1 (data); the
+adaptive dopri5 (torchdiffeq, ``ADAPTIVE``) is run by the Sampler itself.
 
 "sde" integrates an SDE with the ODE's marginals (SiT, Ma et al. 2024): on the linear path E[x0 | x_t] = x - t v, so
 the score is s = (t v - x) / (1 - t), and dx = [v + (w/2) s] dt + sqrt(w) dW keeps every marginal for any w(t) >= 0.
-SiT's "sigma" form w = 2 (1 - t) (its command line's default; REPA's 2 t in its reversed time) gives the drift
-(1 + t) v - x, finite up to t = 1; "SBDM" w = 2 (1 - t) / t is infinite at t = 0, where SiT's own sampler turns to NaN
-for a velocity network, so its window starts at SiT's sample_eps of other networks, 1e-3. Both end with a noise-free
-step to t = 1, 0.04 by default (SiT's last step "Mean"; "euler" steps along v, which is also SiT's "Tweedie" here)."""
+SiT's "sigma" w = 2 (1 - t) gives the drift (1 + t) v - x; "SBDM" w = 2 (1 - t) / t, infinite at t = 0, starts at
+1e-3. Both end with a noise-free step to t = 1 (SiT's "Mean"; "euler" steps along v). docs/published.md: the details."""
 
 from __future__ import annotations
 
@@ -23,9 +20,8 @@ ADAPTIVE = ("dopri5",)  # methods that choose their own steps (torchdiffeq), run
 
 
 def time_grid(steps: int, grid: str = "uniform", shift: float = 3.0) -> torch.Tensor:
-    """Increasing times (steps + 1,) float64 from exactly 0 (noise) to exactly 1 (data). "shifted": t -> s t / (1 +
-    (s - 1) t), s > 1 refining near t = 1 (SD3's shift on 1 - t with factor 1 / s: opposite to SD3's / Flux's). "edm":
-    EDM's sigmas (Karras et al. 2022) at t = 1 / (1 + sigma), the first moved to t = 0 (pure noise)."""
+    """Increasing times (steps + 1,) float64 from exactly 0 to exactly 1. "shifted": t -> s t / (1 + (s - 1) t), s > 1
+    refining near t = 1 (SD3's shift with 1 / s); "edm": EDM's sigmas at t = 1 / (1 + sigma), the first moved to 0."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; choose from {', '.join(GRIDS)}")
     u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
@@ -71,8 +67,7 @@ def midpoint_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.T
 
 
 def heun_step(f: Velocity, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Heun's method (Karras et al. 2022, Alg. 1 without noise), two evaluations even on the last step: unlike EDM's
-    sigma = 0, the velocity at t = 1 is finite."""
+    """Heun's method (Karras et al. 2022, Alg. 1 without noise), corrector included on the last step (v is finite)."""
     h = t1 - t0
     d0 = f(x, t0)
     return x + 0.5 * h * (d0 + f(x + h * d0, t1))

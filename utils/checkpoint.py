@@ -15,20 +15,8 @@ import torch
 from utils.io import atomic_write
 
 # The keys of a full training state, what --resume needs (training/resume.py builds it).
-TRAINING_KEYS = (
-    "model_config",
-    "model",
-    "ema",
-    "ema_num_updates",
-    "optimizer",
-    "step",
-    "skipped_steps",
-    "config",
-    "rng",
-    "data_state",
-    "world_size",
-    "wandb_id",
-)
+TRAINING_KEYS = ("model_config", "model", "ema", "ema_num_updates", "optimizer", "step", "skipped_steps", "config")
+TRAINING_KEYS += ("rng", "data_state", "world_size", "wandb_id")
 
 
 class CheckpointError(ValueError):

@@ -51,9 +51,8 @@ def power_beta(gamma: float, step: int) -> float:
 
 
 def overlap(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
-    """<p_a, p_b>, the integral of the product of two profiles (broadcast):
-    (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) hi) (lo / hi)^g, lo and hi the earlier and later end, g the later's exponent.
-    """
+    """<p_a, p_b> (broadcast) = (g_a + 1)(g_b + 1) / ((g_a + g_b + 1) hi) (lo / hi)^g, lo and hi the earlier and
+    later end, g the later's exponent."""
     t_a, g_a, t_b, g_b = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b)))
     lo, hi = np.minimum(t_a, t_b), np.maximum(t_a, t_b)
     g = np.where(t_a < t_b, g_b, g_a)
@@ -63,9 +62,8 @@ def overlap(t_a: Any, g_a: Any, t_b: Any, g_b: Any) -> np.ndarray:
 def solve(
     steps: Sequence[int], sigma_rels: Sequence[float], step: int, targets: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Coefficients (n_snapshots, n_targets) that combine snapshots (steps[i], sigma_rels[i]) into the power EMAs of
-    the target widths at step, normalised to sum to 1, and each target's relative L2 residual ||p - p_target|| /
-    ||p_target|| (0: exact; near 1: not representable)."""
+    """Coefficients (n_snapshots, n_targets), summing to 1, combining snapshots (steps[i], sigma_rels[i]) into the
+    targets' power EMAs at step, and each target's relative L2 residual (0: exact; near 1: not representable)."""
     t, g = np.asarray(steps, np.float64), np.array([sigma_rel_to_gamma(s) for s in sigma_rels])
     g_out = np.array([sigma_rel_to_gamma(s) for s in targets])
     a = overlap(t[:, None], g[:, None], t[None, :], g[None, :])
@@ -78,9 +76,8 @@ def solve(
 
 
 class PowerEMA:
-    """Power-function EMAs of a model's parameters, one per sigma_rel, updated on the device (foreach, no host sync).
-
-    ``meta`` (plain values: the model config, the run config) is written into every snapshot beside the weights."""
+    """Power-function EMAs of a model's parameters, one per sigma_rel, updated on the device (foreach, no host sync);
+    ``meta`` (plain values: the model and run config) goes into every snapshot."""
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float], meta: dict[str, Any] | None = None):
         self.model, self.sigma_rels, self.meta = model, tuple(float(s) for s in sigma_rels), meta or {}

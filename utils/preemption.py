@@ -1,5 +1,4 @@
 """Stopping a training run cleanly: on SIGTERM, SIGINT (Ctrl-C) or SIGUSR1, or before a wall-clock budget runs out.
-
 A signal only raises a flag; the run checkpoints the step in progress and exits with the reason's code
 (``EXIT_CODES``). Processes agree over a CPU (gloo) group that never waits for the GPU (docs/reliability.md)."""
 

@@ -29,13 +29,9 @@ def rng_state(device: torch.device | str = "cpu") -> dict[str, Any]:
     """This process's generator states: "torch", "numpy", "python", and "cuda" when device is a GPU."""
     device = torch.device(device)
     s = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
-    numpy_state = {
-        "bit_generator": str(s["bit_generator"]),
-        "key": torch.from_numpy(np.asarray(s["state"]["key"], dtype=np.int64)),  # (624,) uint32 values
-        "pos": int(s["state"]["pos"]),
-        "has_gauss": int(s["has_gauss"]),
-        "gauss": float(s["gauss"]),
-    }
+    key = torch.from_numpy(np.asarray(s["state"]["key"], dtype=np.int64))  # (624,) uint32 values
+    gauss = {"has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
+    numpy_state = {"bit_generator": str(s["bit_generator"]), "key": key, "pos": int(s["state"]["pos"]), **gauss}
     version, internal, gauss_next = random.getstate()  # (3, 625 ints, None or float)
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": [version, list(internal), gauss_next]}
     if device.type == "cuda":
@@ -49,14 +45,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str = "cpu", cud
     torch.set_rng_state(state["torch"])
     s = state["numpy"]
     key = np.asarray(s["key"].numpy() if isinstance(s["key"], torch.Tensor) else s["key"]).astype(np.uint32)
-    np.random.set_state(
-        {
-            "bit_generator": s["bit_generator"],
-            "state": {"key": key, "pos": int(s["pos"])},
-            "has_gauss": int(s["has_gauss"]),
-            "gauss": float(s["gauss"]),
-        }
-    )
+    gauss = {"has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
+    np.random.set_state({"bit_generator": s["bit_generator"], "state": {"key": key, "pos": int(s["pos"])}, **gauss})
     version, internal, gauss_next = state["python"]
     random.setstate((int(version), tuple(int(v) for v in internal), gauss_next))
     if device.type == "cuda":

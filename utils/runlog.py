@@ -76,19 +76,13 @@ class RunLogger:
             mode = "offline"
             warn("wandb has no credentials (WANDB_API_KEY or `wandb login`); logging offline instead")
         wandb_dir = Path(os.environ.get("WANDB_DIR") or self.out_dir)
+        which_run = dict(project=project, name=name, config=config, id=run_id, resume="allow" if run_id else None)
         for attempt in ("online", "offline") if mode == "online" else (mode,):
             try:
                 wandb_dir.mkdir(parents=True, exist_ok=True)
+                # tqdm's carriage returns make captured console logs unreadable; metrics are logged explicitly.
                 self.run = wandb.init(
-                    project=project,
-                    name=name,
-                    config=config,
-                    dir=str(wandb_dir),
-                    mode=attempt,
-                    id=run_id,
-                    resume="allow" if run_id else None,
-                    # tqdm's carriage returns make captured console logs unreadable; metrics are logged explicitly.
-                    settings=wandb.Settings(console="off"),
+                    dir=str(wandb_dir), mode=attempt, settings=wandb.Settings(console="off"), **which_run
                 )
                 break
             except Exception as e:  # e.g. no network: an online run falls back to an offline one

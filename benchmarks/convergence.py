@@ -1,8 +1,10 @@
-"""How fast a DiT converges with each of LightningDiT's and JiT's changes: their Table 1, on the 8x8 digits.
+"""How fast a DiT converges with LightningDiT's and JiT's changes (their Table 1) and with REPA, on the 8x8 digits.
 
     python -m benchmarks.convergence --json runs/convergence/convergence.json           # every row, 3 seeds
     python -m benchmarks.convergence --rows dit lightning --seeds 0 1 2                 # DiT and --recipe lightning
     python -m benchmarks.convergence --rows none --meanflow lightning                   # MeanFlow with a row's blocks
+    python -m benchmarks.convergence --rows lightning repa                              # REPA against its baseline
+    python -m benchmarks.convergence --rows none --seeds 0 --repa-weights 0.25 0.5 1 --repa-depths 1 2 3  # a sweep
 
 LightningDiT (Yao et al. 2025, "Reconstruction vs. Generation", Table 1) adds one change at a time to DiT-XL/2 and
 reports FID at 80 epochs; rectified flow and logit-normal t are this repo's baseline already, so the rows here
@@ -19,13 +21,22 @@ network and batch), the rows alternating ROUNDS times, and reports each row's po
 
 A run whose final checkpoint exists is not trained again, and one cut short continues from its last.pt
 (``--resume auto``); each run's numbers are cached in its folder (quality.json), so the script can be stopped and
-started again. ``--meanflow ROW`` trains the row's network and optimizer once with the MeanFlow objective
+started again. The REPA rows (Yu et al. 2025, "Representation Alignment for Generation") are the lightning row plus
+train.py's ``--repa-*`` flags, aligned with benchmarks/digits_encoder.py's frozen digits encoder (16 tokens of 64 on
+the DiT's own 4x4 patch grid), made once at OUT/digits-encoder.pt2 (seed 0). Their defaults are REPA's scaled to
+4 blocks of width 128: weight 0.5 as REPA's; alignment after block 2 (REPA aligns after block 8 of SiT-XL's 28, and
+its depth ablation favours early blocks: 1 or 2 here, and 2 leaves the first half of the network to alignment and
+the second to generation); projector width 256, twice the hidden width as REPA's 2048 is about twice SiT-XL's 1152
+(its 2048 would dwarf this DiT). ``--repa-weights`` and ``--repa-depths`` add a row for each pair of their values.
+``--meanflow ROW`` trains the row's network and optimizer once with the MeanFlow objective
 (the digits-meanflow preset: 3000 steps) and judges it at 1 and 2 NFE with its own solver.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import statistics
 import subprocess
@@ -34,6 +45,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from benchmarks.benchmark import BenchConfig
+from benchmarks.digits_encoder import export_encoder, train_encoder
 from benchmarks.few_step import digits_quality
 from sampling import Sampler
 
@@ -51,6 +64,7 @@ STEPS: list[tuple[str, str, dict[str, Any]]] = [
     ("lightning", "+ RoPE (= --recipe lightning)", dict(rope=True)),
     ("jit", "+ in-context class tokens (JiT)", dict(class_tokens=4)),
 ]
+REPA = dict(repa_weight=0.5, repa_depth=2, repa_projector_dim=256)  # the REPA row's flags on the lightning row
 BASE = dict(
     dataset="digits",
     image_size=8,
@@ -86,6 +100,33 @@ def row_flags(key: str) -> dict[str, Any]:
     raise KeyError(key)
 
 
+def repa_row(weight: float, depth: int) -> tuple[str, str, dict[str, Any]]:
+    """(key, label, flags) of the lightning row with REPA at weight after block depth (the encoder is added per OUT)."""
+    flags = {**row_flags("lightning"), **REPA, "repa_weight": weight, "repa_depth": depth}
+    key = "repa" if (weight, depth) == (REPA["repa_weight"], REPA["repa_depth"]) else f"repa-w{weight:g}-d{depth}"
+    return key, f"lightning + REPA (weight {weight:g}, after block {depth})", flags
+
+
+def table_rows(repa_grid: list[tuple[float, int]] = ()) -> list[tuple[str, str, dict[str, Any]]]:
+    """(key, label, all its flags) of every row in table order: STEPS' rows, the REPA row, then repa_grid's."""
+    rows = [(key, label, row_flags(key)) for key, label, _ in STEPS]
+    for weight, depth in [(REPA["repa_weight"], REPA["repa_depth"]), *repa_grid]:
+        row = repa_row(weight, depth)
+        if row[0] not in [key for key, _, _ in rows]:
+            rows.append(row)
+    return rows
+
+
+def encoder_file(out: Path) -> Path:
+    """OUT/digits-encoder.pt2, the REPA rows' frozen encoder (benchmarks/digits_encoder.py, seed 0), made if missing."""
+    path = out / "digits-encoder.pt2"
+    if not path.exists():
+        trained = train_encoder(seed=0)
+        export_encoder(trained.encoder, path)
+        print(f"wrote {path}: held-out accuracy {trained.heldout_accuracy:.3f}, trained in {trained.seconds:.0f} s")
+    return path
+
+
 def train_args(settings: dict[str, Any]) -> list[str]:
     """train.py's command line for settings {field: value} (bools as --name / --no-name)."""
     args = []
@@ -116,14 +157,19 @@ def train_and_judge(settings: dict[str, Any], at: list[int], methods: dict[str, 
     return result
 
 
-def summary(results: dict[str, dict[int, dict[str, Any]]], at: list[int]) -> list[dict[str, Any]]:
-    """Per row: mean and standard deviation over seeds of FD and accuracy at each step, and ms per step."""
+def summary(
+    results: dict[str, dict[int, dict[str, Any]]],
+    at: list[int],
+    table: list[tuple[str, str, dict[str, Any]]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per row of table (default: table_rows()): mean and standard deviation over seeds of FD and accuracy at each
+    step, and ms per step."""
     rows = []
-    for key, label, _ in STEPS:
+    for key, label, flags in table or table_rows():
         if key not in results:
             continue
         runs = list(results[key].values())
-        row: dict[str, Any] = {"key": key, "label": label, "seeds": sorted(results[key]), "flags": row_flags(key)}
+        row: dict[str, Any] = {"key": key, "label": label, "seeds": sorted(results[key]), "flags": flags}
         for step in at:
             for metric in ("fd", "accuracy"):
                 values = [r["quality"][str(step) if str(step) in r["quality"] else step][0][metric] for r in runs]
@@ -169,9 +215,10 @@ def meanflow_run(key: str, out: Path, n: int) -> dict[str, Any]:
     return train_and_judge(settings, [3000], {"mean": [1, 2]}, n)
 
 
-def time_rows(keys: list[str], rounds: int, steps: int = 20) -> dict[str, dict[str, float]]:
-    """ms per training step of each row by benchmarks/benchmark.py, the rows alternating for rounds rounds:
-    pooled median and minimum over all timed steps (the minimum is the steadier on a shared machine)."""
+def time_rows(row_settings: dict[str, dict[str, Any]], rounds: int, steps: int = 20) -> dict[str, dict[str, float]]:
+    """ms per training step of each row {key: flags} by benchmarks/benchmark.py, the rows alternating for rounds
+    rounds: pooled median and minimum over all timed steps (the minimum is the steadier on a shared machine)."""
+    keys = list(row_settings)
     times: dict[str, list[float]] = {k: [] for k in keys}
     net = {
         k: BASE[k]
@@ -191,7 +238,7 @@ def time_rows(keys: list[str], rounds: int, steps: int = 20) -> dict[str, dict[s
     }
     for r in range(rounds):
         for key in keys if r % 2 == 0 else keys[::-1]:
-            flags = {k: v for k, v in row_flags(key).items() if k != "adam_beta2"}  # beta2 costs nothing
+            flags = {k: v for k, v in row_settings[key].items() if k != "adam_beta2"}  # beta2 costs nothing
             with tempfile.TemporaryDirectory() as tmp:
                 args = train_args(
                     {**net, **flags, "steps": steps, "warmup": 3, "sample": False, "json": f"{tmp}/b.json"}
@@ -209,11 +256,15 @@ def time_rows(keys: list[str], rounds: int, steps: int = 20) -> dict[str, dict[s
 def cli(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.convergence", description=__doc__.split("\n\n")[0])
     keys = [k for k, _, _ in STEPS]
-    p.add_argument("--rows", nargs="+", default=keys, choices=[*keys, "none"], help="rows to run (none: no row)")
+    p.add_argument(
+        "--rows", nargs="+", default=[*keys, "repa"], choices=[*keys, "repa", "none"], help="rows to run (none: no row)"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of every row")
     p.add_argument("--at", nargs="+", type=int, default=[250, 500, 1000, 1500], help="steps judged (the last: the run)")
     p.add_argument("--n", type=int, default=2000, help="samples per judgement")
     p.add_argument("--out", default="runs/convergence", help="folder of the runs (OUT/ROW/seedS)")
+    p.add_argument("--repa-weights", nargs="+", type=float, help="REPA rows at these weights (default: 0.5)")
+    p.add_argument("--repa-depths", nargs="+", type=int, help="REPA rows aligned after these blocks (default: 2)")
     p.add_argument("--meanflow", choices=keys, help="also train this row's blocks with MeanFlow, 3000 steps")
     p.add_argument(
         "--cached",
@@ -230,20 +281,33 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", help="write the per-seed numbers and the table here")
     args = p.parse_args(argv)
     out, at = Path(args.out), sorted(args.at)
+    weights, depths = args.repa_weights or [REPA["repa_weight"]], args.repa_depths or [REPA["repa_depth"]]
+    grid = list(itertools.product(weights, depths)) if args.repa_weights or args.repa_depths else []
+    if any(d < 1 or d > BASE["depth"] for _, d in grid):
+        p.error(f"--repa-depths must lie in 1..{BASE['depth']} (the DiT's blocks); got {args.repa_depths}")
+    table, swept = table_rows(grid), {repa_row(weight, depth)[0] for weight, depth in grid}
+    chosen = [row for row in table if row[0] in args.rows or row[0] in swept]  # in table order
     results: dict[str, dict[int, dict[str, Any]]] = {}
-    for key in [k for k in keys if k in args.rows]:  # in table order
+    run_flags: dict[str, dict[str, Any]] = {}
+    for key, _, flags in chosen:
         seeds = (
             sorted(int(d.parent.name[4:]) for d in (out / key).glob("seed*/quality.json"))
             if args.cached
             else args.seeds
         )
+        if "repa_weight" in flags and seeds:
+            flags = {**flags, "repa_encoder": str(encoder_file(out))}
+        run_flags[key] = flags
         for seed in seeds:
-            settings = {**BASE, "steps": at[-1], **row_flags(key), "seed": seed, "out": str(out / key / f"seed{seed}")}
+            settings = {**BASE, "steps": at[-1], **flags, "seed": seed, "out": str(out / key / f"seed{seed}")}
             results.setdefault(key, {})[seed] = train_and_judge(settings, at, {"heun": [10]}, args.n)
-    rows = summary(results, at)
+    rows = summary(results, at, table)
     report: dict[str, Any] = {"base": BASE, "at": at, "n": args.n, "rows": rows, "runs": results}
     if args.timing:
-        report["timing"] = time_rows([r["key"] for r in rows], args.timing)
+        benchmarked = {f.name for f in dataclasses.fields(BenchConfig)}
+        if any("repa_weight" in r["flags"] for r in rows) and "repa_weight" not in benchmarked:
+            p.error("--timing of REPA rows needs benchmarks/benchmark.py to take train.py's --repa-* flags")
+        report["timing"] = time_rows({r["key"]: run_flags[r["key"]] for r in rows}, args.timing)
         base = next(iter(report["timing"].values()))
         for key, t in report["timing"].items():
             print(

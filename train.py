@@ -270,8 +270,7 @@ def train(run: Run) -> dict[str, Any]:
             started = time.perf_counter()
             x, y, *images = next(run.stream)  # with REPA, the clean images too
             lr = learning_rate(step, cfg.lr, cfg.warmup)
-            aligning = images and (cfg.repa_until is None or step < cfg.repa_until)
-            run.step_fn(x, y, lr, images=images[0] if aligning else None)
+            run.step_fn(x, y, lr, images=images[0] if images and step < (cfg.repa_until or cfg.steps) else None)
             step += 1
             if run.phema:
                 run.phema.update(step)

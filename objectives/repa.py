@@ -35,11 +35,8 @@ def match_grid(tokens: Tensor, grid: int) -> Tensor:
     if side == grid:
         return tokens
     maps = tokens.transpose(1, 2).reshape(b, d, side, side).float()
-    maps = (
-        F.interpolate(maps, size=(grid, grid), mode="area")
-        if side > grid
-        else F.interpolate(maps, size=(grid, grid), mode="bilinear", align_corners=False)
-    )
+    resample = dict(mode="area") if side > grid else dict(mode="bilinear", align_corners=False)
+    maps = F.interpolate(maps, size=(grid, grid), **resample)
     return maps.flatten(2).transpose(1, 2)  # (B, grid * grid, D)
 
 

@@ -10,9 +10,7 @@ regressed onto x1 - x0 as in flow matching. The tangent is the network's own vel
 u_theta(x_s, s, s) (sg), not x1 - x0: V_theta is then a function of (x_s, s, t) alone, its minimiser is
 E[x1 - x0 | x_s] = v, and with the tangent v that is the identity, so u_theta is the true average velocity. The
 paper's V = u + (t - r) du/dt is this after tau -> 1 - tau. Rows with s = t are weighted by ``imf_velocity_weight``.
-
-The velocity is u at interval 0, not the paper's auxiliary v-head (8 more blocks): u(x, s, s) = v(x, s) anyway, and
-every ODE solver samples the function the tangent came from.
+The velocity is u at interval 0, not the paper's second head (docs/one-step.md).
 
 Guidance as an input (section 5): the DiT's ``guidance_max`` embeds w / w_max, and the network learns the average
 velocity of v^w = v_u + w (v_c - v_u), so one pass samples at any w. ``imf_guidance_fraction`` of each batch draws
@@ -37,7 +35,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from objectives.base import LossTerms
-from objectives.meanflow import AverageVelocityObjective, _call, _expand
+from objectives.meanflow import AverageVelocityObjective, _call, _expand, adaptive_loss
 from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
@@ -182,11 +180,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
             w_g = torch.cat([w[:gk], w[k : k + ge]])
             guided = guided_target(torch.cat([v[:gk], v[k : k + ge]]).float(), v_c, v_u.float(), w_g)
             target = torch.cat([guided[:gk], target[gk:k], guided[gk:], target[k + ge :]])
-        err = (est - target.detach()).square().flatten(1)  # (N, D)
-        mse = err.mean(1)  # (N,)
-        per_row = mse
-        if self.imf_weight_power != 0:
-            per_row = mse * (err.sum(1).detach() + self.imf_weight_eps).pow(-self.imf_weight_power)
+        per_row, mse = adaptive_loss(est, target.detach(), self.imf_weight_power, self.imf_weight_eps)
         if self.imf_velocity_weight != 1.0 and k < n:
             per_row = torch.cat([per_row[:k], self.imf_velocity_weight * per_row[k:]])
         return LossTerms(per_row.mean(), mse.detach(), s)

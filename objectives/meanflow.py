@@ -19,9 +19,7 @@ true average velocity. At s = t the loss is flow matching's.
 - Training-time guidance (section 4.2): v~ = omega v + kappa u(x_s, s, s | y) + (1 - omega - kappa) u(x_s, s, s | null)
   (under sg) is the target's v and the tangent, except where the label is dropped. At the fixed point the conditional
   velocity is CFG at scale omega / (1 - kappa), so one-step samples come guided.
-
-The JVP runs on the plain module's math attention kernel over the s < t rows only (placed first: no host sync), and
-falls back once to a float32 finite difference. t is embedded unscaled: sinusoids of t * 1000 make du/ds large."""
+The JVP (math attention kernel, s < t rows only) and the unscaled time embedding: docs/one-step.md."""
 
 from __future__ import annotations
 
@@ -49,6 +47,15 @@ def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> Tens
     """model(x, s, y, interval=...), passing drop_mask and guidance only when given (stand-ins lack them)."""
     extra = {k: v for k, v in (("drop_mask", drop_mask), ("guidance", guidance)) if v is not None}
     return model(x, s, y, interval=interval, **extra)
+
+
+def adaptive_loss(pred: Tensor, target: Tensor, power: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Per-row losses sg(w) mse (N,), w = 1 / (||err||^2 + eps)^power (section 4.3), and the plain mse (N,)."""
+    err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
+    mse = err.mean(1)  # (N,)
+    if power == 0:
+        return mse, mse
+    return mse * (err.sum(1).detach() + eps).pow(-power), mse
 
 
 def average_velocity_jvp(
@@ -119,7 +126,7 @@ class AverageVelocityObjective(Objective):
         raise NotImplementedError
 
     def network_options(self) -> dict[str, Any]:
-        return {"average_velocity": True, "time_scale": 1.0}  # t unscaled: the module docstring says why
+        return {"average_velocity": True, "time_scale": 1.0}  # t unscaled: docs/one-step.md says why
 
     def num_unequal(self, n: int) -> int:
         """Rows with s < t in a batch of n drawn by ``sample_times``."""
@@ -276,11 +283,5 @@ class MeanFlow(AverageVelocityObjective):
             head = self.target(plain, xs[:k], s[:k], t[:k], v[:k], y_k, mask_k)
             target = torch.cat([head, v[k:]]) if k < len(v) else head
         pred = _call(model, xs, s, y, t - s, drop_mask)
-        err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
-        mse = err.mean(1)  # (N,)
-        if self.mf_weight_power == 0:
-            loss = mse.mean()
-        else:
-            weight = (err.sum(1).detach() + self.mf_weight_eps).pow(-self.mf_weight_power)
-            loss = (weight * mse).mean()
-        return LossTerms(loss, mse.detach(), s)
+        per_row, mse = adaptive_loss(pred, target, self.mf_weight_power, self.mf_weight_eps)
+        return LossTerms(per_row.mean(), mse.detach(), s)

@@ -17,13 +17,10 @@ from utils.device import PRECISIONS
 
 DEFAULT_METHOD = "heun"  # for a network without a checkpoint (whose objective names its own)
 
+FIXED_GRID = "; ".join(f"{name} {s.nfe_per_step} ({s.about})" for name, s in SOLVERS.items())
 METHOD_HELP = (
     "sampling method (default: the sample_method of the checkpoint's objective; heun for a bare network). "
-    "Fixed-grid, NFE = steps x: "
-    + "; ".join(f"{name} {s.nfe_per_step} ({s.about})" for name, s in SOLVERS.items())
-    + "; "
-    + ", ".join(ADAPTIVE)
-    + ": adaptive ODE solver (rtol, atol), NFE its own"
+    f"Fixed-grid, NFE = steps x: {FIXED_GRID}; {', '.join(ADAPTIVE)}: adaptive ODE solver (rtol, atol), NFE its own"
 )
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from utils.device import autocast, module_device_dtype, unwrap_model
 from utils.distributed import all_reduce_
@@ -30,8 +31,8 @@ def build_adamw(
 
 
 def guarded_step(
-    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: torch.Tensor, max_norm: float = float("inf")
-) -> tuple[torch.Tensor, torch.Tensor]:
+    opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], loss: Tensor, max_norm: float = float("inf")
+) -> tuple[Tensor, Tensor]:
     """After backward: clip, step unless the loss or gradient norm is non-finite on any process, zero the gradients.
     Returns ok (0-d bool) and the unclipped gradient norm on the device (a non-fused optimizer needs a host sync)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
@@ -56,14 +57,7 @@ class StepStats:
         self.by_t = zeros(2, bins)  # per bin of t: summed per-sample loss, samples (this interval)
         self.skipped, self.streak, self.worst_streak = zeros(), zeros(), zeros()
 
-    def update(
-        self,
-        ok: torch.Tensor,
-        mse: torch.Tensor,
-        t: torch.Tensor,
-        grad_norm: torch.Tensor,
-        align: torch.Tensor | None = None,
-    ) -> None:
+    def update(self, ok: Tensor, mse: Tensor, t: Tensor, grad_norm: Tensor, align: Tensor | None = None) -> None:
         """Count one step: its per-sample losses (N,) at times t (N,), grad norm and alignment loss enter the sums
         only if ok."""
         good = ok.double()
@@ -121,12 +115,12 @@ class TrainStep:
 
     def __call__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
+        x: Tensor,
+        y: Tensor | None,
         lr: float,
         mark: Callable[[], None] | None = None,
-        images: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        images: Tensor | None = None,
+    ) -> Tensor:
         """One step; returns whether it was taken (0-d bool on the device). ``mark`` is called after each phase;
         images: the clean images REPA's encoder sees (None: no alignment this step)."""
         mark = mark or (lambda: None)

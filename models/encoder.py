@@ -26,8 +26,8 @@ class PretrainedViT(nn.Module):
 
     def __init__(self, net: nn.Module, grid: int):
         super().__init__()
-        self.net, self.hub = net, hasattr(net, "get_intermediate_layers")  # DINOv2's own code
-        patch = net.patch_size if self.hub else net.patch_embed.patch_size[0]
+        self.net, self.timm = net, hasattr(net, "num_prefix_tokens")  # else DINOv2's own code
+        patch = net.patch_embed.patch_size[0] if self.timm else net.patch_size
         self.size = grid * int(patch)  # DINOv2-B/14 at 224 px for a 16 x 16 DiT grid, as REPA
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -36,9 +36,9 @@ class PretrainedViT(nn.Module):
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
         features = self.net.forward_features((x - self.mean) / self.std)
-        if self.hub:
-            return features["x_norm_patchtokens"]
-        return features[:, self.net.num_prefix_tokens :]  # timm: class and register tokens first
+        if self.timm:
+            return features[:, self.net.num_prefix_tokens :]  # class and register tokens first
+        return features["x_norm_patchtokens"]
 
 
 def load_encoder(name_or_path: str, grid: int, device: torch.device) -> nn.Module:

@@ -191,3 +191,31 @@ def test_digits_run_with_an_exported_encoder_aligns_and_learns(tmp_path):
     pooled = export(tmp_path, PatchTokens(pooled=True), "pooled.pt2")
     short = train.main(dataclasses.replace(cfg, out=str(tmp_path / "pooled"), steps=100, repa_encoder=str(pooled)))
     assert short["step"] == 100
+
+
+def test_pretrained_vits_see_normalised_rgb_at_the_dit_grid_and_give_patch_tokens_only():
+    """A timm ViT (random weights: nothing is downloaded) and a stand-in of DINOv2's hub model, on gray 8x8 images."""
+    import timm
+
+    from models.encoder import PretrainedViT
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+    encoder = PretrainedViT(vit, grid=4)  # 4 x 16 = 64 px
+    images = torch.rand(2, 1, 8, 8)
+    tokens = encoder(images)
+    assert encoder.size == 64 and tokens.shape == (2, 16, 192)  # the class token dropped
+    rgb = torch.nn.functional.interpolate(images.expand(-1, 3, -1, -1), size=64, mode="bicubic")
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(tokens, vit.forward_features((rgb - mean) / std.view(1, 3, 1, 1))[:, 1:])
+
+    class HubStandIn(nn.Module):  # DINOv2's own code: patch_size, a dict of features
+        patch_size = 14
+
+        def forward_features(self, x):
+            self.seen = x
+            return {"x_norm_patchtokens": x[:, :, :4, :4].flatten(2).transpose(1, 2)}
+
+    hub = HubStandIn()
+    out = PretrainedViT(hub, grid=16)(torch.rand(3, 3, 32, 32))
+    assert hub.seen.shape == (3, 3, 224, 224) and out.shape == (3, 16, 3)  # REPA's 224 px for a 16 x 16 grid

@@ -137,3 +137,19 @@ def test_fid_on_two_processes_equals_the_single_process_value(tmp_path):
     ema = model_from_checkpoint(tmp_path / "run/checkpoints/last.pt")
     fid, _ = compute_fid(Sampler(ema, steps=2, method="heun"), real, 21, extractor=extractor, seed=5, progress=False)
     assert len(logged) == 1 and logged[0] == pytest.approx(fid, rel=1e-9)  # float64 sums in another order
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_a_repa_run_on_two_processes_goes_past_the_end_of_the_alignment(tmp_path):
+    """After --repa-until the projector stays in the graph with a zero weight: DDP finds a gradient for every
+    parameter at every step (else its next step fails)."""
+    from test_repa import export
+
+    encoder = export(tmp_path)
+    repa = ["--repa-weight", "0.5", "--repa-encoder", str(encoder), "--repa-until", "4", "--repa-projector-dim", "8"]
+    run = torchrun(tmp_path / "repa", "--sample-every", "0", *repa)
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "repa/checkpoints/last.pt")
+    assert state["step"] == 6 and state["model"]["projector.4.weight"].shape == (12, 8)
+    logged = [json.loads(line) for line in (tmp_path / "repa/metrics.jsonl").read_text().splitlines()]
+    assert all(-1 <= r["train/repa_loss"] <= 1 for r in logged) and len(logged) == 2

@@ -115,3 +115,30 @@ def test_an_extraction_with_images_resumes_and_a_rerun_with_other_images_is_refu
         lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("extract_latents.py")]
         assert len(lines) == 1 and f"store_images {change}" in lines[0], lines
         assert files(world / folder) == before
+
+
+def test_train_aligns_latents_with_their_stored_crops_and_refuses_latents_without(world, tmp_path, capsys):
+    """train.py with --repa-weight on latents: the loader reads the crops (--data-on-device resolves off); latents
+    extracted without --images are one line naming the flag, before anything is written."""
+    import torch.nn as nn
+    from test_latents import latent_run
+
+    import train
+    from utils.checkpoint import load_checkpoint
+
+    class Pooled(nn.Module):  # (B, 3, 16, 16) in [0, 1] -> (B, 3): each channel's mean
+        def forward(self, images):
+            return images.mean((2, 3))
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(Pooled(), (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "pooled.pt2")
+    repa = dict(repa_weight=0.5, repa_encoder=str(tmp_path / "pooled.pt2"), repa_projector_dim=8, sample_every=0)
+    result = train.main(latent_run(world, tmp_path / "run", data_path=str(world / "with"), **repa))
+    state = load_checkpoint(result["checkpoint"])
+    assert state["config"]["data_on_device"] is False and state["model_config"]["repa_dim"] == 3
+    assert result["step"] == 6
+    with pytest.raises(DataError, match="hold no images; run extract_latents.py with --images"):
+        train.main(latent_run(world, tmp_path / "bare", data_path=str(world / "without"), **repa))
+    assert not (tmp_path / "bare" / "config.json").exists()

@@ -54,9 +54,11 @@ from data import BatchStream, DataError, build_dataset
 from data.datasets import TensorImageDataset
 from models import DiT, ModelConfig, build_model, count_params, forward_flops
 from objectives import ObjectiveConfig
+from objectives.repa import representation_alignment
 from sampling import Sampler
 from sampling.solvers import FIXED_GRID_SOLVERS
-from utils.config import ConfigError, arg, flag_values, parse
+from training.config import repa_defaults
+from utils.config import ConfigError, arg, fill_unset, flag_values, parse
 from utils.device import PRECISIONS, allow_tf32, autocast, compile_or_eager, resolve_device, resolve_precision
 from utils.ema import EMA
 from utils.optim import StepStats, TrainStep, build_adamw
@@ -90,6 +92,10 @@ class BenchConfig(ModelConfig, ObjectiveConfig):
     grad_clip: float = arg(1.0, "as train.py (0: none)", min=0)
     compile: bool = arg(False, "torch.compile the model, as train.py")
     precision: str = arg("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
+    repa_weight: float = arg(0.0, "REPA's alignment, as train.py (0: off; pixel data only)", min=0)
+    repa_encoder: str | None = arg(None, "as train.py (default dinov2_vitb14)")
+    repa_depth: int | None = arg(None, "as train.py", min=1)
+    repa_projector_dim: int | None = arg(None, "as train.py", min=1)
     reference: bool = arg(False, "also time the official DiT of the same size")
     train: bool = arg(True, "run the training benchmark")
     sample: bool = arg(True, "run the sampling benchmark", group="sampling")
@@ -112,6 +118,8 @@ class BenchConfig(ModelConfig, ObjectiveConfig):
             raise ConfigError("nothing to do: both --no-train and --no-sample")
         if self.reference and (self.num_classes == 0 or self.build_objective().network_options()):
             raise ConfigError("--reference needs a class-conditional model whose objective adds no network inputs")
+        if self.repa_weight and (self.reference or self.channels == 4):
+            raise ConfigError("--repa-weight times the project's step on pixel data: not with --reference or latents")
         if self.json and Path(self.json).exists():
             raise ConfigError(f"{self.json} already exists; choose another --json path")
 
@@ -172,12 +180,12 @@ def make_dataset(cfg: BenchConfig):
     return dataset
 
 
-def make_model(cfg: BenchConfig, impl: str) -> nn.Module:
-    """The project's DiT ('dit'), built as train.py builds it for the objective, or the official architecture
-    ('official') of the configured size."""
+def make_model(cfg: BenchConfig, impl: str, **projector: int) -> nn.Module:
+    """The project's DiT ('dit'), built as train.py builds it for the objective (and REPA's projector), or the
+    official architecture ('official') of the configured size."""
     if impl == "dit":
         options = cfg.build_objective().network_options()
-        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes, **options)
+        return build_model(cfg, cfg.image_size, cfg.channels, cfg.num_classes, **options, **projector)
     sizes = dict(hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads)
     return official_dit(
         cfg.model,
@@ -205,9 +213,12 @@ def bench_train(
     settings); step='official' is the official DiT repository's (default AdamW, no clipping, a per-parameter EMA
     loop), with the same data and loss.
     """
-    objective = cfg.build_objective()
+    objective, projector = cfg.build_objective(), {}
+    if cfg.repa_weight:  # train.py's REPA: the encoder's forward and the projector are part of the step
+        repa = fill_unset(cfg, repa_defaults(cfg))
+        objective, projector = representation_alignment(repa, objective, cfg.image_size, device)
     torch.manual_seed(cfg.seed)
-    model = make_model(cfg, impl).to(device).train()
+    model = make_model(cfg, impl, **projector).to(device).train()
     stream = BatchStream(
         dataset,
         cfg.batch_size,
@@ -216,6 +227,7 @@ def bench_train(
         flip=cfg.flip,
         on_device=cfg.data_on_device,
         num_workers=cfg.num_workers,
+        with_images=bool(cfg.repa_weight),
     )
     net = model
     if cfg.compile and impl == "dit":  # train.py's own probe-and-fall-back, so it compiles exactly as training does
@@ -245,9 +257,9 @@ def bench_train(
 
     def train_step(timer: PhaseTimer | None) -> None:
         mark = timer.mark if timer else lambda: None
-        x, y = next(stream)
+        x, y, *images = next(stream)
         mark()
-        step_fn(x, y, cfg.lr, mark)
+        step_fn(x, y, cfg.lr, mark, *images)
 
     syncs = None
     for i in range(cfg.warmup):

@@ -35,7 +35,6 @@ the second to generation); projector width 256, twice the hidden width as REPA's
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import statistics
@@ -45,7 +44,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.benchmark import BenchConfig
 from benchmarks.digits_encoder import export_encoder, train_encoder
 from benchmarks.few_step import digits_quality
 from sampling import Sampler
@@ -304,9 +302,6 @@ def cli(argv: list[str] | None = None) -> dict[str, Any]:
     rows = summary(results, at, table)
     report: dict[str, Any] = {"base": BASE, "at": at, "n": args.n, "rows": rows, "runs": results}
     if args.timing:
-        benchmarked = {f.name for f in dataclasses.fields(BenchConfig)}
-        if any("repa_weight" in r["flags"] for r in rows) and "repa_weight" not in benchmarked:
-            p.error("--timing of REPA rows needs benchmarks/benchmark.py to take train.py's --repa-* flags")
         report["timing"] = time_rows({r["key"]: run_flags[r["key"]] for r in rows}, args.timing)
         base = next(iter(report["timing"].values()))
         for key, t in report["timing"].items():

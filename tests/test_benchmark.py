@@ -40,11 +40,15 @@ def tiny(**overrides) -> BenchConfig:
 
 
 @pytest.mark.parametrize(
-    "objective, args", [("flow", dict(t_mean=0.3)), ("meanflow", dict(mf_equal_fraction=0.5, mf_omega=1.5))]
+    "objective, args, repa",
+    [("flow", dict(t_mean=0.3), 0), ("meanflow", dict(mf_equal_fraction=0.5, mf_omega=1.5), 0), ("flow", {}, 0.5)],
 )
-def test_the_benchmark_times_train_pys_own_step(objective, args, tmp_path):
+def test_the_benchmark_times_train_pys_own_step(objective, args, repa, tmp_path):
     """3 steps of the benchmark and 3 steps of train.py from the same seed and settings: the same weights, bit for
-    bit (the benchmark counts its host syncs on the last warm-up step, which trains like the others)."""
+    bit (the benchmark counts its host syncs on the last warm-up step, which trains like the others); with REPA too."""
+    from test_repa import export
+
+    encoder = dict(repa_weight=repa, repa_encoder=str(export(tmp_path)), repa_projector_dim=8) if repa else {}
     model = dict(model="DiT-XS/2", hidden_size=32, depth=1, num_heads=2, num_registers=2, class_dropout=0.2)
     same = dict(
         image_size=8,
@@ -61,6 +65,7 @@ def test_the_benchmark_times_train_pys_own_step(objective, args, tmp_path):
         precision="fp32",
         device="cpu",
         **model,
+        **encoder,
     )
     run = train.main(
         train.TrainConfig(

@@ -212,11 +212,8 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
         cfg = fill_unset(cfg, kept | {k: v for k, v in old.get("objective_args", {}).items() if k in WEIGHT_SETTINGS})
     cfg = fill_unset(dataclasses.replace(cfg, recipe=cfg.recipe or "dit"), RECIPES[cfg.recipe or "dit"])
     cfg = dataclasses.replace(cfg, repa_weight=cfg.repa_weight or 0.0)
-    if cfg.repa_weight:  # REPA's settings at DiT-XL/2 (block 8 of 28, a 2048-wide projector), scaled down
-        hidden, depth, _ = DIT_SIZES[cfg.model.split("-")[1].split("/")[0]]
-        hidden, depth = cfg.hidden_size or hidden, cfg.depth or depth
-        defaults = dict(repa_encoder="dinov2_vitb14", repa_depth=max(1, min(8, depth // 3)))
-        cfg = fill_unset(cfg, defaults | dict(repa_projector_dim=min(2048, hidden * depth // 2)))
+    if cfg.repa_weight:
+        cfg = fill_unset(cfg, repa_defaults(cfg))
     size, channels = cfg.image_size, cfg.channels
     if size is None or channels is None:  # the data's own (latents: the images they encode), else 32 px RGB
         native = DATASETS[cfg.dataset].native_size(Path(cfg.data_path)) or (32, 3)
@@ -235,6 +232,14 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
         data_on_device=on_device if cfg.data_on_device is None else cfg.data_on_device,
         compile=device.type == "cuda" if cfg.compile is None else cfg.compile,  # compiling on a CPU takes minutes
     )
+
+
+def repa_defaults(cfg: ModelConfig) -> dict[str, Any]:
+    """REPA's settings at DiT-XL/2 (DINOv2-B, block 8 of 28, a 2048-wide projector), scaled down to smaller DiTs."""
+    hidden, depth, _ = DIT_SIZES[cfg.model.split("-")[1].split("/")[0]]
+    hidden, depth = cfg.hidden_size or hidden, cfg.depth or depth
+    projector = min(2048, hidden * depth // 2)
+    return dict(repa_encoder="dinov2_vitb14", repa_depth=max(1, min(8, depth // 3)), repa_projector_dim=projector)
 
 
 def run_folder(cfg: TrainConfig) -> Path:

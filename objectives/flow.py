@@ -22,8 +22,6 @@ from torch import Tensor
 from objectives.base import LossTerms, Objective
 from utils.config import arg
 
-T_SAMPLERS = ("logit-normal", "uniform")
-
 
 def sample_t(
     n: int, sampler: str = "logit-normal", mean: float = 0.0, std: float = 1.0, device: str | torch.device = "cpu"
@@ -39,7 +37,7 @@ class FlowMatching(Objective):
     """Conditional flow matching on torchcfm's linear path; ``ot`` (OT-CFM, Tong et al. 2024) re-pairs rows of x1."""
 
     sigma: float = arg(0.0, "Gaussian width of the probability path (0: straight lines)", min=0, group="objective")
-    t_sampler: str = arg("logit-normal", "training time distribution", choices=T_SAMPLERS)
+    t_sampler: str = arg("logit-normal", "training time distribution", choices=("logit-normal", "uniform"))
     t_mean: float = arg(0.0, "logit-normal location m in t = sigmoid(m + s n) (SD3)")
     t_std: float = arg(1.0, "logit-normal scale s in t = sigmoid(m + s n) (SD3)", gt=0)
     ot: bool = arg(False, "exact minibatch OT pairing (OT-CFM)")

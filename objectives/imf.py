@@ -26,7 +26,6 @@ No host sync: the s < t rows come first, the guided rows are the first round(f *
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +33,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from objectives.base import LossTerms
-from objectives.meanflow import AverageVelocityObjective, _call, _expand, adaptive_loss
+from objectives.meanflow import UNCONDITIONAL, AverageVelocityObjective, Conditioning, _call, _expand, adaptive_loss
 from utils.config import ConfigError, arg
-from utils.device import unwrap_model
 
 
 def guided_target(v: Tensor, v_c: Tensor, v_u: Tensor, w: Tensor) -> Tensor:
@@ -70,7 +67,7 @@ class ImprovedMeanFlow(AverageVelocityObjective):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not (self.imf_guidance_max >= 1.0 and math.isfinite(self.imf_guidance_max)):
+        if self.imf_guidance_max < 1.0:  # Config rejects inf and nan
             raise ConfigError(
                 f"--imf-guidance-max must be a finite number >= 1 (the range is [1, w_max]), got {self.imf_guidance_max}"
             )
@@ -87,13 +84,6 @@ class ImprovedMeanFlow(AverageVelocityObjective):
     def network_options(self) -> dict[str, Any]:
         return {**super().network_options(), "guidance_max": self.imf_guidance_max if self.guided else 0.0}
 
-    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
-        if self.guided and (y is None or not getattr(plain, "guidance_max", 1.0)):
-            raise ValueError(
-                "iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
-                "with a guidance input (network_options())"
-            )
-
     def num_guided(self, n: int, k: int) -> tuple[int, int]:
         """Guided rows among the first k (s < t) and among the other n - k rows: (the first gk, the first ge)."""
         f = self.imf_guidance_fraction if self.guided else 0.0
@@ -106,72 +96,51 @@ class ImprovedMeanFlow(AverageVelocityObjective):
         one = torch.ones(n - gk - ge, device=device)
         return torch.cat([draw[:gk], one[: k - gk], draw[gk:], one[k - gk :]])
 
-    def velocity(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        s: Tensor,
-        y: Tensor | None = None,
-        drop_mask: Tensor | None = None,
-        w: Tensor | None = None,
-    ) -> Tensor:
-        """The network's velocity u(x, s, s | y, w) (N, C, H, W), no graph: the tangent, v_c and v_u."""
-        with torch.no_grad():
-            return _call(unwrap_model(model), x, s, y, torch.zeros_like(s), drop_mask, w)
+    def conditioning(self, plain: nn.Module, y: Tensor | None, k: int) -> Conditioning:
+        if not self.guided:
+            return super().conditioning(plain, y, k)
+        if y is None or not getattr(plain, "guidance_max", 1.0):
+            raise ValueError(
+                "iMF with a guidance range (imf_guidance_max > 1) needs class labels y and a network "
+                "with a guidance input (network_options())"
+            )
+        cond = super().conditioning(plain, y, k)
+        w = self.sample_guidance(y.shape[0], k, device=y.device)
+        return cond._replace(w=torch.where(cond.drop_mask, 1.0, w))  # a dropped label is unguided
 
     def velocity_estimate(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        s: Tensor,
-        t: Tensor,
-        y: Tensor | None = None,
-        drop_mask: Tensor | None = None,
-        w: Tensor | None = None,
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, cond: Conditioning = UNCONDITIONAL
     ) -> Tensor:
         """V = u(x, s, t) - (t - s) sg(D u) (N, C, H, W), its own velocity as the tangent, a graph through u."""
-        tangent = self.velocity(model, x, s, y, drop_mask, w)
-        duds = self.total_derivative(model, x, s, t, tangent, y, drop_mask, w)
-        u = _call(model, x, s, y, t - s, drop_mask, w)
+        tangent = self.velocity(model, x, s, cond)
+        duds = self.total_derivative(model, x, s, t, tangent, cond)
+        u = _call(model, x, s, t - s, cond)
         return u - _expand(t - s, u) * duds.to(u.dtype)
 
-    def loss(
-        self,
-        model: nn.Module,
-        x1: Tensor,
-        y: Tensor | None = None,
-        *,
-        x0: Tensor | None = None,
-        s: Tensor | None = None,
-        t: Tensor | None = None,
-    ) -> LossTerms:
-        """The loss for x1 (N, C, H, W), y (N,) or None (unguided only), as MeanFlow's; given times count as s < t."""
-        plain, x0, s, t, drop_mask, k = self.draw(model, x1, y, x0, s, t)
-        n = x1.shape[0]
-        gk, ge = self.num_guided(n, k)
-        w = None
-        if self.guided:  # a dropped label is unguided
-            w = torch.where(drop_mask, 1.0, self.sample_guidance(n, k, device=x1.device))
-        s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
+    def row_losses(
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, cond: Conditioning, k: int
+    ) -> tuple[Tensor, Tensor]:
+        """V (rows [0, k); the rest: u(x_s, s, s)) regressed on the guided velocity; given times count as s < t."""
+        gk, ge = self.num_guided(x.shape[0], k)
+        g = gk + ge
 
         # One pass at interval 0 without a graph: the tangents of rows [0, k), then v_u (null label, w = 1).
         def pick(a: Tensor) -> Tensor:  # rows [0, k), then [0, gk) and [k, k + ge) again
             return torch.cat([a[:k], a[:gk], a[k : k + ge]])
 
-        g = gk + ge
+        y, drop_mask, w = cond
         tangent = v_u = None
         if k + g > 0:
-            ones = torch.ones(g, device=x1.device)
+            ones = torch.ones(g, device=x.device)
             yy = None if y is None else pick(y)
             dd = None if drop_mask is None else torch.cat([drop_mask[:k], ones.bool()])
             ww = None if w is None else torch.cat([w[:k], ones])
-            out = self.velocity(plain, pick(xs), pick(s), yy, dd, ww).to(v.dtype)
+            out = self.velocity(model, pick(x), pick(s), Conditioning(yy, dd, ww)).to(v.dtype)
             tangent, v_u = out[:k], out[k:]
-        pred = _call(model, xs, s, y, t - s, drop_mask, w)
+        pred = _call(model, x, s, t - s, cond)
         est = pred.float()
         if k > 0:
-            head = [None if a is None else a[:k] for a in (y, drop_mask, w)]
-            duds = self.total_derivative(plain, xs[:k], s[:k], t[:k], tangent, *head)
+            duds = self.total_derivative(model, x[:k], s[:k], t[:k], tangent, cond.head(k))
             est = torch.cat([est[:k] - _expand(t[:k] - s[:k], duds) * duds.float(), est[k:]])
         target = v.float()
         if g > 0:
@@ -181,6 +150,4 @@ class ImprovedMeanFlow(AverageVelocityObjective):
             guided = guided_target(torch.cat([v[:gk], v[k : k + ge]]).float(), v_c, v_u.float(), w_g)
             target = torch.cat([guided[:gk], target[gk:k], guided[gk:], target[k + ge :]])
         per_row, mse = adaptive_loss(est, target.detach(), self.imf_weight_power, self.imf_weight_eps)
-        if self.imf_velocity_weight != 1.0 and k < n:
-            per_row = torch.cat([per_row[:k], self.imf_velocity_weight * per_row[k:]])
-        return LossTerms(per_row.mean(), mse.detach(), s)
+        return torch.cat([per_row[:k], self.imf_velocity_weight * per_row[k:]]), mse

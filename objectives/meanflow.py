@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -38,42 +38,45 @@ from utils.config import ConfigError, arg
 from utils.device import unwrap_model
 
 
+class Conditioning(NamedTuple):
+    """A network call's labels y, label-drop mask and guidance scales w (iMF), each (N,) or None."""
+
+    y: Tensor | None = None
+    drop_mask: Tensor | None = None
+    w: Tensor | None = None
+
+    def head(self, k: int) -> Conditioning:
+        """The conditioning of rows [0, k)."""
+        return Conditioning(*(None if a is None else a[:k] for a in self))
+
+
+UNCONDITIONAL = Conditioning()
+
+
 def _expand(a: Tensor, x: Tensor) -> Tensor:
     """Per-sample scalars (N,) shaped to broadcast against x (N, ...)."""
     return a.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _call(model: nn.Module, x, s, y, interval, drop_mask, guidance=None) -> Tensor:
+def _call(model: nn.Module, x: Tensor, s: Tensor, interval: Tensor, cond: Conditioning) -> Tensor:
     """model(x, s, y, interval=...), passing drop_mask and guidance only when given (stand-ins lack them)."""
-    extra = {k: v for k, v in (("drop_mask", drop_mask), ("guidance", guidance)) if v is not None}
-    return model(x, s, y, interval=interval, **extra)
+    extra = {k: v for k, v in (("drop_mask", cond.drop_mask), ("guidance", cond.w)) if v is not None}
+    return model(x, s, cond.y, interval=interval, **extra)
 
 
 def adaptive_loss(pred: Tensor, target: Tensor, power: float, eps: float) -> tuple[Tensor, Tensor]:
     """Per-row losses sg(w) mse (N,), w = 1 / (||err||^2 + eps)^power (section 4.3), and the plain mse (N,)."""
     err = (pred.float() - target.float()).square().flatten(1)  # (N, D)
     mse = err.mean(1)  # (N,)
-    if power == 0:
-        return mse, mse
     return mse * (err.sum(1).detach() + eps).pow(-power), mse
 
 
 def average_velocity_jvp(
-    model: nn.Module,
-    x: Tensor,
-    s: Tensor,
-    t: Tensor,
-    v: Tensor,
-    y: Tensor | None = None,
-    drop_mask: Tensor | None = None,
-    guidance: Tensor | None = None,
+    model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, cond: Conditioning = UNCONDITIONAL
 ) -> tuple[Tensor, Tensor]:
     """u(x, s, t) and d/ds u = v . du/dx + du/ds (no graph): forward-mode JVP with tangent (v, 1, 0)."""
     plain = unwrap_model(model)
-
-    def u_fn(x_, s_, t_):
-        return _call(plain, x_, s_, y, t_ - s_, drop_mask, guidance)
-
+    u_fn = lambda x_, s_, t_: _call(plain, x_, s_, t_ - s_, cond)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         # torch loads its forward-AD decompositions through the deprecated torch.jit.script on first use
         warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
@@ -81,28 +84,20 @@ def average_velocity_jvp(
 
 
 def total_derivative_fd(
-    model: nn.Module,
-    x: Tensor,
-    s: Tensor,
-    t: Tensor,
-    v: Tensor,
-    y: Tensor | None = None,
-    drop_mask: Tensor | None = None,
-    eps: float = 5e-3,
-    guidance: Tensor | None = None,
+    model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, cond: Conditioning = UNCONDITIONAL, eps: float = 5e-3
 ) -> Tensor:
     """d/ds u by a float32 central difference where forward-mode AD fails (about 1e-4 relative at eps 5e-3)."""
     plain = unwrap_model(model)
     h = _expand(torch.full_like(s, eps), x)
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        up = _call(plain, x + h * v, s + eps, y, t - s - eps, drop_mask, guidance)
-        um = _call(plain, x - h * v, s - eps, y, t - s + eps, drop_mask, guidance)
+        up = _call(plain, x + h * v, s + eps, t - s - eps, cond)
+        um = _call(plain, x - h * v, s - eps, t - s + eps, cond)
     return (up - um) / (2 * eps)
 
 
 @dataclass(kw_only=True)
 class AverageVelocityObjective(Objective):
-    """What MeanFlow and iMF share: the times, the JVP with its fallback, and the draws of a batch."""
+    """What MeanFlow and iMF share: the times, the JVP with its fallback, the loss but for ``row_losses``."""
 
     sample_method = "mean"  # jumps along the average velocity (sampling/solvers.py)
     label: ClassVar[str] = ""  # the objective's name in messages
@@ -140,45 +135,58 @@ class AverageVelocityObjective(Objective):
         k = self.num_unequal(n)
         return s, torch.cat([t[:k], s[k:]])
 
-    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
-        """Raise ValueError where this objective's guidance cannot work with these labels and this network."""
+    def conditioning(self, plain: nn.Module, y: Tensor | None, k: int) -> Conditioning:
+        """Labels y with one label-drop mask for every pass (iMF adds guidance scales); rows [0, k) have s < t.
+        A subclass raises ValueError here where its guidance cannot work with these labels and this network."""
+        return Conditioning(y, None if y is None else plain.label_drop_mask(y))
 
-    def draw(
-        self, model: nn.Module, x1: Tensor, y: Tensor | None, x0: Tensor | None, s: Tensor | None, t: Tensor | None
-    ) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor | None, int]:
-        """Checks, then draws x0, s <= t and one label-drop mask: (plain, x0, s, t, drop_mask, k), s < t on [0, k)."""
+    def velocity(self, model: nn.Module, x: Tensor, s: Tensor, cond: Conditioning = UNCONDITIONAL) -> Tensor:
+        """The network's velocity u(x, s, s | cond) (N, C, H, W), no graph."""
+        with torch.no_grad():
+            return _call(unwrap_model(model), x, s, torch.zeros_like(s), cond)
+
+    def row_losses(
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, cond: Conditioning, k: int
+    ) -> tuple[Tensor, Tensor]:
+        """Each row's loss and squared error (N,) at x_s (N, C, H, W) of times s <= t, s < t on rows [0, k)."""
+        raise NotImplementedError
+
+    def loss(
+        self,
+        model: nn.Module,
+        x1: Tensor,
+        y: Tensor | None = None,
+        *,
+        x0: Tensor | None = None,
+        s: Tensor | None = None,
+        t: Tensor | None = None,
+    ) -> LossTerms:
+        """The loss for data x1 (N, C, H, W) and labels y (N,) or None; given times count as s < t. The prediction
+        goes through ``model`` as given, the passes without a graph through the plain module."""
         plain = unwrap_model(model)
         if getattr(plain, "average_velocity", None) is False:
             raise ValueError(f"the {self.label} objective needs a network with an interval input (network_options())")
-        self.check_labels(plain, y)
         if (s is None) != (t is None):
             raise ValueError("give both times s and t, or neither")
         n = x1.shape[0]
         if x0 is None:
             x0 = torch.randn_like(x1)
+        k = n  # given times: no row is known to have s = t without a host sync
         if s is None:
             s, t = self.sample_times(n, device=x1.device)
             k = self.num_unequal(n)
-        else:
-            k = n  # given times: no row is known to have s = t without a host sync
-        drop_mask = None if y is None else plain.label_drop_mask(y)
-        return plain, x0, s, t, drop_mask, k
+        cond = self.conditioning(plain, y, k)
+        s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
+        per_row, mse = self.row_losses(model, xs, s, t, v, cond, k)
+        return LossTerms(per_row.mean(), mse.detach(), s)
 
     def total_derivative(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        s: Tensor,
-        t: Tensor,
-        tangent: Tensor,
-        y: Tensor | None = None,
-        drop_mask: Tensor | None = None,
-        w: Tensor | None = None,
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, tangent: Tensor, cond: Conditioning = UNCONDITIONAL
     ) -> Tensor:
         """D u = tangent . du/dx + du/ds (N, C, H, W), no graph: the JVP, or the finite difference once that fails."""
         if not self._use_fd:
             try:
-                return average_velocity_jvp(model, x, s, t, tangent, y, drop_mask, guidance=w)[1]
+                return average_velocity_jvp(model, x, s, t, tangent, cond)[1]
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:  # NotImplementedError included: an operator without a forward derivative
@@ -188,7 +196,7 @@ class AverageVelocityObjective(Objective):
                     f"{self.label}: forward-mode AD failed ({first}); using a finite-difference derivative from now on",
                     stacklevel=2,
                 )
-        return total_derivative_fd(model, x, s, t, tangent, y, drop_mask, guidance=w)
+        return total_derivative_fd(model, x, s, t, tangent, cond)
 
 
 @dataclass(kw_only=True)
@@ -221,67 +229,44 @@ class MeanFlow(AverageVelocityObjective):
         """Whether training-time guidance is on."""
         return self.mf_omega != 1.0 or self.mf_kappa != 0.0
 
-    def check_labels(self, plain: nn.Module, y: Tensor | None) -> None:
+    def conditioning(self, plain: nn.Module, y: Tensor | None, k: int) -> Conditioning:
         if self.guided and y is None:
             raise ValueError("training-time guidance (omega != 1 or kappa != 0) needs class labels y")
+        return super().conditioning(plain, y, k)
 
-    def guided_velocity(
-        self, model: nn.Module, x: Tensor, s: Tensor, v: Tensor, y: Tensor, drop_mask: Tensor | None = None
-    ) -> Tensor:
+    def guided_velocity(self, model: nn.Module, x: Tensor, s: Tensor, v: Tensor, cond: Conditioning) -> Tensor:
         """v~ (N, C, H, W) without a graph; rows with a dropped label or s outside mf_guidance_interval keep v."""
-        plain = unwrap_model(model)
         omega, kappa = self.mf_omega, self.mf_kappa
-        zero = torch.zeros_like(s)
         null = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        with torch.no_grad():
-            if kappa == 0.0:
-                u_null = plain(x, s, y, interval=zero, drop_mask=null)
-                mixed = omega * v + (1 - omega) * u_null.to(v.dtype)
-            else:
-                two = lambda a: torch.cat([a, a])
-                out = plain(two(x), two(s), two(y), interval=two(zero), drop_mask=torch.cat([~null, null]))  # (2N, ...)
-                u_cond, u_null = out.to(v.dtype).chunk(2)
-                mixed = omega * v + kappa * u_cond + (1 - omega - kappa) * u_null
+        if kappa == 0.0:
+            u_null = self.velocity(model, x, s, Conditioning(cond.y, null))
+            mixed = omega * v + (1 - omega) * u_null.to(v.dtype)
+        else:
+            two = lambda a: torch.cat([a, a])
+            out = self.velocity(model, two(x), two(s), Conditioning(two(cond.y), torch.cat([~null, null])))  # (2N, ...)
+            u_cond, u_null = out.to(v.dtype).chunk(2)
+            mixed = omega * v + kappa * u_cond + (1 - omega - kappa) * u_null
         lo, hi = self.mf_guidance_interval
         active = (s >= lo) & (s <= hi)
-        if drop_mask is not None:
-            active = active & ~drop_mask
+        if cond.drop_mask is not None:
+            active = active & ~cond.drop_mask
         return torch.where(_expand(active, v), mixed, v)
 
     def target(
-        self,
-        model: nn.Module,
-        x: Tensor,
-        s: Tensor,
-        t: Tensor,
-        v: Tensor,
-        y: Tensor | None = None,
-        drop_mask: Tensor | None = None,
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, cond: Conditioning = UNCONDITIONAL
     ) -> Tensor:
         """The target sg(v + (t - s) d/ds u(x, s, t)) at x of time s."""
-        duds = self.total_derivative(model, x, s, t, v, y, drop_mask)
+        duds = self.total_derivative(model, x, s, t, v, cond)
         return (v + _expand(t - s, v) * duds.to(v.dtype)).detach()
 
-    def loss(
-        self,
-        model: nn.Module,
-        x1: Tensor,
-        y: Tensor | None = None,
-        *,
-        x0: Tensor | None = None,
-        s: Tensor | None = None,
-        t: Tensor | None = None,
-    ) -> LossTerms:
-        """The loss for data x1; the prediction goes through ``model`` as given, the target through the plain module."""
-        plain, x0, s, t, drop_mask, k = self.draw(model, x1, y, x0, s, t)
-        s, xs, v, _ = self.path.sample_path(x1, y, x0=x0, t=s)  # x_s = s x1 + (1 - s) x0, v = x1 - x0
+    def row_losses(
+        self, model: nn.Module, x: Tensor, s: Tensor, t: Tensor, v: Tensor, cond: Conditioning, k: int
+    ) -> tuple[Tensor, Tensor]:
+        """u(x_s, s, t) regressed on the (guided) target; on the rows with s = t that is v, flow matching's."""
         if self.guided:
-            v = self.guided_velocity(plain, xs, s, v, y, drop_mask)
+            v = self.guided_velocity(model, x, s, v, cond)
         target = v
         if k > 0:
-            y_k, mask_k = (None if a is None else a[:k] for a in (y, drop_mask))
-            head = self.target(plain, xs[:k], s[:k], t[:k], v[:k], y_k, mask_k)
-            target = torch.cat([head, v[k:]]) if k < len(v) else head
-        pred = _call(model, xs, s, y, t - s, drop_mask)
-        per_row, mse = adaptive_loss(pred, target, self.mf_weight_power, self.mf_weight_eps)
-        return LossTerms(per_row.mean(), mse.detach(), s)
+            target = torch.cat([self.target(model, x[:k], s[:k], t[:k], v[:k], cond.head(k)), v[k:]])
+        pred = _call(model, x, s, t - s, cond)
+        return adaptive_loss(pred, target, self.mf_weight_power, self.mf_weight_eps)

@@ -13,6 +13,7 @@ import train
 from models.config import model_from_config
 from models.dit import DiT
 from objectives.imf import ImprovedMeanFlow, guided_target
+from objectives.meanflow import Conditioning
 from sampling.sampler import Sampler
 from utils.checkpoint import load_checkpoint
 
@@ -64,10 +65,10 @@ def test_the_tangent_is_the_networks_own_velocity_with_the_rows_conditioning():
     x, s, t, v, y = dit_inputs()
     w = torch.tensor([1.0, 2.0, 3.5, 8.0, 1.0, 5.0], dtype=torch.float64)
     drop = torch.tensor([False, False, True, False, False, False])
-    imf = ImprovedMeanFlow()
-    tangent = imf.velocity(model, x, s, y, drop, w)
+    imf, cond = ImprovedMeanFlow(), Conditioning(y, drop, w)
+    tangent = imf.velocity(model, x, s, cond)
     assert torch.equal(tangent, model(x, s, y, interval=torch.zeros_like(s), drop_mask=drop, guidance=w))
-    est = imf.velocity_estimate(model, x, s, t, y, drop, w)
+    est = imf.velocity_estimate(model, x, s, t, cond)
     eps, e = 1e-5, 1e-5 * torch.ones_like(s)
 
     def u(a, ds):
@@ -76,7 +77,7 @@ def test_the_tangent_is_the_networks_own_velocity_with_the_rows_conditioning():
     fd = (u(eps, e) - u(-eps, -e)) / (2 * eps)  # d/ds u along (tangent, 1, 0)
     assert all_close(est, u(0, 0) - (t - s).reshape(-1, 1, 1, 1) * fd, rel=1e-7)
     # Not the per-sample velocity: with x1 - x0 as the tangent the estimate would differ.
-    duds_v = imf.total_derivative(model, x, s, t, v, y, drop, w)
+    duds_v = imf.total_derivative(model, x, s, t, v, cond)
     assert not all_close(est, u(0, 0) - (t - s).reshape(-1, 1, 1, 1) * duds_v, rel=1e-3)
 
 
@@ -119,7 +120,7 @@ def test_the_loss_is_the_estimate_regressed_on_the_guided_velocity_row_by_row():
     target = guided_target(v, v_c, v_u, w)
     est = torch.cat(
         [
-            imf.velocity_estimate(model, xs[:k], s[:k], t[:k], y[:k], drop[:k], w[:k]),
+            imf.velocity_estimate(model, xs[:k], s[:k], t[:k], Conditioning(y, drop, w).head(k)),
             model(xs[k:], s[k:], y[k:], interval=0.0, drop_mask=drop[k:], guidance=w[k:]),
         ]
     )

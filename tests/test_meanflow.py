@@ -9,7 +9,7 @@ from stand_ins import all_close
 
 from models.dit import DiT
 from objectives.flow import FlowMatching, sample_t
-from objectives.meanflow import MeanFlow, average_velocity_jvp, total_derivative_fd
+from objectives.meanflow import Conditioning, MeanFlow, average_velocity_jvp, total_derivative_fd
 
 
 class GaussianMeanVelocity(torch.nn.Module):
@@ -140,7 +140,7 @@ def dit_inputs(n=6, dtype=torch.float64, seed=1):
 def test_jvp_is_the_finite_difference_total_derivative_on_a_dit():
     model = small_dit()
     x, s, t, v, y = dit_inputs()
-    u, duds = average_velocity_jvp(model, x, s, t, v, y)
+    u, duds = average_velocity_jvp(model, x, s, t, v, Conditioning(y))
     eps = 1e-5
     e = eps * torch.ones_like(s)
     fd = (model(x + eps * v, s + e, y, interval=t - s - e) - model(x - eps * v, s - e, y, interval=t - s + e)) / (
@@ -149,7 +149,7 @@ def test_jvp_is_the_finite_difference_total_derivative_on_a_dit():
     assert all_close(u, model(x, s, y, interval=t - s), rel=1e-12)  # the math attention kernel: not bit-equal
     assert all_close(duds, fd, rel=1e-7)
     assert duds.abs().max() > 0.1  # the derivative is not trivially zero
-    target = MeanFlow().target(model, x, s, t, v, y)
+    target = MeanFlow().target(model, x, s, t, v, Conditioning(y))
     assert all_close(target, v + (t - s).reshape(-1, 1, 1, 1) * fd, rel=1e-7)
 
 
@@ -157,8 +157,9 @@ def test_jvp_with_a_drop_mask_is_the_null_class_derivative():
     model = small_dit()
     x, s, t, v, y = dit_inputs()
     drop = torch.tensor([True, False, True, False, False, True])
-    _, with_mask = average_velocity_jvp(model, x, s, t, v, y, drop)
-    _, with_null = average_velocity_jvp(model, x, s, t, v, torch.where(drop, 0, y), torch.ones(6, dtype=torch.bool))
+    _, with_mask = average_velocity_jvp(model, x, s, t, v, Conditioning(y, drop))
+    null = Conditioning(torch.where(drop, 0, y), torch.ones(6, dtype=torch.bool))
+    _, with_null = average_velocity_jvp(model, x, s, t, v, null)
     assert all_close(with_mask[drop], with_null[drop], rel=1e-12)
     assert not all_close(with_mask[~drop], with_null[~drop], rel=1e-3)
 
@@ -189,23 +190,23 @@ def test_finite_difference_fallback_warns_once_and_matches_the_jvp():
     x, s, t, v, y = dit_inputs(dtype=torch.float32)
     mf = MeanFlow()
     with pytest.warns(UserWarning, match="finite-difference"):
-        fallback = mf.target(Wrapped(net), x, s, t, v, y)
+        fallback = mf.target(Wrapped(net), x, s, t, v, Conditioning(y))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(mf.target(Wrapped(net), x, s, t, v, y), fallback)  # no second warning
-    exact = MeanFlow().target(net, x, s, t, v, y)
+        assert torch.equal(mf.target(Wrapped(net), x, s, t, v, Conditioning(y)), fallback)  # no second warning
+    exact = MeanFlow().target(net, x, s, t, v, Conditioning(y))
     assert all_close(fallback, exact, rel=1e-3)
-    duds_fd = total_derivative_fd(net, x, s, t, v, y)
-    _, duds = average_velocity_jvp(net, x, s, t, v, y)
+    duds_fd = total_derivative_fd(net, x, s, t, v, Conditioning(y))
+    _, duds = average_velocity_jvp(net, x, s, t, v, Conditioning(y))
     assert all_close(duds_fd, duds, rel=1e-3)
 
 
 def test_jvp_under_bf16_autocast_is_close_to_float32():
     model = small_dit(torch.float32)
     x, s, t, v, y = dit_inputs(dtype=torch.float32)
-    exact = MeanFlow().target(model, x, s, t, v, y)
+    exact = MeanFlow().target(model, x, s, t, v, Conditioning(y))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = MeanFlow().target(model, x, s, t, v, y)
+        low = MeanFlow().target(model, x, s, t, v, Conditioning(y))
     assert low.dtype == torch.float32 and all_close(low, exact, rel=5e-2)
     # The whole training loss under autocast, as train.py runs it on a GPU.
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -231,7 +232,7 @@ def test_equal_times_without_weighting_is_the_flow_matching_loss():
     assert all_close(terms.loss, expected.loss, rel=1e-6)
     # The target itself is x1 - x0, exactly.
     xs = t.reshape(-1, 1, 1, 1) * x1 + (1 - t.reshape(-1, 1, 1, 1)) * x0
-    assert torch.equal(mf.target(model, xs, t, t, x1 - x0, y), x1 - x0)
+    assert torch.equal(mf.target(model, xs, t, t, x1 - x0, Conditioning(y)), x1 - x0)
     # Drawn times with equal_fraction 1 are all equal.
     s_drawn, t_drawn = mf.sample_times(100)
     assert torch.equal(s_drawn, t_drawn)
@@ -280,7 +281,7 @@ def test_loss_uses_the_same_label_dropout_in_both_passes_and_has_gradients():
     assert 0 < drop.sum() < 16
     model.eval()
     xs, v, k = s.reshape(-1, 1, 1, 1) * x1 + (1 - s.reshape(-1, 1, 1, 1)) * x0, x1 - x0, mf.num_unequal(16)
-    target = torch.cat([mf.target(model, xs[:k], s[:k], t[:k], v[:k], y[:k], drop[:k]), v[k:]])
+    target = torch.cat([mf.target(model, xs[:k], s[:k], t[:k], v[:k], Conditioning(y, drop).head(k)), v[k:]])
     pred = model(xs, s, y, interval=t - s, drop_mask=drop)
     assert all_close(terms.mse, (pred - target).square().flatten(1).mean(1), rel=1e-5)
 
@@ -291,14 +292,14 @@ def test_training_time_guidance_target():
     null = torch.ones(6, dtype=torch.bool)
     u_c = model(x, s, y, interval=0.0)
     u_n = model(x, s, y, interval=0.0, drop_mask=null)
-    guided = MeanFlow(mf_omega=2.0, mf_kappa=0.5).guided_velocity(model, x, s, v, y)
+    guided = MeanFlow(mf_omega=2.0, mf_kappa=0.5).guided_velocity(model, x, s, v, Conditioning(y))
     assert all_close(guided, 2.0 * v + 0.5 * u_c + (1 - 2.0 - 0.5) * u_n, rel=1e-5)
-    only_omega = MeanFlow(mf_omega=1.5).guided_velocity(model, x, s, v, y)
+    only_omega = MeanFlow(mf_omega=1.5).guided_velocity(model, x, s, v, Conditioning(y))
     assert all_close(only_omega, 1.5 * v - 0.5 * u_n, rel=1e-5)
     # Dropped labels and times outside the guidance interval keep the plain velocity.
     drop = torch.tensor([True, False, False, False, False, False])
     lo = float(s.sort().values[3])
-    part = MeanFlow(mf_omega=2.0, mf_guidance_interval=(lo, 1.0)).guided_velocity(model, x, s, v, y, drop)
+    part = MeanFlow(mf_omega=2.0, mf_guidance_interval=(lo, 1.0)).guided_velocity(model, x, s, v, Conditioning(y, drop))
     keep = drop | (s < lo)
     assert torch.equal(part[keep], v[keep]) and all_close(part[~keep], (2.0 * v - u_n)[~keep], rel=1e-5)
     # The guided loss runs end to end.

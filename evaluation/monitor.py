@@ -90,35 +90,33 @@ class Monitor:
             return
         with isolated_rng(module_device_dtype(ema_model)[0]):
             if samples:
-                try:
-                    self.timed("sample grids", step, stop, lambda: self.samples(step, model, ema_model, stop))
-                except Exception as e:  # diagnostics: a failure here must not end a days-long run
-                    warn(f"sampling at step {step} failed: {type(e).__name__}: {e}")
-            if fid:
-                try:
-                    self.fid(step, ema_model, stop)
-                except Exception as e:  # the failing process says why
-                    if not isinstance(e, PeerError) or self.dist.is_main:
-                        who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
-                        warn(f"FID at step {step} failed{who}: {type(e).__name__}: {e}")
+                self.timed("sample grids", step, stop, lambda: self.samples(step, model, ema_model, stop))
+            if fid and self.fid_state != "off":  # every process: FID's sampling is shared out
+                self.timed("FID", step, stop, lambda: self.fid(step, ema_model, stop), agreed=True)
 
     def timed(
         self, what: str, step: int, stop: StopRequest | None, run: Callable[[], float | None], agreed: bool = False
     ) -> None:
-        """run(), skipped or abandoned on a stop request; ``agreed``: all processes ask ``stop.check`` together."""
-        if stop is not None:
-            self.reason = (stop.check if agreed else stop.requested)(self.seconds[what])
-            if self.reason is not None:
-                if self.dist.is_main:
-                    warn(f"{what} at step {step} skipped ({REASONS[self.reason]}): the run is about to stop")
-                return
-        start = time.perf_counter()
+        """run(), skipped or abandoned on a stop request, a failure reported without stopping training (a days-long
+        run must not end for its diagnostics); ``agreed``: all processes ask ``stop.check`` together."""
         try:
+            if stop is not None:
+                self.reason = (stop.check if agreed else stop.requested)(self.seconds[what])
+                if self.reason is not None:
+                    if self.dist.is_main:
+                        warn(f"{what} at step {step} skipped ({REASONS[self.reason]}): the run is about to stop")
+                    return
+            start = time.perf_counter()
             took = run()  # a diagnostic may say how long its repeatable part took (FID: without its set-up)
         except SamplingStopped:
             if self.dist.is_main:
                 why = REASONS.get(self.reason, "a stop request")
                 warn(f"{what} at step {step} abandoned ({why}); nothing of them is written or logged")
+            return
+        except Exception as e:  # the failing process says why
+            if not isinstance(e, PeerError) or self.dist.is_main:
+                who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
+                warn(f"{what} at step {step} failed{who}: {type(e).__name__}: {e}")
             return
         self.seconds[what] = time.perf_counter() - start if took is None else took
 
@@ -176,13 +174,9 @@ class Monitor:
         """The sampler of the diagnostics: the objective's solver at --sample-steps."""
         return Sampler(model, self.decoder, steps=self.cfg.sample_steps, method=self.sample_method)
 
-    def fid(self, step: int, model: nn.Module, stop: StopRequest | None = None) -> None:
-        """FID of the model's samples against the training set; rank 0 prints and logs it. Every process calls it."""
-        if self.fid_state != "off":
-            self.timed("FID", step, stop, lambda: self._fid(step, model, stop), agreed=True)
-
-    def _fid(self, step: int, model: nn.Module, stop: StopRequest | None) -> float | None:
-        """The FID itself; returns the seconds it took without the one-time set-up (what the next one will take)."""
+    def fid(self, step: int, model: nn.Module, stop: StopRequest | None = None) -> float | None:
+        """FID of the model's samples against the training set, rank 0 printing and logging it (every process calls
+        it); returns the seconds it took without the one-time set-up (what the next one will take)."""
         if self.fid_state == "not loaded":
             self.fid_state = "ready" if self._load(module_device_dtype(model)[0], stop) else "off"
         if self.fid_state == "off":

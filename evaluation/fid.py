@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from data.loader import usable_workers
 from evaluation.inception import INCEPTION_FEATURES, extract_features, extractor_id
 from evaluation.inception import load_inception as load_inception  # where evaluation.monitor finds it
 from evaluation.metrics import FeatureStats, FIDError, frechet_distance
-from sampling.options import SamplingStopped, seeded_noise
+from sampling.options import Samples, SamplingStopped, seeded_noise
 from sampling.sampler import Sampler
 from utils.config import ConfigError
 from utils.distributed import PeerError, all_reduce_, collective_device
@@ -179,6 +179,14 @@ def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
     return torch.arange(num_samples) % num_classes if num_classes > 0 else None
 
 
+def balanced_samples(sampler: Sampler, indices: Sequence[int], seed: int, **options: Any) -> Samples:
+    """Samples ``indices`` of a class-balanced set: sample i from the noise (seed, i), of the class i % num_classes
+    (as ``balanced_labels``); ``options`` as for ``Sampler.generate``."""
+    y = torch.as_tensor(indices) % sampler.num_classes if sampler.num_classes > 0 else None
+    noise = seeded_noise(seed, indices, (sampler.in_channels, sampler.input_size, sampler.input_size))
+    return sampler.generate(len(indices), y, noise=noise, **options)  # (b, C, H, W)
+
+
 @torch.no_grad()
 def generated_statistics(
     sampler: Sampler,
@@ -197,8 +205,6 @@ def generated_statistics(
     process r draws samples r, r + world_size, ...; all ask ``should_stop`` equally often and fail together."""
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
-    shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
-    labels = balanced_labels(num_samples, sampler.num_classes)
     indices = torch.arange(num_samples)[rank::world_size]  # this process's share (empty if num_samples <= rank)
     batch_size = options.get("batch_size", sampler.options.batch_size)
     extractor.eval()
@@ -214,9 +220,7 @@ def generated_statistics(
             if idx is None or error is not None or not len(idx):  # a failed process goes on asking, without sampling
                 continue
             try:
-                noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
-                y = None if labels is None else labels[idx]
-                out = sampler.generate(len(idx), y, noise=noise, should_stop=step_stop, **options)  # (b, C, H, W)
+                out = balanced_samples(sampler, idx.tolist(), seed, should_stop=step_stop, **options)
                 nfes.append(out.nfe)
                 stats.update(extract_features(extractor, out.images))
                 bar.update(len(idx))

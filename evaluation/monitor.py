@@ -136,7 +136,7 @@ class Monitor:
         cfg, k = self.cfg, self.cfg.samples_per_class
         ema, raw = (self.sampler(m) for m in (ema_model, model))
         classes = grid_classes(ema.num_classes, cfg.sample_classes)
-        ask, shown, drawn = self.should_stop(stop), min(k, GIF_SAMPLES), []  # rank 0 alone draws; GIF: shown a row
+        ask, shown = self.should_stop(stop), min(k, GIF_SAMPLES)  # rank 0 alone draws; GIF: shown a row
         # A network with the guidance scale as an input samples only the scales it was trained on; the others go.
         lo, hi = ema.guidance_range or (float("-inf"), float("inf"))
         scales = [scale for scale in cfg.cfg_scales if lo <= scale <= hi]
@@ -147,15 +147,13 @@ class Monitor:
                 f"sample grids: cfg scales {left_out} left out, outside [{lo:g}, {hi:g}], the guidance scales this "
                 "network takes as an input"
             )
+        images, videos, files = {}, {}, {}  # every file is encoded before any is written
         for scale in scales:
             ema_out = ema.generate_each_class(
                 k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True, max_frames=GIF_FRAMES, should_stop=ask
             )
             raw_out = raw.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, should_stop=ask)
-            drawn.append((scale, ema_out, raw_out.images))
-        images, videos, files = {}, {}, {}
-        for scale, ema_out, raw_imgs in drawn:
-            rows = [x.unflatten(0, (-1, k)) for x in (ema_out.images, raw_imgs)]  # (classes, k, C, H, W)
+            rows = [x.unflatten(0, (-1, k)) for x in (ema_out.images, raw_out.images)]  # (classes, k, C, H, W)
             blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
             files[f"{stem}.png"] = grid_bytes(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), 2 * k + 1)

@@ -159,9 +159,8 @@ class Sampler:
         sampler's; should_stop: asked before every step (dopri5: every evaluation), True raises ``SamplingStopped``."""
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
-        shape = self._image_shape()
-        stochastic = o.method in SOLVERS and SOLVERS[o.method].stochastic
         _ = self.decoder if self.latent and o.decode else None  # a VAE that cannot be loaded fails before the work
+        shape = self._image_shape()
         images, kept_frames, nfe_per_chunk = [], [], []
         ask = should_stop or (lambda: False)
         was_training = self.model.training
@@ -171,8 +170,7 @@ class Sampler:
                 stop = min(start + o.batch_size, n)
                 x = noise[start:stop] if noise is not None else seeded_noise(seed, range(start, stop), shape)
                 yb = y[start:stop].to(self.device) if y is not None else None
-                noises = step_noise(x) if stochastic else None
-                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, trajectory, o, ask, noises)
+                x, kept, nfe = self._integrate(x, yb, trajectory, o, ask)
                 nfe_per_chunk.append(nfe)
                 images.append(self.to_images(x, o))
                 kept_frames += [torch.stack(kept)] if trajectory else []  # (K, b, C, H, W)
@@ -242,17 +240,12 @@ class Sampler:
         return (out.images, out.trajectory) if return_trajectory else out.images
 
     def _integrate(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
-        trajectory: bool,
-        o: SamplingOptions,
-        ask: Callable[[], bool],
-        noises: Callable[[], torch.Tensor] | None = None,
+        self, x: torch.Tensor, y: torch.Tensor | None, trajectory: bool, o: SamplingOptions, ask: Callable[[], bool]
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU; none without
-        ``trajectory``) and the NFE; ``noises``: the next step's noise of a stochastic method (``step_noise``)."""
-        nfe = 0
+        """The final state from the noise x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU; none without
+        ``trajectory``) and the NFE; a stochastic method's step noise is seeded by x (``step_noise``)."""
+        noises = step_noise(x) if o.method in SOLVERS and SOLVERS[o.method].stochastic else None
+        x, nfe = x.to(self.device, self.state_dtype), 0
 
         def f(x: torch.Tensor, t: float, h: float | None = None) -> torch.Tensor:
             nonlocal nfe

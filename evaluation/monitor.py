@@ -181,13 +181,12 @@ class Monitor:
             return None
         start = time.perf_counter()
         cfg, dist = self.cfg, self.dist
-        sampler = self.sampler(model)
         agreed = None if stop is None else AgreedStop(stop)
         kw = dict(extractor=self.extractor, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed, progress=dist.is_main)
         kw |= dict(rank=dist.rank, world_size=dist.world_size)  # this process's share of the samples
         kw |= dict(should_stop=agreed and agreed.meet, step_stop=agreed and agreed.step)
         try:
-            fid, nfe = compute_fid(sampler, self.real, cfg.fid_samples, **kw)
+            fid, nfe = compute_fid(self.sampler(model), self.real, cfg.fid_samples, **kw)
         finally:
             self.reason = agreed and agreed.reason
         seconds = time.perf_counter() - start
@@ -200,7 +199,7 @@ class Monitor:
         """--fid-ref-stats, else the cached statistics of the training set's images (``fid_images`` for latents)."""
         cfg = self.cfg
         if cfg.fid_ref_stats:
-            return reference_statistics(cfg.fid_ref_stats, self.extractor)[:2]
+            return reference_statistics(cfg.fid_ref_stats, self.extractor)
         ref = self.dataset.fid_images() if self.dataset is not None else None
         name, root, dataset = ref if ref is not None else (cfg.dataset, cfg.data_path, None)
         size, channels = (dataset.image_size, dataset.channels) if ref is not None else (cfg.image_size, cfg.channels)

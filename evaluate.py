@@ -137,7 +137,7 @@ def evaluate(cfg: EvalConfig, dist: DistInfo, given: dict[str, nn.Module | None]
             dims = {k: getattr(m, "num_features", None) for k, m in given.items()} if injected else SUITE_FEATURES
             reference = check_reference(cfg.ref_batch, metrics, dims)
         else:
-            reference = {"fid": reference_statistics(cfg.ref_stats, given["pool"])[:2]} if cfg.ref_stats else {}
+            reference = {"fid": reference_statistics(cfg.ref_stats, given["pool"])} if cfg.ref_stats else {}
         flag, count = "--samples", image_shape(cfg.samples)[0] if cfg.samples else cfg.num_samples
     except FIDError as e:
         raise ConfigError(f"{flag} {e}") from None

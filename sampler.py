@@ -91,14 +91,12 @@ def main(cfg: SampleConfig) -> dict[str, Any]:
         nrow = cfg.nrow or math.ceil(math.sqrt(cfg.n))
     images = out.images.cpu()
     save_grid(images, grid, nrow=nrow)
-    written = [str(grid)]
     if out.trajectory is not None:
         frames = sampler.trajectory_images(out.trajectory) * 2 - 1 if sampler.latent else out.trajectory
         to_gif(frames, cfg.gif, fps=cfg.fps, nrow=nrow)
-        written.append(cfg.gif)
     if cfg.npz is not None:
         save_npz(images, out.labels, cfg.npz)
-        written.append(cfg.npz)
+    written = [str(grid), *(path for path in (cfg.gif, cfg.npz) if path is not None)]
     how = o.method if o.method in ADAPTIVE else f"{o.method} on a {o.grid} grid"
     print(f"{len(images)} samples, {how}, NFE {out.nfe}, {out.precision} on {sampler.device}: {', '.join(written)}")
     return result | {"images": images, "labels": out.labels, "nfe": out.nfe, "precision": out.precision}

@@ -8,7 +8,6 @@ import contextlib
 import os
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -28,17 +27,10 @@ Features = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # uint8 (N, 3, H, 
 @contextlib.contextmanager
 def npy_in_npz(path: str | os.PathLike, name: str) -> Iterator[tuple[tuple[int, ...], np.dtype, IO[bytes]]]:
     """Shape, dtype and the data stream of the array ``name`` of an npz; a one-line FIDError otherwise."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FIDError(f"{path} not found")
-    try:
-        z = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise FIDError(f"{path} is not an npz file") from None
-    with z:
-        if f"{name}.npy" not in z.namelist():
+    with open_npz(path) as npz:
+        if name not in npz.files:
             raise FIDError(f"{path} has no {name}")
-        with z.open(f"{name}.npy") as f:
+        with npz.zip.open(f"{name}.npy") as f:
             version = np.lib.format.read_magic(f)
             shape, _, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
             yield shape, dtype, f

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from data.loader import usable_workers
 from evaluation.inception import INCEPTION_FEATURES, extract_features, extractor_id
 from evaluation.inception import load_inception as load_inception  # where evaluation.monitor finds it
 from evaluation.metrics import FeatureStats, FIDError, frechet_distance
-from sampling.options import SamplingStopped, seeded_noise
+from sampling.options import Samples, SamplingStopped, seeded_noise
 from sampling.sampler import Sampler
 from utils.config import ConfigError
 from utils.distributed import PeerError, all_reduce_, collective_device
@@ -77,17 +77,15 @@ def real_statistics(
     *,
     extractor: nn.Module,
     split: str = "train",
-    batch_size: int = 250,
     num_images: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
-    num_workers: int = 0,
-    progress: bool = True,
     info: dict[str, Any] | None = None,
     dataset: Any | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    **kw: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``dataset_statistics`` of the real set, cached (default $XDG_CACHE_HOME/dit/fid_stats); ``info`` gets details."""
+    """``dataset_statistics`` of the real set (``kw``: its batch_size, num_workers, progress, should_stop), cached
+    (default $XDG_CACHE_HOME/dit/fid_stats); ``info`` gets details."""
     if dataset is None:
         dataset = build_dataset(dataset_name, root, image_size, channels, train=split == "train", download=download)
     n = len(dataset) if num_images is None else int(num_images)
@@ -108,7 +106,6 @@ def real_statistics(
     except (OSError, ValueError, KeyError, EOFError):
         pass
     start = time.perf_counter()
-    kw = {"batch_size": batch_size, "num_workers": num_workers, "progress": progress, "should_stop": should_stop}
     mu, sigma = dataset_statistics(dataset, extractor, num_images=n, **kw)
     atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma, key=np.array(key_json)))
     info["seconds"] = time.perf_counter() - start
@@ -156,14 +153,11 @@ def npz_statistics(
     return mu, sigma
 
 
-def reference_statistics(
-    path: str | os.PathLike, extractor: nn.Module | None = None
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """``mu``, ``sigma`` (D: the extractor's) of ADM's reference batch or a cache file, and what the file is."""
+def reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``mu``, ``sigma`` (D: the extractor's) of ADM's reference batch or a cache file."""
     dim = INCEPTION_FEATURES if extractor is None else getattr(extractor, "num_features", None)
     with open_npz(path) as f:
-        mu, sigma = npz_statistics(f, path, ("mu", "sigma"), dim)
-        return mu, sigma, str(f["key"]) if "key" in f.files else f"{Path(path).name} (mu, sigma)"
+        return npz_statistics(f, path, ("mu", "sigma"), dim)
 
 
 def check_reference_statistics(path: str | os.PathLike, extractor: nn.Module | None = None, flag: str = "") -> None:
@@ -177,6 +171,14 @@ def check_reference_statistics(path: str | os.PathLike, extractor: nn.Module | N
 def balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor | None:
     """Class-balanced labels arange(n) % num_classes (N,), or None for an unconditional model."""
     return torch.arange(num_samples) % num_classes if num_classes > 0 else None
+
+
+def balanced_samples(sampler: Sampler, indices: Sequence[int], seed: int, **options: Any) -> Samples:
+    """Samples ``indices`` of a class-balanced set: sample i from the noise (seed, i), of the class i % num_classes
+    (as ``balanced_labels``); ``options`` as for ``Sampler.generate``."""
+    y = torch.as_tensor(indices) % sampler.num_classes if sampler.num_classes > 0 else None
+    noise = seeded_noise(seed, indices, (sampler.in_channels, sampler.input_size, sampler.input_size))
+    return sampler.generate(len(indices), y, noise=noise, **options)  # (b, C, H, W)
 
 
 @torch.no_grad()
@@ -197,8 +199,6 @@ def generated_statistics(
     process r draws samples r, r + world_size, ...; all ask ``should_stop`` equally often and fail together."""
     if num_samples < 2:
         raise FIDError(f"FID needs at least 2 generated samples; got {num_samples}")
-    shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
-    labels = balanced_labels(num_samples, sampler.num_classes)
     indices = torch.arange(num_samples)[rank::world_size]  # this process's share (empty if num_samples <= rank)
     batch_size = options.get("batch_size", sampler.options.batch_size)
     extractor.eval()
@@ -206,17 +206,16 @@ def generated_statistics(
     largest_share = -(-num_samples // world_size)
     chunks += [indices[:0]] * (-(-largest_share // batch_size) - len(chunks))  # as many on every process
     stats, nfes, error = FeatureStats(), [], None
-    bar = tqdm(total=len(indices), desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True)
-    try:
+    with tqdm(
+        total=len(indices), desc="FID generated images", unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
         for idx in [*chunks, None]:  # None: a last meeting, so that no process leaves while another samples
             if should_stop is not None and should_stop():  # the same answer everywhere: all leave here together
                 raise SamplingStopped(f"stopped after {bar.n} of {len(indices)} samples")
             if idx is None or error is not None or not len(idx):  # a failed process goes on asking, without sampling
                 continue
             try:
-                noise = seeded_noise(seed, idx.tolist(), shape)  # (b, C, H, W)
-                y = None if labels is None else labels[idx]
-                out = sampler.generate(len(idx), y, noise=noise, should_stop=step_stop, **options)  # (b, C, H, W)
+                out = balanced_samples(sampler, idx.tolist(), seed, should_stop=step_stop, **options)
                 nfes.append(out.nfe)
                 stats.update(extract_features(extractor, out.images))
                 bar.update(len(idx))
@@ -224,8 +223,6 @@ def generated_statistics(
                 if world_size == 1:
                     raise
                 error = e  # raised below, after the others have heard of it: none may wait in a collective alone
-    finally:
-        bar.close()
     # One collective for the failure flag and the NFE sums (a no-op in one process), then the feature sums.
     totals = torch.tensor([float(error is not None), sum(nfes), len(nfes)], dtype=torch.float64)
     failed, nfe_sum, batches = all_reduce_(totals.to(collective_device())).tolist()

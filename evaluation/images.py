@@ -65,11 +65,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, min_size: i
 
 
 def gif_bytes(
-    trajectory: torch.Tensor,
-    fps: int = 10,
-    nrow: int = 8,
-    min_size: int = 64,
-    should_stop: Callable[[], bool] | None = None,
+    trajectory: torch.Tensor, fps: int = 10, nrow: int = 8, should_stop: Callable[[], bool] | None = None
 ) -> bytes:
     """A trajectory (K, N, C, H, W) in [-1, 1] as a GIF of grids; ``should_stop`` is asked before each frame."""
     from moviepy import VideoClip
@@ -87,7 +83,7 @@ def gif_bytes(
         if i not in frames:
             if should_stop is not None and should_stop():
                 raise SamplingStopped(f"stopped before GIF frame {i + 1} of {k}")
-            frames[i] = grid_uint8((trajectory[i].float().clamp(-1, 1) + 1) / 2, nrow, min_size)
+            frames[i] = grid_uint8((trajectory[i].float().clamp(-1, 1) + 1) / 2, nrow)
         return frames[i]
 
     clip = VideoClip(frame_function=frame, duration=(k + 0.5) / fps)
@@ -97,9 +93,9 @@ def gif_bytes(
         return encoded.read_bytes()
 
 
-def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8, min_size: int = 64) -> None:
+def to_gif(trajectory: torch.Tensor, path: str | Path, fps: int = 10, nrow: int = 8) -> None:
     """Write ``gif_bytes`` of a trajectory (K, N, C, H, W) of states in [-1, 1]."""
-    atomic_write(path, lambda f: f.write(gif_bytes(trajectory, fps, nrow, min_size)))
+    atomic_write(path, lambda f: f.write(gif_bytes(trajectory, fps, nrow)))
 
 
 def save_npz(images: torch.Tensor, labels: torch.Tensor | None, path: str | Path) -> None:

@@ -90,35 +90,33 @@ class Monitor:
             return
         with isolated_rng(module_device_dtype(ema_model)[0]):
             if samples:
-                try:
-                    self.timed("sample grids", step, stop, lambda: self.samples(step, model, ema_model, stop))
-                except Exception as e:  # diagnostics: a failure here must not end a days-long run
-                    warn(f"sampling at step {step} failed: {type(e).__name__}: {e}")
-            if fid:
-                try:
-                    self.fid(step, ema_model, stop)
-                except Exception as e:  # the failing process says why
-                    if not isinstance(e, PeerError) or self.dist.is_main:
-                        who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
-                        warn(f"FID at step {step} failed{who}: {type(e).__name__}: {e}")
+                self.timed("sample grids", step, stop, lambda: self.samples(step, model, ema_model, stop))
+            if fid and self.fid_state != "off":  # every process: FID's sampling is shared out
+                self.timed("FID", step, stop, lambda: self.fid(step, ema_model, stop), agreed=True)
 
     def timed(
         self, what: str, step: int, stop: StopRequest | None, run: Callable[[], float | None], agreed: bool = False
     ) -> None:
-        """run(), skipped or abandoned on a stop request; ``agreed``: all processes ask ``stop.check`` together."""
-        if stop is not None:
-            self.reason = (stop.check if agreed else stop.requested)(self.seconds[what])
-            if self.reason is not None:
-                if self.dist.is_main:
-                    warn(f"{what} at step {step} skipped ({REASONS[self.reason]}): the run is about to stop")
-                return
-        start = time.perf_counter()
+        """run(), skipped or abandoned on a stop request, a failure reported without stopping training (a days-long
+        run must not end for its diagnostics); ``agreed``: all processes ask ``stop.check`` together."""
         try:
+            if stop is not None:
+                self.reason = (stop.check if agreed else stop.requested)(self.seconds[what])
+                if self.reason is not None:
+                    if self.dist.is_main:
+                        warn(f"{what} at step {step} skipped ({REASONS[self.reason]}): the run is about to stop")
+                    return
+            start = time.perf_counter()
             took = run()  # a diagnostic may say how long its repeatable part took (FID: without its set-up)
         except SamplingStopped:
             if self.dist.is_main:
                 why = REASONS.get(self.reason, "a stop request")
                 warn(f"{what} at step {step} abandoned ({why}); nothing of them is written or logged")
+            return
+        except Exception as e:  # the failing process says why
+            if not isinstance(e, PeerError) or self.dist.is_main:
+                who = f" (rank {self.dist.rank})" if self.dist.distributed else ""
+                warn(f"{what} at step {step} failed{who}: {type(e).__name__}: {e}")
             return
         self.seconds[what] = time.perf_counter() - start if took is None else took
 
@@ -138,7 +136,7 @@ class Monitor:
         cfg, k = self.cfg, self.cfg.samples_per_class
         ema, raw = (self.sampler(m) for m in (ema_model, model))
         classes = grid_classes(ema.num_classes, cfg.sample_classes)
-        ask, shown, drawn = self.should_stop(stop), min(k, GIF_SAMPLES), []  # rank 0 alone draws; GIF: shown a row
+        ask, shown = self.should_stop(stop), min(k, GIF_SAMPLES)  # rank 0 alone draws; GIF: shown a row
         # A network with the guidance scale as an input samples only the scales it was trained on; the others go.
         lo, hi = ema.guidance_range or (float("-inf"), float("inf"))
         scales = [scale for scale in cfg.cfg_scales if lo <= scale <= hi]
@@ -149,15 +147,13 @@ class Monitor:
                 f"sample grids: cfg scales {left_out} left out, outside [{lo:g}, {hi:g}], the guidance scales this "
                 "network takes as an input"
             )
+        images, videos, files = {}, {}, {}  # every file is encoded before any is written
         for scale in scales:
             ema_out = ema.generate_each_class(
                 k, classes, cfg_scale=scale, seed=cfg.seed, trajectory=True, max_frames=GIF_FRAMES, should_stop=ask
             )
             raw_out = raw.generate_each_class(k, classes, cfg_scale=scale, seed=cfg.seed, should_stop=ask)
-            drawn.append((scale, ema_out, raw_out.images))
-        images, videos, files = {}, {}, {}
-        for scale, ema_out, raw_imgs in drawn:
-            rows = [x.unflatten(0, (-1, k)) for x in (ema_out.images, raw_imgs)]  # (classes, k, C, H, W)
+            rows = [x.unflatten(0, (-1, k)) for x in (ema_out.images, raw_out.images)]  # (classes, k, C, H, W)
             blank = torch.ones_like(rows[0][:, :1])  # a white column between EMA and raw
             stem = self.out / "samples" / f"step{step:07d}_cfg{scale:g}"
             files[f"{stem}.png"] = grid_bytes(torch.cat([rows[0], blank, rows[1]], dim=1).flatten(0, 1), 2 * k + 1)
@@ -176,26 +172,21 @@ class Monitor:
         """The sampler of the diagnostics: the objective's solver at --sample-steps."""
         return Sampler(model, self.decoder, steps=self.cfg.sample_steps, method=self.sample_method)
 
-    def fid(self, step: int, model: nn.Module, stop: StopRequest | None = None) -> None:
-        """FID of the model's samples against the training set; rank 0 prints and logs it. Every process calls it."""
-        if self.fid_state != "off":
-            self.timed("FID", step, stop, lambda: self._fid(step, model, stop), agreed=True)
-
-    def _fid(self, step: int, model: nn.Module, stop: StopRequest | None) -> float | None:
-        """The FID itself; returns the seconds it took without the one-time set-up (what the next one will take)."""
+    def fid(self, step: int, model: nn.Module, stop: StopRequest | None = None) -> float | None:
+        """FID of the model's samples against the training set, rank 0 printing and logging it (every process calls
+        it); returns the seconds it took without the one-time set-up (what the next one will take)."""
         if self.fid_state == "not loaded":
             self.fid_state = "ready" if self._load(module_device_dtype(model)[0], stop) else "off"
         if self.fid_state == "off":
             return None
         start = time.perf_counter()
         cfg, dist = self.cfg, self.dist
-        sampler = self.sampler(model)
         agreed = None if stop is None else AgreedStop(stop)
         kw = dict(extractor=self.extractor, cfg_scale=cfg.fid_cfg_scale, seed=cfg.seed, progress=dist.is_main)
         kw |= dict(rank=dist.rank, world_size=dist.world_size)  # this process's share of the samples
         kw |= dict(should_stop=agreed and agreed.meet, step_stop=agreed and agreed.step)
         try:
-            fid, nfe = compute_fid(sampler, self.real, cfg.fid_samples, **kw)
+            fid, nfe = compute_fid(self.sampler(model), self.real, cfg.fid_samples, **kw)
         finally:
             self.reason = agreed and agreed.reason
         seconds = time.perf_counter() - start
@@ -208,7 +199,7 @@ class Monitor:
         """--fid-ref-stats, else the cached statistics of the training set's images (``fid_images`` for latents)."""
         cfg = self.cfg
         if cfg.fid_ref_stats:
-            return reference_statistics(cfg.fid_ref_stats, self.extractor)[:2]
+            return reference_statistics(cfg.fid_ref_stats, self.extractor)
         ref = self.dataset.fid_images() if self.dataset is not None else None
         name, root, dataset = ref if ref is not None else (cfg.dataset, cfg.data_path, None)
         size, channels = (dataset.image_size, dataset.channels) if ref is not None else (cfg.image_size, cfg.channels)

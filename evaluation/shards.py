@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.fid import balanced_labels
+from evaluation.fid import balanced_samples
 from evaluation.images import to_uint8
-from sampling.options import seeded_noise
 from sampling.sampler import Sampler
 from utils.config import ConfigError
 from utils.distributed import DistInfo, all_gather_object, first_then_others
@@ -54,22 +53,17 @@ def draw_shards(
     progress: bool = True,
 ) -> None:
     """Draw this process's share of the missing shards (uint8 (b, H, W, 3) and the NFE each); a collective."""
-    rank, world_size = dist.rank, dist.world_size
-    shape = (sampler.in_channels, sampler.input_size, sampler.input_size)
-    labels = balanced_labels(num_samples, sampler.num_classes)
     starts = [s for s in range(0, num_samples, batch_size) if not shard_path(folder, s).is_file()]
     starts = all_gather_object(starts)[0]  # the main process's list: each shard is drawn by one process
     done = num_samples - sum(min(batch_size, num_samples - s) for s in starts)
     bar = tqdm(total=num_samples, initial=done, desc="sampling", unit="img", disable=not progress, dynamic_ncols=True)
-    for start in starts[rank::world_size]:
+    for start in starts[dist.rank :: dist.world_size]:
         idx = range(start, min(start + batch_size, num_samples))
-        y = None if labels is None else labels[start : idx.stop]
-        noise = seeded_noise(seed, idx, shape)  # (b, C, H, W)
-        out = sampler.generate(len(idx), y, noise=noise, batch_size=len(idx), should_stop=should_stop)
+        out = balanced_samples(sampler, idx, seed, batch_size=len(idx), should_stop=should_stop)
         images = to_uint8(out.images)  # (b, H, W, C)
         images = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images  # ADM's evaluator reads RGB
         atomic_write(shard_path(folder, start), lambda f, im=images, n=out.nfe: np.savez(f, images=im, nfe=n))
-        bar.update(min(len(idx) * world_size, num_samples - bar.n))  # the others draw as many meanwhile
+        bar.update(min(len(idx) * dist.world_size, num_samples - bar.n))  # the others draw as many meanwhile
     bar.close()
 
 

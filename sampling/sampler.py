@@ -37,12 +37,6 @@ from utils.device import autocast, module_device_dtype, resolve_device, resolve_
 Labels = torch.Tensor | Sequence[int] | int | None  # (n,) labels, one for all, or None (random classes)
 
 
-def checkpoint_sample_method(state: dict[str, Any]) -> str:
-    """The checkpoint's "sample_method"; for older checkpoints "mean" for an average-velocity network, else heun."""
-    average = upgraded_config(state["model_config"]).get("average_velocity")
-    return state.get("sample_method") or ("mean" if average else DEFAULT_METHOD)
-
-
 class Sampler:
     """Sampler for any network mapping (x, t, y) to a velocity (docs/sampling.md); ``options`` are
     ``SamplingOptions``, the defaults of every call. NFE counts evaluations per sample path (a guided pass once)."""
@@ -77,8 +71,9 @@ class Sampler:
         a latent DiT decodes through the VAE the checkpoint names (``vae``: another copy), loaded when first needed."""
         device = resolve_device(str(device))
         state = path if isinstance(path, dict) else load_checkpoint(path)
-        if options.get("method") is None:
-            options = {**options, "method": checkpoint_sample_method(state)}
+        if options.get("method") is None:  # older checkpoints name none: "mean" for an average-velocity network
+            average = upgraded_config(state["model_config"]).get("average_velocity")
+            options = {**options, "method": state.get("sample_method") or ("mean" if average else DEFAULT_METHOD)}
         model = model_from_checkpoint(state, ema=ema, device=device)
         space = state.get("latent_space")
         decoder = lambda: LatentCodec.from_space(LatentSpace.from_dict(space), device, vae=vae)
@@ -164,16 +159,8 @@ class Sampler:
         sampler's; should_stop: asked before every step (dopri5: every evaluation), True raises ``SamplingStopped``."""
         o = self._options(options)
         y, noise, seed = self._check(n, y, noise, seed, o)
-        shape = self._image_shape()
-        stochastic = o.method in SOLVERS and SOLVERS[o.method].stochastic
         _ = self.decoder if self.latent and o.decode else None  # a VAE that cannot be loaded fails before the work
-        if not trajectory:
-            frames = []
-        elif o.method in ADAPTIVE:
-            frames = list(range(o.max_frames))
-        else:
-            frames = frame_indices(o.steps, o.max_frames)
-
+        shape = self._image_shape()
         images, kept_frames, nfe_per_chunk = [], [], []
         ask = should_stop or (lambda: False)
         was_training = self.model.training
@@ -183,17 +170,16 @@ class Sampler:
                 stop = min(start + o.batch_size, n)
                 x = noise[start:stop] if noise is not None else seeded_noise(seed, range(start, stop), shape)
                 yb = y[start:stop].to(self.device) if y is not None else None
-                noises = step_noise(x) if stochastic else None
-                x, kept, nfe = self._integrate(x.to(self.device, self.state_dtype), yb, frames, o, ask, noises)
+                x, kept, nfe = self._integrate(x, yb, trajectory, o, ask)
                 nfe_per_chunk.append(nfe)
                 images.append(self.to_images(x, o))
-                kept_frames += [torch.stack(kept)] if frames else []  # (K, b, C, H, W)
+                kept_frames += [torch.stack(kept)] if trajectory else []  # (K, b, C, H, W)
         finally:
             self.model.train(was_training)
         return Samples(
             images=torch.cat(images),
             labels=y,
-            trajectory=torch.cat(kept_frames, dim=1) if frames else None,
+            trajectory=torch.cat(kept_frames, dim=1) if trajectory else None,
             nfe=max(nfe_per_chunk),
             nfe_per_chunk=nfe_per_chunk,
             seed=seed,
@@ -254,17 +240,12 @@ class Sampler:
         return (out.images, out.trajectory) if return_trajectory else out.images
 
     def _integrate(
-        self,
-        x: torch.Tensor,
-        y: torch.Tensor | None,
-        frames: list[int],
-        o: SamplingOptions,
-        ask: Callable[[], bool],
-        noises: Callable[[], torch.Tensor] | None = None,
+        self, x: torch.Tensor, y: torch.Tensor | None, trajectory: bool, o: SamplingOptions, ask: Callable[[], bool]
     ) -> tuple[torch.Tensor, list[torch.Tensor], int]:
-        """The final state from x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU) and the NFE; ``noises``:
-        the next step's noise of a stochastic method (``step_noise``)."""
-        nfe = 0
+        """The final state from the noise x (b, C, H, W) at t = 0, the kept frames (float32, on the CPU; none without
+        ``trajectory``) and the NFE; a stochastic method's step noise is seeded by x (``step_noise``)."""
+        noises = step_noise(x) if o.method in SOLVERS and SOLVERS[o.method].stochastic else None
+        x, nfe = x.to(self.device, self.state_dtype), 0
 
         def f(x: torch.Tensor, t: float, h: float | None = None) -> torch.Tensor:
             nonlocal nfe
@@ -274,13 +255,14 @@ class Sampler:
             return self._velocity(x, t, y, h, o)
 
         if o.method in ADAPTIVE:  # dense output gives the frames without extra solver steps
-            times = torch.linspace(0.0, 1.0, max(len(frames), 2), device=x.device, dtype=x.dtype)
+            times = torch.linspace(0.0, 1.0, o.max_frames if trajectory else 2, device=x.device, dtype=x.dtype)
             states = odeint(lambda t, s: f(s, t), x, times, rtol=o.rtol, atol=o.atol, method=o.method)
-            return states[-1], [s.float().cpu() for s in states] if frames else [], nfe
+            return states[-1], [s.float().cpu() for s in states] if trajectory else [], nfe
         solver = get_solver(o.method)  # an unknown name is an error here, never some other method
         sde = dict(diffusion=o.sde_diffusion, norm=o.sde_norm, last_step=o.last_step) if solver.stochastic else {}
         grid = solvers.sde_grid(o.steps, o.last_step_size, o.sde_diffusion) if sde else None
         ts = (time_grid(o.steps, o.grid, o.grid_shift) if grid is None else grid).tolist()
+        frames = frame_indices(o.steps, o.max_frames) if trajectory else []
         kept = [x.float().cpu()] if 0 in frames else []
         for i in range(o.steps):
             if ask():

@@ -47,7 +47,7 @@ def test_reference_statistics_are_checked_with_one_line_each(tmp_path):
     four.num_features = 4  # what load_inception's module says of itself (2048 there)
     for name, message in bad_reference_files(tmp_path).items():
         if message is None:
-            mu, sigma, _ = reference_statistics(tmp_path / name, four)
+            mu, sigma = reference_statistics(tmp_path / name, four)
             assert mu.shape == (4,) and np.linalg.eigvalsh(sigma)[0] < 0  # round-off below zero is accepted
             continue
         with pytest.raises(FIDError) as e:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -53,25 +52,10 @@ from utils.config import Config, ConfigError, arg, parse, script_exit
 from utils.device import PRECISIONS, resolve_precision
 from utils.distributed import DistInfo, PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
-from utils.preemption import EXIT_CODES, SetupInterrupted
+from utils.preemption import EXIT_CODES, SetupInterrupted, signals_end_setup
 from utils.runfolder import LOCK_NAME, hold_run_folder
 
 SETTINGS = "extraction.json"
-
-
-class Stop:
-    """Raises SetupInterrupted on a stop signal, except while ``held`` (Python drops what a fork hook raises)."""
-
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    held, signum = False, None
-
-    def __call__(self, signum: int, frame: object) -> None:
-        self.signum = self.signum or signum
-        if not self.held:
-            raise SetupInterrupted(signum)
-
-
-STOP = Stop()
 
 
 @dataclass(kw_only=True)
@@ -160,11 +144,8 @@ def encode_shard(
     subset = torch.utils.data.Subset(dataset, range(first, first + count))
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
     latents, labels, crops = [], [], []
-    STOP.held = True
-    batches = iter(loader)  # starts the loader's workers
-    STOP.held = False
-    if STOP.signum is not None:
-        raise SetupInterrupted(STOP.signum)
+    with signals_end_setup(deferred=True):
+        batches = iter(loader)  # starts the loader's workers
     try:
         for images, y in batches:
             x = images.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
@@ -334,10 +315,9 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
 
 def cli(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
-    STOP.held, STOP.signum = False, None
-    previous = {s: signal.signal(s, STOP) for s in STOP.signals}
     try:
-        main(parse_args(argv))
+        with signals_end_setup():
+            main(parse_args(argv))
     except SetupInterrupted as e:
         kept = "the complete shards are kept: run the same command again to continue"
         if rank0:
@@ -349,9 +329,6 @@ def cli(argv: list[str] | None = None) -> int:
         if rank0 or not isinstance(e, ConfigError):
             return script_exit("extract_latents.py", e).code
         return 2
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     return 0
 
 

@@ -37,17 +37,7 @@ from data.latents import (
     shard_name,
 )
 from data.loader import _worker_error, usable_workers
-from models.vae import (
-    DEFAULT_VAE,
-    NORMALIZATIONS,
-    LatentCodec,
-    LatentSpace,
-    VAEError,
-    config_normalization,
-    downsampling,
-    load_autoencoder,
-    vae_revision,
-)
+from models.vae import DEFAULT_VAE, NORMALIZATIONS, LatentCodec, LatentSpace, VAEError, load_autoencoder
 from utils.config import Config, ConfigError, arg, parse, script_exit
 from utils.device import PRECISIONS, resolve_precision
 from utils.distributed import DistInfo, PeerError, all_ok, cleanup, first_then_others, init_distributed
@@ -191,8 +181,9 @@ def write_index(
     std = np.sqrt(np.maximum(total_sq / values - mean**2, 0.0))
     if cfg.normalization == "stats":
         shift, scale = mean.tolist(), (1.0 / np.maximum(std, 1e-12)).tolist()
-    else:
-        shift, scale = config_normalization(vae)
+    else:  # the VAE's own: its shift_factor (0 if none) and scaling_factor
+        shift = [float(getattr(vae.config, "shift_factor", None) or 0.0)] * len(mean)
+        scale = [float(vae.config.scaling_factor)] * len(mean)
     space = LatentSpace(
         vae=settings["vae"],
         revision=settings["revision"],
@@ -244,7 +235,8 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
     name = str(local.resolve()) if local.is_dir() else cfg.vae
     with first_then_others(dist.local_rank == 0):  # one process per node downloads the weights
         vae = load_autoencoder(name, cfg.vae_revision, device)
-    f = downsampling(vae)
+    commit = None if local.is_dir() else getattr(vae.config, "_commit_hash", None)  # the hub commit diffusers recorded
+    f = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for SD-VAE
     if cfg.image_size % f:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling {f}")
     latent_shape = (int(vae.config.latent_channels), cfg.image_size // f, cfg.image_size // f)
@@ -257,7 +249,7 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "preprocessing": PREPROCESSING,
         "vae": name,
-        "revision": vae_revision(vae, name) or cfg.vae_revision,
+        "revision": str(commit) if commit else cfg.vae_revision,
         "latent_shape": list(latent_shape),
         "dtype": "float16",
         "shard_size": cfg.shard_size,
@@ -278,7 +270,6 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
     n, size = len(dataset), cfg.shard_size
     num_shards = -(-n // size)
     counts = {k: min(size, n - k * size) for k in range(dist.rank, num_shards, dist.world_size)}
-    todo, started = 0, time.perf_counter()
     try:  # an error on any process must reach every process before rank 0 waits for the shards
         mine = sorted(set(counts) - kept_shards(out, counts, key, cfg.verify))
         todo = sum(counts[k] for k in mine)

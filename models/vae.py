@@ -75,24 +75,6 @@ def load_autoencoder(name: str, revision: str | None = None, device: str | torch
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_revision(vae: nn.Module, name: str) -> str | None:
-    """The hub commit a VAE was loaded from when diffusers recorded it, else None (a local folder)."""
-    commit = getattr(vae.config, "_commit_hash", None) if not Path(name).expanduser().is_dir() else None
-    return str(commit) if commit else None
-
-
-def downsampling(vae: nn.Module) -> int:
-    """The VAE's spatial reduction: 2 ** (number of encoder blocks - 1) (8 for SD-VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def config_normalization(vae: nn.Module) -> tuple[list[float], list[float]]:
-    """The ``config`` shift and scale, per channel: the VAE's shift_factor (0 if none) and scaling_factor."""
-    c = int(vae.config.latent_channels)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return [float(shift)] * c, [float(vae.config.scaling_factor)] * c
-
-
 class LatentCodec:
     """A VAE with a normalisation, run in chunks of batch_size; precision "auto" is bf16 autocast on CUDA."""
 

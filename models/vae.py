@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from utils.device import autocast, resolve_precision
+
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 NORMALIZATIONS = ("config", "stats")
 
@@ -88,9 +90,7 @@ class LatentCodec:
     ):
         self.vae = vae
         self.device = next(vae.parameters()).device
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
-        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.precision = resolve_precision(precision, self.device)
         self.shift = torch.tensor(list(shift), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale = torch.tensor(list(scale), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.batch_size = batch_size
@@ -105,7 +105,7 @@ class LatentCodec:
         return cls(model, space.shift, space.scale)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with autocast(self.device, self.precision):
             return torch.cat([fn(part.to(self.device, torch.float32)).float() for part in x.split(self.batch_size)])
 
     @torch.no_grad()

@@ -39,7 +39,7 @@ from data.latents import (
 from data.loader import _worker_error, usable_workers
 from models.vae import DEFAULT_VAE, NORMALIZATIONS, LatentCodec, LatentSpace, VAEError, load_autoencoder
 from utils.config import Config, ConfigError, arg, parse, script_exit
-from utils.device import PRECISIONS, resolve_precision
+from utils.device import PRECISIONS
 from utils.distributed import DistInfo, PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
 from utils.preemption import EXIT_CODES, SetupInterrupted, signals_end_setup
@@ -240,7 +240,7 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
     if cfg.image_size % f:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling {f}")
     latent_shape = (int(vae.config.latent_channels), cfg.image_size // f, cfg.image_size // f)
-    precision = resolve_precision(cfg.precision, device)
+    codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, cfg.precision)
     settings = {  # what a shard's bytes depend on (OUT/extraction.json): a rerun must have the same
         "format": FORMAT,
         "source": str(Path(cfg.data_path).expanduser().resolve()),
@@ -254,7 +254,7 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
         "dtype": "float16",
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
-        "precision": precision,
+        "precision": codec.precision,
         **({"store_images": True} if cfg.images else {}),  # absent without --images: older folders keep their digest
     }
     key = digest(settings)
@@ -266,7 +266,6 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
             error = e
     if not all_ok(error is None):
         raise error or PeerError("rank 0 refused the output folder")
-    codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, precision)
     n, size = len(dataset), cfg.shard_size
     num_shards = -(-n // size)
     counts = {k: min(size, n - k * size) for k in range(dist.rank, num_shards, dist.world_size)}

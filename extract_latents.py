@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,40 +37,15 @@ from data.latents import (
     shard_name,
 )
 from data.loader import _worker_error, usable_workers
-from models.vae import (
-    DEFAULT_VAE,
-    NORMALIZATIONS,
-    LatentCodec,
-    LatentSpace,
-    VAEError,
-    config_normalization,
-    downsampling,
-    load_autoencoder,
-    vae_revision,
-)
+from models.vae import DEFAULT_VAE, NORMALIZATIONS, LatentCodec, LatentSpace, VAEError, load_autoencoder
 from utils.config import Config, ConfigError, arg, parse, script_exit
-from utils.device import PRECISIONS, resolve_precision
+from utils.device import PRECISIONS
 from utils.distributed import DistInfo, PeerError, all_ok, cleanup, first_then_others, init_distributed
 from utils.io import atomic_write, write_json_atomic
-from utils.preemption import EXIT_CODES, SetupInterrupted
+from utils.preemption import EXIT_CODES, SetupInterrupted, signals_end_setup
 from utils.runfolder import LOCK_NAME, hold_run_folder
 
 SETTINGS = "extraction.json"
-
-
-class Stop:
-    """Raises SetupInterrupted on a stop signal, except while ``held`` (Python drops what a fork hook raises)."""
-
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-    held, signum = False, None
-
-    def __call__(self, signum: int, frame: object) -> None:
-        self.signum = self.signum or signum
-        if not self.held:
-            raise SetupInterrupted(signum)
-
-
-STOP = Stop()
 
 
 @dataclass(kw_only=True)
@@ -160,11 +134,8 @@ def encode_shard(
     subset = torch.utils.data.Subset(dataset, range(first, first + count))
     loader = torch.utils.data.DataLoader(subset, batch_size=cfg.batch_size, num_workers=usable_workers(cfg.num_workers))
     latents, labels, crops = [], [], []
-    STOP.held = True
-    batches = iter(loader)  # starts the loader's workers
-    STOP.held = False
-    if STOP.signum is not None:
-        raise SetupInterrupted(STOP.signum)
+    with signals_end_setup(deferred=True):
+        batches = iter(loader)  # starts the loader's workers
     try:
         for images, y in batches:
             x = images.float().div_(127.5).sub_(1.0)  # uint8 -> [-1, 1]
@@ -210,8 +181,9 @@ def write_index(
     std = np.sqrt(np.maximum(total_sq / values - mean**2, 0.0))
     if cfg.normalization == "stats":
         shift, scale = mean.tolist(), (1.0 / np.maximum(std, 1e-12)).tolist()
-    else:
-        shift, scale = config_normalization(vae)
+    else:  # the VAE's own: its shift_factor (0 if none) and scaling_factor
+        shift = [float(getattr(vae.config, "shift_factor", None) or 0.0)] * len(mean)
+        scale = [float(vae.config.scaling_factor)] * len(mean)
     space = LatentSpace(
         vae=settings["vae"],
         revision=settings["revision"],
@@ -263,11 +235,12 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
     name = str(local.resolve()) if local.is_dir() else cfg.vae
     with first_then_others(dist.local_rank == 0):  # one process per node downloads the weights
         vae = load_autoencoder(name, cfg.vae_revision, device)
-    f = downsampling(vae)
+    commit = None if local.is_dir() else getattr(vae.config, "_commit_hash", None)  # the hub commit diffusers recorded
+    f = 2 ** (len(vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for SD-VAE
     if cfg.image_size % f:
         raise ConfigError(f"--image-size {cfg.image_size} is not a multiple of the VAE's downsampling {f}")
     latent_shape = (int(vae.config.latent_channels), cfg.image_size // f, cfg.image_size // f)
-    precision = resolve_precision(cfg.precision, device)
+    codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, cfg.precision)
     settings = {  # what a shard's bytes depend on (OUT/extraction.json): a rerun must have the same
         "format": FORMAT,
         "source": str(Path(cfg.data_path).expanduser().resolve()),
@@ -276,12 +249,12 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "preprocessing": PREPROCESSING,
         "vae": name,
-        "revision": vae_revision(vae, name) or cfg.vae_revision,
+        "revision": str(commit) if commit else cfg.vae_revision,
         "latent_shape": list(latent_shape),
         "dtype": "float16",
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
-        "precision": precision,
+        "precision": codec.precision,
         **({"store_images": True} if cfg.images else {}),  # absent without --images: older folders keep their digest
     }
     key = digest(settings)
@@ -293,11 +266,9 @@ def extract(cfg: ExtractConfig, dist: DistInfo) -> dict[str, Any]:
             error = e
     if not all_ok(error is None):
         raise error or PeerError("rank 0 refused the output folder")
-    codec = LatentCodec(vae, [0.0] * latent_shape[0], [1.0] * latent_shape[0], cfg.batch_size, precision)
     n, size = len(dataset), cfg.shard_size
     num_shards = -(-n // size)
     counts = {k: min(size, n - k * size) for k in range(dist.rank, num_shards, dist.world_size)}
-    todo, started = 0, time.perf_counter()
     try:  # an error on any process must reach every process before rank 0 waits for the shards
         mine = sorted(set(counts) - kept_shards(out, counts, key, cfg.verify))
         todo = sum(counts[k] for k in mine)
@@ -334,10 +305,9 @@ def parse_args(argv: list[str] | None = None) -> ExtractConfig:
 
 def cli(argv: list[str] | None = None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
-    STOP.held, STOP.signum = False, None
-    previous = {s: signal.signal(s, STOP) for s in STOP.signals}
     try:
-        main(parse_args(argv))
+        with signals_end_setup():
+            main(parse_args(argv))
     except SetupInterrupted as e:
         kept = "the complete shards are kept: run the same command again to continue"
         if rank0:
@@ -349,9 +319,6 @@ def cli(argv: list[str] | None = None) -> int:
         if rank0 or not isinstance(e, ConfigError):
             return script_exit("extract_latents.py", e).code
         return 2
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     return 0
 
 

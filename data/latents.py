@@ -22,6 +22,7 @@ import torch
 
 from data.base import DataError, ImageDataset
 from data.folder import ImageFolderDataset
+from utils.io import atomic_write
 
 INDEX = "index.json"
 FORMAT = "dit-latents-1"
@@ -38,9 +39,7 @@ def digest_path(shard: Path) -> Path:
 
 def record_digest(shard: Path, sha256: str) -> None:
     """Record a shard's sha256 beside it, atomically."""
-    tmp = shard.with_name(f".{digest_path(shard).name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{sha256}  {shard.name}\n")
-    os.replace(tmp, digest_path(shard))
+    atomic_write(digest_path(shard), lambda f: f.write(f"{sha256}  {shard.name}\n".encode()))
 
 
 def recorded_digest(shard: Path) -> tuple[str | None, bool]:

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from utils.device import autocast, resolve_precision
+
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
 NORMALIZATIONS = ("config", "stats")
 
@@ -75,24 +77,6 @@ def load_autoencoder(name: str, revision: str | None = None, device: str | torch
     return vae.to(device).eval().requires_grad_(False)
 
 
-def vae_revision(vae: nn.Module, name: str) -> str | None:
-    """The hub commit a VAE was loaded from when diffusers recorded it, else None (a local folder)."""
-    commit = getattr(vae.config, "_commit_hash", None) if not Path(name).expanduser().is_dir() else None
-    return str(commit) if commit else None
-
-
-def downsampling(vae: nn.Module) -> int:
-    """The VAE's spatial reduction: 2 ** (number of encoder blocks - 1) (8 for SD-VAE)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def config_normalization(vae: nn.Module) -> tuple[list[float], list[float]]:
-    """The ``config`` shift and scale, per channel: the VAE's shift_factor (0 if none) and scaling_factor."""
-    c = int(vae.config.latent_channels)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return [float(shift)] * c, [float(vae.config.scaling_factor)] * c
-
-
 class LatentCodec:
     """A VAE with a normalisation, run in chunks of batch_size; precision "auto" is bf16 autocast on CUDA."""
 
@@ -106,9 +90,7 @@ class LatentCodec:
     ):
         self.vae = vae
         self.device = next(vae.parameters()).device
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32; got {precision!r}")
-        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        self.precision = resolve_precision(precision, self.device)
         self.shift = torch.tensor(list(shift), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.scale = torch.tensor(list(scale), dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.batch_size = batch_size
@@ -123,7 +105,7 @@ class LatentCodec:
         return cls(model, space.shift, space.scale)
 
     def _run(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with autocast(self.device, self.precision):
             return torch.cat([fn(part.to(self.device, torch.float32)).float() for part in x.split(self.batch_size)])
 
     @torch.no_grad()

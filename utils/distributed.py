@@ -70,11 +70,9 @@ class PeerError(RuntimeError):
 
 
 def all_ok(ok: bool) -> bool:
-    if not is_initialized():
-        return ok
+    """Whether ok holds on every process; a collective."""
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(all_reduce_(flag, "min").item())
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

@@ -19,6 +19,7 @@ TIME_LIMIT = 0  # the "signal number" of a stop for the wall-clock budget
 REASONS = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1", TIME_LIMIT: "--time-limit"}
 # 128 + the signal's number, as a shell reports a process killed by it; 124 (as coreutils' timeout) for the budget.
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138, TIME_LIMIT: 124}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
@@ -31,7 +32,7 @@ class StopRequest:
         self.deadline = None if time_limit is None else start + 60 * time_limit
         self.reserve = 0.0  # seconds: the slowest step + checkpoint so far, doubled
         self.group = dist.new_group(backend="gloo") if is_initialized() else None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is None:  # the first signal decides; later ones change nothing
@@ -96,15 +97,21 @@ class SetupInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def signals_end_setup() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block."""
+def signals_end_setup(deferred: bool = False) -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGUSR1 raise SetupInterrupted inside the block; ``deferred``: at its end (Python drops
+    what a fork hook raises, so a block that starts processes defers)."""
+    caught: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
-        raise SetupInterrupted(signum)
+        if not deferred:
+            raise SetupInterrupted(signum)
+        caught.append(signum)
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    previous = {s: signal.signal(s, interrupt) for s in STOP_SIGNALS}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if caught:
+        raise SetupInterrupted(caught[0])

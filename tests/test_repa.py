@@ -105,6 +105,18 @@ def test_the_encoder_gets_no_gradient_and_the_projector_learns():
     assert tokens.shape == (8, 16, 12) and torch.equal(out, aligned(x, 0.5, y))
 
 
+def test_defaults_are_repas_settings_scaled_to_the_network():
+    from training.config import repa_defaults
+
+    def scaled(model, **sizes):
+        settings = repa_defaults(train.TrainConfig(model=model, **sizes))
+        return settings["repa_depth"], settings["repa_projector_dim"]
+
+    assert scaled("DiT-XL/2") == (8, 2048) and scaled("DiT-L/2") == (8, 2048)  # REPA's SiT-XL/2 and SiT-L/2
+    assert scaled("DiT-B/2") == (4, 2048) and scaled("DiT-S/2") == (4, 2048)  # REPA's SiT-B/2: block 4
+    assert scaled("DiT-XS/2", hidden_size=128, depth=4) == (2, 256) and scaled("DiT-XS/2", depth=1) == (1, 64)
+
+
 def test_a_repa_run_resumes_bit_exactly_across_the_end_of_the_alignment(tmp_path):
     full = train.main(repa(tmp_path, "full", repa_until=5))
     train.main(repa(tmp_path, "split", repa_until=5, steps=6))

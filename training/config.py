@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,9 @@ class TrainConfig(ModelConfig, ObjectiveConfig):
         "frozen encoder: a torch.hub DINOv2 name (default dinov2_vitb14), a timm ViT name, or a torch.export .pt2 file "
         "mapping images (B, C, H, W) in [0, 1] to tokens (B, N, D) or vectors (B, D)",
     )
-    repa_depth: int | None = arg(None, "align the tokens after this block (default: depth / 3, at most 8)", min=1)
+    repa_depth: int | None = arg(
+        None, "align the tokens after this block (default: depth / 3 rounded up, at most 8)", min=1
+    )
     repa_projector_dim: int | None = arg(
         None, "hidden width of the projector MLP (default: REPA's 2048, at most hidden size x depth / 2)", min=1
     )
@@ -235,11 +238,12 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
 
 
 def repa_defaults(cfg: ModelConfig) -> dict[str, Any]:
-    """REPA's settings at DiT-XL/2 (DINOv2-B, block 8 of 28, a 2048-wide projector), scaled down to smaller DiTs."""
+    """REPA's settings (DINOv2-B, a 2048-wide projector, block 8 of SiT-XL/2's 28 and of SiT-L/2's 24, block 4 of
+    SiT-B/2's 12), scaled down to smaller DiTs."""
     hidden, depth, _ = DIT_SIZES[cfg.model.split("-")[1].split("/")[0]]
     hidden, depth = cfg.hidden_size or hidden, cfg.depth or depth
     projector = min(2048, hidden * depth // 2)
-    return dict(repa_encoder="dinov2_vitb14", repa_depth=max(1, min(8, depth // 3)), repa_projector_dim=projector)
+    return dict(repa_encoder="dinov2_vitb14", repa_depth=min(8, math.ceil(depth / 3)), repa_projector_dim=projector)
 
 
 def run_folder(cfg: TrainConfig) -> Path:

@@ -1,12 +1,22 @@
 """REPA (objectives/repa.py, models/encoder.py, --repa-*): the alignment loss and grid matching on known cases, a
 frozen encoder and a learning projector, bit-exact resume, weight 0 = no flags, one-line errors, learning on digits."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from test_train import assert_one_error_line, assert_same, cli_args, run_cli, tiny, weights
+from test_train import (
+    assert_one_error_line,
+    assert_same,
+    cli_args,
+    learning_run,
+    run_cli,
+    sample_accuracy,
+    tiny,
+    weights,
+)
 
 import train
 from models import DiT, model_from_checkpoint
@@ -168,36 +178,12 @@ def test_bad_encoders_are_one_line_errors_before_anything_is_written(tmp_path, c
 def test_digits_run_with_an_exported_encoder_aligns_and_learns(tmp_path):
     """An encoder on a 2x finer grid (8 x 8 tokens, matched to the DiT's 4 x 4) aligns, and the run learns (a
     vector encoder (B, D): tests/test_latent_images.py)."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    from sampler import Sampler
-
     fine = export(tmp_path, PatchTokens(stride=1), "fine.pt2")
-    cfg = tiny(
-        tmp_path / "run",
-        hidden_size=64,
-        depth=2,
-        num_heads=4,
-        steps=300,
-        batch_size=128,
-        lr=2e-3,
-        warmup=50,
-        ema_decay=0.98,
-        ckpt_every=0,
-        log_every=25,
-        repa_weight=0.5,
-        repa_encoder=str(fine),
-    )
-    result = train.main(cfg)
-    metrics = [line for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-    align = [float(line.split('"train/repa_loss": ')[1].split(",")[0]) for line in metrics]
+    result = train.main(learning_run(tmp_path / "run", steps=300, repa_weight=0.5, repa_encoder=str(fine)))
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    align = [row["train/repa_loss"] for row in logged]
     assert align[-1] < -0.9 < align[0], align  # from about 0 to aligned
-    digits = load_digits()
-    clf = LogisticRegression(max_iter=2000).fit(digits.data / 16.0, digits.target)
-    y = torch.arange(10).repeat_interleave(20)
-    images = Sampler(model_from_checkpoint(result["checkpoint"]), steps=20).sample(200, y, cfg_scale=2.5, seed=1)
-    accuracy = (clf.predict(images.reshape(200, -1).numpy()) == y.numpy()).mean()
+    accuracy = sample_accuracy(result["checkpoint"])
     assert accuracy > 0.7, accuracy
 
 

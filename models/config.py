@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from models.blocks import MLPS, NORMS
-from models.dit import DiT, DiT_models
+from models.dit import DIT_SIZES, DiT, DiT_models
 from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.config import Config, arg
 
@@ -30,6 +30,13 @@ class ModelConfig(Config):
     norm: str | None = arg(None, "norms: layernorm (DiT), rmsnorm (LightningDiT); default: the recipe's", choices=NORMS)
     rope: bool | None = arg(None, "2-D axial RoPE on queries and keys (LightningDiT, JiT); default: the recipe's")
     class_tokens: int | None = arg(None, "in-context class tokens (JiT); default: the recipe's", min=0)
+
+
+def network_size(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(hidden_size, depth, patch_size) of the network the model flags name, their overrides included."""
+    size, patch = cfg.model.removeprefix("DiT-").split("/")
+    hidden, depth, _ = DIT_SIZES[size]
+    return cfg.hidden_size or hidden, cfg.depth or depth, int(patch)
 
 
 def build_model(cfg: ModelConfig, input_size: int, in_channels: int, num_classes: int, **extra: Any) -> DiT:

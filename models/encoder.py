@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.config import ConfigError
+from utils.config import ConfigError, short_reason
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -52,7 +51,7 @@ def load_encoder(name_or_path: str, grid: int, device: torch.device) -> nn.Modul
             with quiet("torch.export"):  # its traceback: the one line below says it
                 encoder = torch.export.load(path).module()
         except Exception as e:
-            raise ConfigError(f"--repa-encoder {path} is not a torch.export program: {short(e)}") from None
+            raise ConfigError(f"--repa-encoder {path} is not a torch.export program: {short_reason(e, 200)}") from None
     else:
         import timm  # noqa: F401  (imported before its hub's logger is quietened: importing sets its level)
 
@@ -67,7 +66,7 @@ def load_encoder(name_or_path: str, grid: int, device: torch.device) -> nn.Modul
                 else f"import timm; timm.create_model('{name_or_path}', pretrained=True)"
             )
             raise ConfigError(
-                f"--repa-encoder {name_or_path} could not be loaded ({short(e)}); download it once where the network "
+                f"--repa-encoder {name_or_path} could not be loaded ({short_reason(e, 200)}); download it once where the network "
                 f'is reachable: python -c "import torch; {fetch}", or pass a .pt2 file'
             ) from None
         encoder = PretrainedViT(net.eval(), grid)
@@ -92,7 +91,3 @@ def quiet(logger: str) -> Iterator[None]:
         yield
     finally:
         log.setLevel(level)
-
-
-def short(e: Exception) -> str:
-    return textwrap.shorten(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 200)  # whole words

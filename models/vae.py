@@ -4,7 +4,6 @@ z = (z_vae - shift) * scale per channel, which gives the DiT data of about unit 
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from utils.config import short_reason
 from utils.device import autocast, resolve_precision
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -63,7 +63,7 @@ def load_autoencoder(name: str, revision: str | None = None, device: str | torch
         source, revision = (str(local), None) if local.is_dir() else (name, revision)
         vae = AutoencoderKL.from_pretrained(source, revision=revision, low_cpu_mem_usage=False)
     except Exception as e:  # OSError, ValueError, hub and HTTP errors: all mean this model cannot be had here
-        reason = textwrap.shorten(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 300)  # whole words
+        reason = short_reason(e)
         if local.is_dir():
             raise VAEError(
                 f"{local} is not a diffusers AutoencoderKL folder (config.json and weights): {reason}"

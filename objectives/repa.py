@@ -13,9 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.encoder import load_encoder, short
+from models.config import network_size
+from models.encoder import load_encoder
 from objectives.base import LossTerms, Objective
-from utils.config import ConfigError
+from utils.config import ConfigError, short_reason
 
 
 def alignment_loss(projected: Tensor, target: Tensor) -> Tensor:
@@ -77,7 +78,7 @@ def representation_alignment(
 ) -> tuple[RepresentationAlignment, dict[str, int]]:
     """--repa-*: the objective with REPA's loss, and the DiT arguments of its projector, for data side x side; the
     encoder is loaded and tried on two blank images first, so bad input fails with one line before anything is written."""
-    name, grid = cfg.repa_encoder, side // int(cfg.model.split("/")[1])
+    name, grid = cfg.repa_encoder, side // network_size(cfg)[2]
     if cfg.objective != "flow":
         raise ConfigError("--repa-weight needs --objective flow (MeanFlow and iMF call the network inside a JVP)")
     encoder = load_encoder(name, grid, device)
@@ -90,7 +91,7 @@ def representation_alignment(
             match_grid(features, grid)
     except Exception as e:
         raise ConfigError(
-            f"--repa-encoder {name} on {cfg.channels}-channel {cfg.image_size}px images: {short(e)}"
+            f"--repa-encoder {name} on {cfg.channels}-channel {cfg.image_size}px images: {short_reason(e, 200)}"
         ) from None
     options = dict(repa_depth=cfg.repa_depth, repa_dim=features.shape[-1], repa_projector_dim=cfg.repa_projector_dim)
     return RepresentationAlignment(objective, encoder, cfg.repa_weight, grid), options

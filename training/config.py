@@ -13,7 +13,7 @@ import torch
 
 from data import DATASETS
 from models import ModelConfig
-from models.dit import DIT_SIZES
+from models.config import network_size
 from objectives import ObjectiveConfig
 from utils.config import arg, fill_unset, settings
 from utils.device import PRECISIONS, resolve_precision
@@ -240,8 +240,7 @@ def resolve(cfg: TrainConfig, device: torch.device, old: dict[str, Any] | None =
 def repa_defaults(cfg: ModelConfig) -> dict[str, Any]:
     """REPA's settings (DINOv2-B, a 2048-wide projector, block 8 of SiT-XL/2's 28 and of SiT-L/2's 24, block 4 of
     SiT-B/2's 12), scaled down to smaller DiTs."""
-    hidden, depth, _ = DIT_SIZES[cfg.model.split("-")[1].split("/")[0]]
-    hidden, depth = cfg.hidden_size or hidden, cfg.depth or depth
+    hidden, depth, _ = network_size(cfg)
     projector = min(2048, hidden * depth // 2)
     return dict(repa_encoder="dinov2_vitb14", repa_depth=min(8, math.ceil(depth / 3)), repa_projector_dim=projector)
 

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import operator
 import sys
+import textwrap
 import typing
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
@@ -164,6 +165,11 @@ def flag_values(cfg: Config) -> list[str]:
         else:
             out += [name, str(value)]
     return out
+
+
+def short_reason(e: Exception, width: int = 300) -> str:
+    """An exception as a short reason in a one-line error: its type and first line, cut at a word."""
+    return textwrap.shorten(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", width)
 
 
 def script_exit(prog: str, error: Exception) -> SystemExit:
